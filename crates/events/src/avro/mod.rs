@@ -1,0 +1,209 @@
+//! Avro single-object encoding of [`Envelope`]s, per `schemas/envelope.avsc`.
+//!
+//! Wire format: `C3 01`, the writer schema's CRC-64-AVRO fingerprint (8
+//! bytes, little-endian), then the Avro binary body. A decoder looks the
+//! fingerprint up among every schema version this build knows (the current
+//! one and `schemas/history/`), reads the body with that writer schema and
+//! resolves it to the current schema, so old events stay readable.
+//!
+//! This module is the only place in paystream that knows Avro.
+
+mod canonical;
+pub mod compat;
+mod convert;
+
+pub use canonical::{SchemaError, crc64_avro, fingerprint, parsing_canonical_form};
+
+use crate::event::Envelope;
+use apache_avro::Schema;
+use apache_avro::reader::datum::GenericDatumReader;
+use apache_avro::writer::datum::GenericDatumWriter;
+use std::collections::HashMap;
+use std::sync::LazyLock;
+
+/// The current envelope schema, the source of truth for the wire format.
+pub const ENVELOPE_SCHEMA_JSON: &str = include_str!("../../../../schemas/envelope.avsc");
+
+/// Earlier released versions of the envelope schema, oldest first, as
+/// `(file name, JSON)`. Every file in `schemas/history/` must be listed here
+/// (a test checks it), so events written by older producers stay readable.
+pub const HISTORY: &[(&str, &str)] = &[];
+
+/// The two magic bytes that open every single-object encoded datum.
+pub const MAGIC: [u8; 2] = [0xC3, 0x01];
+/// Magic plus fingerprint.
+pub const HEADER_LEN: usize = 10;
+
+/// Why bytes could not be decoded into an [`Envelope`]. The kind names are
+/// stable: they go into dead-letter headers and metrics.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("not an Avro single-object datum: {0}")]
+    NotSingleObject(String),
+    #[error(
+        "unknown schema fingerprint {fingerprint:016x}: not the current envelope schema nor any in schemas/history"
+    )]
+    UnknownSchema { fingerprint: u64 },
+    #[error("Avro body does not match its schema: {0}")]
+    Body(String),
+    #[error("invalid field {field}: {reason}")]
+    Invalid { field: String, reason: String },
+}
+
+impl DecodeError {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DecodeError::NotSingleObject(_) => "not_single_object",
+            DecodeError::UnknownSchema { .. } => "unknown_schema",
+            DecodeError::Body(_) => "malformed_body",
+            DecodeError::Invalid { .. } => "invalid_field",
+        }
+    }
+}
+
+/// Why an envelope could not be encoded. Only a programming error can cause
+/// it (the Rust types mirror the schema), so callers may treat it as fatal.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot encode event as Avro: {0}")]
+pub struct EncodeError(pub String);
+
+struct Codec {
+    fingerprint: u64,
+    writer: GenericDatumWriter<'static>,
+    /// One reader per known writer fingerprint, each resolving to the
+    /// current schema.
+    readers: HashMap<u64, GenericDatumReader<'static>>,
+}
+
+fn leak_schema(json: &str, what: &str) -> &'static Schema {
+    let schema = Schema::parse_str(json).unwrap_or_else(|e| panic!("{what} does not parse: {e}"));
+    Box::leak(Box::new(schema))
+}
+
+static CODEC: LazyLock<Codec> = LazyLock::new(|| {
+    let current = leak_schema(ENVELOPE_SCHEMA_JSON, "schemas/envelope.avsc");
+    let fp = fingerprint(ENVELOPE_SCHEMA_JSON).expect("current schema has a canonical form");
+    let writer = GenericDatumWriter::builder(current)
+        .build()
+        .expect("current schema resolves");
+    let mut readers = HashMap::new();
+    readers.insert(
+        fp,
+        GenericDatumReader::builder(current)
+            .build()
+            .expect("current schema resolves"),
+    );
+    for (name, json) in HISTORY {
+        let old = leak_schema(json, name);
+        let old_fp = fingerprint(json).expect("history schema has a canonical form");
+        let reader = GenericDatumReader::builder(old)
+            .reader_schema(current)
+            .build()
+            .unwrap_or_else(|e| panic!("{name} cannot be resolved to the current schema: {e}"));
+        readers.insert(old_fp, reader);
+    }
+    Codec {
+        fingerprint: fp,
+        writer,
+        readers,
+    }
+});
+
+/// Fingerprint of the current envelope schema.
+pub fn current_fingerprint() -> u64 {
+    CODEC.fingerprint
+}
+
+/// The single-object header for a fingerprint.
+pub fn header(fingerprint: u64) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[..2].copy_from_slice(&MAGIC);
+    h[2..].copy_from_slice(&fingerprint.to_le_bytes());
+    h
+}
+
+/// Encodes with the current schema.
+pub fn encode(envelope: &Envelope) -> Result<Vec<u8>, EncodeError> {
+    let value = convert::to_value(envelope);
+    let body = CODEC
+        .writer
+        .write_value_to_vec(value)
+        .map_err(|e| EncodeError(e.to_string()))?;
+    let mut out = Vec::with_capacity(HEADER_LEN + body.len());
+    out.extend_from_slice(&header(CODEC.fingerprint));
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Reads the fingerprint from a single-object header.
+pub fn read_header(bytes: &[u8]) -> Result<u64, DecodeError> {
+    if bytes.len() < HEADER_LEN {
+        return Err(DecodeError::NotSingleObject(format!(
+            "{} bytes, shorter than the {HEADER_LEN}-byte header",
+            bytes.len()
+        )));
+    }
+    if bytes[..2] != MAGIC {
+        return Err(DecodeError::NotSingleObject(format!(
+            "starts with {:02x} {:02x}, expected c3 01",
+            bytes[0], bytes[1]
+        )));
+    }
+    let mut fp = [0u8; 8];
+    fp.copy_from_slice(&bytes[2..HEADER_LEN]);
+    Ok(u64::from_le_bytes(fp))
+}
+
+/// Decodes a single-object datum written with any known schema version.
+pub fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
+    let fp = read_header(bytes)?;
+    let reader = CODEC
+        .readers
+        .get(&fp)
+        .ok_or(DecodeError::UnknownSchema { fingerprint: fp })?;
+    let mut body = &bytes[HEADER_LEN..];
+    let value = reader
+        .read_value(&mut body)
+        .map_err(|e| DecodeError::Body(e.to_string()))?;
+    if !body.is_empty() {
+        return Err(DecodeError::Body(format!(
+            "{} trailing bytes after the datum",
+            body.len()
+        )));
+    }
+    convert::from_value(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn current_schema_parses_and_has_a_stable_fingerprint() {
+        assert_eq!(
+            current_fingerprint(),
+            fingerprint(ENVELOPE_SCHEMA_JSON).unwrap()
+        );
+        assert_eq!(header(current_fingerprint())[..2], MAGIC);
+    }
+
+    #[test]
+    fn rejects_short_and_foreign_bytes() {
+        assert_eq!(decode(b"").unwrap_err().kind(), "not_single_object");
+        assert_eq!(
+            decode(b"hello world, not avro").unwrap_err().kind(),
+            "not_single_object"
+        );
+        let mut unknown = header(0x0123_4567_89ab_cdef).to_vec();
+        unknown.extend_from_slice(b"\x00\x00");
+        assert_eq!(
+            decode(&unknown),
+            Err(DecodeError::UnknownSchema {
+                fingerprint: 0x0123_4567_89ab_cdef
+            })
+        );
+        let mut truncated = header(current_fingerprint()).to_vec();
+        truncated.extend_from_slice(b"\x02");
+        assert_eq!(decode(&truncated).unwrap_err().kind(), "malformed_body");
+    }
+}
