@@ -6,6 +6,7 @@
 pub mod avro;
 pub mod event;
 pub mod ids;
+pub mod json;
 pub mod money;
 pub mod samples;
 pub mod topics;

@@ -1,0 +1,61 @@
+//! Idempotent topic creation at start-up.
+
+use crate::config::KafkaConfig;
+use events::TopicSpec;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("cannot create Kafka admin client: {0}")]
+    Client(KafkaError),
+    #[error("creating topics failed: {0}")]
+    Request(KafkaError),
+    #[error("creating topic {topic} failed: {code}")]
+    Topic {
+        topic: String,
+        code: RDKafkaErrorCode,
+    },
+}
+
+/// Creates the topics that do not exist yet; existing ones are left as they
+/// are (Kafka cannot shrink partitions, and growing them re-maps keys).
+/// Returns the names that were created.
+pub async fn ensure_topics(
+    cfg: &KafkaConfig,
+    specs: &[TopicSpec],
+) -> Result<Vec<String>, AdminError> {
+    let mut cc = cfg.client_config("paystream-admin");
+    cfg.apply_overrides(&mut cc);
+    let admin: AdminClient<DefaultClientContext> = cc.create().map_err(AdminError::Client)?;
+    let new: Vec<NewTopic<'_>> = specs
+        .iter()
+        .map(|s| {
+            NewTopic::new(
+                &s.name,
+                s.partitions,
+                TopicReplication::Fixed(cfg.replication_factor),
+            )
+        })
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = admin
+        .create_topics(new.iter(), &opts)
+        .await
+        .map_err(AdminError::Request)?;
+    let mut created = Vec::new();
+    for r in results {
+        match r {
+            Ok(name) => {
+                tracing::info!(topic = %name, "created topic");
+                created.push(name);
+            }
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => return Err(AdminError::Topic { topic, code }),
+        }
+    }
+    Ok(created)
+}

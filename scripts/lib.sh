@@ -1,0 +1,99 @@
+# Shared set-up steps for scripts/*.sh and .ci/run. Source it; every step is
+# idempotent and installs only what is missing.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+LOCAL="$ROOT/.local"
+NISSHI_VERSION="0.8.1"
+BROKER_ADDR="${PAYSTREAM_BROKER_ADDR:-127.0.0.1:9092}"
+FASTAVRO_VERSION="1.13.1"
+mkdir -p "$LOCAL"
+
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+# The Kafka-protocol broker for development and tests (see DESIGN.md). It
+# needs a newer Rust than the project's stable toolchain, hence +nightly.
+ensure_nisshi() {
+  export PATH="$HOME/.cargo/bin:$PATH"
+  if command -v nisshi >/dev/null 2>&1 && nisshi --version 2>/dev/null | grep -q "$NISSHI_VERSION"; then
+    return
+  fi
+  if ! rustup toolchain list | grep -q '^nightly'; then
+    log "installing the nightly toolchain (only the broker needs it)"
+    rustup toolchain install nightly --profile minimal
+  fi
+  log "installing nisshi $NISSHI_VERSION (takes about 11 minutes on 2 cores)"
+  cargo +nightly install nisshi --version "$NISSHI_VERSION" --locked
+}
+
+port_open() {
+  local host="${1%:*}" port="${1##*:}"
+  (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null
+}
+
+wait_port() {
+  local addr="$1" what="$2"
+  for _ in $(seq 1 150); do
+    if port_open "$addr"; then return 0; fi
+    sleep 0.2
+  done
+  log "$what did not come up on $addr"
+  return 1
+}
+
+# Starts a broker on $BROKER_ADDR unless one is listening there already.
+# $1: storage engine URL (memory://nisshi/ by default). Sets BROKER_PID when
+# it started one.
+BROKER_PID=""
+start_broker() {
+  local storage="${1:-memory://nisshi/}"
+  if port_open "$BROKER_ADDR"; then
+    log "a broker is already listening on $BROKER_ADDR; using it"
+    return
+  fi
+  ensure_nisshi
+  log "starting nisshi on $BROKER_ADDR (storage $storage)"
+  nisshi broker \
+    --listener-url "tcp://$BROKER_ADDR" \
+    --advertised-listener-url "tcp://$BROKER_ADDR" \
+    --storage-engine "$storage" \
+    --group-initial-rebalance-delay 0s \
+    >"$LOCAL/nisshi.log" 2>&1 &
+  BROKER_PID=$!
+  wait_port "$BROKER_ADDR" "nisshi" || { tail -20 "$LOCAL/nisshi.log" >&2; return 1; }
+}
+
+stop_broker() {
+  if [ -n "$BROKER_PID" ]; then
+    kill "$BROKER_PID" 2>/dev/null || true
+    wait "$BROKER_PID" 2>/dev/null || true
+    BROKER_PID=""
+  fi
+}
+
+# PostgreSQL for the integration tests (trust auth on 127.0.0.1:5432).
+ensure_postgres() {
+  if port_open 127.0.0.1:5432; then return; fi
+  log "starting PostgreSQL"
+  if command -v pg_ctlcluster >/dev/null 2>&1; then
+    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -V | tail -1)" main start
+  else
+    log "PostgreSQL is not installed; install it (apt-get install postgresql) and retry"
+    return 1
+  fi
+  wait_port 127.0.0.1:5432 "PostgreSQL"
+}
+
+# Python with fastavro, for the interoperability tests (an independent Avro
+# implementation). Kept in a venv under .local/ so the system stays clean.
+ensure_python() {
+  local venv="$LOCAL/venv"
+  if [ ! -x "$venv/bin/python" ]; then
+    log "creating the Python venv for interop tests"
+    python3 -m venv "$venv"
+  fi
+  if ! "$venv/bin/python" -c "import fastavro" 2>/dev/null; then
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "fastavro==$FASTAVRO_VERSION"
+  fi
+  export PAYSTREAM_PYTHON="$venv/bin/python"
+}
