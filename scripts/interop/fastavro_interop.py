@@ -75,6 +75,8 @@ def encode(schemas_dir):
     record["occurred_at"] = datetime.datetime.fromtimestamp(
         record["occurred_at"] / 1_000_000, tz=datetime.timezone.utc
     )
+    # fastavro names a union branch with a (name, value) tuple.
+    record["payload"] = tuple(record["payload"])
     buf = io.BytesIO()
     fastavro.schemaless_writer(buf, schema, record)
     print((MAGIC + fp + buf.getvalue()).hex())

@@ -1,0 +1,158 @@
+//! The SQL database behind paystream's state and projections: PostgreSQL in
+//! production, SQLite as the embedded default, chosen by URL.
+//!
+//! Each component keeps its own migrations (one directory per backend) and
+//! applies them at start-up. All components may share one database, so
+//! migration versions are unique across components by convention:
+//! payment-handler 1xxx, executor 2xxx, projections 3xxx.
+
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use std::str::FromStr;
+use std::time::Duration;
+
+pub mod testing;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("unsupported database URL {0:?}: expected postgres://... or sqlite://...")]
+    UnsupportedUrl(String),
+    #[error("cannot connect to {url}: {source}")]
+    Connect { url: String, source: sqlx::Error },
+    #[error("migrating the database failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error(transparent)]
+    Sql(#[from] sqlx::Error),
+}
+
+/// Which SQL dialect a [`Db`] speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+/// A connection pool to one of the supported databases.
+#[derive(Debug, Clone)]
+pub enum Db {
+    Postgres(PgPool),
+    Sqlite(SqlitePool),
+}
+
+/// Connections per pool. SQLite has one writer at a time anyway; WAL lets
+/// readers proceed meanwhile.
+pub const POSTGRES_CONNECTIONS_MAX: u32 = 16;
+pub const SQLITE_CONNECTIONS_MAX: u32 = 4;
+
+impl Db {
+    /// Connects to `postgres://...` or `sqlite://path` (the file is created
+    /// if missing).
+    pub async fn connect(url: &str) -> Result<Db, StorageError> {
+        let err = |source| StorageError::Connect {
+            url: redact(url),
+            source,
+        };
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let opts = PgConnectOptions::from_str(url).map_err(err)?;
+            let pool = PgPoolOptions::new()
+                .max_connections(POSTGRES_CONNECTIONS_MAX)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(opts)
+                .await
+                .map_err(err)?;
+            Ok(Db::Postgres(pool))
+        } else if url.starts_with("sqlite:") {
+            let opts = SqliteConnectOptions::from_str(url)
+                .map_err(err)?
+                .create_if_missing(true)
+                // Readers do not block the writer and vice versa.
+                .journal_mode(SqliteJournalMode::Wal)
+                // Money: a committed transaction survives a power cut.
+                .synchronous(SqliteSynchronous::Full)
+                .busy_timeout(Duration::from_secs(10))
+                .foreign_keys(true);
+            let pool = SqlitePoolOptions::new()
+                .max_connections(SQLITE_CONNECTIONS_MAX)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(opts)
+                .await
+                .map_err(err)?;
+            Ok(Db::Sqlite(pool))
+        } else {
+            Err(StorageError::UnsupportedUrl(redact(url)))
+        }
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self {
+            Db::Postgres(_) => Backend::Postgres,
+            Db::Sqlite(_) => Backend::Sqlite,
+        }
+    }
+
+    /// Applies the component's migrations for this backend. Migrators must
+    /// have `ignore_missing` set (see [`component_migrator`]) because other
+    /// components' versions live in the same table.
+    pub async fn migrate(
+        &self,
+        postgres: &Migrator,
+        sqlite: &Migrator,
+    ) -> Result<(), StorageError> {
+        match self {
+            Db::Postgres(p) => postgres.run(p).await?,
+            Db::Sqlite(p) => sqlite.run(p).await?,
+        }
+        Ok(())
+    }
+
+    /// A round trip to the database, for readiness checks.
+    pub async fn ping(&self) -> Result<(), StorageError> {
+        match self {
+            Db::Postgres(p) => sqlx::query("SELECT 1").execute(p).await.map(drop)?,
+            Db::Sqlite(p) => sqlx::query("SELECT 1").execute(p).await.map(drop)?,
+        }
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        match self {
+            Db::Postgres(p) => p.close().await,
+            Db::Sqlite(p) => p.close().await,
+        }
+    }
+}
+
+/// Marks a migrator as one component's among several sharing a database.
+pub fn component_migrator(mut m: Migrator) -> Migrator {
+    m.set_ignore_missing(true);
+    m
+}
+
+/// The URL without its password, for messages and logs.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact("sqlite://x.db"), "sqlite://x.db");
+    }
+}

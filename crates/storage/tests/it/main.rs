@@ -1,0 +1,43 @@
+//! Both backends connect, answer, and give each test its own database.
+
+use storage::{Backend, Db, testing};
+
+#[tokio::test]
+async fn fresh_postgres_databases_are_separate() {
+    let a = testing::fresh_postgres().await.unwrap();
+    let b = testing::fresh_postgres().await.unwrap();
+    assert_eq!(a.backend(), Backend::Postgres);
+    a.ping().await.unwrap();
+    let Db::Postgres(pa) = &a else { unreachable!() };
+    let Db::Postgres(pb) = &b else { unreachable!() };
+    sqlx::query("CREATE TABLE only_in_a (x INT)")
+        .execute(pa)
+        .await
+        .unwrap();
+    let seen: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'only_in_a'",
+    )
+    .fetch_one(pb)
+    .await
+    .unwrap();
+    assert_eq!(seen, 0);
+}
+
+#[tokio::test]
+async fn sqlite_file_is_created_in_wal_mode() {
+    let (db, _dir) = testing::fresh_sqlite().await.unwrap();
+    assert_eq!(db.backend(), Backend::Sqlite);
+    db.ping().await.unwrap();
+    let Db::Sqlite(p) = &db else { unreachable!() };
+    let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+        .fetch_one(p)
+        .await
+        .unwrap();
+    assert_eq!(mode, "wal");
+}
+
+#[tokio::test]
+async fn unsupported_urls_are_a_clear_error() {
+    let e = Db::connect("mysql://x").await.unwrap_err();
+    assert!(e.to_string().contains("expected postgres://"), "{e}");
+}
