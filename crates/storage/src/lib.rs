@@ -16,6 +16,24 @@ use std::time::Duration;
 
 pub mod testing;
 
+/// Runs the same code against whichever pool a [`Db`] holds. The body is
+/// type-checked once per backend, so one SQL string (written in the common
+/// dialect: `$1` placeholders, `ON CONFLICT`, `RETURNING`, integer times,
+/// TEXT ids) serves both.
+///
+/// ```ignore
+/// let n = with_pool!(db, p => sqlx::query("DELETE FROM t WHERE x = $1").bind(1i64).execute(p).await?.rows_affected());
+/// ```
+#[macro_export]
+macro_rules! with_pool {
+    ($db:expr, $p:ident => $body:expr) => {
+        match $db {
+            $crate::Db::Postgres($p) => $body,
+            $crate::Db::Sqlite($p) => $body,
+        }
+    };
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     #[error("unsupported database URL {0:?}: expected postgres://... or sqlite://...")]

@@ -41,3 +41,22 @@ async fn unsupported_urls_are_a_clear_error() {
     let e = Db::connect("mysql://x").await.unwrap_err();
     assert!(e.to_string().contains("expected postgres://"), "{e}");
 }
+
+#[tokio::test]
+async fn one_sql_string_serves_both_backends() {
+    let (sqlite, _dir) = testing::fresh_sqlite().await.unwrap();
+    for db in [testing::fresh_postgres().await.unwrap(), sqlite] {
+        storage::with_pool!(&db, p => {
+            sqlx::query("CREATE TABLE kv (k TEXT PRIMARY KEY, v BIGINT NOT NULL)").execute(p).await.unwrap();
+            let inserted = sqlx::query("INSERT INTO kv (k, v) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+                .bind("a").bind(1i64).execute(p).await.unwrap().rows_affected();
+            assert_eq!(inserted, 1);
+            let again = sqlx::query("INSERT INTO kv (k, v) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+                .bind("a").bind(2i64).execute(p).await.unwrap().rows_affected();
+            assert_eq!(again, 0);
+            let (v,): (i64,) = sqlx::query_as("UPDATE kv SET v = v + $1 WHERE k = $2 RETURNING v")
+                .bind(10i64).bind("a").fetch_one(p).await.unwrap();
+            assert_eq!(v, 11);
+        });
+    }
+}
