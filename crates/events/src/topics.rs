@@ -102,6 +102,12 @@ impl Topology {
             .collect()
     }
 
+    /// A consumer-group name scoped like the topics (`{prefix}{name}`), so
+    /// two deployments (or two tests) sharing a cluster never share a group.
+    pub fn group(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
     /// Which topic a (validated) event is appended to.
     pub fn topic_for(&self, envelope: &Envelope) -> String {
         match envelope.event {

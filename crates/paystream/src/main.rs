@@ -46,6 +46,27 @@ enum Command {
     /// The Avro schemas in schemas/.
     #[command(subcommand)]
     Schema(schema_cmd::SchemaCommand),
+    /// Run one component (for deployment, one process per component).
+    #[command(subcommand)]
+    Serve(ServeCommand),
+    /// API clients of the payment handler.
+    #[command(subcommand)]
+    Clients(ClientsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ServeCommand {
+    /// The payment handler: HTTP API, inbound-topic consumer, payment status.
+    Handler(payment_handler::HandlerArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum ClientsCommand {
+    /// Register a client (if new) and print a new API key for it, once.
+    Create {
+        /// Client id: letters, digits and . _ : - (e.g. the order service's name).
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -69,6 +90,15 @@ async fn main() -> ExitCode {
             Ok(ExitCode::SUCCESS)
         }
         Command::Schema(cmd) => schema_cmd::run(cmd),
+        Command::Serve(ServeCommand::Handler(args)) => {
+            let shutdown = streaming::shutdown::on_signals();
+            payment_handler::serve(cli.kafka, &cli.database_url, args, shutdown)
+                .await
+                .map(|()| ExitCode::SUCCESS)
+        }
+        Command::Clients(ClientsCommand::Create { name }) => {
+            clients_create(&cli.database_url, &name).await
+        }
     };
     match result {
         Ok(code) => code,
@@ -77,6 +107,16 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn clients_create(database_url: &str, name: &str) -> anyhow::Result<ExitCode> {
+    let client = events::ClientId::parse(name)?;
+    let db = storage::Db::connect(database_url).await?;
+    payment_handler::store::migrate(&db).await?;
+    let key = payment_handler::store::create_client(&db, &client).await?;
+    eprintln!("created an API key for client {client}; it is shown only now:");
+    println!("{key}");
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn topics_create(kafka: &KafkaConfig) -> anyhow::Result<ExitCode> {

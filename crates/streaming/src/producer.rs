@@ -191,6 +191,17 @@ impl EventProducer {
         }
     }
 
+    /// Whether a broker answers a metadata request within `timeout`, for
+    /// readiness checks.
+    pub async fn check_broker(&self, timeout: Duration) -> Result<(), KafkaError> {
+        let producer = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            producer.client().fetch_metadata(None, timeout).map(drop)
+        })
+        .await
+        .unwrap_or(Err(KafkaError::Canceled))
+    }
+
     /// Waits until everything queued has been acknowledged (or the timeout).
     pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
         self.inner.flush(timeout)

@@ -1,0 +1,306 @@
+//! Parsing and validating a payment request body. Parse, don't validate:
+//! what comes out is a [`PaymentRequest`] whose every field is known good,
+//! or a [`FieldError`] naming the offending field.
+
+use events::{BuyerId, Currency, Money, SellerId};
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+/// Most orders in one payment (one per seller in a cart).
+pub const ORDERS_MAX: usize = 100;
+pub const METADATA_ENTRIES_MAX: usize = 20;
+pub const METADATA_KEY_LEN_MAX: usize = 40;
+pub const METADATA_VALUE_LEN_MAX: usize = 500;
+
+/// A validated payment request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PaymentRequest {
+    pub buyer_id: BuyerId,
+    pub orders: Vec<OrderRequest>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrderRequest {
+    pub seller_id: SellerId,
+    pub amount: Money,
+}
+
+impl PaymentRequest {
+    /// All orders share one currency (checked at parse time).
+    pub fn currency(&self) -> Currency {
+        self.orders[0].amount.currency()
+    }
+
+    /// Sum of the orders, checked.
+    pub fn total(&self) -> Result<Money, FieldError> {
+        Money::checked_sum(self.currency(), self.orders.iter().map(|o| o.amount)).map_err(|_| {
+            FieldError::new(
+                "orders",
+                "invalid_amount",
+                "the orders' total overflows 64-bit minor units",
+            )
+        })
+    }
+}
+
+/// What is wrong with a request, and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(
+        field: impl Into<String>,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> FieldError {
+        FieldError {
+            field: field.into(),
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+fn require<'a>(
+    obj: &'a serde_json::Map<String, Value>,
+    field: &str,
+    path: &str,
+) -> Result<&'a Value, FieldError> {
+    obj.get(field)
+        .ok_or_else(|| FieldError::new(path, "missing_field", format!("{path} is required")))
+}
+
+fn string<'a>(v: &'a Value, path: &str) -> Result<&'a str, FieldError> {
+    v.as_str()
+        .ok_or_else(|| FieldError::new(path, "invalid_type", format!("{path} must be a string")))
+}
+
+fn reject_unknown(
+    obj: &serde_json::Map<String, Value>,
+    allowed: &[&str],
+    prefix: &str,
+) -> Result<(), FieldError> {
+    if let Some(k) = obj.keys().find(|k| !allowed.contains(&k.as_str())) {
+        let path = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        return Err(FieldError::new(
+            path.clone(),
+            "unknown_field",
+            format!("unknown field {path}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Parses `{"buyer_id", "orders": [{"seller_id", "amount_minor", "currency"}], "metadata"?}`.
+pub fn parse(body: &[u8]) -> Result<PaymentRequest, FieldError> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| FieldError::new("", "invalid_json", format!("body is not valid JSON: {e}")))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| FieldError::new("", "invalid_type", "body must be a JSON object"))?;
+    reject_unknown(obj, &["buyer_id", "orders", "metadata"], "")?;
+
+    let buyer = string(require(obj, "buyer_id", "buyer_id")?, "buyer_id")?;
+    let buyer_id = BuyerId::parse(buyer)
+        .map_err(|e| FieldError::new("buyer_id", "invalid_id", e.to_string()))?;
+
+    let orders_v = require(obj, "orders", "orders")?
+        .as_array()
+        .ok_or_else(|| FieldError::new("orders", "invalid_type", "orders must be an array"))?;
+    if orders_v.is_empty() {
+        return Err(FieldError::new(
+            "orders",
+            "no_orders",
+            "a payment needs at least one order",
+        ));
+    }
+    if orders_v.len() > ORDERS_MAX {
+        return Err(FieldError::new(
+            "orders",
+            "too_many_orders",
+            format!("at most {ORDERS_MAX} orders per payment"),
+        ));
+    }
+    let mut orders = Vec::with_capacity(orders_v.len());
+    for (i, o) in orders_v.iter().enumerate() {
+        let p = format!("orders[{i}]");
+        let o = o
+            .as_object()
+            .ok_or_else(|| FieldError::new(&p, "invalid_type", format!("{p} must be an object")))?;
+        reject_unknown(o, &["seller_id", "amount_minor", "currency"], &p)?;
+        let fp = format!("{p}.seller_id");
+        let seller_id = SellerId::parse(string(require(o, "seller_id", &fp)?, &fp)?)
+            .map_err(|e| FieldError::new(&fp, "invalid_id", e.to_string()))?;
+        let cp = format!("{p}.currency");
+        let currency = Currency::from_code(string(require(o, "currency", &cp)?, &cp)?)
+            .map_err(|e| FieldError::new(&cp, "invalid_currency", e.to_string()))?;
+        let ap = format!("{p}.amount_minor");
+        let amount_v = require(o, "amount_minor", &ap)?;
+        // JSON numbers with a fraction or exponent are not minor units.
+        let amount_minor = amount_v.as_i64().filter(|_| amount_v.is_i64() || amount_v.is_u64()).ok_or_else(|| {
+            FieldError::new(
+                &ap,
+                "invalid_amount",
+                format!("{ap} must be an integer number of minor units (e.g. 1050 for 10.50 EUR), got {amount_v}"),
+            )
+        })?;
+        let amount = Money::positive(amount_minor, currency)
+            .map_err(|e| FieldError::new(&ap, "invalid_amount", e.to_string()))?;
+        if let Some(first) = orders.first().map(|o: &OrderRequest| o.amount.currency())
+            && first != currency
+        {
+            return Err(FieldError::new(
+                &cp,
+                "mixed_currencies",
+                format!(
+                    "all orders of a payment must share one currency; orders[0] is {first}, {p} is {currency}"
+                ),
+            ));
+        }
+        orders.push(OrderRequest { seller_id, amount });
+    }
+
+    let mut metadata = BTreeMap::new();
+    if let Some(m) = obj.get("metadata") {
+        let m = m.as_object().ok_or_else(|| {
+            FieldError::new(
+                "metadata",
+                "invalid_type",
+                "metadata must be an object of strings",
+            )
+        })?;
+        if m.len() > METADATA_ENTRIES_MAX {
+            return Err(FieldError::new(
+                "metadata",
+                "too_many_entries",
+                format!("at most {METADATA_ENTRIES_MAX} metadata entries"),
+            ));
+        }
+        for (k, v) in m {
+            let p = format!("metadata.{k}");
+            if k.is_empty() || k.chars().count() > METADATA_KEY_LEN_MAX {
+                return Err(FieldError::new(
+                    &p,
+                    "invalid_metadata",
+                    format!("metadata keys must be 1 to {METADATA_KEY_LEN_MAX} characters"),
+                ));
+            }
+            let s = string(v, &p)?;
+            if s.chars().count() > METADATA_VALUE_LEN_MAX {
+                return Err(FieldError::new(
+                    &p,
+                    "invalid_metadata",
+                    format!("metadata values must be at most {METADATA_VALUE_LEN_MAX} characters"),
+                ));
+            }
+            metadata.insert(k.clone(), s.to_owned());
+        }
+    }
+    let req = PaymentRequest {
+        buyer_id,
+        orders,
+        metadata,
+    };
+    req.total()?;
+    Ok(req)
+}
+
+/// A fingerprint of the request that ignores formatting and key order, so
+/// a client re-serialising the same request is not told it changed it.
+pub fn fingerprint(body: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let canonical = match serde_json::from_slice::<Value>(body) {
+        // serde_json's Map is a BTreeMap (no preserve_order): keys sorted.
+        Ok(v) => serde_json::to_vec(&v).unwrap_or_else(|_| body.to_vec()),
+        Err(_) => body.to_vec(),
+    };
+    hex::encode(Sha256::digest(&canonical))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(body: &str) -> FieldError {
+        parse(body.as_bytes()).unwrap_err()
+    }
+
+    #[test]
+    fn parses_a_valid_request() {
+        let r = parse(br#"{"buyer_id":"b1","orders":[{"seller_id":"s1","amount_minor":1050,"currency":"EUR"},{"seller_id":"s2","amount_minor":1,"currency":"EUR"}],"metadata":{"cart":"c1"}}"#).unwrap();
+        assert_eq!(r.orders.len(), 2);
+        assert_eq!(r.total().unwrap(), Money::new(1051, Currency::EUR));
+        assert_eq!(r.metadata["cart"], "c1");
+    }
+
+    #[test]
+    fn names_the_bad_field() {
+        assert_eq!(err("{").code, "invalid_json");
+        assert_eq!(err("[]").code, "invalid_type");
+        assert_eq!(err(r#"{"orders":[]}"#).field, "buyer_id");
+        assert_eq!(err(r#"{"buyer_id":"b","orders":[]}"#).code, "no_orders");
+        assert_eq!(err(r#"{"buyer_id":"b c","orders":[]}"#).field, "buyer_id");
+        let e = err(
+            r#"{"buyer_id":"b","orders":[{"seller_id":"s","amount_minor":10.5,"currency":"EUR"}]}"#,
+        );
+        assert_eq!(
+            (e.field.as_str(), e.code),
+            ("orders[0].amount_minor", "invalid_amount")
+        );
+        let e = err(
+            r#"{"buyer_id":"b","orders":[{"seller_id":"s","amount_minor":0,"currency":"EUR"}]}"#,
+        );
+        assert_eq!(e.field, "orders[0].amount_minor");
+        let e = err(
+            r#"{"buyer_id":"b","orders":[{"seller_id":"s","amount_minor":"5","currency":"EUR"}]}"#,
+        );
+        assert_eq!(e.code, "invalid_amount");
+        let e = err(
+            r#"{"buyer_id":"b","orders":[{"seller_id":"s","amount_minor":5,"currency":"eur"}]}"#,
+        );
+        assert_eq!(
+            (e.field.as_str(), e.code),
+            ("orders[0].currency", "invalid_currency")
+        );
+        let e = err(
+            r#"{"buyer_id":"b","orders":[{"seller_id":"s","amount_minor":5,"currency":"EUR"},{"seller_id":"s","amount_minor":5,"currency":"USD"}]}"#,
+        );
+        assert_eq!(
+            (e.field.as_str(), e.code),
+            ("orders[1].currency", "mixed_currencies")
+        );
+        let e = err(
+            r#"{"buyer_id":"b","orders":[{"seller_id":"s","amount_minor":5,"currency":"EUR","tip":1}]}"#,
+        );
+        assert_eq!(
+            (e.field.as_str(), e.code),
+            ("orders[0].tip", "unknown_field")
+        );
+        let e = err(
+            r#"{"buyer_id":"b","orders":[{"seller_id":"s","amount_minor":9223372036854775807,"currency":"EUR"},{"seller_id":"s","amount_minor":1,"currency":"EUR"}]}"#,
+        );
+        assert_eq!(e.code, "invalid_amount");
+        let e = err(
+            r#"{"buyer_id":"b","orders":[{"seller_id":"s","amount_minor":5,"currency":"EUR"}],"metadata":{"k":1}}"#,
+        );
+        assert_eq!(e.field, "metadata.k");
+    }
+
+    #[test]
+    fn fingerprint_ignores_formatting_and_key_order() {
+        assert_eq!(
+            fingerprint(br#"{"a":1,"b":[1,2]}"#),
+            fingerprint(b"{ \"b\": [1, 2],\n \"a\": 1 }")
+        );
+        assert_ne!(fingerprint(br#"{"a":1}"#), fingerprint(br#"{"a":2}"#));
+    }
+}

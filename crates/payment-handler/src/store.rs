@@ -1,0 +1,480 @@
+//! The handler's SQL: API clients, idempotency keys, the payment-status
+//! projection and the velocity window. One SQL string per statement serves
+//! PostgreSQL and SQLite (see `storage::with_pool!`).
+
+use events::{ClientId, Envelope, Event, OrderId, PaymentId};
+use sha2::{Digest, Sha256};
+use sqlx::migrate::Migrator;
+use storage::{Db, with_pool};
+use streaming::Outcome;
+
+static PG_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
+static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
+
+pub async fn migrate(db: &Db) -> Result<(), storage::StorageError> {
+    db.migrate(
+        &storage::component_migrator(clone_migrator(&PG_MIGRATIONS)),
+        &storage::component_migrator(clone_migrator(&SQLITE_MIGRATIONS)),
+    )
+    .await
+}
+
+fn clone_migrator(m: &Migrator) -> Migrator {
+    Migrator {
+        migrations: m.migrations.clone(),
+        ..Migrator::DEFAULT
+    }
+}
+
+pub fn now_ms() -> i64 {
+    events::Timestamp::now().as_millis()
+}
+
+// ---------------------------------------------------------------- clients
+
+/// A new API key, shown once: `psk_<key id>_<secret>`. Only the SHA-256 of
+/// the secret is stored; the secret is 256 random bits, so a plain hash is
+/// enough (no password stretching needed).
+pub async fn create_client(db: &Db, client: &ClientId) -> Result<String, sqlx::Error> {
+    use rand::RngCore;
+    let mut secret = [0u8; 32];
+    rand::rng().fill_bytes(&mut secret);
+    let mut key_id = [0u8; 8];
+    rand::rng().fill_bytes(&mut key_id);
+    let (secret, key_id) = (hex::encode(secret), hex::encode(key_id));
+    let digest = hex::encode(Sha256::digest(secret.as_bytes()));
+    let now = now_ms();
+    with_pool!(db, p => {
+        let mut tx = p.begin().await?;
+        sqlx::query("INSERT INTO handler_clients (client_id, created_ms) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+            .bind(client.as_str()).bind(now).execute(&mut *tx).await?;
+        sqlx::query("INSERT INTO handler_api_keys (key_id, client_id, secret_sha256, created_ms) VALUES ($1, $2, $3, $4)")
+            .bind(&key_id).bind(client.as_str()).bind(&digest).bind(now).execute(&mut *tx).await?;
+        tx.commit().await?;
+    });
+    Ok(format!("psk_{key_id}_{secret}"))
+}
+
+/// The client an API key belongs to, if the key is valid and not revoked.
+pub async fn authenticate(db: &Db, token: &str) -> Result<Option<ClientId>, sqlx::Error> {
+    let Some(rest) = token.strip_prefix("psk_") else {
+        return Ok(None);
+    };
+    let Some((key_id, secret)) = rest.split_once('_') else {
+        return Ok(None);
+    };
+    let row: Option<(String, String)> = with_pool!(db, p => sqlx::query_as(
+        "SELECT client_id, secret_sha256 FROM handler_api_keys WHERE key_id = $1 AND revoked_ms IS NULL",
+    ).bind(key_id).fetch_optional(p).await?);
+    let Some((client, stored)) = row else {
+        return Ok(None);
+    };
+    let given = hex::encode(Sha256::digest(secret.as_bytes()));
+    // Constant-time comparison: no early exit on the first differing byte.
+    let same = given.len() == stored.len()
+        && given
+            .bytes()
+            .zip(stored.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    Ok(if same {
+        ClientId::parse(&client).ok()
+    } else {
+        None
+    })
+}
+
+pub async fn client_exists(db: &Db, client: &ClientId) -> Result<bool, sqlx::Error> {
+    let n: i64 = with_pool!(db, p => sqlx::query_scalar("SELECT count(*) FROM handler_clients WHERE client_id = $1")
+        .bind(client.as_str()).fetch_one(p).await?);
+    Ok(n > 0)
+}
+
+// ------------------------------------------------------------ idempotency
+
+/// What a new request with an Idempotency-Key may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Begin {
+    /// This request owns the key: process it, then `finish` or `release`.
+    Owned,
+    /// The key finished before: answer with the stored response.
+    Replay { status: u16, body: String },
+    /// The key was used with a different request body.
+    Mismatch,
+    /// Another request with this key is being processed right now.
+    InFlight { retry_after_s: u64 },
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct IdempotencyPolicy {
+    /// How long a request may hold a key before a retry may take it over
+    /// (the holder is presumed crashed).
+    pub lease_ms: i64,
+    /// How long a finished key is kept (and replayed).
+    pub retention_ms: i64,
+}
+
+type IdemRow = (String, String, i64, Option<i32>, Option<String>, i64);
+
+pub async fn idem_begin(
+    db: &Db,
+    client: &ClientId,
+    key: &str,
+    fingerprint: &str,
+    policy: IdempotencyPolicy,
+) -> Result<Begin, sqlx::Error> {
+    let now = now_ms();
+    for _ in 0..3 {
+        let inserted = with_pool!(db, p => sqlx::query(
+            "INSERT INTO handler_idempotency_keys (client_id, idem_key, request_sha256, state, lease_until_ms, created_ms, expires_ms) \
+             VALUES ($1, $2, $3, 'in_flight', $4, $5, $6) ON CONFLICT DO NOTHING",
+        )
+        .bind(client.as_str()).bind(key).bind(fingerprint).bind(now + policy.lease_ms).bind(now).bind(now + policy.retention_ms)
+        .execute(p).await?.rows_affected());
+        if inserted == 1 {
+            return Ok(Begin::Owned);
+        }
+        let row: Option<IdemRow> = with_pool!(db, p => sqlx::query_as(
+            "SELECT request_sha256, state, lease_until_ms, response_status, response_body, expires_ms \
+             FROM handler_idempotency_keys WHERE client_id = $1 AND idem_key = $2",
+        ).bind(client.as_str()).bind(key).fetch_optional(p).await?);
+        let Some((fp, state, lease_until, status, body, expires)) = row else {
+            continue; // reaped in between: insert again
+        };
+        if expires < now {
+            // Expired but not reaped yet: it no longer counts.
+            with_pool!(db, p => sqlx::query("DELETE FROM handler_idempotency_keys WHERE client_id = $1 AND idem_key = $2 AND expires_ms < $3")
+                .bind(client.as_str()).bind(key).bind(now).execute(p).await?.rows_affected());
+            continue;
+        }
+        if fp != fingerprint {
+            return Ok(Begin::Mismatch);
+        }
+        if state == "done" {
+            let status = status.and_then(|s| u16::try_from(s).ok()).unwrap_or(500);
+            return Ok(Begin::Replay {
+                status,
+                body: body.unwrap_or_default(),
+            });
+        }
+        if lease_until > now {
+            let secs = u64::try_from((lease_until - now + 999) / 1000)
+                .unwrap_or(1)
+                .clamp(1, 60);
+            return Ok(Begin::InFlight {
+                retry_after_s: secs,
+            });
+        }
+        // The holder's lease ran out (it crashed): take the key over, once.
+        let took = with_pool!(db, p => sqlx::query(
+            "UPDATE handler_idempotency_keys SET lease_until_ms = $1 \
+             WHERE client_id = $2 AND idem_key = $3 AND state = 'in_flight' AND lease_until_ms = $4",
+        ).bind(now + policy.lease_ms).bind(client.as_str()).bind(key).bind(lease_until).execute(p).await?.rows_affected());
+        if took == 1 {
+            tracing::warn!(client = %client, "idempotency key taken over after its holder's lease expired");
+            return Ok(Begin::Owned);
+        }
+        return Ok(Begin::InFlight { retry_after_s: 1 });
+    }
+    Ok(Begin::InFlight { retry_after_s: 1 })
+}
+
+/// Stores the final response; later requests with the key replay it.
+pub async fn idem_finish(
+    db: &Db,
+    client: &ClientId,
+    key: &str,
+    status: u16,
+    body: &str,
+) -> Result<(), sqlx::Error> {
+    with_pool!(db, p => sqlx::query(
+        "UPDATE handler_idempotency_keys SET state = 'done', response_status = $1, response_body = $2 \
+         WHERE client_id = $3 AND idem_key = $4",
+    ).bind(i32::from(status)).bind(body).bind(client.as_str()).bind(key).execute(p).await?.rows_affected());
+    Ok(())
+}
+
+/// Gives the key back after a failure that is not the client's (broker or
+/// database unavailable), so a retry can try again at once.
+pub async fn idem_release(db: &Db, client: &ClientId, key: &str) -> Result<(), sqlx::Error> {
+    with_pool!(db, p => sqlx::query(
+        "DELETE FROM handler_idempotency_keys WHERE client_id = $1 AND idem_key = $2 AND state = 'in_flight'",
+    ).bind(client.as_str()).bind(key).execute(p).await?.rows_affected());
+    Ok(())
+}
+
+/// Deletes expired keys; returns how many.
+pub async fn idem_reap(db: &Db) -> Result<u64, sqlx::Error> {
+    let now = now_ms();
+    Ok(with_pool!(db, p => sqlx::query(
+        "DELETE FROM handler_idempotency_keys WHERE expires_ms < $1 AND (state = 'done' OR lease_until_ms < $1)",
+    ).bind(now).execute(p).await?.rows_affected()))
+}
+
+// ---------------------------------------------------------------- velocity
+
+/// (number of payments, sum in `currency`) of a buyer since `since_ms`,
+/// not counting `exclude` (the payment being decided, on a retry).
+pub async fn recent_activity(
+    db: &Db,
+    buyer: &str,
+    currency: &str,
+    since_ms: i64,
+    exclude: PaymentId,
+) -> Result<(i64, i64), sqlx::Error> {
+    Ok(with_pool!(db, p => sqlx::query_as(
+        "SELECT count(*), CAST(COALESCE(SUM(CASE WHEN currency = $2 THEN amount_minor ELSE 0 END), 0) AS BIGINT) \
+         FROM handler_risk_velocity WHERE buyer_id = $1 AND at_ms >= $3 AND payment_id <> $4",
+    ).bind(buyer).bind(currency).bind(since_ms).bind(exclude.to_string()).fetch_one(p).await?))
+}
+
+// ------------------------------------------------------ status projection
+
+/// Order statuses that no later event changes (refund bookkeeping aside).
+const FINAL_ORDER_STATUSES: &[&str] = &["succeeded", "failed", "rejected"];
+
+/// Applies events to the payment-status projection in one transaction,
+/// deduplicated by event id. Returns one outcome per event.
+pub async fn apply_status(db: &Db, events: &[&Envelope]) -> Result<Vec<Outcome>, sqlx::Error> {
+    let now = now_ms();
+    let mut outcomes = Vec::with_capacity(events.len());
+    with_pool!(db, p => {
+        let mut tx = p.begin().await?;
+        for env in events {
+            let relevant = !matches!(env.event, Event::ReconciliationDiscrepancyFound(_) | Event::ReconciliationDiscrepancyResolved(_) | Event::RefundRequested(_) | Event::RefundFailed(_));
+            if !relevant {
+                outcomes.push(Outcome::Ignored);
+                continue;
+            }
+            let fresh = sqlx::query("INSERT INTO handler_applied_events (event_id, applied_ms) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+                .bind(env.event_id.to_string()).bind(now).execute(&mut *tx).await?.rows_affected();
+            if fresh == 0 {
+                outcomes.push(Outcome::Duplicate);
+                continue;
+            }
+            let Some(payment) = env.payment_id else {
+                outcomes.push(Outcome::rejected("missing_payment_id", format!("{} without a payment id", env.event_type())));
+                continue;
+            };
+            let pid = payment.to_string();
+            let at = env.occurred_at.as_micros();
+            let order_update = |order: OrderId, status: &'static str| (order.to_string(), status);
+            let mut order_change: Option<(String, &'static str)> = None;
+            let mut psp_ref: Option<String> = None;
+            let mut failure: Option<String> = None;
+            match &env.event {
+                Event::PaymentRequested(r) => {
+                    let currency = r.orders.first().map(|o| o.amount.currency().code().to_owned()).unwrap_or_default();
+                    let total = r.orders.iter().try_fold(0i64, |acc, o| acc.checked_add(o.amount.amount_minor()));
+                    let Some(total) = total else {
+                        outcomes.push(Outcome::rejected("invalid_amount", "orders' total overflows"));
+                        continue;
+                    };
+                    sqlx::query("INSERT INTO handler_payments (payment_id, client_id, buyer_id, status, currency, total_minor, created_us, updated_us) \
+                                 VALUES ($1, $2, $3, 'requested', $4, $5, $6, $6) ON CONFLICT DO NOTHING")
+                        .bind(&pid).bind(r.client_id.as_str()).bind(r.buyer_id.as_str()).bind(&currency).bind(total).bind(at)
+                        .execute(&mut *tx).await?;
+                    for (i, o) in r.orders.iter().enumerate() {
+                        sqlx::query("INSERT INTO handler_payment_orders (order_id, payment_id, position, seller_id, amount_minor, currency, status) \
+                                     VALUES ($1, $2, $3, $4, $5, $6, 'requested') ON CONFLICT DO NOTHING")
+                            .bind(o.order_id.to_string()).bind(&pid).bind(i32::try_from(i).unwrap_or(i32::MAX)).bind(o.seller_id.as_str())
+                            .bind(o.amount.amount_minor()).bind(o.amount.currency().code())
+                            .execute(&mut *tx).await?;
+                    }
+                    sqlx::query("INSERT INTO handler_risk_velocity (payment_id, buyer_id, currency, amount_minor, at_ms) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING")
+                        .bind(&pid).bind(r.buyer_id.as_str()).bind(&currency).bind(total).bind(env.occurred_at.as_millis())
+                        .execute(&mut *tx).await?;
+                    outcomes.push(Outcome::Applied);
+                    continue;
+                }
+                Event::RiskApproved(_) => {
+                    sqlx::query("UPDATE handler_payments SET status = 'processing', updated_us = $2 WHERE payment_id = $1 AND status = 'requested'")
+                        .bind(&pid).bind(at).execute(&mut *tx).await?;
+                    sqlx::query("UPDATE handler_payment_orders SET status = 'pending' WHERE payment_id = $1 AND status = 'requested'")
+                        .bind(&pid).execute(&mut *tx).await?;
+                }
+                Event::RiskRejected(r) => {
+                    sqlx::query("UPDATE handler_payments SET status = 'rejected', rejection_rule = $2, rejection_reason = $3, updated_us = $4 WHERE payment_id = $1 AND status = 'requested'")
+                        .bind(&pid).bind(&r.rule).bind(&r.reason).bind(at).execute(&mut *tx).await?;
+                    sqlx::query("UPDATE handler_payment_orders SET status = 'rejected' WHERE payment_id = $1 AND status = 'requested'")
+                        .bind(&pid).execute(&mut *tx).await?;
+                }
+                Event::OrderExecutionStarted(e) => order_change = Some(order_update(e.order_id, "executing")),
+                Event::OrderSucceeded(e) => {
+                    order_change = Some(order_update(e.order_id, "succeeded"));
+                    psp_ref = Some(e.psp_reference.clone());
+                }
+                Event::OrderFailed(e) => {
+                    order_change = Some(order_update(e.order_id, if e.retryable { "executing" } else { "failed" }));
+                    failure = Some(format!("{}: {}", e.code, e.reason));
+                }
+                Event::OrderPending(e) => {
+                    order_change = Some(order_update(e.order_id, "pending_psp"));
+                    psp_ref = Some(e.psp_reference.clone());
+                }
+                Event::OrderSettledByWebhook(e) => {
+                    order_change = Some(order_update(e.order_id, if e.succeeded { "succeeded" } else { "failed" }));
+                    psp_ref = Some(e.psp_reference.clone());
+                    failure = e.failure_reason.clone();
+                }
+                Event::RefundSucceeded(e) => {
+                    sqlx::query("UPDATE handler_payment_orders SET refunded_minor = refunded_minor + $2 WHERE order_id = $1")
+                        .bind(e.order_id.to_string()).bind(e.amount.amount_minor()).execute(&mut *tx).await?;
+                }
+                _ => {}
+            }
+            if let Some((order, status)) = order_change {
+                // Final states never regress (a late "started" after "succeeded").
+                let n = sqlx::query(&format!(
+                    "UPDATE handler_payment_orders SET status = $2, psp_reference = COALESCE($3, psp_reference), failure_reason = COALESCE($4, failure_reason) \
+                     WHERE order_id = $1 AND payment_id = $5 AND status NOT IN ({})",
+                    FINAL_ORDER_STATUSES.iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(",")
+                ))
+                .bind(&order).bind(status).bind(psp_ref).bind(failure).bind(&pid).execute(&mut *tx).await?.rows_affected();
+                if n == 0 {
+                    let known: i64 = sqlx::query_scalar("SELECT count(*) FROM handler_payment_orders WHERE order_id = $1 AND payment_id = $2")
+                        .bind(&order).bind(&pid).fetch_one(&mut *tx).await?;
+                    if known == 0 {
+                        outcomes.push(Outcome::rejected("unknown_order", format!("order {order} of payment {pid} was never requested")));
+                        continue;
+                    }
+                }
+                // Roll the payment up once every order is final.
+                let open: i64 = sqlx::query_scalar("SELECT count(*) FROM handler_payment_orders WHERE payment_id = $1 AND status NOT IN ('succeeded','failed','rejected')")
+                    .bind(&pid).fetch_one(&mut *tx).await?;
+                if open == 0 {
+                    let ok: i64 = sqlx::query_scalar("SELECT count(*) FROM handler_payment_orders WHERE payment_id = $1 AND status = 'succeeded'")
+                        .bind(&pid).fetch_one(&mut *tx).await?;
+                    let all: i64 = sqlx::query_scalar("SELECT count(*) FROM handler_payment_orders WHERE payment_id = $1")
+                        .bind(&pid).fetch_one(&mut *tx).await?;
+                    let status = if ok == all { "succeeded" } else if ok == 0 { "failed" } else { "partially_succeeded" };
+                    sqlx::query("UPDATE handler_payments SET status = $2, updated_us = $3 WHERE payment_id = $1 AND status <> 'rejected'")
+                        .bind(&pid).bind(status).bind(at).execute(&mut *tx).await?;
+                }
+            }
+            outcomes.push(Outcome::Applied);
+        }
+        tx.commit().await?;
+    });
+    Ok(outcomes)
+}
+
+/// A payment as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PaymentView {
+    pub payment_id: String,
+    pub status: String,
+    pub buyer_id: String,
+    pub currency: String,
+    pub total_minor: i64,
+    pub rejection: Option<Rejection>,
+    pub orders: Vec<OrderView>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Rejection {
+    pub rule: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct OrderView {
+    pub order_id: String,
+    pub seller_id: String,
+    pub amount_minor: i64,
+    pub currency: String,
+    pub status: String,
+    pub psp_reference: Option<String>,
+    pub failure_reason: Option<String>,
+    pub refunded_minor: i64,
+}
+
+type PaymentRow = (
+    String,
+    String,
+    String,
+    String,
+    i64,
+    Option<String>,
+    Option<String>,
+    i64,
+    i64,
+);
+type OrderRow = (
+    String,
+    String,
+    i64,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    i64,
+);
+
+/// The payment if it exists and belongs to `client`.
+pub async fn get_payment(
+    db: &Db,
+    payment: &str,
+    client: &ClientId,
+) -> Result<Option<PaymentView>, sqlx::Error> {
+    let row: Option<PaymentRow> = with_pool!(db, p => sqlx::query_as(
+        "SELECT payment_id, status, buyer_id, currency, total_minor, rejection_rule, rejection_reason, created_us, updated_us \
+         FROM handler_payments WHERE payment_id = $1 AND client_id = $2",
+    ).bind(payment).bind(client.as_str()).fetch_optional(p).await?);
+    let Some((payment_id, status, buyer_id, currency, total_minor, rule, reason, created, updated)) =
+        row
+    else {
+        return Ok(None);
+    };
+    let orders: Vec<OrderRow> = with_pool!(db, p => sqlx::query_as(
+        "SELECT order_id, seller_id, amount_minor, currency, status, psp_reference, failure_reason, refunded_minor \
+         FROM handler_payment_orders WHERE payment_id = $1 ORDER BY position",
+    ).bind(payment).fetch_all(p).await?);
+    let ts = |us: i64| events::Timestamp::from_micros(us).to_string();
+    Ok(Some(PaymentView {
+        payment_id,
+        status,
+        buyer_id,
+        currency,
+        total_minor,
+        rejection: rule.map(|rule| Rejection {
+            rule,
+            reason: reason.unwrap_or_default(),
+        }),
+        orders: orders
+            .into_iter()
+            .map(
+                |(
+                    order_id,
+                    seller_id,
+                    amount_minor,
+                    currency,
+                    status,
+                    psp_reference,
+                    failure_reason,
+                    refunded_minor,
+                )| OrderView {
+                    order_id,
+                    seller_id,
+                    amount_minor,
+                    currency,
+                    status,
+                    psp_reference,
+                    failure_reason,
+                    refunded_minor,
+                },
+            )
+            .collect(),
+        created_at: ts(created),
+        updated_at: ts(updated),
+    }))
+}
+
+/// Whether the status projection knows this payment.
+pub async fn payment_exists(db: &Db, payment: PaymentId) -> Result<bool, sqlx::Error> {
+    let n: i64 = with_pool!(db, p => sqlx::query_scalar("SELECT count(*) FROM handler_payments WHERE payment_id = $1")
+        .bind(payment.to_string()).fetch_one(p).await?);
+    Ok(n > 0)
+}

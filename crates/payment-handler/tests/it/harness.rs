@@ -1,0 +1,161 @@
+use events::{EventType, TopicKind, avro};
+use payment_handler::HandlerArgs;
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use std::time::Duration;
+use streaming::KafkaConfig;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+pub const BOTH: [Backend; 2] = [Backend::Postgres, Backend::Sqlite];
+
+pub struct Handler {
+    pub base: String,
+    pub kafka: KafkaConfig,
+    pub db_url: String,
+    pub http: reqwest::Client,
+    pub stop: CancellationToken,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Drop for Handler {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+pub async fn start(backend: Backend) -> Handler {
+    start_with(backend, HandlerArgs::for_tests()).await
+}
+
+pub async fn start_with(backend: Backend, args: HandlerArgs) -> Handler {
+    let (db_url, dir) = match backend {
+        Backend::Postgres => (storage::testing::fresh_postgres_url().await.unwrap(), None),
+        Backend::Sqlite => {
+            let dir = tempfile::tempdir().unwrap();
+            (
+                format!("sqlite://{}", dir.path().join("h.db").display()),
+                Some(dir),
+            )
+        }
+    };
+    let brokers =
+        std::env::var("PAYSTREAM_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let kafka = KafkaConfig::local(&brokers, &format!("t{}.", uuid::Uuid::now_v7().simple()), 2);
+    let stop = CancellationToken::new();
+    let running = payment_handler::start(kafka.clone(), &db_url, args, stop.clone())
+        .await
+        .unwrap();
+    let base = format!("http://{}", running.addr);
+    tokio::spawn(running.wait());
+    Handler {
+        base,
+        kafka,
+        db_url,
+        http: reqwest::Client::new(),
+        stop,
+        _dir: dir,
+    }
+}
+
+impl Handler {
+    /// Registers a client and returns its API key.
+    pub async fn client(&self, name: &str) -> String {
+        let db = storage::Db::connect(&self.db_url).await.unwrap();
+        payment_handler::store::create_client(&db, &events::ClientId::parse(name).unwrap())
+            .await
+            .unwrap()
+    }
+
+    pub async fn post(
+        &self,
+        api_key: Option<&str>,
+        idem: Option<&str>,
+        body: &str,
+    ) -> (StatusCode, reqwest::header::HeaderMap, String) {
+        let mut req = self
+            .http
+            .post(format!("{}/v1/payments", self.base))
+            .header("content-type", "application/json")
+            .body(body.to_owned());
+        if let Some(k) = api_key {
+            req = req.bearer_auth(k);
+        }
+        if let Some(i) = idem {
+            req = req.header("Idempotency-Key", i);
+        }
+        let r = req.send().await.unwrap();
+        let (s, h) = (r.status(), r.headers().clone());
+        (s, h, r.text().await.unwrap())
+    }
+
+    pub async fn get_payment(&self, api_key: &str, id: &str) -> (StatusCode, Value) {
+        let r = self
+            .http
+            .get(format!("{}/v1/payments/{id}", self.base))
+            .bearer_auth(api_key)
+            .send()
+            .await
+            .unwrap();
+        let s = r.status();
+        (s, r.json().await.unwrap())
+    }
+
+    /// Every event on the payments topic, decoded, once the topic is quiet.
+    pub async fn payment_events(&self) -> Vec<events::Envelope> {
+        read_quiet(
+            &self.kafka,
+            &self.kafka.topology().name(TopicKind::Payments),
+        )
+        .await
+        .into_iter()
+        .map(|(_, p)| avro::decode(&p).unwrap())
+        .collect()
+    }
+}
+
+pub fn count_type(evs: &[events::Envelope], t: EventType) -> usize {
+    evs.iter().filter(|e| e.event_type() == t).count()
+}
+
+/// Reads a topic from the beginning until nothing arrives for 2 s.
+pub async fn read_quiet(
+    kafka: &KafkaConfig,
+    topic: &str,
+) -> Vec<(Vec<(String, Option<Vec<u8>>)>, Vec<u8>)> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &kafka.brokers)
+        .set("group.id", format!("reader-{}", uuid::Uuid::now_v7()))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[topic]).unwrap();
+    let mut out = Vec::new();
+    // The first message may take a while (group join); after that, quiet = done.
+    let mut wait = Duration::from_secs(15);
+    while let Ok(Ok(m)) = tokio::time::timeout(wait, consumer.recv()).await {
+        out.push((
+            streaming::dlq::owned_headers(m.headers()),
+            m.payload().unwrap_or_default().to_vec(),
+        ));
+        wait = Duration::from_secs(2);
+    }
+    out
+}
+
+pub fn payment(buyer: &str, orders: &[(&str, i64, &str)]) -> String {
+    let orders: Vec<_> = orders
+        .iter()
+        .map(|(s, a, c)| json!({"seller_id": s, "amount_minor": a, "currency": c}))
+        .collect();
+    json!({"buyer_id": buyer, "orders": orders}).to_string()
+}
