@@ -58,6 +58,9 @@ enum Command {
 enum ServeCommand {
     /// The payment handler: HTTP API, inbound-topic consumer, payment status.
     Handler(payment_handler::HandlerArgs),
+    /// The PSP simulator: a stand-in for a real payment service provider,
+    /// with its own state, webhooks and settlement files.
+    PspSim(psp_sim::PspSimArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -93,6 +96,11 @@ async fn main() -> ExitCode {
         Command::Serve(ServeCommand::Handler(args)) => {
             let shutdown = streaming::shutdown::on_signals();
             payment_handler::serve(cli.kafka, &cli.database_url, args, shutdown)
+                .await
+                .map(|()| ExitCode::SUCCESS)
+        }
+        Command::Serve(ServeCommand::PspSim(args)) => {
+            psp_sim::serve(args, streaming::shutdown::on_signals())
                 .await
                 .map(|()| ExitCode::SUCCESS)
         }

@@ -1,0 +1,344 @@
+//! A Payment Service Provider simulator: an HTTP API shaped like a real
+//! PSP's (charges with idempotency keys, refunds, signed webhooks, daily
+//! settlement files) with its own durable SQLite state, and configurable
+//! misbehaviour (latency, declines, 5xx, 429/503 with Retry-After, dropped
+//! connections, pending outcomes resolved days later) so paystream's
+//! executor and reconciliation can be tested against the nasty cases.
+//!
+//! The HTTP contract is in `crates/psp-sim/README.md`.
+
+mod api;
+pub mod config;
+mod settlement;
+mod store;
+mod workers;
+
+pub use config::{Account, Behaviour, LatencyMs, Matcher, Outcome, Resolution, Rule};
+pub use settlement::{Injected, InjectionSpec};
+
+use anyhow::Context as _;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// `paystream serve psp-sim`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PspSimArgs {
+    /// Address the simulator's HTTP API listens on.
+    #[arg(long, env = "PAYSTREAM_PSP_LISTEN", default_value = "127.0.0.1:8090")]
+    pub listen: SocketAddr,
+    /// The simulator's own database (SQLite only).
+    #[arg(long, env = "PAYSTREAM_PSP_DB", default_value = "sqlite://psp-sim.db")]
+    pub db: String,
+    /// Behaviour file (JSON): latency, outcome rules, accounts, webhook quirks.
+    #[arg(long, env = "PAYSTREAM_PSP_BEHAVIOUR")]
+    pub behaviour: Option<PathBuf>,
+    /// Webhook URL of the default account (`acct_default`); none = no webhooks.
+    #[arg(long, env = "PAYSTREAM_PSP_WEBHOOK_URL")]
+    pub webhook_url: Option<String>,
+    /// Webhook signing secret of the default account.
+    #[arg(
+        long,
+        env = "PAYSTREAM_PSP_WEBHOOK_SECRET",
+        default_value = config::DEFAULT_WEBHOOK_SECRET,
+        hide_env_values = true
+    )]
+    pub webhook_secret: String,
+}
+
+/// Everything one simulator run needs.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub listen: SocketAddr,
+    pub db_url: String,
+    pub behaviour: Behaviour,
+}
+
+impl SimConfig {
+    /// Random local port, default behaviour, the given database.
+    pub fn for_tests(db_url: impl Into<String>) -> SimConfig {
+        SimConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            db_url: db_url.into(),
+            behaviour: Behaviour::default(),
+        }
+    }
+
+    pub fn from_args(args: &PspSimArgs) -> anyhow::Result<SimConfig> {
+        let mut behaviour = match &args.behaviour {
+            Some(path) => Behaviour::load(path)?,
+            None => Behaviour::default(),
+        };
+        let mut accounts = behaviour.effective_accounts();
+        for a in &mut accounts {
+            if a.id == config::DEFAULT_ACCOUNT {
+                a.webhook_secret.clone_from(&args.webhook_secret);
+                if args.webhook_url.is_some() {
+                    a.webhook_url.clone_from(&args.webhook_url);
+                }
+            }
+        }
+        behaviour.accounts = accounts;
+        behaviour.validate()?;
+        Ok(SimConfig {
+            listen: args.listen,
+            db_url: args.db.clone(),
+            behaviour,
+        })
+    }
+}
+
+/// Runs the simulator until `shutdown` is cancelled.
+pub async fn serve(args: PspSimArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let config = SimConfig::from_args(&args)?;
+    let (addr, run) = start(config, shutdown).await?;
+    tracing::info!(%addr, "psp simulator listening");
+    run.await
+}
+
+/// A simulator running in the background (tests).
+#[derive(Debug)]
+pub struct RunningSim {
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningSim {
+    /// `http://127.0.0.1:<port>`
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops accepting, drops open connections, stops the workers and
+    /// closes the database; returns once all of that is done.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.task.await.context("simulator task panicked")?
+    }
+}
+
+/// Starts a simulator (bound before this returns, so `addr` is usable).
+pub async fn spawn(config: SimConfig) -> anyhow::Result<RunningSim> {
+    let shutdown = CancellationToken::new();
+    let (addr, run) = start(config, shutdown.clone()).await?;
+    let task = tokio::spawn(run);
+    Ok(RunningSim {
+        addr,
+        shutdown,
+        task,
+    })
+}
+
+/// The `Psp-Signature` header value: `t=<t>,v1=<hex HMAC-SHA256(secret,
+/// "<t>.<body>")>`.
+pub fn sign(secret: &[u8], t: i64, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes keys of any length");
+    mac.update(t.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// The simulator's clock: wall time plus an offset that
+/// `POST /_sim/clock/advance` moves forward, so "resolves after 3 days" is
+/// testable without waiting. Webhook retry timing and signature timestamps
+/// use the wall clock (they concern the receiver's real time).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SimClock {
+    offset_ms: Arc<AtomicI64>,
+    pub(crate) advanced: Arc<Notify>,
+}
+
+impl SimClock {
+    pub(crate) fn now_ms(&self) -> i64 {
+        wall_ms().saturating_add(self.offset_ms.load(Ordering::SeqCst))
+    }
+
+    pub(crate) fn advance(&self, ms: i64) {
+        assert!(ms >= 0, "the simulator clock only moves forward");
+        self.offset_ms.fetch_add(ms, Ordering::SeqCst);
+        self.advanced.notify_waiters();
+    }
+}
+
+pub(crate) fn wall_ms() -> i64 {
+    let nanos = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+    i64::try_from(nanos).expect("wall clock within i64 milliseconds")
+}
+
+/// Shared by handlers and workers.
+#[derive(Debug)]
+pub(crate) struct AppState {
+    pub(crate) db: sqlx::SqlitePool,
+    pub(crate) behaviour: Behaviour,
+    pub(crate) accounts: Vec<Account>,
+    pub(crate) clock: SimClock,
+    /// Wakes the webhook worker when a delivery was enqueued.
+    pub(crate) webhooks_due: Notify,
+}
+
+impl AppState {
+    pub(crate) fn account(&self, id: &str) -> Option<&Account> {
+        self.accounts.iter().find(|a| a.id == id)
+    }
+}
+
+/// Upper bound of concurrently open connections; more wait in the backlog.
+const MAX_CONNECTIONS: usize = 1024;
+
+async fn start(
+    config: SimConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<(SocketAddr, impl Future<Output = anyhow::Result<()>>)> {
+    config.behaviour.validate()?;
+    let pool = match storage::Db::connect(&config.db_url).await? {
+        storage::Db::Sqlite(pool) => pool,
+        storage::Db::Postgres(p) => {
+            p.close().await;
+            anyhow::bail!("the PSP simulator keeps its state in SQLite; use a sqlite:// URL");
+        }
+    };
+    storage::component_migrator(sqlx::migrate!("migrations/sqlite"))
+        .run(&pool)
+        .await
+        .context("migrating the simulator database")?;
+    // A previous process died while handling these keys; nobody works on
+    // them any more, so later requests may retry them.
+    store::release_all_in_flight(&pool).await?;
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let accounts = config.behaviour.effective_accounts();
+    let state = Arc::new(AppState {
+        db: pool,
+        behaviour: config.behaviour,
+        accounts,
+        clock: SimClock::default(),
+        webhooks_due: Notify::new(),
+    });
+    let run = async move {
+        let workers = [
+            tokio::spawn(workers::deliver_webhooks(state.clone(), shutdown.clone())),
+            tokio::spawn(workers::resolve_pending(state.clone(), shutdown.clone())),
+        ];
+        accept_loop(listener, api::router(state.clone()), shutdown.clone()).await;
+        for w in workers {
+            if let Err(e) = w.await {
+                tracing::error!(error = %e, "simulator worker panicked");
+            }
+        }
+        state.db.close().await;
+        Ok(())
+    };
+    Ok((addr, run))
+}
+
+/// Closes the connection it is attached to without an answer: the
+/// `timeout` outcome's "the PSP never answered".
+#[derive(Debug, Clone)]
+pub(crate) struct ConnKill(pub(crate) CancellationToken);
+
+/// Our own accept loop (instead of `axum::serve`) so a handler can drop its
+/// TCP connection without writing a response.
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    shutdown: CancellationToken,
+) {
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        while conns.try_join_next().is_some() {}
+        if conns.len() >= MAX_CONNECTIONS {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = conns.join_next() => continue,
+            }
+        }
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // e.g. out of file descriptors: back off, keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let router = router.clone();
+        let shutdown = shutdown.clone();
+        conns.spawn(async move {
+            let kill = CancellationToken::new();
+            let kill_ext = ConnKill(kill.clone());
+            let svc = hyper::service::service_fn(
+                move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(kill_ext.clone());
+                    tower::ServiceExt::oneshot(router.clone(), req)
+                },
+            );
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+            tokio::select! {
+                r = conn => if let Err(e) = r {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                },
+                // Dropping the connection future closes the socket unanswered.
+                _ = kill.cancelled() => {}
+                _ = shutdown.cancelled() => {}
+            }
+        });
+    }
+    conns.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        psp: PspSimArgs,
+    }
+
+    #[test]
+    fn cli_flags_configure_the_default_account() {
+        let cli = Cli::try_parse_from(["x", "--webhook-url", "http://127.0.0.1:1/wh"]).unwrap();
+        assert_eq!(cli.psp.listen, SocketAddr::from(([127, 0, 0, 1], 8090)));
+        assert_eq!(cli.psp.db, "sqlite://psp-sim.db");
+        let config = SimConfig::from_args(&cli.psp).unwrap();
+        let accounts = config.behaviour.effective_accounts();
+        let default = accounts
+            .iter()
+            .find(|a| a.id == config::DEFAULT_ACCOUNT)
+            .unwrap();
+        assert_eq!(
+            default.webhook_url.as_deref(),
+            Some("http://127.0.0.1:1/wh")
+        );
+        assert_eq!(default.webhook_secret, "whsec_default");
+        assert_eq!(default.api_key, "sk_test_default");
+    }
+
+    #[test]
+    fn signature_matches_a_known_vector() {
+        // printf '1700000000.{"a":1}' | openssl dgst -sha256 -hmac whsec_default
+        let s = sign(b"whsec_default", 1_700_000_000, br#"{"a":1}"#);
+        assert_eq!(
+            s,
+            "t=1700000000,v1=221e66160038711db4155b7a8ea5043bd6318e185b1378d78248b12d8f3586c1"
+        );
+        assert_ne!(s, sign(b"whsec_other", 1_700_000_000, br#"{"a":1}"#));
+    }
+}

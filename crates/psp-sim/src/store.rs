@@ -1,0 +1,645 @@
+//! The simulator's SQL: idempotency claims, charges, refunds, webhook
+//! deliveries. Every write transaction starts with a write, so SQLite takes
+//! the write lock up front (a read-then-upgrade could fail with BUSY).
+
+use serde::Serialize;
+use sqlx::{Sqlite, SqlitePool, Transaction};
+
+/// Renders epoch milliseconds as RFC 3339 UTC.
+pub(crate) fn rfc3339(ms: i64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .expect("simulator timestamps are within time's range");
+    t.format(&time::format_description::well_known::Rfc3339)
+        .expect("RFC 3339 formats any UTC time")
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub(crate) struct ChargeRow {
+    pub id: String,
+    pub account: String,
+    pub reference: String,
+    pub amount_minor: i64,
+    pub currency: String,
+    pub card_token: String,
+    pub status: String,
+    pub fee_minor: i64,
+    pub decline_code: Option<String>,
+    pub created_at_ms: i64,
+    pub settled_at_ms: Option<i64>,
+    pub refunded_minor: i64,
+}
+
+const CHARGE_COLUMNS: &str = "id, account, reference, amount_minor, currency, card_token, status, \
+     fee_minor, decline_code, created_at_ms, settled_at_ms, refunded_minor";
+
+/// The Charge object of the HTTP contract.
+#[derive(Debug, Serialize)]
+pub(crate) struct ChargeJson<'a> {
+    pub id: &'a str,
+    pub status: &'a str,
+    pub amount_minor: i64,
+    pub currency: &'a str,
+    pub fee_minor: i64,
+    pub reference: &'a str,
+    pub card_token: &'a str,
+    pub created_at: String,
+    pub settled_at: Option<String>,
+    pub decline_code: Option<&'a str>,
+    pub refunded_minor: i64,
+}
+
+impl ChargeRow {
+    pub(crate) fn json(&self) -> ChargeJson<'_> {
+        ChargeJson {
+            id: &self.id,
+            status: &self.status,
+            amount_minor: self.amount_minor,
+            currency: &self.currency,
+            fee_minor: self.fee_minor,
+            reference: &self.reference,
+            card_token: &self.card_token,
+            created_at: rfc3339(self.created_at_ms),
+            settled_at: self.settled_at_ms.map(rfc3339),
+            decline_code: self.decline_code.as_deref(),
+            refunded_minor: self.refunded_minor,
+        }
+    }
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub(crate) struct RefundRow {
+    pub id: String,
+    pub charge_id: String,
+    pub amount_minor: i64,
+    pub currency: String,
+    pub status: String,
+    pub created_at_ms: i64,
+}
+
+/// The Refund object of the HTTP contract.
+#[derive(Debug, Serialize)]
+pub(crate) struct RefundJson<'a> {
+    pub id: &'a str,
+    pub charge_id: &'a str,
+    pub amount_minor: i64,
+    pub currency: &'a str,
+    pub status: &'a str,
+    pub created_at: String,
+}
+
+impl RefundRow {
+    pub(crate) fn json(&self) -> RefundJson<'_> {
+        RefundJson {
+            id: &self.id,
+            charge_id: &self.charge_id,
+            amount_minor: self.amount_minor,
+            currency: &self.currency,
+            status: &self.status,
+            created_at: rfc3339(self.created_at_ms),
+        }
+    }
+}
+
+pub(crate) async fn release_all_in_flight(pool: &SqlitePool) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE psp_idempotency SET state = 'open' WHERE state = 'in_flight'")
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// What a request found under its idempotency key.
+#[derive(Debug)]
+pub(crate) enum Claim {
+    /// This request holds the key; `attempt` counts processing attempts
+    /// with this key, this one included (1 = first).
+    Owned { attempt: u32 },
+    /// A final answer is stored: replay it.
+    Replay { body: String },
+    /// Same key, different request.
+    Reused,
+    /// Another request with this key is being processed.
+    InUse,
+}
+
+/// Takes the key in one statement (an upsert), so of any number of
+/// concurrent requests exactly one becomes the owner.
+/// With `count_reference`, also counts a charge request for the stats, in
+/// the same transaction (one commit, one fsync, fewer than two).
+pub(crate) async fn claim(
+    pool: &SqlitePool,
+    account: &str,
+    key: &str,
+    request_hash: &str,
+    owner: &str,
+    now_ms: i64,
+    count_reference: Option<&str>,
+) -> Result<Claim, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    if let Some(reference) = count_reference {
+        sqlx::query(
+            "INSERT INTO psp_create_requests (reference, requests) VALUES (?, 1)
+             ON CONFLICT (reference) DO UPDATE SET requests = requests + 1",
+        )
+        .bind(reference)
+        .execute(&mut *tx)
+        .await?;
+    }
+    let row: (String, String, String, i64, Option<String>) = sqlx::query_as(
+        "INSERT INTO psp_idempotency
+             (account, idempotency_key, request_hash, state, owner, attempts, created_at_ms)
+         VALUES (?1, ?2, ?3, 'in_flight', ?4, 1, ?5)
+         ON CONFLICT (account, idempotency_key) DO UPDATE SET
+             attempts = CASE WHEN state = 'open' AND request_hash = excluded.request_hash
+                             THEN attempts + 1 ELSE attempts END,
+             owner    = CASE WHEN state = 'open' AND request_hash = excluded.request_hash
+                             THEN excluded.owner ELSE owner END,
+             state    = CASE WHEN state = 'open' AND request_hash = excluded.request_hash
+                             THEN 'in_flight' ELSE state END
+         RETURNING request_hash, state, owner, attempts, response_body",
+    )
+    .bind(account)
+    .bind(key)
+    .bind(request_hash)
+    .bind(owner)
+    .bind(now_ms)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    let (hash, state, row_owner, attempts, body) = row;
+    Ok(if hash != request_hash {
+        Claim::Reused
+    } else if state == "done" {
+        Claim::Replay {
+            body: body.unwrap_or_default(),
+        }
+    } else if state == "in_flight" && row_owner == owner {
+        Claim::Owned {
+            attempt: u32::try_from(attempts).unwrap_or(u32::MAX),
+        }
+    } else {
+        Claim::InUse
+    })
+}
+
+/// Gives the key back without a final answer (transient failure).
+pub(crate) async fn release(
+    pool: &SqlitePool,
+    account: &str,
+    key: &str,
+    owner: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE psp_idempotency SET state = 'open'
+         WHERE account = ? AND idempotency_key = ? AND owner = ? AND state = 'in_flight'",
+    )
+    .bind(account)
+    .bind(key)
+    .bind(owner)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Stores the final answer under the key, inside the transaction that
+/// created the resource. Fails if this request no longer owns the key.
+async fn finish(
+    tx: &mut Transaction<'_, Sqlite>,
+    account: &str,
+    key: &str,
+    owner: &str,
+    status: u16,
+    body: &str,
+) -> Result<(), sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE psp_idempotency SET state = 'done', response_status = ?, response_body = ?
+         WHERE account = ? AND idempotency_key = ? AND owner = ? AND state = 'in_flight'",
+    )
+    .bind(i64::from(status))
+    .bind(body)
+    .bind(account)
+    .bind(key)
+    .bind(owner)
+    .execute(&mut **tx)
+    .await?;
+    if done.rows_affected() != 1 {
+        return Err(sqlx::Error::Protocol(format!(
+            "idempotency key {key:?} is no longer held by this request"
+        )));
+    }
+    Ok(())
+}
+
+/// A charge about to be created.
+#[derive(Debug)]
+pub(crate) struct NewCharge {
+    pub row: ChargeRow,
+    pub idempotency_key: String,
+    pub description: Option<String>,
+    pub resolve_at_ms: Option<i64>,
+    pub resolve_to: Option<&'static str>,
+}
+
+/// Creates the charge and stores the answer under its key, atomically; the
+/// unique (account, key) constraint makes a second charge impossible.
+pub(crate) async fn create_charge(
+    pool: &SqlitePool,
+    c: &NewCharge,
+    owner: &str,
+) -> Result<String, sqlx::Error> {
+    let body = serde_json::to_string(&c.row.json()).expect("charges serialise");
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "INSERT INTO psp_charges (id, account, idempotency_key, reference, amount_minor,
+             currency, card_token, description, status, fee_minor, decline_code,
+             created_at_ms, settled_at_ms, resolve_at_ms, resolve_to, refunded_minor)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)",
+    )
+    .bind(&c.row.id)
+    .bind(&c.row.account)
+    .bind(&c.idempotency_key)
+    .bind(&c.row.reference)
+    .bind(c.row.amount_minor)
+    .bind(&c.row.currency)
+    .bind(&c.row.card_token)
+    .bind(&c.description)
+    .bind(&c.row.status)
+    .bind(c.row.fee_minor)
+    .bind(&c.row.decline_code)
+    .bind(c.row.created_at_ms)
+    .bind(c.row.settled_at_ms)
+    .bind(c.resolve_at_ms)
+    .bind(c.resolve_to)
+    .execute(&mut *tx)
+    .await?;
+    finish(
+        &mut tx,
+        &c.row.account,
+        &c.idempotency_key,
+        owner,
+        201,
+        &body,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(body)
+}
+
+pub(crate) async fn get_charge(
+    pool: &SqlitePool,
+    account: &str,
+    id: &str,
+) -> Result<Option<ChargeRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {CHARGE_COLUMNS} FROM psp_charges WHERE account = ? AND id = ?"
+    ))
+    .bind(account)
+    .bind(id)
+    .fetch_optional(pool)
+    .await
+}
+
+/// Charges of one reference, oldest first (bounded: a reference is one
+/// order, which a sane caller charges a handful of times at most).
+pub(crate) async fn charges_by_reference(
+    pool: &SqlitePool,
+    account: &str,
+    reference: &str,
+) -> Result<Vec<ChargeRow>, sqlx::Error> {
+    sqlx::query_as(&format!(
+        "SELECT {CHARGE_COLUMNS} FROM psp_charges WHERE account = ? AND reference = ?
+         ORDER BY created_at_ms, id LIMIT 100"
+    ))
+    .bind(account)
+    .bind(reference)
+    .fetch_all(pool)
+    .await
+}
+
+pub(crate) async fn stats(pool: &SqlitePool, reference: &str) -> Result<(i64, i64), sqlx::Error> {
+    let charges: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM psp_charges WHERE reference = ?")
+        .bind(reference)
+        .fetch_one(pool)
+        .await?;
+    let requests: Option<i64> =
+        sqlx::query_scalar("SELECT requests FROM psp_create_requests WHERE reference = ?")
+            .bind(reference)
+            .fetch_optional(pool)
+            .await?;
+    Ok((charges, requests.unwrap_or(0)))
+}
+
+/// Why a refund was refused.
+#[derive(Debug)]
+pub(crate) enum RefundRefused {
+    NotFound,
+    NotRefundable(String),
+    ExceedsRefundable { refundable: i64 },
+    Sql(sqlx::Error),
+}
+
+impl From<sqlx::Error> for RefundRefused {
+    fn from(e: sqlx::Error) -> Self {
+        RefundRefused::Sql(e)
+    }
+}
+
+/// A webhook to enqueue in the same transaction as its cause.
+#[derive(Debug)]
+pub(crate) struct WebhookPlan {
+    pub url: String,
+    /// 1, or 2 for a duplicate delivery.
+    pub copies: u8,
+    /// Wall-clock ms of the first attempt (later than now when delayed).
+    pub first_attempt_at_ms: i64,
+}
+
+/// Refunds `amount` (None = everything left) of a succeeded charge. The
+/// guarded update makes over-refunding impossible even for concurrent
+/// refunds with different keys.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn create_refund(
+    pool: &SqlitePool,
+    account: &str,
+    charge_id: &str,
+    amount: Option<i64>,
+    key: &str,
+    owner: &str,
+    refund_id: &str,
+    now_ms: i64,
+    webhook: Option<&WebhookPlan>,
+) -> Result<String, RefundRefused> {
+    let mut tx = pool.begin().await?;
+    // Write first (see the module doc); the amount is resolved inside SQL.
+    let updated: Option<(i64, String)> = sqlx::query_as(
+        "UPDATE psp_charges
+         SET refunded_minor = refunded_minor + COALESCE(?1, amount_minor - refunded_minor)
+         WHERE account = ?2 AND id = ?3 AND status = 'succeeded'
+           AND COALESCE(?1, amount_minor - refunded_minor) > 0
+           AND refunded_minor + COALESCE(?1, amount_minor - refunded_minor) <= amount_minor
+         RETURNING refunded_minor, currency",
+    )
+    .bind(amount)
+    .bind(account)
+    .bind(charge_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((refunded_after, currency)) = updated else {
+        tx.rollback().await?;
+        return Err(match get_charge(pool, account, charge_id).await? {
+            None => RefundRefused::NotFound,
+            Some(c) if c.status != "succeeded" => RefundRefused::NotRefundable(c.status),
+            Some(c) => RefundRefused::ExceedsRefundable {
+                refundable: c.amount_minor - c.refunded_minor,
+            },
+        });
+    };
+    let amount_minor: i64 = match amount {
+        Some(a) => a,
+        None => {
+            // Full refund: what was left, i.e. the new total minus the
+            // refunds recorded before this one.
+            let before: i64 = sqlx::query_scalar(
+                "SELECT COALESCE(SUM(amount_minor), 0) FROM psp_refunds WHERE charge_id = ?",
+            )
+            .bind(charge_id)
+            .fetch_one(&mut *tx)
+            .await?;
+            refunded_after - before
+        }
+    };
+    assert!(
+        amount_minor > 0,
+        "the guarded update refunds a positive amount"
+    );
+    let refund = RefundRow {
+        id: refund_id.to_owned(),
+        charge_id: charge_id.to_owned(),
+        amount_minor,
+        currency,
+        status: "succeeded".into(),
+        created_at_ms: now_ms,
+    };
+    sqlx::query(
+        "INSERT INTO psp_refunds (id, account, idempotency_key, charge_id, amount_minor,
+             currency, status, created_at_ms)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&refund.id)
+    .bind(account)
+    .bind(key)
+    .bind(&refund.charge_id)
+    .bind(refund.amount_minor)
+    .bind(&refund.currency)
+    .bind(&refund.status)
+    .bind(refund.created_at_ms)
+    .execute(&mut *tx)
+    .await?;
+    let body = serde_json::to_string(&refund.json()).expect("refunds serialise");
+    if let Some(plan) = webhook {
+        let data = serde_json::to_value(refund.json()).expect("refunds serialise");
+        enqueue_webhook(&mut tx, account, plan, "refund.succeeded", data, now_ms).await?;
+    }
+    finish(&mut tx, account, key, owner, 201, &body).await?;
+    tx.commit().await?;
+    Ok(body)
+}
+
+/// Writes the delivery rows of one event.
+pub(crate) async fn enqueue_webhook(
+    tx: &mut Transaction<'_, Sqlite>,
+    account: &str,
+    plan: &WebhookPlan,
+    event_type: &str,
+    data: serde_json::Value,
+    sim_now_ms: i64,
+) -> Result<(), sqlx::Error> {
+    assert!(
+        (1..=2).contains(&plan.copies),
+        "one delivery, or a duplicate"
+    );
+    let event_id = format!("evt_{}", uuid::Uuid::now_v7().simple());
+    let body = serde_json::json!({
+        "id": event_id,
+        "type": event_type,
+        "created": sim_now_ms.div_euclid(1000),
+        "data": data,
+    })
+    .to_string();
+    for _ in 0..plan.copies {
+        sqlx::query(
+            "INSERT INTO psp_webhook_deliveries (event_id, account, url, body, next_attempt_at_ms)
+             VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(&event_id)
+        .bind(account)
+        .bind(&plan.url)
+        .bind(&body)
+        .bind(plan.first_attempt_at_ms)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Pending charges whose time has come (bounded batch).
+pub(crate) async fn due_pending(
+    pool: &SqlitePool,
+    sim_now_ms: i64,
+) -> Result<Vec<(String, String, String)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, account, resolve_to FROM psp_charges
+         WHERE status = 'pending' AND resolve_at_ms <= ?
+         ORDER BY resolve_at_ms LIMIT 100",
+    )
+    .bind(sim_now_ms)
+    .fetch_all(pool)
+    .await
+}
+
+/// Resolves one pending charge and enqueues its webhook, atomically.
+pub(crate) async fn resolve_charge(
+    pool: &SqlitePool,
+    id: &str,
+    succeed: bool,
+    sim_now_ms: i64,
+    webhook: Option<&WebhookPlan>,
+) -> Result<(), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let updated: Option<ChargeRow> = if succeed {
+        sqlx::query_as(&format!(
+            "UPDATE psp_charges SET status = 'succeeded', settled_at_ms = ?
+             WHERE id = ? AND status = 'pending' RETURNING {CHARGE_COLUMNS}"
+        ))
+        .bind(sim_now_ms)
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?
+    } else {
+        sqlx::query_as(&format!(
+            "UPDATE psp_charges SET status = 'declined', fee_minor = 0,
+                 decline_code = 'review_rejected'
+             WHERE id = ? AND status = 'pending' RETURNING {CHARGE_COLUMNS}"
+        ))
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?
+    };
+    if let (Some(charge), Some(plan)) = (updated, webhook) {
+        let data = serde_json::to_value(charge.json()).expect("charges serialise");
+        let kind = if succeed {
+            "charge.succeeded"
+        } else {
+            "charge.failed"
+        };
+        enqueue_webhook(&mut tx, &charge.account, plan, kind, data, sim_now_ms).await?;
+    }
+    tx.commit().await
+}
+
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct Delivery {
+    pub seq: i64,
+    pub account: String,
+    pub url: String,
+    pub body: String,
+    pub attempts: i64,
+}
+
+pub(crate) async fn due_deliveries(
+    pool: &SqlitePool,
+    wall_now_ms: i64,
+    limit: i64,
+) -> Result<Vec<Delivery>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT seq, account, url, body, attempts FROM psp_webhook_deliveries
+         WHERE delivered_at_ms IS NULL AND next_attempt_at_ms <= ?
+         ORDER BY next_attempt_at_ms, seq LIMIT ?",
+    )
+    .bind(wall_now_ms)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// Wall-clock ms of the earliest undelivered attempt, if any.
+pub(crate) async fn next_delivery_at(pool: &SqlitePool) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT MIN(next_attempt_at_ms) FROM psp_webhook_deliveries WHERE delivered_at_ms IS NULL",
+    )
+    .fetch_one(pool)
+    .await
+}
+
+pub(crate) async fn delivery_done(
+    pool: &SqlitePool,
+    seq: i64,
+    wall_now_ms: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE psp_webhook_deliveries SET delivered_at_ms = ?, attempts = attempts + 1,
+             last_error = NULL
+         WHERE seq = ?",
+    )
+    .bind(wall_now_ms)
+    .bind(seq)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+pub(crate) async fn delivery_failed(
+    pool: &SqlitePool,
+    seq: i64,
+    next_attempt_at_ms: i64,
+    error: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE psp_webhook_deliveries SET attempts = attempts + 1, next_attempt_at_ms = ?,
+             last_error = ?
+         WHERE seq = ?",
+    )
+    .bind(next_attempt_at_ms)
+    .bind(error)
+    .bind(seq)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// One settlement-file row before rendering.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub(crate) struct SettlementRow {
+    pub psp_reference: String,
+    pub order_id: String,
+    pub amount_minor: i64,
+    pub currency: String,
+    pub status: String,
+    pub fee_minor: i64,
+    pub settled_at_ms: i64,
+}
+
+/// Succeeded charges settled in `[from, to)` and refunds created then,
+/// refunds as negative amounts.
+pub(crate) async fn settlement_rows(
+    pool: &SqlitePool,
+    account: &str,
+    from_ms: i64,
+    to_ms: i64,
+) -> Result<Vec<SettlementRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id AS psp_reference, reference AS order_id, amount_minor, currency,
+                'succeeded' AS status, fee_minor, settled_at_ms
+         FROM psp_charges
+         WHERE account = ?1 AND status = 'succeeded' AND settled_at_ms >= ?2 AND settled_at_ms < ?3
+         UNION ALL
+         SELECT r.id, c.reference, -r.amount_minor, r.currency, 'refunded', 0, r.created_at_ms
+         FROM psp_refunds r JOIN psp_charges c ON c.id = r.charge_id
+         WHERE r.account = ?1 AND r.created_at_ms >= ?2 AND r.created_at_ms < ?3
+         ORDER BY settled_at_ms, psp_reference",
+    )
+    .bind(account)
+    .bind(from_ms)
+    .bind(to_ms)
+    .fetch_all(pool)
+    .await
+}
