@@ -14,14 +14,28 @@ fn percentile(sorted: &[Duration], p: usize) -> Duration {
     sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
 }
 
-async fn run_http(backend: &str, db_url: String, kafka: KafkaConfig, requests: usize, concurrency: usize) -> f64 {
+async fn run_http(
+    backend: &str,
+    db_url: String,
+    kafka: KafkaConfig,
+    requests: usize,
+    concurrency: usize,
+) -> f64 {
     let stop = CancellationToken::new();
-    let running = payment_handler::start(kafka, &db_url, payment_handler::HandlerArgs::for_tests(), stop.clone())
-        .await
-        .expect("handler starts");
+    let running = payment_handler::start(
+        kafka,
+        &db_url,
+        payment_handler::HandlerArgs::for_tests(),
+        stop.clone(),
+    )
+    .await
+    .expect("handler starts");
     let base = format!("http://{}", running.addr);
     let db = storage::Db::connect(&db_url).await.unwrap();
-    let key = payment_handler::store::create_client(&db, &events::ClientId::parse("bench").unwrap()).await.unwrap();
+    let key =
+        payment_handler::store::create_client(&db, &events::ClientId::parse("bench").unwrap())
+            .await
+            .unwrap();
     let http = reqwest::Client::new();
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -73,7 +87,10 @@ async fn run_http(backend: &str, db_url: String, kafka: KafkaConfig, requests: u
 async fn run_raw(kafka: KafkaConfig, requests: usize, concurrency: usize) -> f64 {
     let producer = EventProducer::new(&kafka, "bench-raw").unwrap();
     // The same two events per payment the handler appends.
-    let per_payment: Vec<Envelope> = events::samples::one_of_each("bench", "raw", Timestamp::now()).into_iter().take(2).collect();
+    let per_payment: Vec<Envelope> = events::samples::one_of_each("bench", "raw", Timestamp::now())
+        .into_iter()
+        .take(2)
+        .collect();
     let started = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..concurrency {
@@ -95,26 +112,54 @@ async fn run_raw(kafka: KafkaConfig, requests: usize, concurrency: usize) -> f64
     }
     let secs = started.elapsed().as_secs_f64();
     let rate = requests as f64 / secs;
-    println!("raw produce (2 events/payment, acked): {requests} payments in {secs:.2} s = {rate:>8.0} payments/s");
+    println!(
+        "raw produce (2 events/payment, acked): {requests} payments in {secs:.2} s = {rate:>8.0} payments/s"
+    );
     rate
 }
 
 fn main() {
-    let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
     let requests = args.first().copied().unwrap_or(3000);
     let concurrency = args.get(1).copied().unwrap_or(32);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
-        let brokers = std::env::var("PAYSTREAM_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
-        let kafka = |tag: &str| KafkaConfig::local(&brokers, &format!("bench{}{tag}.", uuid::Uuid::now_v7().simple()), 12);
+        let brokers =
+            std::env::var("PAYSTREAM_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+        let kafka = |tag: &str| {
+            KafkaConfig::local(
+                &brokers,
+                &format!("bench{}{tag}.", uuid::Uuid::now_v7().simple()),
+                12,
+            )
+        };
         println!("{requests} requests, {concurrency} concurrent clients, 12 partitions");
         let raw_kafka = kafka("raw");
-        streaming::admin::ensure_topics(&raw_kafka, &raw_kafka.topology().specs()).await.unwrap();
+        streaming::admin::ensure_topics(&raw_kafka, &raw_kafka.topology().specs())
+            .await
+            .unwrap();
         let raw = run_raw(raw_kafka, requests, concurrency).await;
-        let pg = run_http("postgres", storage::testing::fresh_postgres_url().await.unwrap(), kafka("pg"), requests, concurrency).await;
+        let pg = run_http(
+            "postgres",
+            storage::testing::fresh_postgres_url().await.unwrap(),
+            kafka("pg"),
+            requests,
+            concurrency,
+        )
+        .await;
         let dir = tempfile::tempdir().unwrap();
         let sqlite_url = format!("sqlite://{}", dir.path().join("bench.db").display());
         let lite = run_http("sqlite", sqlite_url, kafka("lite"), requests, concurrency).await;
-        println!("ratio to raw produce: postgres {:.2}, sqlite {:.2}", pg / raw, lite / raw);
+        println!(
+            "ratio to raw produce: postgres {:.2}, sqlite {:.2}",
+            pg / raw,
+            lite / raw
+        );
     });
 }

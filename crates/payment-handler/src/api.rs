@@ -18,6 +18,7 @@ use serde_json::json;
 pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/payments"),
     ("get", "/v1/payments/{payment_id}"),
+    ("post", "/v1/payments/{payment_id}/refunds"),
     ("get", "/healthz"),
     ("get", "/readyz"),
     ("get", "/openapi.json"),
@@ -35,6 +36,7 @@ pub fn router(app: App) -> Router {
     Router::new()
         .route("/v1/payments", post(create_payment))
         .route("/v1/payments/{payment_id}", get(get_payment))
+        .route("/v1/payments/{payment_id}/refunds", post(create_refund))
         .route(
             "/healthz",
             get(|| async { Json200(json!({"status": "ok"})) }),
@@ -174,13 +176,21 @@ async fn read_body(req: Request, limit: usize) -> Result<Bytes, ApiError> {
         })
 }
 
-async fn create_payment(State(app): State<App>, req: Request) -> Result<Response, ApiError> {
-    let headers = req.headers().clone();
-    let client = authenticate(&app, &headers).await?;
-    let key = idempotency_key(&headers)?;
-    let body = read_body(req, app.body_limit).await?;
-    let fingerprint = request::fingerprint(&body);
-    match store::idem_begin(&app.db, &client, &key, &fingerprint, app.policy)
+/// Runs `work` at most once per (client, Idempotency-Key): replays a
+/// finished answer, refuses a different body or a key still in flight.
+/// `work` returns the answer to store (success or a business refusal, both
+/// sticky) or an error that is not (503: the key is released).
+async fn idempotent<Fut>(
+    app: &App,
+    client: &ClientId,
+    key: &str,
+    fingerprint: &str,
+    work: Fut,
+) -> Result<Response, ApiError>
+where
+    Fut: std::future::Future<Output = Result<(StatusCode, String), ApiError>>,
+{
+    match store::idem_begin(&app.db, client, key, fingerprint, app.policy)
         .await
         .map_err(unavailable)?
     {
@@ -195,7 +205,7 @@ async fn create_payment(State(app): State<App>, req: Request) -> Result<Response
             let mut e = ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "idempotency_key_reused",
-                "this Idempotency-Key was already used with a different request body",
+                "this Idempotency-Key was already used with a different request",
             );
             e.field = Some("Idempotency-Key".into());
             return Err(e);
@@ -210,35 +220,179 @@ async fn create_payment(State(app): State<App>, req: Request) -> Result<Response
             return Err(e);
         }
     }
-    // This request owns the key. Business answers (validation, risk) are
-    // stored and replayed forever after; infrastructure failures release
-    // the key so a retry can try again.
-    let (status, body) = match request::parse(&body) {
-        Err(fe) => {
-            let mut e = ApiError::new(StatusCode::BAD_REQUEST, fe.code, fe.message);
-            e.field = Some(fe.field).filter(|f| !f.is_empty());
-            (e.status, e.body())
+    match work.await {
+        Ok((status, body)) => {
+            store::idem_finish(&app.db, client, key, status.as_u16(), &body)
+                .await
+                .map_err(unavailable)?;
+            Ok(json_response(status, body))
         }
-        Ok(parsed) => {
-            let payment = PaymentId::derive(&client, &key);
-            match submit(&app, &client, payment, Some(&key), &parsed).await {
-                Ok(view) => (
+        Err(e) => {
+            if let Err(release) = store::idem_release(&app.db, client, key).await {
+                tracing::warn!(error = %release, "cannot release idempotency key; it frees itself when its lease expires");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// A business refusal, stored and replayed like a success.
+fn refusal(
+    status: StatusCode,
+    code: &'static str,
+    message: impl Into<String>,
+    field: Option<&str>,
+) -> (StatusCode, String) {
+    let mut e = ApiError::new(status, code, message);
+    e.field = field.map(str::to_owned);
+    (e.status, e.body())
+}
+
+async fn create_payment(State(app): State<App>, req: Request) -> Result<Response, ApiError> {
+    let headers = req.headers().clone();
+    let client = authenticate(&app, &headers).await?;
+    let key = idempotency_key(&headers)?;
+    let body = read_body(req, app.body_limit).await?;
+    let fingerprint = request::fingerprint(&body);
+    let work = async {
+        match request::parse(&body) {
+            Err(fe) => {
+                let field = Some(fe.field.as_str()).filter(|f| !f.is_empty());
+                Ok(refusal(
+                    StatusCode::BAD_REQUEST,
+                    fe.code,
+                    fe.message.clone(),
+                    field,
+                ))
+            }
+            Ok(parsed) => {
+                let payment = PaymentId::derive(&client, &key);
+                let view = submit(&app, &client, payment, Some(&key), &parsed)
+                    .await
+                    .map_err(unavailable)?;
+                Ok((
                     StatusCode::CREATED,
                     serde_json::to_string(&view).expect("views serialise"),
-                ),
-                Err(e) => {
-                    if let Err(release) = store::idem_release(&app.db, &client, &key).await {
-                        tracing::warn!(error = %release, "cannot release idempotency key; it frees itself when its lease expires");
-                    }
-                    return Err(unavailable(e));
-                }
+                ))
             }
         }
     };
-    store::idem_finish(&app.db, &client, &key, status.as_u16(), &body)
-        .await
-        .map_err(unavailable)?;
-    Ok(json_response(status, body))
+    idempotent(&app, &client, &key, &fingerprint, work).await
+}
+
+async fn create_refund(
+    State(app): State<App>,
+    Path(payment): Path<String>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let headers = req.headers().clone();
+    let client = authenticate(&app, &headers).await?;
+    let key = idempotency_key(&headers)?;
+    let body = read_body(req, app.body_limit).await?;
+    // Keys are per client across endpoints; the path is part of the request.
+    let fingerprint = request::fingerprint(
+        &[
+            format!("POST /v1/payments/{payment}/refunds\n").as_bytes(),
+            &body[..],
+        ]
+        .concat(),
+    );
+    let work = async {
+        let r = match request::parse_refund(&body) {
+            Ok(r) => r,
+            Err(fe) => {
+                return Ok(refusal(
+                    StatusCode::BAD_REQUEST,
+                    fe.code,
+                    fe.message.clone(),
+                    Some(fe.field.as_str()).filter(|f| !f.is_empty()),
+                ));
+            }
+        };
+        let not_found = || {
+            refusal(
+                StatusCode::NOT_FOUND,
+                "payment_not_found",
+                "no such payment",
+                None,
+            )
+        };
+        let Ok(payment_id) = payment.parse::<PaymentId>() else {
+            return Ok(not_found());
+        };
+        let row = store::refundable(&app.db, &payment_id.to_string(), &r.order_id.to_string())
+            .await
+            .map_err(unavailable)?;
+        let Some((owner, status, amount, currency, requested)) = row else {
+            // Either the payment is unknown (or not this client's), or the order is not part of it.
+            return match store::get_payment(&app.db, &payment_id.to_string(), &client)
+                .await
+                .map_err(unavailable)?
+            {
+                None => Ok(not_found()),
+                Some(_) => Ok(refusal(
+                    StatusCode::BAD_REQUEST,
+                    "order_not_in_payment",
+                    "order_id is not an order of this payment",
+                    Some("order_id"),
+                )),
+            };
+        };
+        if owner != client.as_str() {
+            return Ok(not_found());
+        }
+        if status != "succeeded" {
+            return Ok(refusal(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "order_not_captured",
+                format!("only succeeded orders can be refunded; this order is {status}"),
+                Some("order_id"),
+            ));
+        }
+        let available = amount.saturating_sub(requested);
+        let want = r.amount_minor.unwrap_or(available);
+        if want <= 0 || want > available {
+            return Ok(refusal(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "amount_exceeds_refundable",
+                format!(
+                    "{available} {currency} minor units are left to refund on this order (captured {amount}, already refunded or requested {requested})"
+                ),
+                Some("amount_minor"),
+            ));
+        }
+        let currency = events::Currency::from_code(&currency).map_err(unavailable)?;
+        let refund_id = events::RefundId::derive(&client, &key);
+        let env = events::Envelope {
+            event_id: events::EventId::derive(refund_id.as_uuid(), "requested"),
+            occurred_at: events::Timestamp::now(),
+            payment_id: Some(payment_id),
+            correlation_id: events::CorrelationId::from_uuid(payment_id.as_uuid()),
+            causation_id: None,
+            producer: concat!("payment-handler/", env!("CARGO_PKG_VERSION")).to_owned(),
+            schema_version: events::SCHEMA_VERSION,
+            event: events::RefundRequested {
+                refund_id,
+                order_id: r.order_id,
+                amount: events::Money::new(want, currency),
+                reason: r.reason.clone(),
+            }
+            .into(),
+        };
+        app.producer.append(&env).await.map_err(unavailable)?;
+        store::apply_status(&app.db, &[&env])
+            .await
+            .map_err(unavailable)?;
+        let view = store::get_refund(&app.db, &refund_id.to_string())
+            .await
+            .map_err(unavailable)?
+            .ok_or_else(|| unavailable("refund vanished from the status projection"))?;
+        Ok((
+            StatusCode::CREATED,
+            serde_json::to_string(&view).expect("views serialise"),
+        ))
+    };
+    idempotent(&app, &client, &key, &fingerprint, work).await
 }
 
 async fn get_payment(

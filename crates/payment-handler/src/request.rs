@@ -214,6 +214,66 @@ pub fn parse(body: &[u8]) -> Result<PaymentRequest, FieldError> {
     Ok(req)
 }
 
+/// A validated refund request: which order, how much (all that is left when
+/// omitted), and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefundRequest {
+    pub order_id: events::OrderId,
+    pub amount_minor: Option<i64>,
+    pub reason: String,
+}
+
+pub const REFUND_REASON_LEN_MAX: usize = 500;
+
+/// Parses `{"order_id", "amount_minor"?, "reason"?}`.
+pub fn parse_refund(body: &[u8]) -> Result<RefundRequest, FieldError> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| FieldError::new("", "invalid_json", format!("body is not valid JSON: {e}")))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| FieldError::new("", "invalid_type", "body must be a JSON object"))?;
+    reject_unknown(obj, &["order_id", "amount_minor", "reason"], "")?;
+    let order_id = string(require(obj, "order_id", "order_id")?, "order_id")?
+        .parse()
+        .map_err(|_| {
+            FieldError::new(
+                "order_id",
+                "invalid_id",
+                "order_id must be an order id (UUID)",
+            )
+        })?;
+    let amount_minor = match obj.get("amount_minor") {
+        None | Some(Value::Null) => None,
+        Some(a) => Some(
+            a.as_i64()
+                .filter(|n| *n > 0 && (a.is_i64() || a.is_u64()))
+                .ok_or_else(|| {
+                    FieldError::new(
+                        "amount_minor",
+                        "invalid_amount",
+                        "amount_minor must be a positive integer number of minor units",
+                    )
+                })?,
+        ),
+    };
+    let reason = match obj.get("reason") {
+        None | Some(Value::Null) => String::new(),
+        Some(r) => string(r, "reason")?.to_owned(),
+    };
+    if reason.chars().count() > REFUND_REASON_LEN_MAX {
+        return Err(FieldError::new(
+            "reason",
+            "invalid_reason",
+            format!("reason is limited to {REFUND_REASON_LEN_MAX} characters"),
+        ));
+    }
+    Ok(RefundRequest {
+        order_id,
+        amount_minor,
+        reason,
+    })
+}
+
 /// A fingerprint of the request that ignores formatting and key order, so
 /// a client re-serialising the same request is not told it changed it.
 pub fn fingerprint(body: &[u8]) -> String {

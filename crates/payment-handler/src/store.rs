@@ -241,7 +241,7 @@ pub async fn apply_status(db: &Db, events: &[&Envelope]) -> Result<Vec<Outcome>,
     with_pool!(db, p => {
         let mut tx = p.begin().await?;
         for env in events {
-            let relevant = !matches!(env.event, Event::ReconciliationDiscrepancyFound(_) | Event::ReconciliationDiscrepancyResolved(_) | Event::RefundRequested(_) | Event::RefundFailed(_));
+            let relevant = !matches!(env.event, Event::ReconciliationDiscrepancyFound(_) | Event::ReconciliationDiscrepancyResolved(_));
             if !relevant {
                 outcomes.push(Outcome::Ignored);
                 continue;
@@ -317,9 +317,33 @@ pub async fn apply_status(db: &Db, events: &[&Envelope]) -> Result<Vec<Outcome>,
                     psp_ref = Some(e.psp_reference.clone());
                     failure = e.failure_reason.clone();
                 }
+                Event::RefundRequested(e) => {
+                    let n = sqlx::query("INSERT INTO handler_refunds (refund_id, order_id, payment_id, amount_minor, currency, status, reason, created_us, updated_us) \
+                                 SELECT $1, order_id, payment_id, $2, $3, 'requested', $4, $5, $5 FROM handler_payment_orders WHERE order_id = $6 AND payment_id = $7 \
+                                 ON CONFLICT DO NOTHING")
+                        .bind(e.refund_id.to_string()).bind(e.amount.amount_minor()).bind(e.amount.currency().code()).bind(&e.reason).bind(at)
+                        .bind(e.order_id.to_string()).bind(&pid).execute(&mut *tx).await?.rows_affected();
+                    if n == 0 {
+                        let known: i64 = sqlx::query_scalar("SELECT count(*) FROM handler_refunds WHERE refund_id = $1")
+                            .bind(e.refund_id.to_string()).fetch_one(&mut *tx).await?;
+                        if known == 0 {
+                            outcomes.push(Outcome::rejected("unknown_order", format!("refund of order {} of payment {pid}, never requested", e.order_id)));
+                            continue;
+                        }
+                    }
+                }
                 Event::RefundSucceeded(e) => {
-                    sqlx::query("UPDATE handler_payment_orders SET refunded_minor = refunded_minor + $2 WHERE order_id = $1")
-                        .bind(e.order_id.to_string()).bind(e.amount.amount_minor()).execute(&mut *tx).await?;
+                    // Count the money once, on the transition to succeeded.
+                    let n = sqlx::query("UPDATE handler_refunds SET status = 'succeeded', updated_us = $2 WHERE refund_id = $1 AND status <> 'succeeded'")
+                        .bind(e.refund_id.to_string()).bind(at).execute(&mut *tx).await?.rows_affected();
+                    if n == 1 {
+                        sqlx::query("UPDATE handler_payment_orders SET refunded_minor = refunded_minor + $2 WHERE order_id = $1")
+                            .bind(e.order_id.to_string()).bind(e.amount.amount_minor()).execute(&mut *tx).await?;
+                    }
+                }
+                Event::RefundFailed(e) => {
+                    sqlx::query("UPDATE handler_refunds SET status = 'failed', failure = $2, updated_us = $3 WHERE refund_id = $1 AND status = 'requested'")
+                        .bind(e.refund_id.to_string()).bind(format!("{}: {}", e.code, e.reason)).bind(at).execute(&mut *tx).await?;
                 }
                 _ => {}
             }
@@ -477,4 +501,64 @@ pub async fn payment_exists(db: &Db, payment: PaymentId) -> Result<bool, sqlx::E
     let n: i64 = with_pool!(db, p => sqlx::query_scalar("SELECT count(*) FROM handler_payments WHERE payment_id = $1")
         .bind(payment.to_string()).fetch_one(p).await?);
     Ok(n > 0)
+}
+
+/// An order's refundable state: (payment's client, status, amount, currency,
+/// sum of refunds requested or succeeded).
+pub type RefundableRow = (String, String, i64, String, i64);
+
+pub async fn refundable(
+    db: &Db,
+    payment: &str,
+    order: &str,
+) -> Result<Option<RefundableRow>, sqlx::Error> {
+    Ok(with_pool!(db, p => sqlx::query_as(
+        "SELECT pay.client_id, o.status, o.amount_minor, o.currency, \
+                CAST(COALESCE((SELECT SUM(r.amount_minor) FROM handler_refunds r WHERE r.order_id = o.order_id AND r.status <> 'failed'), 0) AS BIGINT) \
+         FROM handler_payment_orders o JOIN handler_payments pay ON pay.payment_id = o.payment_id \
+         WHERE o.payment_id = $1 AND o.order_id = $2",
+    ).bind(payment).bind(order).fetch_optional(p).await?))
+}
+
+/// A refund as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RefundView {
+    pub refund_id: String,
+    pub payment_id: String,
+    pub order_id: String,
+    pub amount_minor: i64,
+    pub currency: String,
+    pub status: String,
+    pub reason: String,
+    pub failure: Option<String>,
+}
+
+pub async fn get_refund(db: &Db, refund: &str) -> Result<Option<RefundView>, sqlx::Error> {
+    type Row = (
+        String,
+        String,
+        String,
+        i64,
+        String,
+        String,
+        String,
+        Option<String>,
+    );
+    let row: Option<Row> = with_pool!(db, p => sqlx::query_as(
+        "SELECT refund_id, payment_id, order_id, amount_minor, currency, status, reason, failure FROM handler_refunds WHERE refund_id = $1",
+    ).bind(refund).fetch_optional(p).await?);
+    Ok(row.map(
+        |(refund_id, payment_id, order_id, amount_minor, currency, status, reason, failure)| {
+            RefundView {
+                refund_id,
+                payment_id,
+                order_id,
+                amount_minor,
+                currency,
+                status,
+                reason,
+                failure,
+            }
+        },
+    ))
 }

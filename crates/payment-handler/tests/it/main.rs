@@ -4,4 +4,5 @@
 mod harness;
 mod idempotency;
 mod inbound;
+mod refunds;
 mod routes;
