@@ -5,6 +5,8 @@
 //!
 //!     cargo bench -p payment-handler --bench post_payments [-- REQUESTS CONCURRENCY]
 
+#![allow(clippy::float_arithmetic)] // rates and latencies, never money
+
 use events::{Envelope, Timestamp};
 use std::time::{Duration, Instant};
 use streaming::{EventProducer, KafkaConfig};
