@@ -8,15 +8,13 @@ use sqlx::migrate::Migrator;
 use storage::{Db, with_pool};
 use streaming::Outcome;
 
-static PG_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
-static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
+/// One set of migrations for both backends: the handler's SQL is written in
+/// their common dialect (TEXT ids, BIGINT times, no backend-only types).
+static MIGRATIONS: Migrator = sqlx::migrate!();
 
 pub async fn migrate(db: &Db) -> Result<(), storage::StorageError> {
-    db.migrate(
-        &storage::component_migrator(clone_migrator(&PG_MIGRATIONS)),
-        &storage::component_migrator(clone_migrator(&SQLITE_MIGRATIONS)),
-    )
-    .await
+    let m = storage::component_migrator(clone_migrator(&MIGRATIONS));
+    db.migrate(&m, &m).await
 }
 
 fn clone_migrator(m: &Migrator) -> Migrator {
