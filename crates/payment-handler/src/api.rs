@@ -2,7 +2,7 @@
 //! "field"}}` with a stable code.
 
 use crate::request;
-use crate::service::{App, submit};
+use crate::service::{self, App};
 use crate::store::{self, Begin};
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -135,7 +135,11 @@ async fn authenticate(app: &App, headers: &HeaderMap) -> Result<ClientId, ApiErr
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|v| {
+            v.split_once(' ')
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                .map(|(_, t)| t)
+        })
         .ok_or_else(unauthorized)?;
     store::authenticate(&app.db, token.trim())
         .await
@@ -176,25 +180,35 @@ async fn read_body(req: Request, limit: usize) -> Result<Bytes, ApiError> {
         })
 }
 
-/// Runs `work` at most once per (client, Idempotency-Key): replays a
-/// finished answer, refuses a different body or a key still in flight.
-/// `work` returns the answer to store (success or a business refusal, both
-/// sticky) or an error that is not (503: the key is released).
-async fn idempotent<Fut>(
-    app: &App,
-    client: &ClientId,
-    key: &str,
-    fingerprint: &str,
-    work: Fut,
-) -> Result<Response, ApiError>
-where
-    Fut: std::future::Future<Output = Result<(StatusCode, String), ApiError>>,
-{
-    match store::idem_begin(&app.db, client, key, fingerprint, app.policy)
+/// The JSON body of an error.
+pub fn error_json(code: &str, message: &str, field: Option<&str>) -> String {
+    json!({"error": {"code": code, "message": message, "field": field}}).to_string()
+}
+
+/// Which owned work an idempotent request runs.
+#[derive(Debug, Clone)]
+enum Work {
+    Payment,
+    Refund { payment: String },
+}
+
+/// Runs the request at most once per (client, Idempotency-Key): replays a
+/// finished answer, refuses a different request or a key still in flight.
+/// The owned part runs in its own task, so a client that hangs up cannot
+/// cancel it half-way (after the append, before the answer is stored).
+async fn idempotent(
+    app: App,
+    client: ClientId,
+    key: String,
+    fingerprint: String,
+    work: Work,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let (token, pending) = match store::idem_begin(&app.db, &client, &key, &fingerprint, app.policy)
         .await
         .map_err(unavailable)?
     {
-        Begin::Owned => {}
+        Begin::Owned { token, pending } => (token, pending),
         Begin::Replay { status, body } => {
             let mut r = json_response(StatusCode::from_u16(status).unwrap_or(StatusCode::OK), body);
             r.headers_mut()
@@ -219,33 +233,52 @@ where
             e.retry_after_s = Some(retry_after_s);
             return Err(e);
         }
-    }
-    match work.await {
-        Ok((status, body)) => {
-            store::idem_finish(&app.db, client, key, status.as_u16(), &body)
-                .await
-                .map_err(unavailable)?;
-            Ok(json_response(status, body))
-        }
-        Err(e) => {
-            if let Err(release) = store::idem_release(&app.db, client, key).await {
-                tracing::warn!(error = %release, "cannot release idempotency key; it frees itself when its lease expires");
+    };
+    let task = tokio::spawn(async move {
+        let reply = match &work {
+            Work::Payment => {
+                service::run_owned_payment(&app, &client, &key, &token, pending, &body).await
             }
-            Err(e)
+            Work::Refund { payment } => {
+                service::run_owned_refund(&app, &client, &key, &token, pending, payment, &body)
+                    .await
+            }
+        };
+        match reply {
+            Ok(reply) if reply.sticky => {
+                match store::idem_finish(&app.db, &client, &key, &token, reply.status, &reply.body)
+                    .await
+                {
+                    Ok(()) => {}
+                    // Another request took the key over; it re-appends the same
+                    // events and stores the same kind of answer.
+                    Err(store::IdemError::NotOwner) => {
+                        tracing::warn!("finished after losing the idempotency key")
+                    }
+                    Err(store::IdemError::Sql(e)) => return Err(unavailable(e)),
+                }
+                Ok(reply)
+            }
+            other => {
+                if let Err(e) = store::idem_release(&app.db, &client, &key, &token).await {
+                    tracing::warn!(error = %e, "cannot release idempotency key; it frees itself when its lease expires");
+                }
+                other.map_err(unavailable)
+            }
         }
+    });
+    let reply = task
+        .await
+        .map_err(|e| unavailable(format!("request task: {e}")))??;
+    let mut r = json_response(
+        StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        reply.body,
+    );
+    if let Some(s) = reply.retry_after_s {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(s));
     }
-}
-
-/// A business refusal, stored and replayed like a success.
-fn refusal(
-    status: StatusCode,
-    code: &'static str,
-    message: impl Into<String>,
-    field: Option<&str>,
-) -> (StatusCode, String) {
-    let mut e = ApiError::new(status, code, message);
-    e.field = field.map(str::to_owned);
-    (e.status, e.body())
+    Ok(r)
 }
 
 async fn create_payment(State(app): State<App>, req: Request) -> Result<Response, ApiError> {
@@ -254,30 +287,7 @@ async fn create_payment(State(app): State<App>, req: Request) -> Result<Response
     let key = idempotency_key(&headers)?;
     let body = read_body(req, app.body_limit).await?;
     let fingerprint = request::fingerprint(&body);
-    let work = async {
-        match request::parse(&body) {
-            Err(fe) => {
-                let field = Some(fe.field.as_str()).filter(|f| !f.is_empty());
-                Ok(refusal(
-                    StatusCode::BAD_REQUEST,
-                    fe.code,
-                    fe.message.clone(),
-                    field,
-                ))
-            }
-            Ok(parsed) => {
-                let payment = PaymentId::derive(&client, &key);
-                let view = submit(&app, &client, payment, Some(&key), &parsed)
-                    .await
-                    .map_err(unavailable)?;
-                Ok((
-                    StatusCode::CREATED,
-                    serde_json::to_string(&view).expect("views serialise"),
-                ))
-            }
-        }
-    };
-    idempotent(&app, &client, &key, &fingerprint, work).await
+    idempotent(app, client, key, fingerprint, Work::Payment, body).await
 }
 
 async fn create_refund(
@@ -290,109 +300,17 @@ async fn create_refund(
     let key = idempotency_key(&headers)?;
     let body = read_body(req, app.body_limit).await?;
     // Keys are per client across endpoints; the path is part of the request.
-    let fingerprint = request::fingerprint(
-        &[
-            format!("POST /v1/payments/{payment}/refunds\n").as_bytes(),
-            &body[..],
-        ]
-        .concat(),
-    );
-    let work = async {
-        let r = match request::parse_refund(&body) {
-            Ok(r) => r,
-            Err(fe) => {
-                return Ok(refusal(
-                    StatusCode::BAD_REQUEST,
-                    fe.code,
-                    fe.message.clone(),
-                    Some(fe.field.as_str()).filter(|f| !f.is_empty()),
-                ));
-            }
-        };
-        let not_found = || {
-            refusal(
-                StatusCode::NOT_FOUND,
-                "payment_not_found",
-                "no such payment",
-                None,
-            )
-        };
-        let Ok(payment_id) = payment.parse::<PaymentId>() else {
-            return Ok(not_found());
-        };
-        let row = store::refundable(&app.db, &payment_id.to_string(), &r.order_id.to_string())
-            .await
-            .map_err(unavailable)?;
-        let Some((owner, status, amount, currency, requested)) = row else {
-            // Either the payment is unknown (or not this client's), or the order is not part of it.
-            return match store::get_payment(&app.db, &payment_id.to_string(), &client)
-                .await
-                .map_err(unavailable)?
-            {
-                None => Ok(not_found()),
-                Some(_) => Ok(refusal(
-                    StatusCode::BAD_REQUEST,
-                    "order_not_in_payment",
-                    "order_id is not an order of this payment",
-                    Some("order_id"),
-                )),
-            };
-        };
-        if owner != client.as_str() {
-            return Ok(not_found());
-        }
-        if status != "succeeded" {
-            return Ok(refusal(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "order_not_captured",
-                format!("only succeeded orders can be refunded; this order is {status}"),
-                Some("order_id"),
-            ));
-        }
-        let available = amount.saturating_sub(requested);
-        let want = r.amount_minor.unwrap_or(available);
-        if want <= 0 || want > available {
-            return Ok(refusal(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "amount_exceeds_refundable",
-                format!(
-                    "{available} {currency} minor units are left to refund on this order (captured {amount}, already refunded or requested {requested})"
-                ),
-                Some("amount_minor"),
-            ));
-        }
-        let currency = events::Currency::from_code(&currency).map_err(unavailable)?;
-        let refund_id = events::RefundId::derive(&client, &key);
-        let env = events::Envelope {
-            event_id: events::EventId::derive(refund_id.as_uuid(), "requested"),
-            occurred_at: events::Timestamp::now(),
-            payment_id: Some(payment_id),
-            correlation_id: events::CorrelationId::from_uuid(payment_id.as_uuid()),
-            causation_id: None,
-            producer: concat!("payment-handler/", env!("CARGO_PKG_VERSION")).to_owned(),
-            schema_version: events::SCHEMA_VERSION,
-            event: events::RefundRequested {
-                refund_id,
-                order_id: r.order_id,
-                amount: events::Money::new(want, currency),
-                reason: r.reason.clone(),
-            }
-            .into(),
-        };
-        app.producer.append(&env).await.map_err(unavailable)?;
-        store::apply_status(&app.db, &[&env])
-            .await
-            .map_err(unavailable)?;
-        let view = store::get_refund(&app.db, &refund_id.to_string())
-            .await
-            .map_err(unavailable)?
-            .ok_or_else(|| unavailable("refund vanished from the status projection"))?;
-        Ok((
-            StatusCode::CREATED,
-            serde_json::to_string(&view).expect("views serialise"),
-        ))
-    };
-    idempotent(&app, &client, &key, &fingerprint, work).await
+    let fingerprint =
+        request::fingerprint_with(&format!("POST /v1/payments/{payment}/refunds"), &body);
+    idempotent(
+        app,
+        client,
+        key,
+        fingerprint,
+        Work::Refund { payment },
+        body,
+    )
+    .await
 }
 
 async fn get_payment(

@@ -286,6 +286,16 @@ pub fn fingerprint(body: &[u8]) -> String {
     hex::encode(Sha256::digest(&canonical))
 }
 
+/// The fingerprint of a request to `route`: the route and the body's
+/// fingerprint, so the same key on two endpoints never matches and a
+/// reformatted body still does.
+pub fn fingerprint_with(route: &str, body: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(
+        format!("{route}\n{}", fingerprint(body)).as_bytes(),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,7 +3,7 @@
 
 use crate::request::PaymentRequest;
 use crate::risk::{RecentActivity, RiskCheck, RiskDecision, RiskRules};
-use crate::store::{self, IdempotencyPolicy, PaymentView};
+use crate::store::{self, IdempotencyPolicy};
 use anyhow::Context;
 use events::{
     ClientId, CorrelationId, Envelope, EventId, Money, OrderId, PaymentId, PaymentOrder,
@@ -16,6 +16,9 @@ use std::time::Duration;
 use storage::Db;
 use streaming::{ConsumerSettings, EventProducer, KafkaConfig};
 use tokio_util::sync::CancellationToken;
+
+/// How often abandoned requests are swept and expired keys reaped.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 
 const PRODUCER: &str = concat!("payment-handler/", env!("CARGO_PKG_VERSION"));
 
@@ -41,11 +44,16 @@ pub struct HandlerArgs {
     pub idempotency_retention_hours: u64,
     /// How long a request may hold its key before a retry may take it over
     /// (the holder is presumed crashed). Longer than any request takes.
-    #[arg(long, env = "PAYSTREAM_IDEMPOTENCY_LEASE_SECS", default_value_t = 30)]
+    #[arg(long, env = "PAYSTREAM_IDEMPOTENCY_LEASE_SECS", default_value_t = 120)]
     pub idempotency_lease_secs: u64,
     /// Largest accepted request body.
     #[arg(long, env = "PAYSTREAM_BODY_LIMIT_BYTES", default_value_t = 65_536)]
     pub body_limit_bytes: usize,
+    /// Testing only: `crash_after_append` aborts the process right after a
+    /// payment's events were appended; `fail_after_append_once` answers 503
+    /// once at that point.
+    #[arg(long, hide = true, env = "PAYSTREAM_FAULT_INJECT")]
+    pub fault_inject: Option<String>,
 }
 
 impl HandlerArgs {
@@ -54,26 +62,31 @@ impl HandlerArgs {
             listen: "127.0.0.1:0".parse().expect("valid address"),
             risk_rules: None,
             idempotency_retention_hours: 24,
-            idempotency_lease_secs: 30,
+            idempotency_lease_secs: 120,
             body_limit_bytes: 65_536,
+            fault_inject: None,
         }
     }
 }
 
-/// Test-only fault injection, from `PAYSTREAM_FAULT_INJECT`.
+/// Test-only fault injection (`--fault-inject`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
     None,
     /// Abort the process right after the events were appended and before the
     /// response is stored: the worst moment for a crash.
     CrashAfterAppend,
+    /// Fail (503) once right after the append, as a lost connection would.
+    FailAfterAppendOnce,
 }
 
 impl Fault {
-    pub fn from_env() -> Fault {
-        match std::env::var("PAYSTREAM_FAULT_INJECT").as_deref() {
-            Ok("crash_after_append") => Fault::CrashAfterAppend,
-            _ => Fault::None,
+    pub fn parse(s: Option<&str>) -> anyhow::Result<Fault> {
+        match s {
+            None | Some("") => Ok(Fault::None),
+            Some("crash_after_append") => Ok(Fault::CrashAfterAppend),
+            Some("fail_after_append_once") => Ok(Fault::FailAfterAppendOnce),
+            Some(other) => anyhow::bail!("unknown fault {other:?}"),
         }
     }
 }
@@ -87,6 +100,7 @@ pub struct App {
     pub policy: IdempotencyPolicy,
     pub body_limit: usize,
     pub fault: Fault,
+    fault_fired: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl App {
@@ -108,7 +122,8 @@ impl App {
                 retention_ms: hours_ms,
             },
             body_limit: args.body_limit_bytes,
-            fault: Fault::from_env(),
+            fault: Fault::parse(args.fault_inject.as_deref())?,
+            fault_fired: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         })
     }
 }
@@ -124,17 +139,16 @@ impl From<sqlx::Error> for Unavailable {
     }
 }
 
-/// Decides and appends one payment: `PaymentRequested` and the risk
-/// decision, both with ids derived from the payment id, so doing this twice
-/// appends duplicates that every consumer drops. Returns the payment as the
-/// status projection now shows it.
-pub async fn submit(
+/// Decides one payment: the risk check, and the `PaymentRequested` and risk
+/// events with ids derived from the payment id. No side effects: the caller
+/// stores the events under its idempotency key, then `commit_events`.
+pub async fn decide_payment(
     app: &App,
     client: &ClientId,
     payment: PaymentId,
     idempotency_key: Option<&str>,
     req: &PaymentRequest,
-) -> Result<PaymentView, Unavailable> {
+) -> Result<Vec<Envelope>, Unavailable> {
     let currency = req.currency();
     let recent = match app.risk.velocity_window_ms() {
         Some(window) => {
@@ -201,29 +215,300 @@ pub async fn submit(
         }
         .into(),
     };
-    // Approved or rejected, the risk decision of a payment has one id: only
-    // one decision per payment can ever survive deduplication.
+    // Approved or rejected, the risk decision of a payment has one id.
     let risk = base(
         EventId::derive(payment.as_uuid(), "risk"),
         Some(requested_id),
         risk_event,
     );
-    for env in [&requested, &risk] {
+    Ok(vec![requested, risk])
+}
+
+/// Appends decided events (in order, each acknowledged) and applies them to
+/// the status projection. Safe to repeat: the ids are derived.
+pub async fn commit_events(app: &App, envs: &[Envelope]) -> Result<(), Unavailable> {
+    for env in envs {
         app.producer
             .append(env)
             .await
             .map_err(|e| Unavailable(format!("broker: {e}")))?;
     }
-    if app.fault == Fault::CrashAfterAppend {
-        tracing::error!(
-            "fault injection: aborting after the append, before the response is stored"
-        );
-        std::process::abort();
+    match app.fault {
+        Fault::CrashAfterAppend => {
+            tracing::error!(
+                "fault injection: aborting after the append, before the response is stored"
+            );
+            std::process::abort();
+        }
+        Fault::FailAfterAppendOnce
+            if !app
+                .fault_fired
+                .swap(true, std::sync::atomic::Ordering::SeqCst) =>
+        {
+            return Err(Unavailable(
+                "fault injection: failing once after the append".into(),
+            ));
+        }
+        _ => {}
     }
-    store::apply_status(&app.db, &[&requested, &risk]).await?;
-    store::get_payment(&app.db, &payment.to_string(), client)
+    let refs: Vec<&Envelope> = envs.iter().collect();
+    store::apply_status(&app.db, &refs).await?;
+    Ok(())
+}
+
+/// Decided events as stored under an idempotency key: the Avro
+/// single-object bytes of each, hex, newline-separated.
+pub fn encode_pending(envs: &[Envelope]) -> String {
+    envs.iter()
+        .map(|e| hex::encode(events::avro::encode(e).expect("our events encode")))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+pub fn decode_pending(s: &str) -> Result<Vec<Envelope>, Unavailable> {
+    s.lines()
+        .map(|l| {
+            let bytes = hex::decode(l)
+                .map_err(|e| Unavailable(format!("stored events are corrupt: {e}")))?;
+            events::avro::decode(&bytes)
+                .map_err(|e| Unavailable(format!("stored events are undecodable: {e}")))
+        })
+        .collect()
+}
+
+/// An answer to an idempotent request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub status: u16,
+    pub body: String,
+    /// Stored and replayed for this key (successes and business refusals);
+    /// false for answers that may change (not found yet, not captured yet).
+    pub sticky: bool,
+    pub retry_after_s: Option<u64>,
+}
+
+impl Reply {
+    fn sticky(status: u16, body: String) -> Reply {
+        Reply {
+            status,
+            body,
+            sticky: true,
+            retry_after_s: None,
+        }
+    }
+    fn refusal(status: u16, code: &str, message: impl Into<String>, field: Option<&str>) -> Reply {
+        Reply::sticky(status, crate::api::error_json(code, &message.into(), field))
+    }
+    fn transient(
+        status: u16,
+        code: &str,
+        message: impl Into<String>,
+        field: Option<&str>,
+    ) -> Reply {
+        Reply {
+            sticky: false,
+            retry_after_s: Some(1),
+            ..Reply::refusal(status, code, message, field)
+        }
+    }
+}
+
+fn lost(e: store::IdemError) -> Unavailable {
+    Unavailable(e.to_string())
+}
+
+/// A payment request whose Idempotency-Key this request owns. `pending`:
+/// events an earlier owner decided on; they are re-appended, never
+/// re-decided, so one key can never yield two different decisions.
+pub async fn run_owned_payment(
+    app: &App,
+    client: &ClientId,
+    key: &str,
+    token: &str,
+    pending: Option<String>,
+    body: &[u8],
+) -> Result<Reply, Unavailable> {
+    let payment = PaymentId::derive(client, key);
+    let envs = match pending {
+        Some(p) => decode_pending(&p)?,
+        None => {
+            let req = match crate::request::parse(body) {
+                Ok(r) => r,
+                Err(fe) => {
+                    return Ok(Reply::refusal(
+                        400,
+                        fe.code,
+                        fe.message,
+                        Some(fe.field.as_str()).filter(|f| !f.is_empty()),
+                    ));
+                }
+            };
+            let envs = decide_payment(app, client, payment, Some(key), &req).await?;
+            store::idem_store_pending(&app.db, client, key, token, &encode_pending(&envs))
+                .await
+                .map_err(lost)?;
+            envs
+        }
+    };
+    commit_events(app, &envs).await?;
+    let view = store::get_payment(&app.db, &payment.to_string(), client)
         .await?
-        .ok_or_else(|| Unavailable("payment vanished from the status projection".into()))
+        .ok_or_else(|| Unavailable("payment vanished from the status projection".into()))?;
+    Ok(Reply::sticky(
+        201,
+        serde_json::to_string(&view).expect("views serialise"),
+    ))
+}
+
+/// A refund request whose Idempotency-Key this request owns.
+pub async fn run_owned_refund(
+    app: &App,
+    client: &ClientId,
+    key: &str,
+    token: &str,
+    pending: Option<String>,
+    payment_path: &str,
+    body: &[u8],
+) -> Result<Reply, Unavailable> {
+    let envs = match pending {
+        Some(p) => decode_pending(&p)?,
+        None => {
+            let r = match crate::request::parse_refund(body) {
+                Ok(r) => r,
+                Err(fe) => {
+                    return Ok(Reply::refusal(
+                        400,
+                        fe.code,
+                        fe.message,
+                        Some(fe.field.as_str()).filter(|f| !f.is_empty()),
+                    ));
+                }
+            };
+            // Not found *yet* is not stored: the payment may still be on its
+            // way through the inbound topic.
+            let not_found = || Reply::transient(404, "payment_not_found", "no such payment", None);
+            let Ok(payment) = payment_path.parse::<PaymentId>() else {
+                return Ok(Reply::refusal(
+                    404,
+                    "payment_not_found",
+                    "no such payment",
+                    None,
+                ));
+            };
+            let pid = payment.to_string();
+            let Some((owner, status, amount, currency, reserved)) =
+                store::refundable(&app.db, &pid, &r.order_id.to_string()).await?
+            else {
+                return match store::get_payment(&app.db, &pid, client).await? {
+                    None => Ok(not_found()),
+                    Some(_) => Ok(Reply::refusal(
+                        400,
+                        "order_not_in_payment",
+                        "order_id is not an order of this payment",
+                        Some("order_id"),
+                    )),
+                };
+            };
+            if owner != client.as_str() {
+                return Ok(not_found());
+            }
+            match status.as_str() {
+                "succeeded" => {}
+                "failed" | "rejected" => {
+                    return Ok(Reply::refusal(
+                        422,
+                        "order_not_refundable",
+                        format!("the order {status}; nothing was captured"),
+                        Some("order_id"),
+                    ));
+                }
+                _ => {
+                    return Ok(Reply::transient(
+                        409,
+                        "order_not_captured",
+                        format!("the order is {status}; refund it once it succeeded"),
+                        Some("order_id"),
+                    ));
+                }
+            }
+            let available = amount.saturating_sub(reserved);
+            let want = r.amount_minor.unwrap_or(available);
+            let too_much = || {
+                Reply::refusal(
+                    422,
+                    "amount_exceeds_refundable",
+                    format!(
+                        "at most {available} minor units ({currency}) are left to refund on this order (captured {amount}, refunds requested {reserved})"
+                    ),
+                    Some("amount_minor"),
+                )
+            };
+            if want <= 0 || want > available {
+                return Ok(too_much());
+            }
+            let currency =
+                events::Currency::from_code(&currency).map_err(|e| Unavailable(e.to_string()))?;
+            let refund_id = events::RefundId::derive(client, key);
+            let refund = events::RefundRequested {
+                refund_id,
+                order_id: r.order_id,
+                amount: Money::new(want, currency),
+                reason: r.reason,
+            };
+            let env = Envelope {
+                event_id: EventId::derive(refund_id.as_uuid(), "requested"),
+                occurred_at: Timestamp::now(),
+                payment_id: Some(payment),
+                correlation_id: CorrelationId::from_uuid(payment.as_uuid()),
+                causation_id: None,
+                producer: PRODUCER.to_owned(),
+                schema_version: SCHEMA_VERSION,
+                event: refund.clone().into(),
+            };
+            let envs = vec![env];
+            let pending = encode_pending(&envs);
+            let at = envs[0].occurred_at.as_micros();
+            if !store::reserve_refund(&app.db, client, key, token, &refund, &pid, at, &pending)
+                .await
+                .map_err(lost)?
+            {
+                return Ok(too_much()); // a concurrent refund took the rest
+            }
+            envs
+        }
+    };
+    commit_events(app, &envs).await?;
+    let refund_id = match &envs[0].event {
+        events::Event::RefundRequested(r) => r.refund_id,
+        other => {
+            return Err(Unavailable(format!(
+                "stored refund events hold a {}",
+                other.event_type()
+            )));
+        }
+    };
+    let view = store::get_refund(&app.db, &refund_id.to_string())
+        .await?
+        .ok_or_else(|| Unavailable("refund vanished from the status projection".into()))?;
+    Ok(Reply::sticky(
+        201,
+        serde_json::to_string(&view).expect("views serialise"),
+    ))
+}
+
+/// Re-appends the events of keys whose owner gave up or died after
+/// deciding, so a decided payment or refund is never lost even if the client
+/// never retries. Returns how many keys it swept.
+pub async fn sweep_abandoned(app: &App) -> Result<usize, Unavailable> {
+    let mut swept = 0;
+    for (client, key, lease_until, pending) in store::idem_abandoned(&app.db, 100).await? {
+        let envs = decode_pending(&pending)?;
+        commit_events(app, &envs).await?;
+        if store::idem_mark_swept(&app.db, &client, &key, lease_until).await? {
+            swept += 1;
+        }
+    }
+    Ok(swept)
 }
 
 /// A started handler.
@@ -305,9 +590,16 @@ pub async fn start(
         shutdown.clone(),
     ));
     let reaper = {
-        let (db, shutdown) = (db.clone(), shutdown.clone());
+        let (db, shutdown, sweeper) = (db.clone(), shutdown.clone(), app.clone());
         tokio::spawn(async move {
             loop {
+                match sweep_abandoned(&sweeper).await {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::warn!(swept = n, "re-appended the events of abandoned requests")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "sweeping abandoned requests failed"),
+                }
                 match store::idem_reap(&db).await {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(reaped = n, "expired idempotency keys deleted"),
@@ -315,7 +607,7 @@ pub async fn start(
                 }
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+                    _ = tokio::time::sleep(SWEEP_INTERVAL) => {}
                 }
             }
         })

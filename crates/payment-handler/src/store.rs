@@ -93,11 +93,17 @@ pub async fn client_exists(db: &Db, client: &ClientId) -> Result<bool, sqlx::Err
 /// What a new request with an Idempotency-Key may do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Begin {
-    /// This request owns the key: process it, then `finish` or `release`.
-    Owned,
+    /// This request owns the key (until its lease runs out): process it,
+    /// then `idem_finish` or `idem_release` with this token. `pending` holds
+    /// the events an earlier owner decided on and may have appended: a new
+    /// owner re-appends exactly those and never decides again.
+    Owned {
+        token: String,
+        pending: Option<String>,
+    },
     /// The key finished before: answer with the stored response.
     Replay { status: u16, body: String },
-    /// The key was used with a different request body.
+    /// The key was used with a different request.
     Mismatch,
     /// Another request with this key is being processed right now.
     InFlight { retry_after_s: u64 },
@@ -106,13 +112,25 @@ pub enum Begin {
 #[derive(Debug, Clone, Copy)]
 pub struct IdempotencyPolicy {
     /// How long a request may hold a key before a retry may take it over
-    /// (the holder is presumed crashed).
+    /// (the holder is presumed dead). Longer than any request can take.
     pub lease_ms: i64,
     /// How long a finished key is kept (and replayed).
     pub retention_ms: i64,
 }
 
-type IdemRow = (String, String, i64, Option<i32>, Option<String>, i64);
+type IdemRow = (
+    String,
+    String,
+    i64,
+    Option<i32>,
+    Option<String>,
+    i64,
+    Option<String>,
+);
+
+fn new_token() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
 
 pub async fn idem_begin(
     db: &Db,
@@ -123,26 +141,33 @@ pub async fn idem_begin(
 ) -> Result<Begin, sqlx::Error> {
     let now = now_ms();
     for _ in 0..3 {
+        let token = new_token();
         let inserted = with_pool!(db, p => sqlx::query(
-            "INSERT INTO handler_idempotency_keys (client_id, idem_key, request_sha256, state, lease_until_ms, created_ms, expires_ms) \
-             VALUES ($1, $2, $3, 'in_flight', $4, $5, $6) ON CONFLICT DO NOTHING",
+            "INSERT INTO handler_idempotency_keys (client_id, idem_key, request_sha256, state, lease_until_ms, created_ms, expires_ms, owner) \
+             VALUES ($1, $2, $3, 'in_flight', $4, $5, $6, $7) ON CONFLICT DO NOTHING",
         )
-        .bind(client.as_str()).bind(key).bind(fingerprint).bind(now + policy.lease_ms).bind(now).bind(now + policy.retention_ms)
+        .bind(client.as_str()).bind(key).bind(fingerprint).bind(now + policy.lease_ms).bind(now).bind(now + policy.retention_ms).bind(&token)
         .execute(p).await?.rows_affected());
         if inserted == 1 {
-            return Ok(Begin::Owned);
+            return Ok(Begin::Owned {
+                token,
+                pending: None,
+            });
         }
         let row: Option<IdemRow> = with_pool!(db, p => sqlx::query_as(
-            "SELECT request_sha256, state, lease_until_ms, response_status, response_body, expires_ms \
+            "SELECT request_sha256, state, lease_until_ms, response_status, response_body, expires_ms, pending_events \
              FROM handler_idempotency_keys WHERE client_id = $1 AND idem_key = $2",
         ).bind(client.as_str()).bind(key).fetch_optional(p).await?);
-        let Some((fp, state, lease_until, status, body, expires)) = row else {
+        let Some((fp, state, lease_until, status, body, expires, pending)) = row else {
             continue; // reaped in between: insert again
         };
-        if expires < now {
-            // Expired but not reaped yet: it no longer counts.
-            with_pool!(db, p => sqlx::query("DELETE FROM handler_idempotency_keys WHERE client_id = $1 AND idem_key = $2 AND expires_ms < $3")
-                .bind(client.as_str()).bind(key).bind(now).execute(p).await?.rows_affected());
+        if expires < now && (state == "done" || lease_until < now) {
+            // Expired and nobody is working on it: it no longer counts. The
+            // same condition as the reaper's, so a live request keeps its key.
+            with_pool!(db, p => sqlx::query(
+                "DELETE FROM handler_idempotency_keys WHERE client_id = $1 AND idem_key = $2 AND expires_ms < $3 \
+                 AND (state = 'done' OR lease_until_ms < $3)",
+            ).bind(client.as_str()).bind(key).bind(now).execute(p).await?.rows_affected());
             continue;
         }
         if fp != fingerprint {
@@ -163,18 +188,51 @@ pub async fn idem_begin(
                 retry_after_s: secs,
             });
         }
-        // The holder's lease ran out (it crashed): take the key over, once.
+        // The holder's lease ran out (it died, or gave up after appending):
+        // take the key over, once, with a new token.
         let took = with_pool!(db, p => sqlx::query(
-            "UPDATE handler_idempotency_keys SET lease_until_ms = $1 \
-             WHERE client_id = $2 AND idem_key = $3 AND state = 'in_flight' AND lease_until_ms = $4",
-        ).bind(now + policy.lease_ms).bind(client.as_str()).bind(key).bind(lease_until).execute(p).await?.rows_affected());
+            "UPDATE handler_idempotency_keys SET lease_until_ms = $1, owner = $2, expires_ms = $3 \
+             WHERE client_id = $4 AND idem_key = $5 AND state = 'in_flight' AND lease_until_ms = $6",
+        ).bind(now + policy.lease_ms).bind(&token).bind(now + policy.lease_ms + policy.retention_ms)
+        .bind(client.as_str()).bind(key).bind(lease_until).execute(p).await?.rows_affected());
         if took == 1 {
             tracing::warn!(client = %client, "idempotency key taken over after its holder's lease expired");
-            return Ok(Begin::Owned);
+            return Ok(Begin::Owned { token, pending });
         }
         return Ok(Begin::InFlight { retry_after_s: 1 });
     }
     Ok(Begin::InFlight { retry_after_s: 1 })
+}
+
+/// The owner lost the key (its lease ran out and another request took it).
+#[derive(Debug, thiserror::Error)]
+pub enum IdemError {
+    #[error("this request no longer owns its Idempotency-Key")]
+    NotOwner,
+    #[error(transparent)]
+    Sql(#[from] sqlx::Error),
+}
+
+fn owned(rows: u64) -> Result<(), IdemError> {
+    if rows == 1 {
+        Ok(())
+    } else {
+        Err(IdemError::NotOwner)
+    }
+}
+
+/// Records the events the owner decided on, before it appends them.
+pub async fn idem_store_pending(
+    db: &Db,
+    client: &ClientId,
+    key: &str,
+    token: &str,
+    events: &str,
+) -> Result<(), IdemError> {
+    owned(with_pool!(db, p => sqlx::query(
+        "UPDATE handler_idempotency_keys SET pending_events = $1 \
+         WHERE client_id = $2 AND idem_key = $3 AND owner = $4 AND state = 'in_flight'",
+    ).bind(events).bind(client.as_str()).bind(key).bind(token).execute(p).await?.rows_affected()))
 }
 
 /// Stores the final response; later requests with the key replay it.
@@ -182,30 +240,113 @@ pub async fn idem_finish(
     db: &Db,
     client: &ClientId,
     key: &str,
+    token: &str,
     status: u16,
     body: &str,
-) -> Result<(), sqlx::Error> {
-    with_pool!(db, p => sqlx::query(
+) -> Result<(), IdemError> {
+    owned(with_pool!(db, p => sqlx::query(
         "UPDATE handler_idempotency_keys SET state = 'done', response_status = $1, response_body = $2 \
-         WHERE client_id = $3 AND idem_key = $4",
-    ).bind(i32::from(status)).bind(body).bind(client.as_str()).bind(key).execute(p).await?.rows_affected());
+         WHERE client_id = $3 AND idem_key = $4 AND owner = $5 AND state = 'in_flight'",
+    ).bind(i32::from(status)).bind(body).bind(client.as_str()).bind(key).bind(token).execute(p).await?.rows_affected()))
+}
+
+/// Gives the key up after a failure that is not the client's (broker or
+/// database unavailable). If nothing was decided yet the key is deleted and
+/// a retry starts afresh; if events were decided (and maybe appended), the
+/// lease ends now so a retry takes over at once and re-appends them.
+pub async fn idem_release(
+    db: &Db,
+    client: &ClientId,
+    key: &str,
+    token: &str,
+) -> Result<(), sqlx::Error> {
+    with_pool!(db, p => {
+        sqlx::query(
+            "DELETE FROM handler_idempotency_keys WHERE client_id = $1 AND idem_key = $2 AND owner = $3 \
+             AND state = 'in_flight' AND pending_events IS NULL",
+        ).bind(client.as_str()).bind(key).bind(token).execute(p).await?;
+        sqlx::query(
+            "UPDATE handler_idempotency_keys SET lease_until_ms = 0 WHERE client_id = $1 AND idem_key = $2 AND owner = $3 AND state = 'in_flight'",
+        ).bind(client.as_str()).bind(key).bind(token).execute(p).await?.rows_affected()
+    });
     Ok(())
 }
 
-/// Gives the key back after a failure that is not the client's (broker or
-/// database unavailable), so a retry can try again at once.
-pub async fn idem_release(db: &Db, client: &ClientId, key: &str) -> Result<(), sqlx::Error> {
-    with_pool!(db, p => sqlx::query(
-        "DELETE FROM handler_idempotency_keys WHERE client_id = $1 AND idem_key = $2 AND state = 'in_flight'",
-    ).bind(client.as_str()).bind(key).execute(p).await?.rows_affected());
-    Ok(())
+/// Atomically reserves `amount` of a succeeded order for a refund, records
+/// the refund as requested, and stores the decided events under the key,
+/// all in one transaction. `Ok(false)`: not enough left to refund.
+#[allow(clippy::too_many_arguments)]
+pub async fn reserve_refund(
+    db: &Db,
+    client: &ClientId,
+    key: &str,
+    token: &str,
+    refund: &events::RefundRequested,
+    payment: &str,
+    occurred_us: i64,
+    pending_events: &str,
+) -> Result<bool, IdemError> {
+    let amount = refund.amount.amount_minor();
+    with_pool!(db, p => {
+        let mut tx = p.begin().await.map_err(IdemError::Sql)?;
+        // One statement: on PostgreSQL the row lock makes a concurrent
+        // reservation re-check the condition; SQLite runs writers one at a time.
+        let reserved = sqlx::query(
+            "UPDATE handler_payment_orders SET reserved_minor = reserved_minor + $1 \
+             WHERE order_id = $2 AND payment_id = $3 AND status = 'succeeded' AND amount_minor - reserved_minor >= $1",
+        ).bind(amount).bind(refund.order_id.to_string()).bind(payment).execute(&mut *tx).await?.rows_affected();
+        if reserved == 0 {
+            return Ok(false);
+        }
+        sqlx::query(
+            "INSERT INTO handler_refunds (refund_id, order_id, payment_id, amount_minor, currency, status, reason, created_us, updated_us) \
+             VALUES ($1, $2, $3, $4, $5, 'requested', $6, $7, $7)",
+        ).bind(refund.refund_id.to_string()).bind(refund.order_id.to_string()).bind(payment).bind(amount)
+        .bind(refund.amount.currency().code()).bind(&refund.reason).bind(occurred_us).execute(&mut *tx).await?;
+        let stored = sqlx::query(
+            "UPDATE handler_idempotency_keys SET pending_events = $1 WHERE client_id = $2 AND idem_key = $3 AND owner = $4 AND state = 'in_flight'",
+        ).bind(pending_events).bind(client.as_str()).bind(key).bind(token).execute(&mut *tx).await?.rows_affected();
+        owned(stored)?;
+        tx.commit().await?;
+    });
+    Ok(true)
+}
+
+/// Keys whose owner decided (and maybe appended) events but neither
+/// finished nor was retried: (client, key, pending events). Their events
+/// are re-appended by the sweeper so nothing decided is ever lost.
+pub async fn idem_abandoned(
+    db: &Db,
+    limit: i64,
+) -> Result<Vec<(String, String, i64, String)>, sqlx::Error> {
+    let now = now_ms();
+    Ok(with_pool!(db, p => sqlx::query_as(
+        "SELECT client_id, idem_key, lease_until_ms, pending_events FROM handler_idempotency_keys \
+         WHERE state = 'in_flight' AND pending_events IS NOT NULL AND lease_until_ms >= 0 AND lease_until_ms < $1 \
+         ORDER BY lease_until_ms LIMIT $2",
+    ).bind(now).bind(limit).fetch_all(p).await?))
+}
+
+/// Marks an abandoned key's events as re-appended (lease -1: still open for
+/// the client's retry to take over and answer, but not swept again).
+pub async fn idem_mark_swept(
+    db: &Db,
+    client: &str,
+    key: &str,
+    lease_until: i64,
+) -> Result<bool, sqlx::Error> {
+    Ok(with_pool!(db, p => sqlx::query(
+        "UPDATE handler_idempotency_keys SET lease_until_ms = -1 \
+         WHERE client_id = $1 AND idem_key = $2 AND state = 'in_flight' AND lease_until_ms = $3",
+    ).bind(client).bind(key).bind(lease_until).execute(p).await?.rows_affected() == 1))
 }
 
 /// Deletes expired keys; returns how many.
 pub async fn idem_reap(db: &Db) -> Result<u64, sqlx::Error> {
     let now = now_ms();
     Ok(with_pool!(db, p => sqlx::query(
-        "DELETE FROM handler_idempotency_keys WHERE expires_ms < $1 AND (state = 'done' OR lease_until_ms < $1)",
+        "DELETE FROM handler_idempotency_keys WHERE expires_ms < $1 AND (state = 'done' OR lease_until_ms < $1) \
+         AND (state = 'done' OR pending_events IS NULL OR lease_until_ms = -1)",
     ).bind(now).execute(p).await?.rows_affected()))
 }
 
@@ -316,12 +457,18 @@ pub async fn apply_status(db: &Db, events: &[&Envelope]) -> Result<Vec<Outcome>,
                     failure = e.failure_reason.clone();
                 }
                 Event::RefundRequested(e) => {
+                    // Rows the API already inserted (with their reservation)
+                    // are left alone; rows seen first here (a rebuild, or
+                    // another producer) reserve now.
                     let n = sqlx::query("INSERT INTO handler_refunds (refund_id, order_id, payment_id, amount_minor, currency, status, reason, created_us, updated_us) \
                                  SELECT $1, order_id, payment_id, $2, $3, 'requested', $4, $5, $5 FROM handler_payment_orders WHERE order_id = $6 AND payment_id = $7 \
                                  ON CONFLICT DO NOTHING")
                         .bind(e.refund_id.to_string()).bind(e.amount.amount_minor()).bind(e.amount.currency().code()).bind(&e.reason).bind(at)
                         .bind(e.order_id.to_string()).bind(&pid).execute(&mut *tx).await?.rows_affected();
-                    if n == 0 {
+                    if n == 1 {
+                        sqlx::query("UPDATE handler_payment_orders SET reserved_minor = reserved_minor + $2 WHERE order_id = $1")
+                            .bind(e.order_id.to_string()).bind(e.amount.amount_minor()).execute(&mut *tx).await?;
+                    } else {
                         let known: i64 = sqlx::query_scalar("SELECT count(*) FROM handler_refunds WHERE refund_id = $1")
                             .bind(e.refund_id.to_string()).fetch_one(&mut *tx).await?;
                         if known == 0 {
@@ -340,8 +487,13 @@ pub async fn apply_status(db: &Db, events: &[&Envelope]) -> Result<Vec<Outcome>,
                     }
                 }
                 Event::RefundFailed(e) => {
-                    sqlx::query("UPDATE handler_refunds SET status = 'failed', failure = $2, updated_us = $3 WHERE refund_id = $1 AND status = 'requested'")
-                        .bind(e.refund_id.to_string()).bind(format!("{}: {}", e.code, e.reason)).bind(at).execute(&mut *tx).await?;
+                    let amount: Option<i64> = sqlx::query_scalar("UPDATE handler_refunds SET status = 'failed', failure = $2, updated_us = $3 WHERE refund_id = $1 AND status = 'requested' RETURNING amount_minor")
+                        .bind(e.refund_id.to_string()).bind(format!("{}: {}", e.code, e.reason)).bind(at).fetch_optional(&mut *tx).await?;
+                    if let Some(amount) = amount {
+                        // A failed refund gives its reservation back.
+                        sqlx::query("UPDATE handler_payment_orders SET reserved_minor = reserved_minor - $2 WHERE order_id = $1")
+                            .bind(e.order_id.to_string()).bind(amount).execute(&mut *tx).await?;
+                    }
                 }
                 _ => {}
             }
@@ -502,7 +654,7 @@ pub async fn payment_exists(db: &Db, payment: PaymentId) -> Result<bool, sqlx::E
 }
 
 /// An order's refundable state: (payment's client, status, amount, currency,
-/// sum of refunds requested or succeeded).
+/// amount reserved by refunds that have not failed).
 pub type RefundableRow = (String, String, i64, String, i64);
 
 pub async fn refundable(
@@ -512,7 +664,7 @@ pub async fn refundable(
 ) -> Result<Option<RefundableRow>, sqlx::Error> {
     Ok(with_pool!(db, p => sqlx::query_as(
         "SELECT pay.client_id, o.status, o.amount_minor, o.currency, \
-                CAST(COALESCE((SELECT SUM(r.amount_minor) FROM handler_refunds r WHERE r.order_id = o.order_id AND r.status <> 'failed'), 0) AS BIGINT) \
+                o.reserved_minor \
          FROM handler_payment_orders o JOIN handler_payments pay ON pay.payment_id = o.payment_id \
          WHERE o.payment_id = $1 AND o.order_id = $2",
     ).bind(payment).bind(order).fetch_optional(p).await?))

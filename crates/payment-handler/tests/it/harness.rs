@@ -23,6 +23,7 @@ pub struct Handler {
     pub db_url: String,
     pub http: reqwest::Client,
     pub stop: CancellationToken,
+    pub app: payment_handler::service::App,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -55,8 +56,10 @@ pub async fn start_with(backend: Backend, args: HandlerArgs) -> Handler {
         .await
         .unwrap();
     let base = format!("http://{}", running.addr);
+    let app = running.app.clone();
     tokio::spawn(running.wait());
     Handler {
+        app,
         base,
         kafka,
         db_url,

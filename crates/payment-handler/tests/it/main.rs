@@ -5,4 +5,5 @@ mod harness;
 mod idempotency;
 mod inbound;
 mod refunds;
+mod retries;
 mod routes;

@@ -106,22 +106,38 @@ async fn expired_idempotency_keys_are_reaped() {
         lease_ms: 1000,
         retention_ms: 1,
     };
-    assert_eq!(
-        idem_begin(&db, &c, "k", "fp", short).await.unwrap(),
-        Begin::Owned
-    );
-    idem_finish(&db, &c, "k", 201, "{}").await.unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    assert_eq!(idem_reap(&db).await.unwrap(), 1);
     let long = IdempotencyPolicy {
         lease_ms: 1000,
         retention_ms: 60_000,
     };
-    assert_eq!(
-        idem_begin(&db, &c, "k", "other", long).await.unwrap(),
-        Begin::Owned,
-        "a reaped key is free again"
-    );
-    idem_finish(&db, &c, "k", 201, "{}").await.unwrap();
+    let owned = |b: Begin| match b {
+        Begin::Owned { token, .. } => token,
+        other => panic!("expected to own the key, got {other:?}"),
+    };
+    let token = owned(idem_begin(&db, &c, "k", "fp", short).await.unwrap());
+    idem_finish(&db, &c, "k", &token, 201, "{}").await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    assert_eq!(idem_reap(&db).await.unwrap(), 1);
+    // A reaped key is free again.
+    let token = owned(idem_begin(&db, &c, "k", "other", long).await.unwrap());
+    idem_finish(&db, &c, "k", &token, 201, "{}").await.unwrap();
     assert_eq!(idem_reap(&db).await.unwrap(), 0, "unexpired keys stay");
+    // A key still being worked on survives the reaper and a new request,
+    // even past its retention.
+    let live = owned(idem_begin(&db, &c, "live", "fp", short).await.unwrap());
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    assert_eq!(idem_reap(&db).await.unwrap(), 0);
+    assert!(matches!(
+        idem_begin(&db, &c, "live", "fp", short).await.unwrap(),
+        Begin::InFlight { .. }
+    ));
+    // A request that lost its key can neither finish nor release it.
+    assert!(
+        idem_finish(&db, &c, "live", "not-the-owner", 201, "{}")
+            .await
+            .is_err()
+    );
+    idem_finish(&db, &c, "live", &live, 201, "{}")
+        .await
+        .unwrap();
 }
