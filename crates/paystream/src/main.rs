@@ -52,15 +52,24 @@ enum Command {
     /// API clients of the payment handler.
     #[command(subcommand)]
     Clients(ClientsCommand),
+    /// Query and verify the ledger and wallets.
+    #[command(subcommand)]
+    Ledger(projections::LedgerCommand),
 }
 
 #[derive(Debug, Subcommand)]
 enum ServeCommand {
     /// The payment handler: HTTP API, inbound-topic consumer, payment status.
     Handler(payment_handler::HandlerArgs),
+    /// The payment executor: charges approved orders at the PSP exactly
+    /// once; PSP webhooks; refunds.
+    Executor(executor::ExecutorArgs),
     /// The PSP simulator: a stand-in for a real payment service provider,
     /// with its own state, webhooks and settlement files.
     PspSim(psp_sim::PspSimArgs),
+    /// The ledger and wallet projections (one consumer group each) and their
+    /// query API.
+    Projections(projections::ProjectionsArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -99,11 +108,24 @@ async fn main() -> ExitCode {
                 .await
                 .map(|()| ExitCode::SUCCESS)
         }
+        Command::Serve(ServeCommand::Executor(args)) => {
+            let shutdown = streaming::shutdown::on_signals();
+            executor::serve(cli.kafka, &cli.database_url, args, shutdown)
+                .await
+                .map(|()| ExitCode::SUCCESS)
+        }
         Command::Serve(ServeCommand::PspSim(args)) => {
             psp_sim::serve(args, streaming::shutdown::on_signals())
                 .await
                 .map(|()| ExitCode::SUCCESS)
         }
+        Command::Serve(ServeCommand::Projections(args)) => {
+            let shutdown = streaming::shutdown::on_signals();
+            projections::serve(cli.kafka, &cli.database_url, args, shutdown)
+                .await
+                .map(|()| ExitCode::SUCCESS)
+        }
+        Command::Ledger(cmd) => projections::run_ledger_command(&cli.database_url, cmd).await,
         Command::Clients(ClientsCommand::Create { name }) => {
             clients_create(&cli.database_url, &name).await
         }

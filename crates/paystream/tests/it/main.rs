@@ -1,6 +1,7 @@
 //! The `paystream` binary, run as a user would.
 
 mod crash;
+mod executor_crash;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

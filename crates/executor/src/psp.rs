@@ -1,0 +1,235 @@
+//! The PSP's HTTP API as the executor uses it (see crates/psp-sim/README.md
+//! for the contract), and the classification of its answers into final and
+//! transient ones.
+
+use serde::Deserialize;
+use std::time::Duration;
+
+/// A charge as the PSP reports it.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct Charge {
+    pub id: String,
+    pub status: String,
+    pub amount_minor: i64,
+    pub currency: String,
+    pub fee_minor: i64,
+    pub reference: String,
+    #[serde(default)]
+    pub decline_code: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Refund {
+    pub id: String,
+    pub status: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChargeList {
+    data: Vec<Charge>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Debug, Deserialize)]
+struct ErrorDetail {
+    code: String,
+    #[serde(default)]
+    message: String,
+}
+
+/// Why a call did not produce an answer we can act on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PspError {
+    /// May go away: retry with the same idempotency key (5xx, 409 key in
+    /// use, 429, connection errors, timeouts, unreadable answers).
+    #[error("{code}: {reason}")]
+    Transient {
+        code: String,
+        reason: String,
+        retry_after: Option<Duration>,
+    },
+    /// The PSP refused the request for good (e.g. 422).
+    #[error("{code}: {reason}")]
+    Final { code: String, reason: String },
+}
+
+impl PspError {
+    pub fn code(&self) -> &str {
+        match self {
+            PspError::Transient { code, .. } | PspError::Final { code, .. } => code,
+        }
+    }
+    pub fn reason(&self) -> &str {
+        match self {
+            PspError::Transient { reason, .. } | PspError::Final { reason, .. } => reason,
+        }
+    }
+}
+
+/// A charge answer and whether it was a replay of an earlier one.
+#[derive(Debug, Clone)]
+pub struct ChargeAnswer {
+    pub charge: Charge,
+    pub replayed: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct PspClient {
+    http: reqwest::Client,
+    base: String,
+    api_key: String,
+}
+
+impl PspClient {
+    pub fn new(base: &str, api_key: &str, timeout: Duration) -> anyhow::Result<PspClient> {
+        assert!(!timeout.is_zero(), "a PSP call needs a positive timeout");
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .pool_max_idle_per_host(256)
+            .build()?;
+        Ok(PspClient {
+            http,
+            base: base.trim_end_matches('/').to_owned(),
+            api_key: api_key.to_owned(),
+        })
+    }
+
+    /// `POST /v1/charges` with the order id as idempotency key and reference.
+    pub async fn charge(
+        &self,
+        order_id: &str,
+        amount_minor: i64,
+        currency: &str,
+        card_token: &str,
+    ) -> Result<ChargeAnswer, PspError> {
+        let body = serde_json::json!({
+            "amount_minor": amount_minor,
+            "currency": currency,
+            "card_token": card_token,
+            "reference": order_id,
+        });
+        let resp = self
+            .http
+            .post(format!("{}/v1/charges", self.base))
+            .bearer_auth(&self.api_key)
+            .header("Idempotency-Key", order_id)
+            .json(&body)
+            .send()
+            .await
+            .map_err(transport)?;
+        let replayed = resp
+            .headers()
+            .get("Idempotent-Replayed")
+            .is_some_and(|v| v.as_bytes() == b"true");
+        let charge = read::<Charge>(resp).await?;
+        Ok(ChargeAnswer { charge, replayed })
+    }
+
+    /// `GET /v1/charges/{id}`: the charge's current state.
+    pub async fn get_charge(&self, id: &str) -> Result<Charge, PspError> {
+        let resp = self
+            .http
+            .get(format!("{}/v1/charges/{id}", self.base))
+            .bearer_auth(&self.api_key)
+            .send()
+            .await
+            .map_err(transport)?;
+        read(resp).await
+    }
+
+    /// `GET /v1/charges?reference=`: the charges made for an order (none:
+    /// `Ok(vec![])`).
+    pub async fn charges_for(&self, order_id: &str) -> Result<Vec<Charge>, PspError> {
+        let resp = self
+            .http
+            .get(format!("{}/v1/charges", self.base))
+            .query(&[("reference", order_id)])
+            .bearer_auth(&self.api_key)
+            .send()
+            .await
+            .map_err(transport)?;
+        if resp.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(Vec::new());
+        }
+        Ok(read::<ChargeList>(resp).await?.data)
+    }
+
+    /// `POST /v1/charges/{id}/refunds` with the refund id as idempotency key.
+    pub async fn refund(
+        &self,
+        charge_id: &str,
+        refund_id: &str,
+        amount_minor: i64,
+    ) -> Result<Refund, PspError> {
+        let resp = self
+            .http
+            .post(format!("{}/v1/charges/{charge_id}/refunds", self.base))
+            .bearer_auth(&self.api_key)
+            .header("Idempotency-Key", refund_id)
+            .json(&serde_json::json!({ "amount_minor": amount_minor }))
+            .send()
+            .await
+            .map_err(transport)?;
+        read(resp).await
+    }
+}
+
+fn transport(e: reqwest::Error) -> PspError {
+    let code = if e.is_timeout() {
+        "psp_timeout"
+    } else {
+        "psp_unreachable"
+    };
+    PspError::Transient {
+        code: code.into(),
+        reason: e.to_string(),
+        retry_after: None,
+    }
+}
+
+/// Reads a 2xx body as `T`, or classifies the error answer.
+async fn read<T: serde::de::DeserializeOwned>(resp: reqwest::Response) -> Result<T, PspError> {
+    let status = resp.status();
+    let retry_after = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let bytes = resp.bytes().await.map_err(transport)?;
+    if status.is_success() {
+        return serde_json::from_slice(&bytes).map_err(|e| PspError::Transient {
+            code: "psp_bad_answer".into(),
+            reason: format!("unreadable {status} answer: {e}"),
+            retry_after: None,
+        });
+    }
+    let (code, message) = match serde_json::from_slice::<ErrorBody>(&bytes) {
+        Ok(b) => (b.error.code, b.error.message),
+        Err(_) => (
+            format!("http_{}", status.as_u16()),
+            String::from_utf8_lossy(&bytes).chars().take(200).collect(),
+        ),
+    };
+    let reason = format!("PSP answered {status}: {message}");
+    let transient = status.is_server_error()
+        || status == reqwest::StatusCode::CONFLICT
+        || status == reqwest::StatusCode::TOO_MANY_REQUESTS
+        // A wrong API key is an operator's mistake that gets fixed; the
+        // order should not fail for good meanwhile.
+        || status == reqwest::StatusCode::UNAUTHORIZED;
+    if transient {
+        Err(PspError::Transient {
+            code,
+            reason,
+            retry_after,
+        })
+    } else {
+        Err(PspError::Final { code, reason })
+    }
+}

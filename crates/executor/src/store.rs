@@ -1,0 +1,620 @@
+//! The executor's SQL: payments (with the per-payment lease), orders,
+//! refunds, the event outbox and the webhook dedup table. One SQL string per
+//! statement serves PostgreSQL and SQLite (see `storage::with_pool!`).
+//!
+//! Every state change is guarded by the state it expects (`WHERE state IN
+//! (...)`, `AND attempts = $n`), so a redelivered event, a second executor
+//! or a late webhook can never move an order twice; and every event is
+//! written to the outbox in the same transaction as the state change it
+//! reports, so a crash never loses it.
+
+use events::Envelope;
+use sqlx::migrate::Migrator;
+use storage::{Db, with_pool};
+
+static PG_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
+static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
+
+pub async fn migrate(db: &Db) -> Result<(), storage::StorageError> {
+    db.migrate(
+        &storage::component_migrator(clone_migrator(&PG_MIGRATIONS)),
+        &storage::component_migrator(clone_migrator(&SQLITE_MIGRATIONS)),
+    )
+    .await
+}
+
+fn clone_migrator(m: &Migrator) -> Migrator {
+    Migrator {
+        migrations: m.migrations.clone(),
+        ..Migrator::DEFAULT
+    }
+}
+
+pub fn now_ms() -> i64 {
+    events::Timestamp::now().as_millis()
+}
+
+/// An event ready for the outbox: encoded before the transaction starts.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub event_id: String,
+    pub payment_id: String,
+    pub body: Vec<u8>,
+}
+
+impl Outgoing {
+    pub fn new(env: &Envelope) -> Outgoing {
+        let payment_id = env
+            .payment_id
+            .expect("executor events always belong to a payment");
+        Outgoing {
+            event_id: env.event_id.to_string(),
+            payment_id: payment_id.to_string(),
+            // Our own events are built from valid domain values; failing to
+            // encode one is a bug, not an operational error.
+            body: events::avro::encode(env).expect("executor events encode"),
+        }
+    }
+}
+
+const INSERT_OUTBOX: &str = "INSERT INTO executor_outbox (event_id, payment_id, body, created_ms) \
+     VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING";
+
+/// Inserts outgoing events inside an open transaction.
+macro_rules! insert_outbox {
+    ($tx:expr, $out:expr, $now:expr) => {
+        for o in $out {
+            sqlx::query(INSERT_OUTBOX)
+                .bind(&o.event_id)
+                .bind(&o.payment_id)
+                .bind(&o.body)
+                .bind($now)
+                .execute(&mut *$tx)
+                .await?;
+        }
+    };
+}
+
+// ------------------------------------------------------------------ intake
+
+/// One order of a `PaymentRequested`, as the intake records it.
+#[derive(Debug, Clone)]
+pub struct NewOrder {
+    pub order_id: String,
+    pub seq: i32,
+    pub seller_id: String,
+    pub amount_minor: i64,
+    pub currency: String,
+}
+
+/// What the intake does with one event, inside the batch's transaction.
+#[derive(Debug, Clone)]
+pub enum IntakeOp {
+    Requested {
+        payment_id: String,
+        correlation_id: String,
+        card_token: String,
+        orders: Vec<NewOrder>,
+    },
+    Approved {
+        payment_id: String,
+    },
+    Rejected {
+        payment_id: String,
+    },
+    Refund {
+        refund_id: String,
+        order_id: String,
+        amount_minor: i64,
+        currency: String,
+        reason: String,
+    },
+}
+
+/// The result of one [`IntakeOp`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IntakeResult {
+    Applied,
+    Duplicate,
+    /// The event refers to a payment or order the executor never saw.
+    Unknown,
+}
+
+/// Applies a batch of intake operations in one transaction.
+pub async fn intake(db: &Db, ops: &[IntakeOp]) -> Result<Vec<IntakeResult>, sqlx::Error> {
+    let now = now_ms();
+    let mut results = Vec::with_capacity(ops.len());
+    with_pool!(db, p => {
+        let mut tx = p.begin().await?;
+        for op in ops {
+            let r = match op {
+                IntakeOp::Requested { payment_id, correlation_id, card_token, orders } => {
+                    let n = sqlx::query(
+                        "INSERT INTO executor_payments (payment_id, correlation_id, card_token, created_ms) \
+                         VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                    ).bind(payment_id).bind(correlation_id).bind(card_token).bind(now)
+                    .execute(&mut *tx).await?.rows_affected();
+                    for o in orders {
+                        sqlx::query(
+                            "INSERT INTO executor_orders (order_id, payment_id, seq, seller_id, amount_minor, currency, state, created_ms, updated_ms) \
+                             VALUES ($1, $2, $3, $4, $5, $6, 'awaiting_risk', $7, $7) ON CONFLICT DO NOTHING",
+                        ).bind(&o.order_id).bind(payment_id).bind(o.seq).bind(&o.seller_id)
+                        .bind(o.amount_minor).bind(&o.currency).bind(now)
+                        .execute(&mut *tx).await?;
+                    }
+                    if n == 1 { IntakeResult::Applied } else { IntakeResult::Duplicate }
+                }
+                IntakeOp::Approved { payment_id } | IntakeOp::Rejected { payment_id } => {
+                    let (state, next) = match op {
+                        IntakeOp::Approved { .. } => ("ready", Some(now)),
+                        _ => ("cancelled", None),
+                    };
+                    let n = sqlx::query(
+                        "UPDATE executor_orders SET state = $1, next_attempt_ms = $2, updated_ms = $3 \
+                         WHERE payment_id = $4 AND state = 'awaiting_risk'",
+                    ).bind(state).bind(next).bind(now).bind(payment_id)
+                    .execute(&mut *tx).await?.rows_affected();
+                    if n > 0 {
+                        IntakeResult::Applied
+                    } else {
+                        let known: i64 = sqlx::query_scalar("SELECT count(*) FROM executor_orders WHERE payment_id = $1")
+                            .bind(payment_id).fetch_one(&mut *tx).await?;
+                        if known > 0 { IntakeResult::Duplicate } else { IntakeResult::Unknown }
+                    }
+                }
+                IntakeOp::Refund { refund_id, order_id, amount_minor, currency, reason } => {
+                    let payment: Option<String> = sqlx::query_scalar("SELECT payment_id FROM executor_orders WHERE order_id = $1")
+                        .bind(order_id).fetch_optional(&mut *tx).await?;
+                    match payment {
+                        None => IntakeResult::Unknown,
+                        Some(payment_id) => {
+                            let n = sqlx::query(
+                                "INSERT INTO executor_refunds (refund_id, order_id, payment_id, amount_minor, currency, reason, state, next_attempt_ms, created_ms, updated_ms) \
+                                 VALUES ($1, $2, $3, $4, $5, $6, 'ready', $7, $7, $7) ON CONFLICT DO NOTHING",
+                            ).bind(refund_id).bind(order_id).bind(&payment_id).bind(amount_minor)
+                            .bind(currency).bind(reason).bind(now)
+                            .execute(&mut *tx).await?.rows_affected();
+                            if n == 1 { IntakeResult::Applied } else { IntakeResult::Duplicate }
+                        }
+                    }
+                }
+            };
+            results.push(r);
+        }
+        tx.commit().await?;
+    });
+    Ok(results)
+}
+
+// -------------------------------------------------------------- dispatcher
+
+/// Payments with work due now whose lease is free, oldest work first.
+pub async fn due_payments(db: &Db, now: i64, limit: i64) -> Result<Vec<String>, sqlx::Error> {
+    assert!(limit > 0, "limit must be positive");
+    let rows: Vec<(String,)> = with_pool!(db, p => sqlx::query_as(
+        "SELECT w.payment_id FROM ( \
+           SELECT payment_id, min(next_attempt_ms) AS due FROM ( \
+             SELECT payment_id, next_attempt_ms FROM executor_orders WHERE next_attempt_ms <= $1 \
+             UNION ALL \
+             SELECT payment_id, next_attempt_ms FROM executor_refunds WHERE next_attempt_ms <= $1 \
+           ) d GROUP BY payment_id \
+         ) w JOIN executor_payments p ON p.payment_id = w.payment_id \
+         WHERE p.lease_until_ms < $1 ORDER BY w.due LIMIT $2",
+    ).bind(now).bind(limit).fetch_all(p).await?);
+    Ok(rows.into_iter().map(|(p,)| p).collect())
+}
+
+/// Takes the leases of those of `payment_ids` that are free, in one
+/// statement; returns the ones taken. Only a lease holder works on a
+/// payment; a crashed holder's lease simply runs out.
+pub async fn lease_payments(
+    db: &Db,
+    payment_ids: &[String],
+    now: i64,
+    lease_ms: i64,
+) -> Result<Vec<String>, sqlx::Error> {
+    if payment_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let placeholders = (0..payment_ids.len())
+        .map(|i| format!("${}", i + 3))
+        .collect::<Vec<_>>()
+        .join(",");
+    let sql = format!(
+        "UPDATE executor_payments SET lease_until_ms = $1 WHERE lease_until_ms < $2 \
+         AND payment_id IN ({placeholders}) RETURNING payment_id"
+    );
+    let rows: Vec<(String,)> = with_pool!(db, p => {
+        let mut q = sqlx::query_as(&sql).bind(now + lease_ms).bind(now);
+        for id in payment_ids {
+            q = q.bind(id);
+        }
+        q.fetch_all(p).await?
+    });
+    Ok(rows.into_iter().map(|(p,)| p).collect())
+}
+
+pub async fn renew_lease(
+    db: &Db,
+    payment_id: &str,
+    now: i64,
+    lease_ms: i64,
+) -> Result<(), sqlx::Error> {
+    with_pool!(db, p => sqlx::query("UPDATE executor_payments SET lease_until_ms = $1 WHERE payment_id = $2")
+        .bind(now + lease_ms).bind(payment_id).execute(p).await?.rows_affected());
+    Ok(())
+}
+
+pub async fn release_payment(db: &Db, payment_id: &str) -> Result<(), sqlx::Error> {
+    with_pool!(db, p => sqlx::query("UPDATE executor_payments SET lease_until_ms = 0 WHERE payment_id = $1")
+        .bind(payment_id).execute(p).await?.rows_affected());
+    Ok(())
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct PaymentRow {
+    pub payment_id: String,
+    pub correlation_id: String,
+    pub card_token: String,
+}
+
+pub async fn payment(db: &Db, payment_id: &str) -> Result<Option<PaymentRow>, sqlx::Error> {
+    Ok(with_pool!(db, p => sqlx::query_as(
+        "SELECT payment_id, correlation_id, card_token FROM executor_payments WHERE payment_id = $1",
+    ).bind(payment_id).fetch_optional(p).await?))
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct OrderRow {
+    pub order_id: String,
+    pub payment_id: String,
+    pub seq: i32,
+    pub amount_minor: i64,
+    pub currency: String,
+    pub state: String,
+    pub attempts: i32,
+    pub next_attempt_ms: Option<i64>,
+    pub deadline_ms: Option<i64>,
+    pub pending_since_ms: Option<i64>,
+    pub psp_charge_id: Option<String>,
+    pub fee_minor: Option<i64>,
+    pub last_error: Option<String>,
+}
+
+const ORDER_COLUMNS: &str = "order_id, payment_id, seq, amount_minor, currency, state, attempts, \
+     next_attempt_ms, deadline_ms, pending_since_ms, psp_charge_id, fee_minor, last_error";
+
+/// The payment's orders that are due, in order.
+pub async fn due_orders(db: &Db, payment_id: &str, now: i64) -> Result<Vec<OrderRow>, sqlx::Error> {
+    let sql = format!(
+        "SELECT {ORDER_COLUMNS} FROM executor_orders WHERE payment_id = $1 AND next_attempt_ms <= $2 ORDER BY seq"
+    );
+    Ok(with_pool!(db, p => sqlx::query_as(&sql).bind(payment_id).bind(now).fetch_all(p).await?))
+}
+
+pub async fn order(db: &Db, order_id: &str) -> Result<Option<OrderRow>, sqlx::Error> {
+    let sql = format!("SELECT {ORDER_COLUMNS} FROM executor_orders WHERE order_id = $1");
+    Ok(with_pool!(db, p => sqlx::query_as(&sql).bind(order_id).fetch_optional(p).await?))
+}
+
+/// Records the intent of attempt `attempt` (the previous count + 1) and its
+/// `OrderExecutionStarted`. Returns false when the order moved meanwhile.
+/// While executing, the order is due again after the lease: if this process
+/// dies mid-call, the next one resumes it.
+pub async fn begin_attempt(
+    db: &Db,
+    order_id: &str,
+    attempt: i32,
+    lease_ms: i64,
+    max_total_ms: i64,
+    started: &Outgoing,
+) -> Result<bool, sqlx::Error> {
+    let now = now_ms();
+    with_pool!(db, p => {
+        let mut tx = p.begin().await?;
+        let n = sqlx::query(
+            "UPDATE executor_orders SET state = 'executing', attempts = $1, next_attempt_ms = $2, \
+             deadline_ms = COALESCE(deadline_ms, $3), updated_ms = $4 \
+             WHERE order_id = $5 AND attempts = $6 AND state IN ('ready', 'retry_wait', 'executing')",
+        ).bind(attempt).bind(now + lease_ms).bind(now.saturating_add(max_total_ms)).bind(now)
+        .bind(order_id).bind(attempt - 1)
+        .execute(&mut *tx).await?.rows_affected();
+        if n != 1 {
+            return Ok(false);
+        }
+        insert_outbox!(tx, [started], now);
+        tx.commit().await?;
+    });
+    Ok(true)
+}
+
+/// Where an attempt left the order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OrderUpdate {
+    Succeeded {
+        charge_id: String,
+        fee_minor: i64,
+    },
+    Failed {
+        reason: String,
+        charge_id: Option<String>,
+    },
+    Pending {
+        charge_id: String,
+        poll_at_ms: i64,
+    },
+    RetryWait {
+        at_ms: i64,
+        reason: String,
+    },
+}
+
+/// state, next_attempt_ms, psp_charge_id, fee_minor, last_error,
+/// pending_since_ms.
+type OrderColumns<'a> = (
+    &'a str,
+    Option<i64>,
+    Option<&'a str>,
+    Option<i64>,
+    Option<&'a str>,
+    Option<i64>,
+);
+
+/// Records the outcome of attempt `attempt` with its events; false when the
+/// order is no longer in that attempt (nothing written).
+pub async fn record_attempt(
+    db: &Db,
+    order_id: &str,
+    attempt: i32,
+    update: &OrderUpdate,
+    out: &[Outgoing],
+) -> Result<bool, sqlx::Error> {
+    let now = now_ms();
+    let (state, next, charge, fee, err, pending_since): OrderColumns<'_> = match update {
+        OrderUpdate::Succeeded {
+            charge_id,
+            fee_minor,
+        } => (
+            "succeeded",
+            None,
+            Some(charge_id),
+            Some(*fee_minor),
+            None,
+            None,
+        ),
+        OrderUpdate::Failed { reason, charge_id } => (
+            "failed",
+            None,
+            charge_id.as_deref(),
+            None,
+            Some(reason),
+            None,
+        ),
+        OrderUpdate::Pending {
+            charge_id,
+            poll_at_ms,
+        } => (
+            "pending",
+            Some(*poll_at_ms),
+            Some(charge_id),
+            None,
+            None,
+            Some(now),
+        ),
+        OrderUpdate::RetryWait { at_ms, reason } => {
+            ("retry_wait", Some(*at_ms), None, None, Some(reason), None)
+        }
+    };
+    with_pool!(db, p => {
+        let mut tx = p.begin().await?;
+        let n = sqlx::query(
+            "UPDATE executor_orders SET state = $1, next_attempt_ms = $2, psp_charge_id = COALESCE($3, psp_charge_id), \
+             fee_minor = $4, last_error = $5, pending_since_ms = $6, updated_ms = $7 \
+             WHERE order_id = $8 AND attempts = $9 AND state = 'executing'",
+        ).bind(state).bind(next).bind(charge).bind(fee).bind(err).bind(pending_since).bind(now)
+        .bind(order_id).bind(attempt)
+        .execute(&mut *tx).await?.rows_affected();
+        if n != 1 {
+            return Ok(false);
+        }
+        insert_outbox!(tx, out, now);
+        tx.commit().await?;
+    });
+    Ok(true)
+}
+
+/// Resolves a pending order (webhook or poll) with its settlement event;
+/// false when it was not pending (already resolved: nothing written). With a
+/// webhook event id, the delivery is recorded in the same transaction.
+pub async fn resolve_pending(
+    db: &Db,
+    order_id: &str,
+    succeeded: bool,
+    fee_minor: Option<i64>,
+    reason: Option<&str>,
+    settled: &Outgoing,
+) -> Result<bool, sqlx::Error> {
+    let now = now_ms();
+    let state = if succeeded { "succeeded" } else { "failed" };
+    with_pool!(db, p => {
+        let mut tx = p.begin().await?;
+        let n = sqlx::query(
+            "UPDATE executor_orders SET state = $1, next_attempt_ms = NULL, fee_minor = $2, last_error = $3, updated_ms = $4 \
+             WHERE order_id = $5 AND state = 'pending'",
+        ).bind(state).bind(fee_minor).bind(reason).bind(now).bind(order_id)
+        .execute(&mut *tx).await?.rows_affected();
+        if n != 1 {
+            return Ok(false);
+        }
+        insert_outbox!(tx, [settled], now);
+        tx.commit().await?;
+    });
+    Ok(true)
+}
+
+/// A pending order still pending at the PSP: poll again later.
+pub async fn repoll_later(db: &Db, order_id: &str, at_ms: i64) -> Result<(), sqlx::Error> {
+    with_pool!(db, p => sqlx::query(
+        "UPDATE executor_orders SET next_attempt_ms = $1, updated_ms = $2 WHERE order_id = $3 AND state = 'pending'",
+    ).bind(at_ms).bind(now_ms()).bind(order_id).execute(p).await?.rows_affected());
+    Ok(())
+}
+
+/// A webhook for this order failed verification: ask the PSP now instead
+/// of trusting (or waiting for) it.
+pub async fn poll_now(db: &Db, order_id: &str) -> Result<(), sqlx::Error> {
+    repoll_later(db, order_id, now_ms()).await
+}
+
+/// Records a webhook delivery; false if it was seen before.
+pub async fn record_webhook(db: &Db, psp_event_id: &str, kind: &str) -> Result<bool, sqlx::Error> {
+    let n = with_pool!(db, p => sqlx::query(
+        "INSERT INTO executor_webhook_events (psp_event_id, event_type, received_ms) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+    ).bind(psp_event_id).bind(kind).bind(now_ms()).execute(p).await?.rows_affected());
+    Ok(n == 1)
+}
+
+// ------------------------------------------------------------------ refunds
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct RefundRow {
+    pub refund_id: String,
+    pub order_id: String,
+    pub payment_id: String,
+    pub amount_minor: i64,
+    pub currency: String,
+    pub state: String,
+    pub attempts: i32,
+    pub deadline_ms: Option<i64>,
+}
+
+pub async fn due_refunds(
+    db: &Db,
+    payment_id: &str,
+    now: i64,
+) -> Result<Vec<RefundRow>, sqlx::Error> {
+    Ok(with_pool!(db, p => sqlx::query_as(
+        "SELECT refund_id, order_id, payment_id, amount_minor, currency, state, attempts, deadline_ms \
+         FROM executor_refunds WHERE payment_id = $1 AND next_attempt_ms <= $2 ORDER BY created_ms, refund_id",
+    ).bind(payment_id).bind(now).fetch_all(p).await?))
+}
+
+/// What other refunds of the order may already have taken at the PSP:
+/// succeeded ones, and any that reached the PSP and may yet succeed.
+pub async fn refunds_taken(
+    db: &Db,
+    order_id: &str,
+    except_refund: &str,
+) -> Result<i64, sqlx::Error> {
+    let sum: Option<i64> = with_pool!(db, p => sqlx::query_scalar(
+        "SELECT CAST(sum(amount_minor) AS BIGINT) FROM executor_refunds WHERE order_id = $1 AND refund_id <> $2 \
+         AND (state = 'succeeded' OR (state IN ('executing', 'retry_wait') AND attempts > 0))",
+    ).bind(order_id).bind(except_refund).fetch_one(p).await?);
+    Ok(sum.unwrap_or(0))
+}
+
+/// Postpones a refund whose order is not final yet.
+pub async fn refund_later(db: &Db, refund_id: &str, at_ms: i64) -> Result<(), sqlx::Error> {
+    with_pool!(db, p => sqlx::query(
+        "UPDATE executor_refunds SET next_attempt_ms = $1, updated_ms = $2 WHERE refund_id = $3 AND state IN ('ready', 'retry_wait')",
+    ).bind(at_ms).bind(now_ms()).bind(refund_id).execute(p).await?.rows_affected());
+    Ok(())
+}
+
+pub async fn begin_refund_attempt(
+    db: &Db,
+    refund_id: &str,
+    attempt: i32,
+    lease_ms: i64,
+    max_total_ms: i64,
+) -> Result<bool, sqlx::Error> {
+    let now = now_ms();
+    let n = with_pool!(db, p => sqlx::query(
+        "UPDATE executor_refunds SET state = 'executing', attempts = $1, next_attempt_ms = $2, \
+         deadline_ms = COALESCE(deadline_ms, $3), updated_ms = $4 \
+         WHERE refund_id = $5 AND attempts = $6 AND state IN ('ready', 'retry_wait', 'executing')",
+    ).bind(attempt).bind(now + lease_ms).bind(now.saturating_add(max_total_ms)).bind(now)
+    .bind(refund_id).bind(attempt - 1).execute(p).await?.rows_affected());
+    Ok(n == 1)
+}
+
+/// Where a refund ended up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefundUpdate {
+    Succeeded { psp_refund_id: String },
+    Failed { reason: String },
+    RetryWait { at_ms: i64, reason: String },
+}
+
+/// Records a refund outcome (guarded by its state and attempt count; a
+/// refund rejected before any attempt has attempt 0 and state 'ready').
+pub async fn record_refund(
+    db: &Db,
+    refund_id: &str,
+    attempt: i32,
+    update: &RefundUpdate,
+    out: &[Outgoing],
+) -> Result<bool, sqlx::Error> {
+    let now = now_ms();
+    let (state, next, psp, err): (&str, Option<i64>, Option<&str>, Option<&str>) = match update {
+        RefundUpdate::Succeeded { psp_refund_id } => ("succeeded", None, Some(psp_refund_id), None),
+        RefundUpdate::Failed { reason } => ("failed", None, None, Some(reason)),
+        RefundUpdate::RetryWait { at_ms, reason } => {
+            ("retry_wait", Some(*at_ms), None, Some(reason))
+        }
+    };
+    with_pool!(db, p => {
+        let mut tx = p.begin().await?;
+        let n = sqlx::query(
+            "UPDATE executor_refunds SET state = $1, next_attempt_ms = $2, psp_refund_id = COALESCE($3, psp_refund_id), \
+             last_error = $4, updated_ms = $5 \
+             WHERE refund_id = $6 AND attempts = $7 AND state IN ('ready', 'executing', 'retry_wait')",
+        ).bind(state).bind(next).bind(psp).bind(err).bind(now).bind(refund_id).bind(attempt)
+        .execute(&mut *tx).await?.rows_affected();
+        if n != 1 {
+            return Ok(false);
+        }
+        insert_outbox!(tx, out, now);
+        tx.commit().await?;
+    });
+    Ok(true)
+}
+
+// ------------------------------------------------------------------- outbox
+
+/// Events recorded but not yet acknowledged by the broker, in the order they
+/// were recorded: of one payment, or (payment None) of all payments, only
+/// those older than `older_than_ms`.
+pub async fn unappended(
+    db: &Db,
+    payment_id: Option<&str>,
+    older_than_ms: i64,
+    limit: i64,
+) -> Result<Vec<(i64, Vec<u8>)>, sqlx::Error> {
+    Ok(with_pool!(db, p => sqlx::query_as(
+        "SELECT seq, body FROM executor_outbox WHERE appended_ms IS NULL \
+         AND ($1 IS NULL OR payment_id = $1) AND created_ms <= $2 ORDER BY seq LIMIT $3",
+    ).bind(payment_id).bind(older_than_ms).bind(limit).fetch_all(p).await?))
+}
+
+pub async fn mark_appended(db: &Db, seqs: &[i64]) -> Result<(), sqlx::Error> {
+    if seqs.is_empty() {
+        return Ok(());
+    }
+    // Integers we read ourselves: safe to inline, and one statement serves
+    // both backends (no array binds in SQLite).
+    let list = seqs
+        .iter()
+        .map(i64::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let sql = format!("UPDATE executor_outbox SET appended_ms = $1 WHERE seq IN ({list})");
+    with_pool!(db, p => sqlx::query(&sql).bind(now_ms()).execute(p).await?.rows_affected());
+    Ok(())
+}
+
+pub async fn webhook_seen(db: &Db, psp_event_id: &str) -> Result<bool, sqlx::Error> {
+    let n: i64 = with_pool!(db, p => sqlx::query_scalar("SELECT count(*) FROM executor_webhook_events WHERE psp_event_id = $1")
+        .bind(psp_event_id).fetch_one(p).await?);
+    Ok(n > 0)
+}

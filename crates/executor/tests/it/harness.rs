@@ -1,0 +1,349 @@
+//! A real executor against the real broker, PostgreSQL (or SQLite) and the
+//! PSP simulator; payments are produced straight to the payments topic, and
+//! everything appended there is collected for the assertions.
+
+use events::{
+    BuyerId, ClientId, CorrelationId, Currency, Envelope, Event, EventId, Money, OrderId,
+    PaymentId, PaymentOrder, PaymentRequested, RefundId, RefundRequested, RiskApproved,
+    SCHEMA_VERSION, SellerId, Timestamp, TopicKind,
+};
+use executor::ExecutorArgs;
+use psp_sim::{Behaviour, RunningSim, SimConfig};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use streaming::{EventProducer, KafkaConfig};
+use tokio_util::sync::CancellationToken;
+
+pub fn brokers() -> String {
+    std::env::var("PAYSTREAM_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub struct Env {
+    pub producer: EventProducer,
+    _sim: RunningSim,
+    pub sim_url: String,
+    pub exec_base: String,
+    pub http: reqwest::Client,
+    pub stop: CancellationToken,
+    pub seen: Arc<Mutex<Vec<Envelope>>>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Options of one test environment.
+pub struct Setup {
+    pub backend: Backend,
+    pub behaviour: serde_json::Value,
+    /// Point the simulator's webhooks at the executor.
+    pub webhooks: bool,
+    pub args: Box<dyn Fn(&mut ExecutorArgs)>,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup {
+            backend: Backend::Postgres,
+            behaviour: serde_json::json!({}),
+            webhooks: false,
+            args: Box::new(|_| {}),
+        }
+    }
+}
+
+pub async fn start(setup: Setup) -> Env {
+    let mut dirs = Vec::new();
+    let sim_dir = tempfile::tempdir().unwrap();
+    let sim_db = format!("sqlite://{}", sim_dir.path().join("sim.db").display());
+    dirs.push(sim_dir);
+    let port = free_port();
+    let mut behaviour = setup.behaviour;
+    if setup.webhooks {
+        behaviour["accounts"] = serde_json::json!([{
+            "id": "acct_default", "api_key": "sk_test_default", "webhook_secret": "whsec_default",
+            "webhook_url": format!("http://127.0.0.1:{port}/v1/psp/webhooks")
+        }]);
+        if behaviour.get("webhooks").is_none() {
+            behaviour["webhooks"] =
+                serde_json::json!({"initial_backoff_ms": 100, "max_backoff_ms": 500});
+        }
+    }
+    let behaviour: Behaviour = serde_json::from_value(behaviour).unwrap();
+    let sim = psp_sim::spawn(SimConfig {
+        behaviour,
+        ..SimConfig::for_tests(sim_db)
+    })
+    .await
+    .unwrap();
+    let sim_url = sim.base_url();
+
+    let db_url = match setup.backend {
+        Backend::Postgres => storage::testing::fresh_postgres_url().await.unwrap(),
+        Backend::Sqlite => {
+            let dir = tempfile::tempdir().unwrap();
+            let url = format!("sqlite://{}", dir.path().join("exec.db").display());
+            dirs.push(dir);
+            url
+        }
+    };
+    let kafka = KafkaConfig::local(
+        &brokers(),
+        &format!("t{}.", uuid::Uuid::now_v7().simple()),
+        2,
+    );
+    let producer = EventProducer::new(&kafka, "test-producer").unwrap();
+    let stop = CancellationToken::new();
+    let mut args = ExecutorArgs::for_tests(&sim_url);
+    args.listen = format!("127.0.0.1:{port}").parse().unwrap();
+    (setup.args)(&mut args);
+    let running = executor::start(kafka.clone(), &db_url, args, stop.clone())
+        .await
+        .unwrap();
+    let exec_base = format!("http://{}", running.addr);
+    tokio::spawn(running.wait());
+
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    collect(&kafka, seen.clone(), stop.clone());
+    Env {
+        producer,
+        _sim: sim,
+        sim_url,
+        exec_base,
+        http: reqwest::Client::new(),
+        stop,
+        seen,
+        _dirs: dirs,
+    }
+}
+
+/// Reads the payments topic from the start into `seen` until `stop`.
+fn collect(kafka: &KafkaConfig, seen: Arc<Mutex<Vec<Envelope>>>, stop: CancellationToken) {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &kafka.brokers)
+        .set("group.id", format!("reader-{}", uuid::Uuid::now_v7()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    consumer
+        .subscribe(&[&kafka.topology().name(TopicKind::Payments)])
+        .unwrap();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                m = consumer.recv() => {
+                    if let Ok(m) = m
+                        && let Some(p) = m.payload()
+                        && let Ok(env) = events::avro::decode(p)
+                    {
+                        seen.lock().unwrap().push(env);
+                    }
+                }
+            }
+        }
+    });
+}
+
+pub fn envelope(payment: PaymentId, discriminator: &str, event: Event) -> Envelope {
+    Envelope {
+        event_id: EventId::derive(payment.as_uuid(), discriminator),
+        occurred_at: Timestamp::now(),
+        payment_id: Some(payment),
+        correlation_id: CorrelationId::from_uuid(payment.as_uuid()),
+        causation_id: None,
+        producer: "test".into(),
+        schema_version: SCHEMA_VERSION,
+        event,
+    }
+}
+
+pub fn eur(minor: i64) -> Money {
+    Money::new(minor, Currency::from_code("EUR").unwrap())
+}
+
+impl Env {
+    /// Appends an approved payment with one order per amount; returns its
+    /// order ids.
+    pub async fn pay(&self, card_token: &str, amounts: &[i64]) -> (PaymentId, Vec<OrderId>) {
+        let payment = PaymentId::new_random();
+        let orders: Vec<PaymentOrder> = amounts
+            .iter()
+            .enumerate()
+            .map(|(i, a)| PaymentOrder {
+                order_id: OrderId::derive(payment, i),
+                seller_id: SellerId::parse(&format!("seller-{i}")).unwrap(),
+                amount: eur(*a),
+            })
+            .collect();
+        let ids = orders.iter().map(|o| o.order_id).collect();
+        let requested = envelope(
+            payment,
+            "requested",
+            PaymentRequested {
+                client_id: ClientId::parse("shop").unwrap(),
+                idempotency_key: None,
+                buyer_id: BuyerId::parse("buyer-1").unwrap(),
+                orders,
+                metadata: BTreeMap::from([("card_token".to_owned(), card_token.to_owned())]),
+            }
+            .into(),
+        );
+        let approved = envelope(
+            payment,
+            "risk",
+            RiskApproved {
+                rule_set: "test".into(),
+            }
+            .into(),
+        );
+        self.producer.append(&requested).await.unwrap();
+        self.producer.append(&approved).await.unwrap();
+        (payment, ids)
+    }
+
+    pub async fn refund(&self, payment: PaymentId, order: OrderId, minor: i64) -> RefundId {
+        let refund = RefundId::new_random();
+        let env = envelope(
+            payment,
+            &format!("refund-{refund}"),
+            RefundRequested {
+                refund_id: refund,
+                order_id: order,
+                amount: eur(minor),
+                reason: "customer asked".into(),
+            }
+            .into(),
+        );
+        self.producer.append(&env).await.unwrap();
+        refund
+    }
+
+    pub fn events(&self) -> Vec<Envelope> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// Waits until `pred` holds for the events seen so far (panics after
+    /// `secs`), and returns them.
+    pub async fn wait_for(
+        &self,
+        secs: u64,
+        what: &str,
+        pred: impl Fn(&[Envelope]) -> bool,
+    ) -> Vec<Envelope> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            let evs = self.events();
+            if pred(&evs) {
+                return evs;
+            }
+            if tokio::time::Instant::now() > deadline {
+                let names: Vec<String> = evs.iter().map(|e| format!("{:?}", e.event)).collect();
+                panic!("timed out waiting for {what}; seen: {names:#?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// (charges, create requests) the simulator saw for an order.
+    pub async fn sim_stats(&self, order: OrderId) -> (i64, i64) {
+        let v: serde_json::Value = self
+            .http
+            .get(format!("{}/_sim/stats", self.sim_url))
+            .query(&[("reference", order.to_string())])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        (
+            v["charges"].as_i64().unwrap(),
+            v["create_requests"].as_i64().unwrap(),
+        )
+    }
+
+    pub async fn advance_sim_clock(&self, ms: u64) {
+        let r = self
+            .http
+            .post(format!("{}/_sim/clock/advance", self.sim_url))
+            .json(&serde_json::json!({ "ms": ms }))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+
+    pub async fn post_webhook(
+        &self,
+        signature: Option<&str>,
+        body: &str,
+    ) -> (u16, serde_json::Value) {
+        let mut req = self
+            .http
+            .post(format!("{}/v1/psp/webhooks", self.exec_base))
+            .header("content-type", "application/json")
+            .body(body.to_owned());
+        if let Some(s) = signature {
+            req = req.header("Psp-Signature", s);
+        }
+        let r = req.send().await.unwrap();
+        let s = r.status().as_u16();
+        (s, r.json().await.unwrap_or(serde_json::Value::Null))
+    }
+}
+
+/// Events about one order (by its id inside the event).
+pub fn of_order(evs: &[Envelope], order: OrderId) -> Vec<&Event> {
+    evs.iter()
+        .map(|e| &e.event)
+        .filter(|e| match e {
+            Event::OrderExecutionStarted(x) => x.order_id == order,
+            Event::OrderSucceeded(x) => x.order_id == order,
+            Event::OrderFailed(x) => x.order_id == order,
+            Event::OrderPending(x) => x.order_id == order,
+            Event::OrderSettledByWebhook(x) => x.order_id == order,
+            _ => false,
+        })
+        .collect()
+}
+
+/// Whether the order reached a final state in the events.
+pub fn is_final(evs: &[Envelope], order: OrderId) -> bool {
+    of_order(evs, order).iter().any(|e| match e {
+        Event::OrderSucceeded(_) | Event::OrderSettledByWebhook(_) => true,
+        Event::OrderFailed(f) => !f.retryable,
+        _ => false,
+    })
+}
+
+/// Distinct events (by event id): the view of a deduplicating consumer.
+pub fn distinct(evs: &[Envelope]) -> Vec<Envelope> {
+    let mut seen = std::collections::BTreeSet::new();
+    evs.iter()
+        .filter(|e| seen.insert(e.event_id))
+        .cloned()
+        .collect()
+}

@@ -1,0 +1,342 @@
+//! The executor against the real broker, PostgreSQL/SQLite and the PSP
+//! simulator.
+
+mod harness;
+
+use events::{Event, EventType};
+use harness::{Backend, Setup, distinct, is_final, of_order, start};
+use std::time::Duration;
+
+fn count(evs: &[events::Envelope], t: EventType) -> usize {
+    distinct(evs).iter().filter(|e| e.event_type() == t).count()
+}
+
+async fn charges_each_order_once(backend: Backend) {
+    let env = start(Setup {
+        backend,
+        ..Setup::default()
+    })
+    .await;
+    let (_, ok_orders) = env.pay("tok_visa", &[1050, 2000]).await;
+    let (_, declined) = env.pay("tok_decline", &[700]).await;
+    let all: Vec<_> = ok_orders.iter().chain(&declined).copied().collect();
+    let evs = env
+        .wait_for(60, "all orders final", |evs| {
+            all.iter().all(|o| is_final(evs, *o))
+        })
+        .await;
+    let evs = distinct(&evs);
+    for (o, amount) in ok_orders.iter().zip([1050i64, 2000]) {
+        let mine = of_order(&evs, *o);
+        assert!(
+            matches!(mine[0], Event::OrderExecutionStarted(s) if s.attempt == 1),
+            "{mine:?}"
+        );
+        let ok = mine
+            .iter()
+            .find_map(|e| match e {
+                Event::OrderSucceeded(s) => Some(s.clone()),
+                _ => None,
+            })
+            .expect("succeeded");
+        assert_eq!(ok.amount.amount_minor(), amount);
+        // acct_default: 290 bps rounded half up, plus 30.
+        assert_eq!(ok.fee.amount_minor(), (amount * 290 + 5_000) / 10_000 + 30);
+        assert!(ok.psp_reference.starts_with("ch_"), "{}", ok.psp_reference);
+        assert_eq!(env.sim_stats(*o).await.0, 1);
+    }
+    let mine = of_order(&evs, declined[0]);
+    assert!(
+        mine.iter().any(
+            |e| matches!(e, Event::OrderFailed(f) if !f.retryable && f.code == "card_declined")
+        ),
+        "{mine:?}"
+    );
+    assert!(!mine.iter().any(|e| matches!(e, Event::OrderSucceeded(_))));
+    // Orders of one payment stay in order: the second order starts after the
+    // first one's outcome.
+    let pos = |pred: &dyn Fn(&Event) -> bool| evs.iter().position(|e| pred(&e.event)).unwrap();
+    let first_done = pos(&|e| matches!(e, Event::OrderSucceeded(s) if s.order_id == ok_orders[0]));
+    let second_started =
+        pos(&|e| matches!(e, Event::OrderExecutionStarted(s) if s.order_id == ok_orders[1]));
+    assert!(first_done < second_started);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn charges_each_order_once_and_reports_declines_postgres() {
+    charges_each_order_once(Backend::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smoke_on_sqlite() {
+    charges_each_order_once(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_failures_are_retried_then_given_up() {
+    let env = start(Setup {
+        behaviour: serde_json::json!({"rules": [
+            {"match": {"card_token": "tok_always_down"}, "outcome": {"type": "error", "status": 503, "times": 1000}}
+        ]}),
+        args: Box::new(|a| {
+            a.max_attempts = 3;
+            a.backoff_base_ms = 20;
+        }),
+        ..Setup::default()
+    })
+    .await;
+    let (_, flaky) = env.pay("tok_flaky_500", &[500]).await;
+    let (_, limited) = env.pay("tok_rate_limited", &[600]).await;
+    let (_, down) = env.pay("tok_always_down", &[700]).await;
+    let (_, timeout) = env.pay("tok_timeout", &[800]).await;
+    let all = [flaky[0], limited[0], down[0], timeout[0]];
+    let evs = env
+        .wait_for(60, "all orders final", |evs| {
+            all.iter().all(|o| is_final(evs, *o))
+        })
+        .await;
+    let evs = distinct(&evs);
+
+    // 500 twice, then success on attempt 3.
+    let mine = of_order(&evs, flaky[0]);
+    let retryable = mine
+        .iter()
+        .filter(|e| matches!(e, Event::OrderFailed(f) if f.retryable))
+        .count();
+    assert_eq!(retryable, 2, "{mine:?}");
+    assert!(mine.iter().any(|e| matches!(e, Event::OrderSucceeded(_))));
+    assert_eq!(env.sim_stats(flaky[0]).await, (1, 3));
+
+    // 429 with Retry-After: 1 → the next attempt starts at least 1 s later.
+    let failed_at = evs
+        .iter()
+        .find(|e| matches!(&e.event, Event::OrderFailed(f) if f.order_id == limited[0] && f.attempt == 1))
+        .expect("attempt 1 failed")
+        .occurred_at;
+    let retried_at = evs
+        .iter()
+        .find(|e| matches!(&e.event, Event::OrderExecutionStarted(s) if s.order_id == limited[0] && s.attempt == 2))
+        .expect("attempt 2 started")
+        .occurred_at;
+    let gap_ms = (retried_at.as_micros() - failed_at.as_micros()) / 1000;
+    assert!(
+        gap_ms >= 1000,
+        "Retry-After: 1 not honoured, gap {gap_ms} ms"
+    );
+    assert!(
+        of_order(&evs, limited[0])
+            .iter()
+            .any(|e| matches!(e, Event::OrderSucceeded(_)))
+    );
+    assert_eq!(env.sim_stats(limited[0]).await.0, 1);
+
+    // Always 503: three attempts, then a final failure with the reason.
+    let mine = of_order(&evs, down[0]);
+    let final_failure = mine
+        .iter()
+        .find_map(|e| match e {
+            Event::OrderFailed(f) if !f.retryable => Some(f.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(final_failure.code, "retries_exhausted");
+    assert_eq!(final_failure.attempt, 3);
+    assert!(
+        final_failure.reason.contains("psp_unavailable"),
+        "{}",
+        final_failure.reason
+    );
+    assert_eq!(env.sim_stats(down[0]).await, (0, 3));
+
+    // A timeout after the charge was made: the retry gets it replayed.
+    assert!(
+        of_order(&evs, timeout[0])
+            .iter()
+            .any(|e| matches!(e, Event::OrderSucceeded(_)))
+    );
+    assert_eq!(env.sim_stats(timeout[0]).await.0, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_orders_settle_once_by_webhook() {
+    let env = start(Setup {
+        webhooks: true,
+        behaviour: serde_json::json!({"webhooks": {"initial_backoff_ms": 100, "max_backoff_ms": 500, "duplicate_percent": 100}}),
+        ..Setup::default()
+    })
+    .await;
+    let (_, ok) = env.pay("tok_pending", &[1200]).await;
+    let (_, bad) = env.pay("tok_pending_fail", &[1300]).await;
+    env.wait_for(30, "both pending", |evs| {
+        [ok[0], bad[0]].iter().all(|o| {
+            of_order(evs, *o)
+                .iter()
+                .any(|e| matches!(e, Event::OrderPending(_)))
+        })
+    })
+    .await;
+    env.advance_sim_clock(61_000).await;
+    let evs = env
+        .wait_for(30, "both settled", |evs| {
+            is_final(evs, ok[0]) && is_final(evs, bad[0])
+        })
+        .await;
+    // Duplicated deliveries keep coming for a moment; give them time.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let evs2 = distinct(&env.events());
+    let settled: Vec<_> = evs2
+        .iter()
+        .filter_map(|e| match &e.event {
+            Event::OrderSettledByWebhook(s) => Some(s.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(settled.len(), 2, "one settlement per order: {settled:?}");
+    let s_ok = settled.iter().find(|s| s.order_id == ok[0]).unwrap();
+    assert!(s_ok.succeeded);
+    assert_eq!(
+        s_ok.fee.unwrap().amount_minor(),
+        (1200 * 290 + 5_000) / 10_000 + 30
+    );
+    let s_bad = settled.iter().find(|s| s.order_id == bad[0]).unwrap();
+    assert!(!s_bad.succeeded);
+    assert_eq!(s_bad.failure_reason.as_deref(), Some("review_rejected"));
+    assert!(!evs.is_empty());
+    assert_eq!(env.sim_stats(ok[0]).await.0, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_stale_and_duplicate_webhooks_change_nothing() {
+    let env = start(Setup {
+        args: Box::new(|a| a.pending_poll_after_secs = 3_600),
+        ..Setup::default()
+    })
+    .await;
+    let (_, o) = env.pay("tok_pending", &[900]).await;
+    env.wait_for(30, "pending", |evs| {
+        of_order(evs, o[0])
+            .iter()
+            .any(|e| matches!(e, Event::OrderPending(_)))
+    })
+    .await;
+    let charge_id = match of_order(&env.events(), o[0])
+        .iter()
+        .find(|e| matches!(e, Event::OrderPending(_)))
+        .unwrap()
+    {
+        Event::OrderPending(p) => p.psp_reference.clone(),
+        _ => unreachable!(),
+    };
+    let body = |evt: &str, status: &str| {
+        serde_json::json!({"id": evt, "type": "charge.succeeded", "created": 0, "data": {
+            "id": charge_id, "status": status, "amount_minor": 900, "currency": "EUR", "fee_minor": 56,
+            "reference": o[0].to_string(), "card_token": "tok_pending", "created_at": "2026-11-25T14:20:01.123Z",
+            "settled_at": null, "decline_code": null, "refunded_minor": 0}})
+        .to_string()
+    };
+    let now = events::Timestamp::now().as_millis() / 1000;
+    let b = body("evt_forged", "succeeded");
+    // Wrong secret, no signature, stale timestamp: 401, nothing appended.
+    let forged = psp_sim::sign(b"whsec_wrong", now, b.as_bytes());
+    assert_eq!(env.post_webhook(Some(&forged), &b).await.0, 401);
+    let (s, v) = env.post_webhook(None, &b).await;
+    assert_eq!(s, 401);
+    assert_eq!(v["error"]["code"], "invalid_signature");
+    let stale = psp_sim::sign(b"whsec_default", now - 3_600, b.as_bytes());
+    assert_eq!(env.post_webhook(Some(&stale), &b).await.0, 401);
+    // A forged webhook makes the executor ask the PSP, which still says
+    // pending: nothing is settled.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(count(&env.events(), EventType::OrderSettledByWebhook), 0);
+
+    // Now the PSP resolves it (no webhook configured); a genuine delivery,
+    // sent three times, settles it once.
+    env.advance_sim_clock(61_000).await;
+    let good = body("evt_good", "succeeded");
+    for _ in 0..3 {
+        let sig = psp_sim::sign(b"whsec_default", now, good.as_bytes());
+        assert_eq!(env.post_webhook(Some(&sig), &good).await.0, 200);
+    }
+    // Another genuine event id for the same, already settled order.
+    let again = body("evt_other", "succeeded");
+    let sig = psp_sim::sign(b"whsec_default", now, again.as_bytes());
+    let (s, v) = env.post_webhook(Some(&sig), &again).await;
+    assert_eq!((s, v["status"].as_str()), (200, Some("duplicate")));
+    env.wait_for(15, "settled", |evs| is_final(evs, o[0])).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(count(&env.events(), EventType::OrderSettledByWebhook), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_orders_are_polled_when_no_webhook_comes() {
+    let env = start(Setup {
+        args: Box::new(|a| a.pending_poll_after_secs = 1),
+        ..Setup::default()
+    })
+    .await;
+    let (_, o) = env.pay("tok_pending", &[1500]).await;
+    env.wait_for(30, "pending", |evs| {
+        of_order(evs, o[0])
+            .iter()
+            .any(|e| matches!(e, Event::OrderPending(_)))
+    })
+    .await;
+    env.advance_sim_clock(61_000).await;
+    let evs = env
+        .wait_for(30, "settled by poll", |evs| is_final(evs, o[0]))
+        .await;
+    let settled = of_order(&distinct(&evs), o[0])
+        .into_iter()
+        .find_map(|e| match e {
+            Event::OrderSettledByWebhook(s) => Some(s.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert!(settled.succeeded);
+    assert_eq!(env.sim_stats(o[0]).await.0, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refunds_never_exceed_what_was_captured() {
+    let env = start(Setup::default()).await;
+    let (payment, o) = env.pay("tok_visa", &[1000]).await;
+    env.wait_for(30, "charged", |evs| is_final(evs, o[0])).await;
+    let first = env.refund(payment, o[0], 600).await;
+    let evs = env
+        .wait_for(30, "first refund", |evs| {
+            evs.iter()
+                .any(|e| matches!(&e.event, Event::RefundSucceeded(r) if r.refund_id == first))
+        })
+        .await;
+    let ok = evs
+        .iter()
+        .find_map(|e| match &e.event {
+            Event::RefundSucceeded(r) if r.refund_id == first => Some(r.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(ok.amount.amount_minor(), 600);
+    assert!(ok.psp_reference.starts_with("re_"), "{}", ok.psp_reference);
+    let second = env.refund(payment, o[0], 500).await;
+    let third = env.refund(payment, o[0], 400).await;
+    let evs = env
+        .wait_for(30, "second and third refund", |evs| {
+            let done = |id| {
+                evs.iter().any(|e| match &e.event {
+                    Event::RefundSucceeded(r) => r.refund_id == id,
+                    Event::RefundFailed(r) => r.refund_id == id,
+                    _ => false,
+                })
+            };
+            done(second) && done(third)
+        })
+        .await;
+    assert!(evs.iter().any(
+        |e| matches!(&e.event, Event::RefundFailed(r) if r.refund_id == second && r.code == "amount_exceeds_refundable")
+    ));
+    // What is left (400) can still be refunded.
+    assert!(
+        evs.iter()
+            .any(|e| matches!(&e.event, Event::RefundSucceeded(r) if r.refund_id == third))
+    );
+}

@@ -1,0 +1,558 @@
+//! Applying a batch of events to a projection in one database transaction,
+//! exactly once per event id.
+//!
+//! 1. Record the batch's new event ids in `applied_events`
+//!    (`ON CONFLICT DO NOTHING RETURNING`): the ids that come back are new,
+//!    the rest were applied before (or are being applied by another member
+//!    during a rebalance, whose row lock makes us wait and then see them).
+//! 2. Load the orders and booking keys the new events refer to.
+//! 3. Decide every new event in memory, in order; an event that is
+//!    rejected (or whose booking fails the write-side balance check) leaves
+//!    no trace: its `applied_events` row is deleted again, and the state
+//!    later events see does not include it.
+//! 4. Write the effects of the accepted events and commit.
+//!
+//! The caller commits the Kafka offset only after this returns.
+
+use crate::booking::{self, BookState, Booking, Decision, OrderState};
+use crate::sql::{Tx, Ty, V, in_clause, insert_many};
+use events::{Currency, Envelope};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use storage::Db;
+use streaming::{BatchHandler, Delivered, HandlerError, MessageMeta, Outcome};
+
+/// Which projection a handler maintains; also its key in shared tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Projection {
+    Ledger,
+    Wallet,
+}
+
+impl Projection {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Projection::Ledger => "ledger",
+            Projection::Wallet => "wallet",
+        }
+    }
+}
+
+/// Hash that precedes the first ledger transaction.
+pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// One event to apply and where it came from.
+#[derive(Debug, Clone, Copy)]
+pub struct Incoming<'a> {
+    pub envelope: &'a Envelope,
+    pub meta: &'a MessageMeta,
+}
+
+/// Applies `batch` to `projection` in one transaction; one outcome per
+/// event, in order. A database error leaves nothing written.
+pub async fn apply_batch(
+    db: &Db,
+    projection: Projection,
+    batch: &[Incoming<'_>],
+) -> Result<Vec<Outcome>, sqlx::Error> {
+    let mut outcomes = vec![Outcome::Duplicate; batch.len()];
+    if batch.is_empty() {
+        return Ok(outcomes);
+    }
+    let p = projection.as_str();
+    let now = events::Timestamp::now().as_micros();
+    let mut tx = Tx::begin(db).await?;
+
+    // 1. Claim the event ids; the first occurrence in the batch counts.
+    let mut seen = HashSet::new();
+    let mut first: Vec<usize> = Vec::new();
+    for (i, inc) in batch.iter().enumerate() {
+        if seen.insert(inc.envelope.event_id) {
+            first.push(i);
+        }
+    }
+    // Sorted, so two members claiming overlapping batches lock rows in the
+    // same order and cannot deadlock.
+    first.sort_by_key(|&i| batch[i].envelope.event_id);
+    let claim_rows: Vec<Vec<V>> = first
+        .iter()
+        .map(|&i| {
+            let inc = &batch[i];
+            vec![
+                V::T(p.to_owned()),
+                V::T(inc.envelope.event_id.to_string()),
+                V::I(now),
+                V::T(inc.meta.topic.clone()),
+                V::I(i64::from(inc.meta.partition)),
+                V::I(inc.meta.offset),
+            ]
+        })
+        .collect();
+    let new_ids: HashSet<String> = insert_many(
+        &mut tx,
+        "applied_events",
+        &[
+            "projection",
+            "event_id",
+            "applied_at",
+            "topic",
+            "kafka_partition",
+            "kafka_offset",
+        ],
+        &claim_rows,
+        "ON CONFLICT DO NOTHING RETURNING event_id",
+        &[Ty::T],
+    )
+    .await?
+    .into_iter()
+    .map(|r| r[0].text())
+    .collect();
+    let mut fresh: Vec<usize> = first
+        .iter()
+        .copied()
+        .filter(|&i| new_ids.contains(&batch[i].envelope.event_id.to_string()))
+        .collect();
+    fresh.sort_unstable(); // back to delivery order
+    if fresh.is_empty() {
+        tx.commit().await?;
+        return Ok(outcomes);
+    }
+
+    // 2. Load what the new events refer to.
+    let mut order_ids: Vec<String> = fresh
+        .iter()
+        .flat_map(|&i| booking::referenced_orders(batch[i].envelope))
+        .collect();
+    order_ids.sort();
+    order_ids.dedup();
+    let mut keys: Vec<String> = fresh
+        .iter()
+        .filter_map(|&i| booking::booking_key(batch[i].envelope))
+        .collect();
+    keys.sort();
+    keys.dedup();
+    let mut state = BookState::default();
+    load_orders(&mut tx, p, &order_ids, &mut state).await?;
+    load_bookings(&mut tx, p, &keys, &mut state).await?;
+
+    // 3. Decide in memory.
+    let mut dirty_orders: BTreeMap<String, OrderState> = BTreeMap::new();
+    let mut bookings: Vec<(usize, Booking)> = Vec::new();
+    let mut rejected: Vec<String> = Vec::new();
+    for &i in &fresh {
+        let env = batch[i].envelope;
+        outcomes[i] = match booking::decide(env, &state) {
+            Decision::Ignore => Outcome::Ignored,
+            Decision::Reject { kind, reason } => {
+                rejected.push(env.event_id.to_string());
+                Outcome::rejected(kind, reason)
+            }
+            Decision::Apply(fx) => {
+                // The write-side check: never write an unbalanced transaction.
+                match fx
+                    .bookings
+                    .iter()
+                    .find_map(|b| booking::check_balanced(&b.entries).err())
+                {
+                    Some(reason) => {
+                        rejected.push(env.event_id.to_string());
+                        Outcome::rejected("unbalanced", reason)
+                    }
+                    None => {
+                        state.absorb(&fx);
+                        for (id, o) in fx.orders {
+                            dirty_orders.insert(id, o);
+                        }
+                        bookings.extend(fx.bookings.into_iter().map(|b| (i, b)));
+                        Outcome::Applied
+                    }
+                }
+            }
+        };
+    }
+
+    // 4. Write.
+    for chunk in rejected.chunks(crate::sql::ROWS_PER_STATEMENT) {
+        let (clause, ids) = in_clause(&tx, "event_id", chunk, 2);
+        let sql = format!("DELETE FROM applied_events WHERE projection = $1 AND {clause}");
+        let mut vals = vec![V::T(p.to_owned())];
+        vals.extend(ids);
+        tx.exec(&sql, &vals).await?;
+    }
+    write_orders(&mut tx, p, &dirty_orders).await?;
+    let booking_rows: Vec<Vec<V>> = bookings
+        .iter()
+        .map(|(i, b)| {
+            vec![
+                V::T(p.to_owned()),
+                V::T(b.key.clone()),
+                V::T(batch[*i].envelope.event_id.to_string()),
+            ]
+        })
+        .collect();
+    insert_many(
+        &mut tx,
+        "projection_bookings",
+        &["projection", "booking_key", "event_id"],
+        &booking_rows,
+        "",
+        &[],
+    )
+    .await?;
+    match projection {
+        Projection::Ledger => write_ledger(&mut tx, batch, &bookings, now).await?,
+        Projection::Wallet => write_wallet(&mut tx, &bookings).await?,
+    }
+    tx.commit().await?;
+    Ok(outcomes)
+}
+
+async fn load_orders(
+    tx: &mut Tx,
+    p: &str,
+    ids: &[String],
+    state: &mut BookState,
+) -> Result<(), sqlx::Error> {
+    for chunk in ids.chunks(crate::sql::ROWS_PER_STATEMENT) {
+        let (clause, list) = in_clause(tx, "order_id", chunk, 2);
+        let sql = format!(
+            "SELECT order_id, payment_id, buyer_id, seller_id, currency, amount_minor, captured_minor, refunded_minor FROM projection_orders WHERE projection = $1 AND {clause}"
+        );
+        let mut vals = vec![V::T(p.to_owned())];
+        vals.extend(list);
+        let cols = [Ty::T, Ty::T, Ty::T, Ty::T, Ty::T, Ty::I, Ty::I, Ty::I];
+        for r in tx.rows(&sql, &vals, &cols).await? {
+            let currency =
+                Currency::from_code(&r[4].text()).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+            state.orders.insert(
+                r[0].text(),
+                OrderState {
+                    payment_id: r[1].text(),
+                    buyer_id: r[2].text(),
+                    seller_id: r[3].text(),
+                    currency,
+                    amount_minor: r[5].int(),
+                    captured_minor: r[6].int(),
+                    refunded_minor: r[7].int(),
+                },
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn load_bookings(
+    tx: &mut Tx,
+    p: &str,
+    keys: &[String],
+    state: &mut BookState,
+) -> Result<(), sqlx::Error> {
+    for chunk in keys.chunks(crate::sql::ROWS_PER_STATEMENT) {
+        let (clause, list) = in_clause(tx, "booking_key", chunk, 2);
+        let sql = format!(
+            "SELECT booking_key FROM projection_bookings WHERE projection = $1 AND {clause}"
+        );
+        let mut vals = vec![V::T(p.to_owned())];
+        vals.extend(list);
+        for r in tx.rows(&sql, &vals, &[Ty::T]).await? {
+            state.bookings.insert(r[0].text());
+        }
+    }
+    Ok(())
+}
+
+async fn write_orders(
+    tx: &mut Tx,
+    p: &str,
+    orders: &BTreeMap<String, OrderState>,
+) -> Result<(), sqlx::Error> {
+    let rows: Vec<Vec<V>> = orders
+        .iter()
+        .map(|(id, o)| {
+            vec![
+                V::T(p.to_owned()),
+                V::T(id.clone()),
+                V::T(o.payment_id.clone()),
+                V::T(o.buyer_id.clone()),
+                V::T(o.seller_id.clone()),
+                V::T(o.currency.code().to_owned()),
+                V::I(o.amount_minor),
+                V::I(o.captured_minor),
+                V::I(o.refunded_minor),
+            ]
+        })
+        .collect();
+    insert_many(
+        tx,
+        "projection_orders",
+        &[
+            "projection",
+            "order_id",
+            "payment_id",
+            "buyer_id",
+            "seller_id",
+            "currency",
+            "amount_minor",
+            "captured_minor",
+            "refunded_minor",
+        ],
+        &rows,
+        "ON CONFLICT (projection, order_id) DO UPDATE SET captured_minor = excluded.captured_minor, refunded_minor = excluded.refunded_minor",
+        &[],
+    )
+    .await?;
+    Ok(())
+}
+
+/// The bytes a ledger transaction's hash covers, besides the previous hash.
+// Every argument is a stored column the hash must cover; a struct would
+// only rename them.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn canonical_bytes(
+    seq: i64,
+    id: &str,
+    event_id: &str,
+    payment_id: Option<&str>,
+    kind: &str,
+    occurred_at: i64,
+    booked_at: i64,
+    entries: &[(String, String, i64)],
+) -> Vec<u8> {
+    let mut s = format!(
+        "v1\n{seq}\n{id}\n{event_id}\n{}\n{kind}\n{occurred_at}\n{booked_at}\n",
+        payment_id.unwrap_or("-")
+    );
+    for (account, currency, amount) in entries {
+        s.push_str(&format!("{account}\t{currency}\t{amount}\n"));
+    }
+    s.into_bytes()
+}
+
+/// SHA-256 of the previous hash (hex) followed by the canonical bytes.
+pub(crate) fn chain_hash(prev_hash: &str, canonical: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(prev_hash.as_bytes());
+    h.update(canonical);
+    hex::encode(h.finalize())
+}
+
+/// Ledger transaction id: derived from the event id and the booking kind,
+/// so re-applying an event can only ever produce the same id.
+pub fn transaction_id(event_id: &events::EventId, kind: booking::BookingKind) -> String {
+    uuid::Uuid::new_v5(
+        &event_id.as_uuid(),
+        format!("ledger:{}", kind.as_str()).as_bytes(),
+    )
+    .to_string()
+}
+
+async fn write_ledger(
+    tx: &mut Tx,
+    batch: &[Incoming<'_>],
+    bookings: &[(usize, Booking)],
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    if bookings.is_empty() {
+        return Ok(());
+    }
+    // The chain head's row lock orders concurrent ledger writers.
+    let head_sql = if tx.is_postgres() {
+        "SELECT seq, hash FROM ledger_chain_head WHERE id = 1 FOR UPDATE"
+    } else {
+        "SELECT seq, hash FROM ledger_chain_head WHERE id = 1"
+    };
+    let head = tx.rows(head_sql, &[], &[Ty::I, Ty::T]).await?;
+    assert_eq!(head.len(), 1, "the migration creates the chain head row");
+    let (mut seq, mut prev) = (head[0][0].int(), head[0][1].text());
+    let mut txn_rows = Vec::with_capacity(bookings.len());
+    let mut entry_rows = Vec::with_capacity(bookings.len() * 3);
+    for (i, b) in bookings {
+        let env = batch[*i].envelope;
+        seq += 1;
+        let id = transaction_id(&env.event_id, b.kind);
+        let event_id = env.event_id.to_string();
+        let payment = env.payment_id.map(|p| p.to_string());
+        let occurred = env.occurred_at.as_micros();
+        let entries: Vec<(String, String, i64)> = b
+            .entries
+            .iter()
+            .map(|e| {
+                (
+                    e.account.clone(),
+                    e.amount.currency().code().to_owned(),
+                    e.amount.amount_minor(),
+                )
+            })
+            .collect();
+        let bytes = canonical_bytes(
+            seq,
+            &id,
+            &event_id,
+            payment.as_deref(),
+            b.kind.as_str(),
+            occurred,
+            now,
+            &entries,
+        );
+        let hash = chain_hash(&prev, &bytes);
+        for (line, (account, currency, amount)) in entries.into_iter().enumerate() {
+            entry_rows.push(vec![
+                V::T(id.clone()),
+                V::I(i64::try_from(line).expect("few entries per transaction")),
+                V::T(account),
+                V::T(currency),
+                V::I(amount),
+                V::I(occurred),
+                V::I(seq),
+            ]);
+        }
+        txn_rows.push(vec![
+            V::I(seq),
+            V::T(id),
+            V::T(b.key.clone()),
+            V::T(event_id),
+            V::N(payment),
+            V::T(b.kind.as_str().to_owned()),
+            V::I(occurred),
+            V::I(now),
+            V::T(std::mem::replace(&mut prev, hash.clone())),
+            V::T(hash),
+        ]);
+    }
+    insert_many(
+        tx,
+        "ledger_transactions",
+        &[
+            "seq",
+            "id",
+            "booking_key",
+            "event_id",
+            "payment_id",
+            "kind",
+            "occurred_at",
+            "booked_at",
+            "prev_hash",
+            "hash",
+        ],
+        &txn_rows,
+        "",
+        &[],
+    )
+    .await?;
+    insert_many(
+        tx,
+        "ledger_entries",
+        &[
+            "transaction_id",
+            "line",
+            "account",
+            "currency",
+            "amount_minor",
+            "occurred_at",
+            "seq",
+        ],
+        &entry_rows,
+        "",
+        &[],
+    )
+    .await?;
+    tx.exec(
+        "UPDATE ledger_chain_head SET seq = $1, hash = $2 WHERE id = 1",
+        &[V::I(seq), V::T(prev)],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn write_wallet(tx: &mut Tx, bookings: &[(usize, Booking)]) -> Result<(), sqlx::Error> {
+    let mut sellers: BTreeMap<(String, String), i64> = BTreeMap::new();
+    let mut buyers: BTreeMap<(String, String), (i64, i64)> = BTreeMap::new();
+    let overflow = || sqlx::Error::Protocol("wallet delta overflows i64".into());
+    for (_, b) in bookings {
+        for (seller, m) in b.wallet_deltas() {
+            let e = sellers
+                .entry((seller, m.currency().code().to_owned()))
+                .or_default();
+            *e = e.checked_add(m.amount_minor()).ok_or_else(overflow)?;
+        }
+        if let Some((buyer, paid, refunded)) = &b.buyer {
+            let e = buyers
+                .entry((buyer.clone(), paid.currency().code().to_owned()))
+                .or_default();
+            e.0 = e.0.checked_add(paid.amount_minor()).ok_or_else(overflow)?;
+            e.1 =
+                e.1.checked_add(refunded.amount_minor())
+                    .ok_or_else(overflow)?;
+        }
+    }
+    let rows: Vec<Vec<V>> = sellers
+        .into_iter()
+        .map(|((s, c), d)| vec![V::T(s), V::T(c), V::I(d)])
+        .collect();
+    insert_many(
+        tx,
+        "wallet_balances",
+        &["seller_id", "currency", "balance_minor"],
+        &rows,
+        "ON CONFLICT (seller_id, currency) DO UPDATE SET balance_minor = wallet_balances.balance_minor + excluded.balance_minor",
+        &[],
+    )
+    .await?;
+    let rows: Vec<Vec<V>> = buyers
+        .into_iter()
+        .map(|((b, c), (paid, refunded))| vec![V::T(b), V::T(c), V::I(paid), V::I(refunded)])
+        .collect();
+    insert_many(
+        tx,
+        "buyer_totals",
+        &["buyer_id", "currency", "paid_minor", "refunded_minor"],
+        &rows,
+        "ON CONFLICT (buyer_id, currency) DO UPDATE SET paid_minor = buyer_totals.paid_minor + excluded.paid_minor, refunded_minor = buyer_totals.refunded_minor + excluded.refunded_minor",
+        &[],
+    )
+    .await?;
+    Ok(())
+}
+
+/// The [`BatchHandler`] of one projection's consumer group.
+#[derive(Debug, Clone)]
+pub struct ProjectionHandler {
+    db: Db,
+    projection: Projection,
+}
+
+impl ProjectionHandler {
+    pub fn new(db: Db, projection: Projection) -> ProjectionHandler {
+        ProjectionHandler { db, projection }
+    }
+}
+
+impl BatchHandler for ProjectionHandler {
+    async fn handle(&mut self, batch: &[Delivered]) -> Result<Vec<Outcome>, HandlerError> {
+        let incoming: Vec<Incoming<'_>> = batch
+            .iter()
+            .map(|d| Incoming {
+                envelope: &d.envelope,
+                meta: &d.meta,
+            })
+            .collect();
+        apply_batch(&self.db, self.projection, &incoming)
+            .await
+            .map_err(|e| HandlerError(format!("{} projection: {e}", self.projection.as_str())))
+    }
+}
+
+/// Counts per outcome, for logs and the benchmark.
+pub fn tally(outcomes: &[Outcome]) -> HashMap<&'static str, usize> {
+    let mut m = HashMap::new();
+    for o in outcomes {
+        let k = match o {
+            Outcome::Applied => "applied",
+            Outcome::Duplicate => "duplicate",
+            Outcome::Ignored => "ignored",
+            Outcome::Rejected { .. } => "rejected",
+        };
+        *m.entry(k).or_default() += 1;
+    }
+    m
+}

@@ -1,0 +1,560 @@
+//! The chart of accounts and what each event books: pure functions, no I/O.
+//!
+//! Both projections run the very same [`decide`] on the very same events,
+//! so the wallet and the ledger cannot disagree about which refund was
+//! accepted or which capture counted; the ledger writes the entries, the
+//! wallet only the `merchant_payable` and buyer effects.
+//!
+//! Amounts are signed: debit positive, credit negative, so every
+//! transaction sums to zero per currency and so does the whole ledger.
+
+use events::{Currency, Envelope, Event, Money};
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+/// What the PSP owes us: captured money not yet paid out (asset).
+pub const PSP_RECEIVABLE: &str = "psp_receivable";
+/// Fees the PSP charged on captures (expense).
+pub const PSP_FEES: &str = "psp_fees";
+/// What we owe a seller (liability); the seller id follows the colon.
+pub const MERCHANT_PAYABLE_PREFIX: &str = "merchant_payable:";
+/// Differences accepted in reconciliation (gain/loss).
+pub const RECONCILIATION_ADJUSTMENTS: &str = "reconciliation_adjustments";
+
+pub fn merchant_payable(seller: &str) -> String {
+    format!("{MERCHANT_PAYABLE_PREFIX}{seller}")
+}
+
+/// True for the account names the chart defines.
+pub fn is_known_account(account: &str) -> bool {
+    matches!(
+        account,
+        PSP_RECEIVABLE | PSP_FEES | RECONCILIATION_ADJUSTMENTS
+    ) || account
+        .strip_prefix(MERCHANT_PAYABLE_PREFIX)
+        .is_some_and(|s| !s.is_empty())
+}
+
+/// Which business fact a ledger transaction records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BookingKind {
+    Capture,
+    Refund,
+    Adjustment,
+}
+
+impl BookingKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            BookingKind::Capture => "capture",
+            BookingKind::Refund => "refund",
+            BookingKind::Adjustment => "adjustment",
+        }
+    }
+}
+
+/// One leg of a transaction: signed minor units (debit > 0, credit < 0).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub account: String,
+    pub amount: Money,
+}
+
+/// One ledger transaction to be written, plus its wallet effects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Booking {
+    /// Unique per business fact: `capture:<order>`, `refund:<refund>`,
+    /// `adjustment:<discrepancy>`.
+    pub key: String,
+    pub kind: BookingKind,
+    pub entries: Vec<Entry>,
+    /// Buyer whose totals change: (buyer, paid delta, refunded delta).
+    pub buyer: Option<(String, Money, Money)>,
+}
+
+impl Booking {
+    /// Builds a booking and asserts it balances: an unbalanced booking from
+    /// this module is a bug, never an input error (inputs are rejected
+    /// before entries are built).
+    fn new(
+        key: String,
+        kind: BookingKind,
+        entries: Vec<Entry>,
+        buyer: Option<(String, Money, Money)>,
+    ) -> Booking {
+        let b = Booking {
+            key,
+            kind,
+            entries,
+            buyer,
+        };
+        assert!(
+            check_balanced(&b.entries).is_ok(),
+            "built an unbalanced booking: {b:?}"
+        );
+        b
+    }
+
+    /// A booking as given, without the balance assertion: for testing the
+    /// write-side check.
+    #[doc(hidden)]
+    pub fn unchecked(key: String, kind: BookingKind, entries: Vec<Entry>) -> Booking {
+        Booking {
+            key,
+            kind,
+            entries,
+            buyer: None,
+        }
+    }
+
+    /// Changes to `merchant_payable:*` as wallet deltas (credit balance:
+    /// what we owe the seller).
+    pub fn wallet_deltas(&self) -> Vec<(String, Money)> {
+        self.entries
+            .iter()
+            .filter_map(|e| {
+                let seller = e.account.strip_prefix(MERCHANT_PAYABLE_PREFIX)?;
+                // Credit balance = -(signed sum); amounts came from checked
+                // arithmetic, and i64::MIN is rejected before building.
+                let m = e.amount.checked_neg().ok()?;
+                Some((seller.to_owned(), m))
+            })
+            .collect()
+    }
+}
+
+/// Checks that entries are non-empty, non-zero, of known accounts, and sum
+/// to zero per currency. Run where bookings are built (as an assertion) and
+/// again where they are written (as a rejection).
+pub fn check_balanced(entries: &[Entry]) -> Result<(), String> {
+    if entries.len() < 2 {
+        return Err(format!(
+            "a transaction needs at least two entries, got {}",
+            entries.len()
+        ));
+    }
+    let mut sums: BTreeMap<Currency, i128> = BTreeMap::new();
+    for e in entries {
+        if !is_known_account(&e.account) {
+            return Err(format!("unknown account {:?}", e.account));
+        }
+        if e.amount.is_zero() {
+            return Err(format!("zero entry on {}", e.account));
+        }
+        *sums.entry(e.amount.currency()).or_default() += i128::from(e.amount.amount_minor());
+    }
+    match sums.iter().find(|(_, s)| **s != 0) {
+        Some((c, s)) => Err(format!(
+            "entries do not balance: {c} sums to {s} minor units"
+        )),
+        None => Ok(()),
+    }
+}
+
+/// An order as the projection knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrderState {
+    pub payment_id: String,
+    pub buyer_id: String,
+    pub seller_id: String,
+    pub currency: Currency,
+    pub amount_minor: i64,
+    pub captured_minor: i64,
+    pub refunded_minor: i64,
+}
+
+/// What a projection knows that decides the next event: orders and the
+/// booking keys already used.
+#[derive(Debug, Default, Clone)]
+pub struct BookState {
+    pub orders: HashMap<String, OrderState>,
+    pub bookings: HashSet<String>,
+}
+
+/// Changes one event makes, applied to the state only if it passes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Effects {
+    /// Orders created or updated (full new state).
+    pub orders: Vec<(String, OrderState)>,
+    pub bookings: Vec<Booking>,
+}
+
+/// What to do with one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Not booked by the projections (risk, execution, requests, ...), or
+    /// a fact booked already (second capture of an order).
+    Ignore,
+    Apply(Effects),
+    Reject {
+        kind: &'static str,
+        reason: String,
+    },
+}
+
+fn reject(kind: &'static str, reason: impl Into<String>) -> Decision {
+    Decision::Reject {
+        kind,
+        reason: reason.into(),
+    }
+}
+
+/// Order ids an event refers to, to load their state before deciding.
+pub fn referenced_orders(env: &Envelope) -> Vec<String> {
+    match &env.event {
+        Event::PaymentRequested(p) => p.orders.iter().map(|o| o.order_id.to_string()).collect(),
+        Event::OrderSucceeded(e) => vec![e.order_id.to_string()],
+        Event::OrderSettledByWebhook(e) => vec![e.order_id.to_string()],
+        Event::RefundSucceeded(e) => vec![e.order_id.to_string()],
+        _ => Vec::new(),
+    }
+}
+
+/// Booking key an event would use, to load whether it is taken.
+pub fn booking_key(env: &Envelope) -> Option<String> {
+    match &env.event {
+        Event::OrderSucceeded(e) => Some(format!("capture:{}", e.order_id)),
+        Event::OrderSettledByWebhook(e) if e.succeeded => Some(format!("capture:{}", e.order_id)),
+        Event::RefundSucceeded(e) => Some(format!("refund:{}", e.refund_id)),
+        Event::ReconciliationDiscrepancyResolved(e) => {
+            Some(format!("adjustment:{}", e.discrepancy_id))
+        }
+        _ => None,
+    }
+}
+
+/// Decides what `env` books, given the state so far. Does not change the
+/// state: call [`BookState::absorb`] with the effects once they are
+/// accepted.
+pub fn decide(env: &Envelope, state: &BookState) -> Decision {
+    match &env.event {
+        Event::PaymentRequested(p) => {
+            let Some(payment) = env.payment_id else {
+                return reject(
+                    "missing_payment_id",
+                    "PaymentRequested without a payment id",
+                );
+            };
+            if p.orders.is_empty() {
+                return reject("invalid_payment", "PaymentRequested without orders");
+            }
+            let mut fx = Effects::default();
+            for o in &p.orders {
+                if o.amount.amount_minor() <= 0 {
+                    return reject(
+                        "invalid_amount",
+                        format!("order {} has non-positive amount {}", o.order_id, o.amount),
+                    );
+                }
+                let new = OrderState {
+                    payment_id: payment.to_string(),
+                    buyer_id: p.buyer_id.to_string(),
+                    seller_id: o.seller_id.to_string(),
+                    currency: o.amount.currency(),
+                    amount_minor: o.amount.amount_minor(),
+                    captured_minor: 0,
+                    refunded_minor: 0,
+                };
+                let id = o.order_id.to_string();
+                match state.orders.get(&id) {
+                    // A repeated request (new event id, same facts) changes nothing.
+                    Some(old)
+                        if old.payment_id == new.payment_id
+                            && old.seller_id == new.seller_id
+                            && old.buyer_id == new.buyer_id
+                            && old.currency == new.currency
+                            && old.amount_minor == new.amount_minor => {}
+                    Some(_) => {
+                        return reject(
+                            "conflicting_order",
+                            format!("order {id} is already known with different details"),
+                        );
+                    }
+                    None => fx.orders.push((id, new)),
+                }
+            }
+            if fx.orders.is_empty() {
+                Decision::Ignore
+            } else {
+                Decision::Apply(fx)
+            }
+        }
+        Event::OrderSucceeded(e) => capture(
+            env,
+            state,
+            &e.order_id.to_string(),
+            e.amount,
+            e.fee,
+            "OrderSucceeded",
+        ),
+        Event::OrderSettledByWebhook(e) if e.succeeded => {
+            let fee = e.fee.unwrap_or_else(|| Money::zero(e.amount.currency()));
+            capture(
+                env,
+                state,
+                &e.order_id.to_string(),
+                e.amount,
+                fee,
+                "OrderSettledByWebhook",
+            )
+        }
+        Event::RefundSucceeded(e) => {
+            let key = format!("refund:{}", e.refund_id);
+            if state.bookings.contains(&key) {
+                return Decision::Ignore;
+            }
+            let id = e.order_id.to_string();
+            let Some(order) = state.orders.get(&id) else {
+                return reject(
+                    "unknown_order",
+                    format!("RefundSucceeded for order {id}, which no PaymentRequested announced"),
+                );
+            };
+            if e.amount.currency() != order.currency {
+                return reject(
+                    "currency_mismatch",
+                    format!(
+                        "refund in {} for an order in {}",
+                        e.amount.currency(),
+                        order.currency
+                    ),
+                );
+            }
+            let r = e.amount.amount_minor();
+            if r <= 0 {
+                return reject(
+                    "invalid_amount",
+                    format!("refund amount {} is not positive", e.amount),
+                );
+            }
+            let Some(refunded) = order.refunded_minor.checked_add(r) else {
+                return reject("overflow", "refunded total overflows");
+            };
+            if refunded > order.captured_minor {
+                return reject(
+                    "refund_exceeds_capture",
+                    format!(
+                        "refund of {} would bring refunds of order {id} to {refunded} minor units, above the {} captured",
+                        e.amount, order.captured_minor
+                    ),
+                );
+            }
+            let Ok(credit) = e.amount.checked_neg() else {
+                return reject("overflow", "refund amount cannot be negated");
+            };
+            let mut updated = order.clone();
+            updated.refunded_minor = refunded;
+            let booking = Booking::new(
+                key,
+                BookingKind::Refund,
+                vec![
+                    Entry {
+                        account: merchant_payable(&order.seller_id),
+                        amount: e.amount,
+                    },
+                    Entry {
+                        account: PSP_RECEIVABLE.to_owned(),
+                        amount: credit,
+                    },
+                ],
+                Some((
+                    order.buyer_id.clone(),
+                    Money::zero(order.currency),
+                    e.amount,
+                )),
+            );
+            Decision::Apply(Effects {
+                orders: vec![(id, updated)],
+                bookings: vec![booking],
+            })
+        }
+        Event::ReconciliationDiscrepancyResolved(e) => {
+            let Some(x) = e.adjustment.filter(|a| !a.is_zero()) else {
+                return Decision::Ignore;
+            };
+            let key = format!("adjustment:{}", e.discrepancy_id);
+            if state.bookings.contains(&key) {
+                return Decision::Ignore;
+            }
+            let Ok(neg) = x.checked_neg() else {
+                return reject("overflow", "adjustment cannot be negated");
+            };
+            let booking = Booking::new(
+                key,
+                BookingKind::Adjustment,
+                vec![
+                    Entry {
+                        account: PSP_RECEIVABLE.to_owned(),
+                        amount: x,
+                    },
+                    Entry {
+                        account: RECONCILIATION_ADJUSTMENTS.to_owned(),
+                        amount: neg,
+                    },
+                ],
+                None,
+            );
+            Decision::Apply(Effects {
+                orders: Vec::new(),
+                bookings: vec![booking],
+            })
+        }
+        _ => Decision::Ignore,
+    }
+}
+
+fn capture(
+    _env: &Envelope,
+    state: &BookState,
+    order_id: &str,
+    amount: Money,
+    fee: Money,
+    what: &str,
+) -> Decision {
+    let key = format!("capture:{order_id}");
+    if state.bookings.contains(&key) {
+        // Captured already (e.g. OrderSucceeded, then the webhook): once only.
+        return Decision::Ignore;
+    }
+    let Some(order) = state.orders.get(order_id) else {
+        return reject(
+            "unknown_order",
+            format!("{what} for order {order_id}, which no PaymentRequested announced"),
+        );
+    };
+    if amount.currency() != order.currency {
+        return reject(
+            "currency_mismatch",
+            format!(
+                "capture in {} for an order in {}",
+                amount.currency(),
+                order.currency
+            ),
+        );
+    }
+    if fee.currency() != amount.currency() {
+        return reject(
+            "currency_mismatch",
+            format!(
+                "fee in {} for a capture in {}",
+                fee.currency(),
+                amount.currency()
+            ),
+        );
+    }
+    if amount.amount_minor() <= 0 {
+        return reject(
+            "invalid_amount",
+            format!("captured amount {amount} is not positive"),
+        );
+    }
+    if fee.amount_minor() < 0 || fee.amount_minor() > amount.amount_minor() {
+        return reject(
+            "invalid_fee",
+            format!("fee {fee} is negative or above the captured {amount}"),
+        );
+    }
+    let (Ok(net), Ok(credit)) = (amount.checked_sub(fee), amount.checked_neg()) else {
+        return reject("overflow", "capture amounts overflow");
+    };
+    let mut entries = vec![Entry {
+        account: PSP_RECEIVABLE.to_owned(),
+        amount: net,
+    }];
+    if !fee.is_zero() {
+        entries.push(Entry {
+            account: PSP_FEES.to_owned(),
+            amount: fee,
+        });
+    }
+    entries.push(Entry {
+        account: merchant_payable(&order.seller_id),
+        amount: credit,
+    });
+    // A fee equal to the amount leaves a zero receivable leg: drop it.
+    entries.retain(|e| !e.amount.is_zero());
+    let mut updated = order.clone();
+    updated.captured_minor = amount.amount_minor();
+    let booking = Booking::new(
+        key,
+        BookingKind::Capture,
+        entries,
+        Some((
+            order.buyer_id.clone(),
+            amount,
+            Money::zero(amount.currency()),
+        )),
+    );
+    Decision::Apply(Effects {
+        orders: vec![(order_id.to_owned(), updated)],
+        bookings: vec![booking],
+    })
+}
+
+impl BookState {
+    /// Applies accepted effects, so later events of the same batch see them.
+    pub fn absorb(&mut self, fx: &Effects) {
+        for (id, o) in &fx.orders {
+            self.orders.insert(id.clone(), o.clone());
+        }
+        for b in &fx.bookings {
+            let fresh = self.bookings.insert(b.key.clone());
+            assert!(fresh, "booking key {} used twice", b.key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use events::{Timestamp, samples};
+
+    #[test]
+    fn sample_story_books_balanced_transactions() {
+        let evs = samples::one_of_each("c1", "k1", Timestamp::from_micros(0));
+        let mut st = BookState::default();
+        let mut kinds = Vec::new();
+        for e in &evs {
+            match decide(e, &st) {
+                Decision::Apply(fx) => {
+                    for b in &fx.bookings {
+                        assert!(check_balanced(&b.entries).is_ok());
+                        kinds.push(b.kind);
+                    }
+                    st.absorb(&fx);
+                }
+                Decision::Ignore => {}
+                Decision::Reject { kind, reason } => panic!("{kind}: {reason}"),
+            }
+        }
+        assert_eq!(
+            kinds,
+            vec![
+                BookingKind::Capture,
+                BookingKind::Capture,
+                BookingKind::Refund,
+                BookingKind::Adjustment
+            ]
+        );
+    }
+
+    #[test]
+    fn write_check_rejects_unbalanced_and_unknown_accounts() {
+        let eur = |m| Money::new(m, Currency::EUR);
+        let e = |a: &str, m| Entry {
+            account: a.into(),
+            amount: eur(m),
+        };
+        assert!(check_balanced(&[e(PSP_RECEIVABLE, 5), e("merchant_payable:s", -4)]).is_err());
+        assert!(check_balanced(&[e(PSP_RECEIVABLE, 5), e("cash", -5)]).is_err());
+        assert!(check_balanced(&[e(PSP_RECEIVABLE, 5)]).is_err());
+        let mixed = [
+            e(PSP_RECEIVABLE, 5),
+            Entry {
+                account: "merchant_payable:s".into(),
+                amount: Money::new(-5, Currency::USD),
+            },
+        ];
+        assert!(check_balanced(&mixed).is_err());
+        assert!(check_balanced(&[e(PSP_RECEIVABLE, 5), e("merchant_payable:s", -5)]).is_ok());
+    }
+}

@@ -1,0 +1,367 @@
+//! Through the real broker: duplicate delivery, a crash mid-batch, dead
+//! letters. Each test runs on both backends.
+
+use crate::harness::*;
+use events::{Envelope, TopicKind};
+use projections::{Projection, ProjectionHandler, ProjectionsArgs};
+use std::sync::Arc;
+use std::time::Duration;
+use storage::Db;
+use streaming::{BatchHandler, Delivered, EventProducer, HandlerError, KafkaConfig, Outcome};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// A fresh database of the backend, as a URL (SQLite's directory is kept
+/// alive by the returned guard).
+async fn fresh_url(postgres: bool) -> (String, Option<tempfile::TempDir>) {
+    if postgres {
+        (storage::testing::fresh_postgres_url().await.unwrap(), None)
+    } else {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("p.db").display());
+        (url, Some(dir))
+    }
+}
+
+fn topics(cfg: &KafkaConfig) -> Vec<String> {
+    let t = cfg.topology();
+    vec![
+        t.name(TopicKind::Payments),
+        t.name(TopicKind::Reconciliation),
+    ]
+}
+
+fn args(unique: &str, run: &str) -> ProjectionsArgs {
+    ProjectionsArgs {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ledger_group: Some(format!("g{unique}-{run}-ledger")),
+        wallet_group: Some(format!("g{unique}-{run}-wallet")),
+        batch_size: 50,
+    }
+}
+
+async fn duplicates_leave_tables_identical(postgres: bool) {
+    let (cfg, unique) = test_kafka(3).await;
+    let producer = EventProducer::new(&cfg, "test").unwrap();
+    let evs = stories(&unique, 15);
+    produce_all(&producer, &evs).await;
+    let (url, _dir) = fresh_url(postgres).await;
+    let a = args(&unique, "dup");
+    let stop = CancellationToken::new();
+    let server = {
+        let (cfg, url, a, stop) = (cfg.clone(), url.clone(), a.clone(), stop.clone());
+        tokio::spawn(async move { projections::serve(cfg, &url, a, stop).await })
+    };
+    wait_caught_up(&cfg, a.ledger_group.as_deref().unwrap(), &topics(&cfg)).await;
+    wait_caught_up(&cfg, a.wallet_group.as_deref().unwrap(), &topics(&cfg)).await;
+    let db = Db::connect(&url).await.unwrap();
+    let first = snapshot(&db).await;
+    assert_eq!(first["ledger_transactions"].len(), 15 * 4);
+    // The same events twice more: 3x in all.
+    produce_all(&producer, &evs).await;
+    produce_all(&producer, &evs).await;
+    wait_caught_up(&cfg, a.ledger_group.as_deref().unwrap(), &topics(&cfg)).await;
+    wait_caught_up(&cfg, a.wallet_group.as_deref().unwrap(), &topics(&cfg)).await;
+    assert_eq!(snapshot(&db).await, first);
+    let report = projections::verify(&db).await;
+    assert!(report.is_ok(), "{report}");
+    stop.cancel();
+    server.await.unwrap().expect("serve ends cleanly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_postgres() {
+    duplicates_leave_tables_identical(true).await;
+}
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_sqlite() {
+    duplicates_leave_tables_identical(false).await;
+}
+
+/// Applies `before_crash` batches normally, then applies one more and
+/// "dies" before the loop can commit its offset: the task hangs until it is
+/// aborted, exactly as a process killed between the database commit and
+/// the Kafka commit.
+struct CrashAfter {
+    inner: ProjectionHandler,
+    before_crash: usize,
+    crashed: Arc<Notify>,
+}
+
+impl BatchHandler for CrashAfter {
+    async fn handle(&mut self, batch: &[Delivered]) -> Result<Vec<Outcome>, HandlerError> {
+        let out = self.inner.handle(batch).await?;
+        if self.before_crash == 0 {
+            self.crashed.notify_one();
+            std::future::pending::<()>().await;
+        }
+        self.before_crash -= 1;
+        Ok(out)
+    }
+}
+
+async fn run_groups(cfg: &KafkaConfig, db: &Db, unique: &str, run: &str) {
+    let stop = CancellationToken::new();
+    let producer = EventProducer::new(cfg, "test").unwrap();
+    let mut tasks = Vec::new();
+    for p in [Projection::Ledger, Projection::Wallet] {
+        let group = format!("g{unique}-{run}-{}", p.as_str());
+        let mut s = projections::cli::consumer_settings(cfg, &group, 7);
+        s.batch_linger = Duration::from_millis(5);
+        tasks.push((
+            group,
+            tokio::spawn(streaming::run_consumer(
+                cfg.clone(),
+                s,
+                producer.clone(),
+                ProjectionHandler::new(db.clone(), p),
+                stop.clone(),
+            )),
+        ));
+    }
+    for (group, _) in &tasks {
+        wait_caught_up(cfg, group, &topics(cfg)).await;
+    }
+    stop.cancel();
+    for (_, t) in tasks {
+        t.await.unwrap().unwrap();
+    }
+}
+
+async fn crash_mid_batch_then_restart(postgres: bool) {
+    let (cfg, unique) = test_kafka(2).await;
+    let producer = EventProducer::new(&cfg, "test").unwrap();
+    let evs: Vec<Envelope> = stories(&unique, 10);
+    produce_all(&producer, &evs).await;
+
+    let (url, _dir) = fresh_url(postgres).await;
+    let db = projections::cli::open(&url).await.unwrap();
+    // Crash both projections at different points.
+    for (p, before) in [(Projection::Ledger, 3usize), (Projection::Wallet, 5)] {
+        let crashed = Arc::new(Notify::new());
+        let group = format!("g{unique}-crash-{}", p.as_str());
+        let mut s = projections::cli::consumer_settings(&cfg, &group, 7);
+        s.batch_linger = Duration::from_millis(5);
+        let task = tokio::spawn(streaming::run_consumer(
+            cfg.clone(),
+            s,
+            producer.clone(),
+            CrashAfter {
+                inner: ProjectionHandler::new(db.clone(), p),
+                before_crash: before,
+                crashed: crashed.clone(),
+            },
+            CancellationToken::new(),
+        ));
+        tokio::time::timeout(Duration::from_secs(60), crashed.notified())
+            .await
+            .expect("the handler reached its crash point");
+        task.abort();
+        assert!(task.await.unwrap_err().is_cancelled());
+    }
+    let partial = snapshot(&db).await;
+    assert!(!partial["applied_events"].is_empty());
+    // Restart: the same groups pick up from the last commit.
+    run_groups(&cfg, &db, &unique, "crash").await;
+
+    let (clean_url, _clean_dir) = fresh_url(postgres).await;
+    let clean = projections::cli::open(&clean_url).await.unwrap();
+    run_groups(&cfg, &clean, &unique, "clean").await;
+    let clean_snap = snapshot(&clean).await;
+    assert_eq!(clean_snap["ledger_transactions"].len(), 10 * 4);
+    assert_eq!(snapshot(&db).await, clean_snap);
+    let report = projections::verify(&db).await;
+    assert!(report.is_ok(), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_postgres() {
+    crash_mid_batch_then_restart(true).await;
+}
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_sqlite() {
+    crash_mid_batch_then_restart(false).await;
+}
+
+async fn bad_events_go_to_the_dlq(postgres: bool) {
+    let (cfg, unique) = test_kafka(1).await;
+    let producer = EventProducer::new(&cfg, "test").unwrap();
+    let topology = cfg.topology();
+    let (req, p, o) = request(
+        &format!("{unique}-dlq"),
+        "buyer-1",
+        "seller-1",
+        eur(1000),
+        10,
+    );
+    let (_, p2, o2) = request(
+        &format!("{unique}-dlq-unknown"),
+        "buyer-1",
+        "seller-1",
+        eur(1000),
+        10,
+    );
+    let bad_fee = succeeded(p, o, "bad-fee", eur(1000), eur(2000), 20);
+    let unknown = succeeded(p2, o2, "unknown", eur(1000), eur(1), 20);
+    let good = succeeded(p, o, "good", eur(1000), eur(30), 30);
+    produce_all(&producer, &[req, bad_fee, unknown]).await;
+    producer
+        .send_raw(
+            &topology.name(TopicKind::Payments),
+            Some(b"garbage".as_slice()),
+            Some(b"not avro at all".as_slice()),
+            rdkafka::message::OwnedHeaders::new(),
+            None,
+        )
+        .await
+        .unwrap();
+    produce_all(&producer, &[good]).await;
+
+    let (url, _dir) = fresh_url(postgres).await;
+    let db = projections::cli::open(&url).await.unwrap();
+    run_groups(&cfg, &db, &unique, "dlq").await;
+    // The partition went on past the bad events: the good capture is booked.
+    let snap = snapshot(&db).await;
+    assert_eq!(snap["ledger_transactions"].len(), 1, "{snap:?}");
+    assert!(projections::verify(&db).await.is_ok());
+    // 3 dead letters per group (two rejected, one undecodable), 2 groups.
+    let dead = read_dlq(&cfg, 6).await;
+    let mut kinds: Vec<String> = dead.iter().map(|(k, _)| k.clone()).collect();
+    kinds.sort();
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "invalid_fee").count(),
+        2,
+        "{kinds:?}"
+    );
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "unknown_order").count(),
+        2,
+        "{kinds:?}"
+    );
+    assert!(dead.iter().all(|(_, reason)| !reason.is_empty()));
+}
+
+/// (error kind, reason) of `n` dead letters.
+async fn read_dlq(cfg: &KafkaConfig, n: usize) -> Vec<(String, String)> {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::Message;
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &cfg.brokers)
+        .set("group.id", format!("reader-{}", uuid::Uuid::now_v7()))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer
+        .subscribe(&[&cfg.topology().name(TopicKind::DeadLetter)])
+        .unwrap();
+    let mut out = Vec::new();
+    while out.len() < n {
+        let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+            .await
+            .expect("dead letters arrive")
+            .unwrap();
+        let headers = streaming::dlq::owned_headers(m.headers());
+        let h = |k| {
+            streaming::dlq::header_str(&headers, k)
+                .unwrap_or_default()
+                .to_owned()
+        };
+        out.push((h("dlq.error_kind"), h("dlq.reason")));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_postgres() {
+    bad_events_go_to_the_dlq(true).await;
+}
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_sqlite() {
+    bad_events_go_to_the_dlq(false).await;
+}
+
+/// The child process of `kill_9_mid_run`: runs `serve` until killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by kill_9_mid_run_* as a child process"]
+async fn kill9_child() {
+    // Outside `kill_9_mid_run` (e.g. `cargo test -- --ignored`) there is
+    // nothing to do.
+    let Ok(url) = std::env::var("PROJ_CHILD_URL") else {
+        return;
+    };
+    let prefix = std::env::var("PROJ_CHILD_PREFIX").expect("PROJ_CHILD_PREFIX");
+    let unique = std::env::var("PROJ_CHILD_UNIQUE").expect("PROJ_CHILD_UNIQUE");
+    let cfg = KafkaConfig::local(&brokers(), &prefix, 2);
+    let mut a = args(&unique, "kill");
+    a.batch_size = 5;
+    projections::serve(cfg, &url, a, CancellationToken::new())
+        .await
+        .unwrap();
+}
+
+async fn count_applied(db: &Db) -> usize {
+    snapshot(db).await["applied_events"].len()
+}
+
+/// A real `kill -9` of a process running `serve`, in the middle of its
+/// work; a restart must converge to the tables of a clean run.
+async fn kill_9_mid_run(postgres: bool) {
+    let (cfg, unique) = test_kafka(2).await;
+    let producer = EventProducer::new(&cfg, "test").unwrap();
+    let evs = stories(&unique, 40);
+    produce_all(&producer, &evs).await;
+    let (url, _dir) = fresh_url(postgres).await;
+    let db = projections::cli::open(&url).await.unwrap();
+
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "broker::kill9_child", "--ignored", "--quiet"])
+        .env("PROJ_CHILD_URL", &url)
+        .env("PROJ_CHILD_PREFIX", &cfg.topic_prefix)
+        .env("PROJ_CHILD_UNIQUE", &unique)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    // Both projections together record 2 rows per applied event.
+    while count_applied(&db).await < 60 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "child made no progress"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "child exited early");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let at_kill = count_applied(&db).await;
+    assert!(at_kill < 2 * evs.len(), "killed too late to test anything");
+
+    // Restart in-process with the same groups.
+    let a = args(&unique, "kill");
+    let stop = CancellationToken::new();
+    let server = {
+        let (cfg, url, a, stop) = (cfg.clone(), url.clone(), a.clone(), stop.clone());
+        tokio::spawn(async move { projections::serve(cfg, &url, a, stop).await })
+    };
+    wait_caught_up(&cfg, a.ledger_group.as_deref().unwrap(), &topics(&cfg)).await;
+    wait_caught_up(&cfg, a.wallet_group.as_deref().unwrap(), &topics(&cfg)).await;
+    stop.cancel();
+    server.await.unwrap().unwrap();
+
+    let (clean_url, _clean_dir) = fresh_url(postgres).await;
+    let clean = projections::cli::open(&clean_url).await.unwrap();
+    run_groups(&cfg, &clean, &unique, "clean").await;
+    assert_eq!(snapshot(&db).await, snapshot(&clean).await);
+    let report = projections::verify(&db).await;
+    assert!(report.is_ok(), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_run_postgres() {
+    kill_9_mid_run(true).await;
+}
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_run_sqlite() {
+    kill_9_mid_run(false).await;
+}

@@ -1,0 +1,90 @@
+use crate::harness::*;
+use events::{Timestamp, samples};
+use projections::{LedgerCommand, run_ledger_command};
+use std::process::ExitCode;
+
+async fn ledger_commands(postgres: bool) {
+    let (url, _dir) = if postgres {
+        (storage::testing::fresh_postgres_url().await.unwrap(), None)
+    } else {
+        let dir = tempfile::tempdir().unwrap();
+        (
+            format!("sqlite://{}", dir.path().join("c.db").display()),
+            Some(dir),
+        )
+    };
+    let db = projections::cli::open(&url).await.unwrap();
+    let evs = samples::one_of_each("c1", "cli", Timestamp::from_micros(1_700_000_000_000_000));
+    apply_both(&db, &evs, 100).await;
+    let ok = |c: ExitCode| c == ExitCode::SUCCESS;
+    assert!(ok(run_ledger_command(
+        &url,
+        LedgerCommand::Verify { json: true }
+    )
+    .await
+    .unwrap()));
+    for cmd in [
+        LedgerCommand::Balance {
+            account: "psp_fees".into(),
+            as_of: Some("2023-11-14T22:13:20Z".into()),
+        },
+        LedgerCommand::Entries {
+            payment: evs[0].payment_id.unwrap(),
+        },
+        LedgerCommand::History {
+            account: "psp_receivable".into(),
+            limit: 2,
+            after: None,
+        },
+        LedgerCommand::Wallet {
+            seller: "seller-a".into(),
+        },
+        LedgerCommand::Buyer {
+            buyer: "buyer-7".into(),
+        },
+    ] {
+        assert!(ok(run_ledger_command(&url, cmd).await.unwrap()));
+    }
+    assert!(
+        run_ledger_command(
+            &url,
+            LedgerCommand::Balance {
+                account: "cash".into(),
+                as_of: None
+            }
+        )
+        .await
+        .is_err()
+    );
+    assert!(
+        run_ledger_command(
+            &url,
+            LedgerCommand::Balance {
+                account: "psp_fees".into(),
+                as_of: Some("noon".into())
+            }
+        )
+        .await
+        .is_err()
+    );
+    // A wallet that disagrees with the ledger makes verify exit non-zero.
+    exec(
+        &db,
+        "UPDATE wallet_balances SET balance_minor = balance_minor + 1",
+    )
+    .await
+    .unwrap();
+    let code = run_ledger_command(&url, LedgerCommand::Verify { json: false })
+        .await
+        .unwrap();
+    assert!(code == ExitCode::FAILURE);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ledger_commands_postgres() {
+    ledger_commands(true).await;
+}
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ledger_commands_sqlite() {
+    ledger_commands(false).await;
+}

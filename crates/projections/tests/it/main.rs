@@ -1,0 +1,10 @@
+//! Integration tests against real PostgreSQL, SQLite and the Kafka broker.
+//! Every database test runs on both backends (see `both!`).
+
+mod harness;
+
+mod broker;
+mod cli;
+mod db;
+mod http;
+mod prop;
