@@ -3,6 +3,7 @@
 
 mod demo;
 mod schema_cmd;
+mod up;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -40,6 +41,10 @@ enum Command {
     /// Send one event of every type through the broker and back, and show
     /// that each arrives identical.
     Demo(demo::DemoArgs),
+    /// Everything in one process on the embedded default (SQLite): PSP
+    /// simulator, handler, executor, projections; then a demo load of
+    /// payments with mixed outcomes and a summary.
+    Up(up::UpArgs),
     /// Kafka topics.
     #[command(subcommand)]
     Topics(TopicsCommand),
@@ -92,10 +97,16 @@ enum TopicsCommand {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init(cli.log_format);
+    // Interactive commands print their own output; services log at info.
+    let default_filter = match cli.command {
+        Command::Up(_) | Command::Demo(_) => "warn",
+        _ => "info",
+    };
+    telemetry::init(cli.log_format, default_filter);
     tracing::debug!(database_url = %cli.database_url, "configuration loaded");
     let result = match cli.command {
         Command::Demo(args) => demo::run(&cli.kafka, args).await,
+        Command::Up(args) => up::run(cli.kafka, &cli.database_url, args).await,
         Command::Topics(TopicsCommand::Create) => topics_create(&cli.kafka).await,
         Command::Topics(TopicsCommand::List) => {
             topics_list(&cli.kafka);

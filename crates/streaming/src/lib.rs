@@ -10,6 +10,7 @@ pub mod config;
 pub mod consumer;
 pub mod dlq;
 pub mod producer;
+pub mod progress;
 pub mod shutdown;
 pub mod telemetry;
 

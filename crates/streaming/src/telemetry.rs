@@ -13,9 +13,11 @@ pub enum LogFormat {
 }
 
 /// Installs the global subscriber. Logs go to stderr so stdout stays clean
-/// for data (replays, reports).
-pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+/// for data (replays, reports). `default_filter` applies when `RUST_LOG` is
+/// not set (e.g. `"info"`, or `"warn"` for interactive commands).
+pub fn init(format: LogFormat, default_filter: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

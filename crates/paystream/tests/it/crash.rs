@@ -152,10 +152,12 @@ async fn a_handler_killed_after_appending_makes_no_second_payment_on_retry() {
         }
         wait = Duration::from_secs(2);
     }
-    assert_eq!(
-        requested.len(),
-        2,
-        "appended once before the crash and once by the retry"
+    // Before the crash, then again by the sweeper and/or the retry: the
+    // first handler did append before it died.
+    assert!(
+        requested.len() >= 2,
+        "appended before the crash and again after it, got {}",
+        requested.len()
     );
     let event_ids: BTreeSet<_> = requested.iter().map(|e| e.event_id).collect();
     let payments: BTreeSet<_> = requested

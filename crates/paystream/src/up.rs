@@ -1,0 +1,453 @@
+//! `paystream up`: every component in one process on the embedded default
+//! (SQLite), then a demo load of payments with mixed outcomes, and a
+//! summary. For a laptop; deployments run each component alone with
+//! `paystream serve ...`.
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+use streaming::KafkaConfig;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    /// Payments in the demo load (0: none, just run).
+    #[arg(long, default_value_t = 2000)]
+    payments: usize,
+    /// Concurrent clients of the demo load.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Keep everything running after the demo, printing the URLs, until
+    /// Ctrl-C.
+    #[arg(long)]
+    keep_running: bool,
+    /// Bind random free ports instead of 8080 (handler), 8081
+    /// (projections), 8082 (executor) and 8090 (PSP simulator).
+    #[arg(long)]
+    random_ports: bool,
+    /// Give up waiting for payments to become final after this long.
+    #[arg(long, default_value_t = 300)]
+    timeout_secs: u64,
+}
+
+/// `sqlite://dir/x.db` → `sqlite://dir/x-<component>.db`, so components
+/// in one process do not contend for SQLite's single writer. Other URLs
+/// (PostgreSQL) are shared as they are.
+fn component_url(url: &str, component: &str) -> String {
+    match url
+        .strip_prefix("sqlite://")
+        .and_then(|p| p.strip_suffix(".db"))
+    {
+        Some(stem) => format!("sqlite://{stem}-{component}.db"),
+        None => url.to_owned(),
+    }
+}
+
+fn port(random: bool, fixed: u16) -> anyhow::Result<SocketAddr> {
+    if !random {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], fixed)));
+    }
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(l.local_addr()?)
+}
+
+/// A small deterministic generator, so every demo run has the same mix.
+struct Mix(u64);
+
+impl Mix {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Card tokens and their share (per mille) of the demo load: the PSP
+/// simulator's built-in behaviours plus two fast pending ones.
+const CARDS: &[(&str, u64)] = &[
+    ("tok_visa", 720),
+    ("tok_decline", 80),
+    ("tok_flaky_500", 60),
+    ("tok_rate_limited", 40),
+    ("tok_demo_pending", 50),
+    ("tok_demo_pending_fail", 20),
+    ("tok_timeout", 30),
+];
+
+fn card(mix: &mut Mix) -> &'static str {
+    let mut r = mix.below(1000);
+    for (token, share) in CARDS {
+        if r < *share {
+            return token;
+        }
+        r -= share;
+    }
+    "tok_visa"
+}
+
+const FINAL: &[&str] = &["succeeded", "failed", "partially_succeeded", "rejected"];
+
+pub async fn run(kafka: KafkaConfig, database_url: &str, args: UpArgs) -> anyhow::Result<ExitCode> {
+    let stop = CancellationToken::new();
+    let (handler_addr, projections_addr, executor_addr, psp_addr) = (
+        port(args.random_ports, 8080)?,
+        port(args.random_ports, 8081)?,
+        port(args.random_ports, 8082)?,
+        port(args.random_ports, 8090)?,
+    );
+    let psp_url = format!("http://{psp_addr}");
+
+    let mut ex_args = executor::ExecutorArgs::for_tests(&psp_url);
+    ex_args.listen = executor_addr;
+    // Demo: resolve pending orders by polling soon if a webhook is lost.
+    ex_args.pending_poll_after_secs = 30;
+    let executor = executor::start(
+        kafka.clone(),
+        &component_url(database_url, "executor"),
+        ex_args,
+        stop.clone(),
+    )
+    .await
+    .context("starting the executor")?;
+    let behaviour: psp_sim::config::Behaviour = serde_json::from_value(json!({
+        "rules": [
+            {"match": {"card_token": "tok_demo_pending"},
+             "outcome": {"type": "pending", "resolve_after_ms": 3000, "then": "succeed"}},
+            {"match": {"card_token": "tok_demo_pending_fail"},
+             "outcome": {"type": "pending", "resolve_after_ms": 3000, "then": "fail"}}
+        ],
+        "accounts": [{"id": "acct_default", "api_key": "sk_test_default", "webhook_secret": "whsec_default",
+                      "webhook_url": format!("http://{}/v1/psp/webhooks", executor.addr)}],
+        "webhooks": {"duplicate_percent": 10}
+    }))
+    .context("demo PSP behaviour")?;
+    let psp = psp_sim::spawn(psp_sim::SimConfig {
+        listen: psp_addr,
+        db_url: component_url(database_url, "psp-sim"),
+        behaviour,
+    })
+    .await
+    .context("starting the PSP simulator")?;
+    let mut h_args = payment_handler::HandlerArgs::for_tests();
+    h_args.listen = handler_addr;
+    let handler_db = component_url(database_url, "handler");
+    let handler = payment_handler::start(kafka.clone(), &handler_db, h_args, stop.clone())
+        .await
+        .context("starting the payment handler")?;
+    let projections_db_url = component_url(database_url, "projections");
+    let projections = {
+        let p_args = projections::ProjectionsArgs {
+            listen: projections_addr,
+            ledger_group: None,
+            wallet_group: None,
+            batch_size: 1000,
+        };
+        let (kafka, url, stop) = (kafka.clone(), projections_db_url.clone(), stop.clone());
+        tokio::spawn(async move { projections::serve(kafka, &url, p_args, stop).await })
+    };
+    let urls = [
+        ("payment API", format!("http://{}", handler.addr)),
+        ("ledger & wallet API", format!("http://{projections_addr}")),
+        (
+            "executor (PSP webhooks)",
+            format!("http://{}", executor.addr),
+        ),
+        ("PSP simulator", psp.base_url()),
+    ];
+    for (what, url) in &urls {
+        println!("{what:<24} {url}");
+    }
+
+    let mut ok = true;
+    if args.payments > 0 {
+        ok = demo(
+            &handler_db,
+            &format!("http://{}", handler.addr),
+            &projections_db_url,
+            &args,
+        )
+        .await?;
+    }
+    if args.keep_running {
+        println!("running; Ctrl-C to stop");
+        streaming::shutdown::on_signals().cancelled().await;
+    }
+    stop.cancel();
+    handler.wait().await?;
+    executor.wait().await?;
+    projections.await??;
+    psp.stop().await?;
+    println!("stopped cleanly");
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+struct Submitted {
+    payment_id: String,
+    key: String,
+    body: String,
+}
+
+async fn demo(
+    handler_db: &str,
+    base: &str,
+    projections_db_url: &str,
+    args: &UpArgs,
+) -> anyhow::Result<bool> {
+    let db = storage::Db::connect(handler_db).await?;
+    let client = events::ClientId::parse("demo-shop")?;
+    let api_key = payment_handler::store::create_client(&db, &client).await?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()?;
+    let run = uuid::Uuid::now_v7().simple().to_string();
+    let mut mix = Mix(0x9e37_79b9_7f4a_7c15);
+    let requests: Vec<(String, String)> = (0..args.payments)
+        .map(|i| {
+            // 2 % above the default risk rules' per-order limit (50,000 EUR).
+            let too_big = mix.below(100) < 2;
+            let orders: Vec<Value> = (0..=mix.below(3))
+                .map(|_| {
+                    let amount = if too_big {
+                        6_000_000
+                    } else {
+                        100 + mix.below(50_000)
+                    };
+                    json!({"seller_id": format!("seller-{:02}", mix.below(20) + 1),
+                           "amount_minor": amount,
+                           "currency": "EUR"})
+                })
+                .collect();
+            let body = json!({
+                "buyer_id": format!("buyer-{:03}", mix.below(500) + 1),
+                "orders": orders,
+                "metadata": {"card_token": card(&mut mix)},
+            });
+            (format!("demo-{run}-{i}"), body.to_string())
+        })
+        .collect();
+    let duplicate_every = 20; // 5 % of the requests are sent twice
+
+    println!(
+        "submitting {} payments ({} concurrent clients)...",
+        args.payments, args.concurrency
+    );
+    let started = Instant::now();
+    let progress = streaming::progress::Progress::new(
+        "payments submitted",
+        u64::try_from(requests.len()).unwrap_or(0),
+    );
+    let chunks: Vec<Vec<(usize, (String, String))>> = {
+        let mut c: Vec<Vec<_>> = (0..args.concurrency.max(1)).map(|_| Vec::new()).collect();
+        for (i, r) in requests.into_iter().enumerate() {
+            c[i % args.concurrency.max(1)].push((i, r));
+        }
+        c
+    };
+    let mut tasks = Vec::new();
+    for chunk in chunks {
+        let (http, base, api_key, progress) = (
+            http.clone(),
+            base.to_owned(),
+            api_key.clone(),
+            progress.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            let mut replays = 0u64;
+            for (i, (key, body)) in chunk {
+                let sends = if i % duplicate_every == 0 { 2 } else { 1 };
+                for attempt in 0..sends {
+                    let v = post_with_retry(&http, &base, &api_key, &key, &body).await?;
+                    if attempt == 0 {
+                        let id = v.0["payment_id"]
+                            .as_str()
+                            .context("payment id in the answer")?
+                            .to_owned();
+                        out.push(Submitted {
+                            payment_id: id,
+                            key: key.clone(),
+                            body: body.clone(),
+                        });
+                    } else if v.1 {
+                        replays += 1;
+                    }
+                }
+                progress.inc(1);
+            }
+            anyhow::Ok((out, replays))
+        }));
+    }
+    let mut submitted = Vec::new();
+    let mut replays = 0;
+    for t in tasks {
+        let (out, r) = t.await??;
+        submitted.extend(out);
+        replays += r;
+    }
+    progress.finish();
+    let submit_secs = started.elapsed().as_secs_f64();
+
+    // Wait until every payment is final.
+    let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
+    let mut statuses: BTreeMap<String, (String, Value)> = BTreeMap::new();
+    let mut open: HashSet<String> = submitted.iter().map(|s| s.payment_id.clone()).collect();
+    while !open.is_empty() && Instant::now() < deadline {
+        for id in open.clone() {
+            let v: Value = http
+                .get(format!("{base}/v1/payments/{id}"))
+                .bearer_auth(&api_key)
+                .send()
+                .await?
+                .json()
+                .await?;
+            let status = v["status"].as_str().unwrap_or("unknown").to_owned();
+            if FINAL.contains(&status.as_str()) {
+                open.remove(&id);
+            }
+            statuses.insert(id, (status, v));
+        }
+        if !open.is_empty() {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    let final_secs = started.elapsed().as_secs_f64();
+
+    // A few refunds: half of the first order of every 50th succeeded payment.
+    let mut refunds = 0;
+    for (i, s) in submitted.iter().enumerate().filter(|(i, _)| i % 50 == 0) {
+        let Some((status, v)) = statuses.get(&s.payment_id) else {
+            continue;
+        };
+        if status != "succeeded" {
+            continue;
+        }
+        let order = &v["orders"][0];
+        let body = json!({"order_id": order["order_id"], "amount_minor": order["amount_minor"].as_i64().unwrap_or(2) / 2, "reason": "demo partial refund"});
+        let r = http
+            .post(format!("{base}/v1/payments/{}/refunds", s.payment_id))
+            .bearer_auth(&api_key)
+            .header("Idempotency-Key", format!("{}-refund-{i}", s.key))
+            .body(body.to_string())
+            .send()
+            .await?;
+        if r.status().as_u16() == 201 {
+            refunds += 1;
+        }
+        let _ = &s.body;
+    }
+
+    // Summary.
+    let mut by_status: BTreeMap<&str, usize> = BTreeMap::new();
+    for (status, _) in statuses.values() {
+        *by_status.entry(status.as_str()).or_default() += 1;
+    }
+    println!();
+    println!("payments by final status:");
+    for (status, n) in &by_status {
+        println!("  {status:<22} {n:>6}");
+    }
+    println!("  {:<22} {:>6}", "not final", open.len());
+    println!("duplicate client retries answered from the idempotency store: {replays}");
+    println!("refunds requested: {refunds}");
+    #[allow(clippy::float_arithmetic)] // rates, not money
+    {
+        println!(
+            "throughput: {:.0} payments/s accepted; all final after {:.1} s",
+            submitted.len() as f64 / submit_secs.max(0.001),
+            final_secs
+        );
+    }
+
+    // Let the projections and refunds settle, then verify the ledger.
+    let pdb = projections::cli::open(projections_db_url).await?;
+    let mut report = projections::verify(&pdb).await;
+    for _ in 0..60 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let next = projections::verify(&pdb).await;
+        let settled = next.is_ok() && format!("{next}") == format!("{report}");
+        report = next;
+        if settled {
+            break;
+        }
+    }
+    let mut sellers = Vec::new();
+    for n in 1..=20 {
+        let seller = format!("seller-{n:02}");
+        let w = projections::query::wallet(&pdb, &seller).await?;
+        let eur = w
+            .balances
+            .iter()
+            .find(|b| b.currency == "EUR")
+            .map(|b| b.balance_minor)
+            .unwrap_or(0);
+        sellers.push((eur, seller));
+    }
+    sellers.sort_by(|a, b| b.cmp(a));
+    println!("top sellers' balances:");
+    for (minor, seller) in sellers.iter().take(5) {
+        println!(
+            "  {seller:<12} {}",
+            events::Money::new(*minor, events::Currency::EUR)
+        );
+    }
+    println!(
+        "ledger verify: {}",
+        if report.is_ok() { "ok" } else { "VIOLATIONS" }
+    );
+    println!("{report}");
+    let all_final = open.is_empty();
+    if !all_final {
+        println!(
+            "{} payments did not become final within {} s",
+            open.len(),
+            args.timeout_secs
+        );
+    }
+    Ok(all_final && report.is_ok())
+}
+
+async fn post_with_retry(
+    http: &reqwest::Client,
+    base: &str,
+    api_key: &str,
+    key: &str,
+    body: &str,
+) -> anyhow::Result<(Value, bool)> {
+    for _ in 0..50 {
+        let r = http
+            .post(format!("{base}/v1/payments"))
+            .bearer_auth(api_key)
+            .header("Idempotency-Key", key)
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+            .send()
+            .await;
+        match r {
+            Ok(r) if r.status().as_u16() == 201 => {
+                let replay = r.headers().get("idempotent-replayed").is_some();
+                return Ok((r.json().await?, replay));
+            }
+            Ok(r) if matches!(r.status().as_u16(), 429 | 503) => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Ok(r) => bail!(
+                "payment {key}: {} {}",
+                r.status(),
+                r.text().await.unwrap_or_default()
+            ),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    bail!("payment {key}: no answer after 50 tries")
+}
