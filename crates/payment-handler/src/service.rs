@@ -140,8 +140,9 @@ impl From<sqlx::Error> for Unavailable {
 }
 
 /// Decides one payment: the risk check, and the `PaymentRequested` and risk
-/// events with ids derived from the payment id. No side effects: the caller
-/// stores the events under its idempotency key, then `commit_events`.
+/// events with ids derived from the payment id. Its only side effect is
+/// counting the payment in the buyer's velocity window; the caller stores
+/// the events under its idempotency key, then `commit_events`.
 pub async fn decide_payment(
     app: &App,
     client: &ClientId,
@@ -152,6 +153,15 @@ pub async fn decide_payment(
     let currency = req.currency();
     let recent = match app.risk.velocity_window_ms() {
         Some(window) => {
+            let total = req.total().map_err(|e| Unavailable(e.message))?;
+            store::note_velocity(
+                &app.db,
+                payment,
+                req.buyer_id.as_str(),
+                currency.code(),
+                total.amount_minor(),
+            )
+            .await?;
             let since = store::now_ms().saturating_sub(window);
             let (count, sum) = store::recent_activity(
                 &app.db,

@@ -352,6 +352,23 @@ pub async fn idem_reap(db: &Db) -> Result<u64, sqlx::Error> {
 
 // ---------------------------------------------------------------- velocity
 
+/// Counts a payment in its buyer's velocity window before its risk decision,
+/// so concurrent payments of one buyer see each other (the check fails
+/// closed: two racing payments at the limit may both be rejected, never
+/// both approved). Idempotent per payment.
+pub async fn note_velocity(
+    db: &Db,
+    payment: PaymentId,
+    buyer: &str,
+    currency: &str,
+    amount_minor: i64,
+) -> Result<(), sqlx::Error> {
+    with_pool!(db, p => sqlx::query(
+        "INSERT INTO handler_risk_velocity (payment_id, buyer_id, currency, amount_minor, at_ms) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+    ).bind(payment.to_string()).bind(buyer).bind(currency).bind(amount_minor).bind(now_ms()).execute(p).await?.rows_affected());
+    Ok(())
+}
+
 /// (number of payments, sum in `currency`) of a buyer since `since_ms`,
 /// not counting `exclude` (the payment being decided, on a retry).
 pub async fn recent_activity(

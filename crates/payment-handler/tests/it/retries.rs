@@ -241,3 +241,46 @@ async fn a_refund_retried_after_its_append_is_not_refused() {
     );
     stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_payments_cannot_slip_past_the_velocity_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(
+        &rules,
+        "name = \"t@1\"\n[velocity]\nwindow_secs = 3600\nmax_count = 2\n",
+    )
+    .unwrap();
+    let mut args = HandlerArgs::for_tests();
+    args.risk_rules = Some(rules);
+    let h = start_with(Backend::Postgres, args).await;
+    let key = h.client("shop-vel").await;
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let (http, base, key) = (h.http.clone(), h.base.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = http
+                .post(format!("{base}/v1/payments"))
+                .bearer_auth(key)
+                .header("Idempotency-Key", format!("vel-{i}"))
+                .body(payment("same-buyer", &[("s", 100, "EUR")]))
+                .send()
+                .await
+                .unwrap();
+            r.json::<Value>().await.unwrap()["status"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }));
+    }
+    let mut approved = 0;
+    for t in tasks {
+        if t.await.unwrap() == "processing" {
+            approved += 1;
+        }
+    }
+    assert!(
+        approved <= 2,
+        "{approved} payments approved with a limit of 2 per window"
+    );
+}
