@@ -6,10 +6,15 @@
 //!    the rest were applied before (or are being applied by another member
 //!    during a rebalance, whose row lock makes us wait and then see them).
 //! 2. Load the orders and booking keys the new events refer to.
+//!    An event seen before that was rejected gets its stored rejection
+//!    back (so it is dead-lettered again, harmlessly); it is never decided
+//!    afresh, because newer state could decide it differently in the
+//!    ledger and the wallet.
 //! 3. Decide every new event in memory, in order; an event that is
-//!    rejected (or whose booking fails the write-side balance check) leaves
-//!    no trace: its `applied_events` row is deleted again, and the state
-//!    later events see does not include it.
+//!    rejected (or whose booking fails the write-side balance check) writes
+//!    nothing but its decision (`outcome = 'rejected'`, kind, reason) on its
+//!    `applied_events` row, and the state later events see does not
+//!    include it.
 //! 4. Write the effects of the accepted events and commit.
 //!
 //! The caller commits the Kafka offset only after this returns.
@@ -113,6 +118,35 @@ pub async fn apply_batch(
         .filter(|&i| new_ids.contains(&batch[i].envelope.event_id.to_string()))
         .collect();
     fresh.sort_unstable(); // back to delivery order
+
+    // Seen before: an event rejected then gets its stored rejection back
+    // (dead-lettered again, harmlessly), never a fresh decision against
+    // newer state.
+    let seen_before: Vec<String> = first
+        .iter()
+        .map(|&i| batch[i].envelope.event_id.to_string())
+        .filter(|id| !new_ids.contains(id))
+        .collect();
+    let mut stored: HashMap<String, Outcome> = HashMap::new();
+    for chunk in seen_before.chunks(crate::sql::ROWS_PER_STATEMENT) {
+        let (clause, ids) = in_clause(&tx, "event_id", chunk, 2);
+        let sql = format!(
+            "SELECT event_id, COALESCE(error_kind, ''), COALESCE(reason, '') FROM applied_events \
+             WHERE projection = $1 AND outcome = 'rejected' AND {clause}"
+        );
+        let mut vals = vec![V::T(p.to_owned())];
+        vals.extend(ids);
+        for r in tx.rows(&sql, &vals, &[Ty::T, Ty::T, Ty::T]).await? {
+            stored.insert(r[0].text(), Outcome::rejected(r[1].text(), r[2].text()));
+        }
+    }
+    if !stored.is_empty() {
+        for &i in &first {
+            if let Some(o) = stored.remove(&batch[i].envelope.event_id.to_string()) {
+                outcomes[i] = o;
+            }
+        }
+    }
     if fresh.is_empty() {
         tx.commit().await?;
         return Ok(outcomes);
@@ -138,13 +172,14 @@ pub async fn apply_batch(
     // 3. Decide in memory.
     let mut dirty_orders: BTreeMap<String, OrderState> = BTreeMap::new();
     let mut bookings: Vec<(usize, Booking)> = Vec::new();
-    let mut rejected: Vec<String> = Vec::new();
+    // (event id, kind, reason) of the events rejected in this batch.
+    let mut rejected: Vec<(String, String, String)> = Vec::new();
     for &i in &fresh {
         let env = batch[i].envelope;
         outcomes[i] = match booking::decide(env, &state) {
             Decision::Ignore => Outcome::Ignored,
             Decision::Reject { kind, reason } => {
-                rejected.push(env.event_id.to_string());
+                rejected.push((env.event_id.to_string(), kind.to_owned(), reason.clone()));
                 Outcome::rejected(kind, reason)
             }
             Decision::Apply(fx) => {
@@ -155,7 +190,11 @@ pub async fn apply_batch(
                     .find_map(|b| booking::check_balanced(&b.entries).err())
                 {
                     Some(reason) => {
-                        rejected.push(env.event_id.to_string());
+                        rejected.push((
+                            env.event_id.to_string(),
+                            "unbalanced".to_owned(),
+                            reason.clone(),
+                        ));
                         Outcome::rejected("unbalanced", reason)
                     }
                     None => {
@@ -172,12 +211,14 @@ pub async fn apply_batch(
     }
 
     // 4. Write.
-    for chunk in rejected.chunks(crate::sql::ROWS_PER_STATEMENT) {
-        let (clause, ids) = in_clause(&tx, "event_id", chunk, 2);
-        let sql = format!("DELETE FROM applied_events WHERE projection = $1 AND {clause}");
-        let mut vals = vec![V::T(p.to_owned())];
-        vals.extend(ids);
-        tx.exec(&sql, &vals).await?;
+    // Rejections are rare: one statement each is cheap enough.
+    for (id, kind, reason) in rejected {
+        tx.exec(
+            "UPDATE applied_events SET outcome = 'rejected', error_kind = $1, reason = $2 \
+             WHERE projection = $3 AND event_id = $4",
+            &[V::T(kind), V::T(reason), V::T(p.to_owned()), V::T(id)],
+        )
+        .await?;
     }
     write_orders(&mut tx, p, &dirty_orders).await?;
     let booking_rows: Vec<Vec<V>> = bookings
@@ -467,6 +508,9 @@ async fn write_ledger(
 async fn write_wallet(tx: &mut Tx, bookings: &[(usize, Booking)]) -> Result<(), sqlx::Error> {
     let mut sellers: BTreeMap<(String, String), i64> = BTreeMap::new();
     let mut buyers: BTreeMap<(String, String), (i64, i64)> = BTreeMap::new();
+    // Unreachable for batches of fewer than ~9,000 events: `decide` rejects
+    // amounts above `booking::MAX_AMOUNT_MINOR` (10^15) as `overflow`.
+    // Kept checked so that an impossible sum fails loudly, never wraps.
     let overflow = || sqlx::Error::Protocol("wallet delta overflows i64".into());
     for (_, b) in bookings {
         for (seller, m) in b.wallet_deltas() {

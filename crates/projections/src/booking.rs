@@ -191,6 +191,29 @@ pub enum Decision {
     },
 }
 
+/// Largest amount (in minor units, either sign) one event may book:
+/// 10^15, ten trillion in a two-decimal currency. Far above any real
+/// payment, and far enough below `i64::MAX` (~9.2 * 10^18) that running
+/// totals (wallets, buyer totals, ledger sums) of thousands of maximal
+/// events still fit. Larger amounts are rejected as `overflow` in the pure
+/// decision, so a data problem never becomes a database error that blocks
+/// the partition (PostgreSQL `bigint out of range`) or a silent REAL
+/// (SQLite).
+pub const MAX_AMOUNT_MINOR: i64 = 1_000_000_000_000_000;
+
+fn within_bound(m: Money) -> bool {
+    m.amount_minor()
+        .checked_abs()
+        .is_some_and(|a| a <= MAX_AMOUNT_MINOR)
+}
+
+fn too_large(what: &str, m: Money) -> Decision {
+    reject(
+        "overflow",
+        format!("{what} {m} is above the bound of {MAX_AMOUNT_MINOR} minor units"),
+    )
+}
+
 fn reject(kind: &'static str, reason: impl Into<String>) -> Decision {
     Decision::Reject {
         kind,
@@ -245,6 +268,9 @@ pub fn decide(env: &Envelope, state: &BookState) -> Decision {
                         format!("order {} has non-positive amount {}", o.order_id, o.amount),
                     );
                 }
+                if !within_bound(o.amount) {
+                    return too_large(&format!("order {} amount", o.order_id), o.amount);
+                }
                 let new = OrderState {
                     payment_id: payment.to_string(),
                     buyer_id: p.buyer_id.to_string(),
@@ -255,6 +281,17 @@ pub fn decide(env: &Envelope, state: &BookState) -> Decision {
                     refunded_minor: 0,
                 };
                 let id = o.order_id.to_string();
+                // The same order listed twice in one request: identical
+                // details count once, different ones are a conflict.
+                if let Some((_, earlier)) = fx.orders.iter().find(|(k, _)| *k == id) {
+                    if *earlier == new {
+                        continue;
+                    }
+                    return reject(
+                        "conflicting_order",
+                        format!("order {id} is listed twice with different details"),
+                    );
+                }
                 match state.orders.get(&id) {
                     // A repeated request (new event id, same facts) changes nothing.
                     Some(old)
@@ -302,6 +339,9 @@ pub fn decide(env: &Envelope, state: &BookState) -> Decision {
             if state.bookings.contains(&key) {
                 return Decision::Ignore;
             }
+            if !within_bound(e.amount) {
+                return too_large("refund amount", e.amount);
+            }
             let id = e.order_id.to_string();
             let Some(order) = state.orders.get(&id) else {
                 return reject(
@@ -309,6 +349,9 @@ pub fn decide(env: &Envelope, state: &BookState) -> Decision {
                     format!("RefundSucceeded for order {id}, which no PaymentRequested announced"),
                 );
             };
+            if let Some(d) = payment_mismatch(env, order, &id, "RefundSucceeded") {
+                return d;
+            }
             if e.amount.currency() != order.currency {
                 return reject(
                     "currency_mismatch",
@@ -375,6 +418,9 @@ pub fn decide(env: &Envelope, state: &BookState) -> Decision {
             if state.bookings.contains(&key) {
                 return Decision::Ignore;
             }
+            if !within_bound(x) {
+                return too_large("adjustment", x);
+            }
             let Ok(neg) = x.checked_neg() else {
                 return reject("overflow", "adjustment cannot be negated");
             };
@@ -402,8 +448,25 @@ pub fn decide(env: &Envelope, state: &BookState) -> Decision {
     }
 }
 
+/// Rejects an event about an order whose envelope names another payment
+/// (or none) than the one that announced the order.
+fn payment_mismatch(env: &Envelope, order: &OrderState, id: &str, what: &str) -> Option<Decision> {
+    let payment = env.payment_id.map(|p| p.to_string());
+    if payment.as_deref() == Some(order.payment_id.as_str()) {
+        return None;
+    }
+    Some(reject(
+        "payment_mismatch",
+        format!(
+            "{what} for order {id} names payment {}, but the order belongs to payment {}",
+            payment.as_deref().unwrap_or("(none)"),
+            order.payment_id
+        ),
+    ))
+}
+
 fn capture(
-    _env: &Envelope,
+    env: &Envelope,
     state: &BookState,
     order_id: &str,
     amount: Money,
@@ -415,12 +478,21 @@ fn capture(
         // Captured already (e.g. OrderSucceeded, then the webhook): once only.
         return Decision::Ignore;
     }
+    if !within_bound(amount) {
+        return too_large("captured amount", amount);
+    }
+    if !within_bound(fee) {
+        return too_large("fee", fee);
+    }
     let Some(order) = state.orders.get(order_id) else {
         return reject(
             "unknown_order",
             format!("{what} for order {order_id}, which no PaymentRequested announced"),
         );
     };
+    if let Some(d) = payment_mismatch(env, order, order_id, what) {
+        return d;
+    }
     if amount.currency() != order.currency {
         return reject(
             "currency_mismatch",
@@ -445,6 +517,15 @@ fn capture(
         return reject(
             "invalid_amount",
             format!("captured amount {amount} is not positive"),
+        );
+    }
+    if amount.amount_minor() != order.amount_minor {
+        return reject(
+            "amount_mismatch",
+            format!(
+                "{what} captured {amount} for order {order_id}, whose amount is {} minor units",
+                order.amount_minor
+            ),
         );
     }
     if fee.amount_minor() < 0 || fee.amount_minor() > amount.amount_minor() {

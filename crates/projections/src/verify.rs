@@ -3,10 +3,15 @@
 
 use crate::apply::{GENESIS_HASH, Projection, canonical_bytes, chain_hash};
 use crate::booking::MERCHANT_PAYABLE_PREFIX;
-use crate::sql::{Tx, Ty, V};
+use crate::sql::{Tx, Ty, V, in_clause};
 use serde::Serialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use storage::Db;
+
+/// SQL condition on `account` (of `ledger_entries`) selecting the
+/// `merchant_payable:` accounts, exactly and case-sensitively.
+const MERCHANT_PAYABLE_MATCH: &str = "substr(account, 1, 17) = 'merchant_payable:'";
+const _: () = assert!(MERCHANT_PAYABLE_PREFIX.len() == 17);
 
 /// Most violations listed per check; the count is always complete.
 pub const VIOLATIONS_LISTED_MAX: usize = 50;
@@ -105,8 +110,26 @@ pub async fn verify(db: &Db) -> VerifyReport {
     }
 }
 
-async fn run(db: &Db) -> Result<VerifyReport, sqlx::Error> {
+/// Opens the read transaction every check runs in: one snapshot.
+async fn begin_snapshot(db: &Db) -> Result<Tx, sqlx::Error> {
     let mut tx = Tx::begin(db).await?;
+    if tx.is_postgres() {
+        // It must be the transaction's first statement. Under the default
+        // READ COMMITTED each statement sees newer commits, so a running
+        // projection would show up as false sum and hash-chain violations.
+        // SQLite's read transaction is one snapshot already (WAL: from its
+        // first read on).
+        tx.exec(
+            "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY",
+            &[],
+        )
+        .await?;
+    }
+    Ok(tx)
+}
+
+async fn run(db: &Db) -> Result<VerifyReport, sqlx::Error> {
+    let mut tx = begin_snapshot(db).await?;
     let count = |r: Vec<Vec<V>>| r[0][0].int();
     let transactions = count(
         tx.rows("SELECT COUNT(*) FROM ledger_transactions", &[], &[Ty::I])
@@ -159,12 +182,14 @@ async fn run(db: &Db) -> Result<VerifyReport, sqlx::Error> {
         "each wallet balance equals the credit balance of merchant_payable:<seller>",
     );
     let mut ledger: BTreeMap<(String, String), i64> = BTreeMap::new();
-    let pattern = format!("{MERCHANT_PAYABLE_PREFIX}%");
+    // Not LIKE: it is case-insensitive on SQLite and `_` is a wildcard.
     for r in tx
         .rows(
-            "SELECT account, currency, CAST(SUM(amount_minor) AS BIGINT) FROM ledger_entries \
-             WHERE account LIKE $1 GROUP BY account, currency",
-            &[V::T(pattern)],
+            &format!(
+                "SELECT account, currency, CAST(SUM(amount_minor) AS BIGINT) FROM ledger_entries \
+                 WHERE {MERCHANT_PAYABLE_MATCH} GROUP BY account, currency"
+            ),
+            &[],
             &[Ty::T, Ty::T, Ty::I],
         )
         .await?
@@ -198,7 +223,7 @@ async fn run(db: &Db) -> Result<VerifyReport, sqlx::Error> {
 
     let mut once = Check::new(
         "events_applied_once",
-        "no event id applied twice: one applied_events row per projection and event, one transaction per event and kind, every transaction's event recorded",
+        "no event id applied twice: one applied_events row per projection and event, one transaction per event and kind, every transaction's event recorded as applied, one capture booking per captured order matching it, refunds within captures",
     );
     for r in tx
         .rows(
@@ -233,7 +258,8 @@ async fn run(db: &Db) -> Result<VerifyReport, sqlx::Error> {
     for r in tx
         .rows(
             "SELECT t.id, t.event_id FROM ledger_transactions t LEFT JOIN applied_events a \
-             ON a.projection = $1 AND a.event_id = t.event_id WHERE a.event_id IS NULL",
+             ON a.projection = $1 AND a.event_id = t.event_id AND a.outcome = 'applied' \
+             WHERE a.event_id IS NULL",
             &[V::T(Projection::Ledger.as_str().to_owned())],
             &[Ty::T, Ty::T],
         )
@@ -246,11 +272,68 @@ async fn run(db: &Db) -> Result<VerifyReport, sqlx::Error> {
         ));
     }
 
+    // From the ledger's own entries: per payment and seller, refunds never
+    // exceed captures.
+    for r in tx
+        .rows(
+            "SELECT COALESCE(t.payment_id, '-'), e.account, e.currency, \
+             CAST(SUM(CASE WHEN t.kind = 'capture' THEN e.amount_minor ELSE 0 END) AS BIGINT), \
+             CAST(SUM(CASE WHEN t.kind = 'refund' THEN e.amount_minor ELSE 0 END) AS BIGINT) \
+             FROM ledger_transactions t JOIN ledger_entries e ON e.transaction_id = t.id \
+             WHERE substr(e.account, 1, 17) = 'merchant_payable:' \
+             GROUP BY t.payment_id, e.account, e.currency",
+            &[],
+            &[Ty::T, Ty::T, Ty::T, Ty::I, Ty::I],
+        )
+        .await?
+    {
+        let (captured, refunded) = (r[3].int().saturating_neg(), r[4].int());
+        if refunded > captured {
+            once.fail(format!(
+                "payment {} refunds {refunded} {} to {} but captured only {captured}",
+                r[0].text(),
+                r[2].text(),
+                r[1].text()
+            ));
+        }
+    }
+    // Each order the ledger captured has exactly its capture booking, for
+    // what the order records; refunds stay within the capture.
+    for r in tx
+        .rows(
+            "SELECT o.order_id, o.captured_minor, o.refunded_minor, COUNT(DISTINCT t.id), \
+             CAST(COALESCE(SUM(e.amount_minor), 0) AS BIGINT) \
+             FROM projection_orders o \
+             LEFT JOIN ledger_transactions t ON t.booking_key = 'capture:' || o.order_id \
+             LEFT JOIN ledger_entries e ON e.transaction_id = t.id \
+                 AND substr(e.account, 1, 17) = 'merchant_payable:' \
+             WHERE o.projection = $1 \
+             GROUP BY o.order_id, o.captured_minor, o.refunded_minor",
+            &[V::T(Projection::Ledger.as_str().to_owned())],
+            &[Ty::T, Ty::I, Ty::I, Ty::I, Ty::I],
+        )
+        .await?
+    {
+        let (order, captured, refunded) = (r[0].text(), r[1].int(), r[2].int());
+        let (bookings, credit) = (r[3].int(), r[4].int().saturating_neg());
+        let expected_bookings = i64::from(captured > 0);
+        if bookings != expected_bookings || credit != captured {
+            once.fail(format!(
+                "order {order}: captured {captured}, but the ledger has {bookings} capture booking(s) crediting {credit}"
+            ));
+        }
+        if refunded > captured {
+            once.fail(format!(
+                "order {order}: refunded {refunded} above the captured {captured}"
+            ));
+        }
+    }
+
     let mut chain = Check::new(
         "hash_chain",
         "each transaction's hash is SHA-256(previous hash, its contents), unbroken from genesis to the head",
     );
-    verify_chain(&mut tx, &mut chain).await?;
+    verify_chain(&mut tx, &mut chain, entries).await?;
     tx.commit().await?;
 
     Ok(VerifyReport {
@@ -264,9 +347,15 @@ async fn run(db: &Db) -> Result<VerifyReport, sqlx::Error> {
 /// Transactions read per round trip while walking the chain.
 const CHAIN_PAGE: i64 = 5000;
 
-async fn verify_chain(tx: &mut Tx, chain: &mut Check) -> Result<(), sqlx::Error> {
+async fn verify_chain(
+    tx: &mut Tx,
+    chain: &mut Check,
+    entries_total: i64,
+) -> Result<(), sqlx::Error> {
     let mut prev = GENESIS_HASH.to_owned();
     let mut expected_seq = 0i64;
+    // Entries of the transactions the chain covers; every entry must be one.
+    let mut covered = 0i64;
     loop {
         let txns = tx
             .rows(
@@ -279,22 +368,41 @@ async fn verify_chain(tx: &mut Tx, chain: &mut Check) -> Result<(), sqlx::Error>
         if txns.is_empty() {
             break;
         }
-        let first = txns[0][0].int();
-        let last = txns[txns.len() - 1][0].int();
-        let mut entries: BTreeMap<i64, Vec<(String, String, i64)>> = BTreeMap::new();
-        for r in tx
-            .rows(
-                "SELECT seq, account, currency, amount_minor FROM ledger_entries \
-                 WHERE seq >= $1 AND seq <= $2 ORDER BY seq, line",
-                &[V::I(first), V::I(last)],
-                &[Ty::I, Ty::T, Ty::T, Ty::I],
-            )
-            .await?
-        {
-            entries
-                .entry(r[0].int())
-                .or_default()
-                .push((r[1].text(), r[2].text(), r[3].int()));
+        // By transaction id, not by seq range: an entry inserted with a seq
+        // no transaction has would otherwise escape the hashes.
+        let ids: Vec<String> = txns.iter().map(|t| t[1].text()).collect();
+        let mut entries: HashMap<String, Vec<(String, String, i64)>> = HashMap::new();
+        for chunk in ids.chunks(crate::sql::ROWS_PER_STATEMENT) {
+            let (clause, list) = in_clause(tx, "e.transaction_id", chunk, 1);
+            let sql = format!(
+                "SELECT e.transaction_id, e.seq, t.seq, e.line, e.account, e.currency, e.amount_minor \
+                 FROM ledger_entries e JOIN ledger_transactions t ON t.id = e.transaction_id \
+                 WHERE {clause} ORDER BY e.transaction_id, e.line"
+            );
+            for r in tx
+                .rows(
+                    &sql,
+                    &list,
+                    &[Ty::T, Ty::I, Ty::I, Ty::I, Ty::T, Ty::T, Ty::I],
+                )
+                .await?
+            {
+                covered += 1;
+                if r[1].int() != r[2].int() {
+                    chain.fail(format!(
+                        "entry {} line {} has seq {}, but its transaction is #{}",
+                        r[0].text(),
+                        r[3].int(),
+                        r[1].int(),
+                        r[2].int()
+                    ));
+                }
+                entries.entry(r[0].text()).or_default().push((
+                    r[4].text(),
+                    r[5].text(),
+                    r[6].int(),
+                ));
+            }
         }
         for t in &txns {
             let seq = t[0].int();
@@ -320,7 +428,7 @@ async fn verify_chain(tx: &mut Tx, chain: &mut Check) -> Result<(), sqlx::Error>
                 &t[4].text(),
                 t[5].int(),
                 t[6].int(),
-                entries.get(&seq).map(Vec::as_slice).unwrap_or_default(),
+                entries.get(&id).map(Vec::as_slice).unwrap_or_default(),
             );
             let hash = chain_hash(&stored_prev, &bytes);
             if hash != t[8].text() {
@@ -330,6 +438,12 @@ async fn verify_chain(tx: &mut Tx, chain: &mut Check) -> Result<(), sqlx::Error>
             }
             prev = t[8].text();
         }
+    }
+    if covered != entries_total {
+        chain.fail(format!(
+            "{} entries belong to no hashed transaction ({entries_total} entries, {covered} covered by the chain)",
+            entries_total - covered
+        ));
     }
     let head = tx
         .rows(
@@ -345,4 +459,59 @@ async fn verify_chain(tx: &mut Tx, chain: &mut Check) -> Result<(), sqlx::Error>
         )),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apply::{Incoming, apply_batch};
+
+    /// Commits made while verify reads must stay invisible to it.
+    async fn sees_one_snapshot(db: Db) {
+        crate::migrate(&db).await.unwrap();
+        let evs = events::samples::one_of_each(
+            "c1",
+            "snapshot",
+            events::Timestamp::from_micros(1_700_000_000_000_000),
+        );
+        let meta = streaming::MessageMeta {
+            topic: "test".into(),
+            partition: 0,
+            offset: 0,
+            timestamp_ms: None,
+        };
+        let count = "SELECT COUNT(*) FROM ledger_entries";
+        let mut tx = begin_snapshot(&db).await.unwrap();
+        let before = tx.rows(count, &[], &[Ty::I]).await.unwrap()[0][0].int();
+        assert_eq!(before, 0);
+        // A projection commits meanwhile (through the pool, another
+        // connection).
+        let inc: Vec<Incoming<'_>> = evs
+            .iter()
+            .map(|envelope| Incoming {
+                envelope,
+                meta: &meta,
+            })
+            .collect();
+        apply_batch(&db, crate::Projection::Ledger, &inc)
+            .await
+            .unwrap();
+        let after = tx.rows(count, &[], &[Ty::I]).await.unwrap()[0][0].int();
+        assert_eq!(after, before, "verify saw a commit made after it began");
+        tx.commit().await.unwrap();
+        let mut fresh = begin_snapshot(&db).await.unwrap();
+        assert!(fresh.rows(count, &[], &[Ty::I]).await.unwrap()[0][0].int() > 0);
+        fresh.commit().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_snapshot_postgres() {
+        sees_one_snapshot(storage::testing::fresh_postgres().await.unwrap()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_snapshot_sqlite() {
+        let (db, _dir) = storage::testing::fresh_sqlite().await.unwrap();
+        sees_one_snapshot(db).await;
+    }
 }

@@ -1,6 +1,10 @@
 use crate::both;
 use crate::harness::*;
-use events::{Currency, Money, RefundId, RefundSucceeded, Timestamp, samples};
+use events::{
+    Currency, DiscrepancyId, Event, Money, OrderId, OrderSettledByWebhook, PaymentId, PaymentOrder,
+    ReconciliationDiscrepancyResolved, RefundId, RefundSucceeded, ResolutionAction, SellerId,
+    Timestamp, samples,
+};
 use projections::booking::{self, BookState, Decision};
 use projections::query;
 use projections::{Projection, verify};
@@ -155,16 +159,23 @@ async fn rejected_events_leave_no_partial_write(db: Db) {
     );
     let snap = snapshot(&db).await;
     assert_eq!(snap["ledger_transactions"].len(), 2, "{snap:?}");
-    // Rejected events are not recorded as applied: a redelivery is
-    // rejected (and dead-lettered) again, never silently skipped.
-    assert_eq!(snap["applied_events"].len(), 2 * 3);
+    // Rejected events are recorded with their decision: a redelivery is
+    // rejected (and dead-lettered) again, never silently skipped, and
+    // never decided afresh.
+    assert_eq!(snap["applied_events"].len(), 2 * 7);
+    let rejected_rows: Vec<&String> = snap["applied_events"]
+        .iter()
+        .filter(|r| r.contains("|rejected|"))
+        .collect();
+    assert_eq!(rejected_rows.len(), 2 * 4, "{rejected_rows:?}");
     assert!(
-        !snap["applied_events"]
+        rejected_rows
             .iter()
-            .any(|r| r.contains(&bad_fee.event_id.to_string()))
+            .any(|r| r.contains(&bad_fee.event_id.to_string()) && r.contains("|invalid_fee|"))
     );
     let again = apply_both(&db, &[unknown], 10).await;
     assert!(matches!(&again[0], Outcome::Rejected { kind, .. } if kind == "unknown_order"));
+    assert_eq!(snapshot(&db).await, snap);
     assert_eq!(
         bal(&db, "merchant_payable:seller-1", None).await,
         vec![("EUR".into(), -600)]
@@ -176,18 +187,44 @@ both!(
     rejected_events_leave_no_partial_write
 );
 
+fn settled(p: PaymentId, o: OrderId, tag: &str, amount: Money, at: i64) -> events::Envelope {
+    envelope(
+        Some(p),
+        tag,
+        at,
+        OrderSettledByWebhook {
+            order_id: o,
+            psp_reference: format!("psp-{o}"),
+            succeeded: true,
+            amount,
+            fee: Some(eur(5)),
+            failure_reason: None,
+        }
+        .into(),
+    )
+}
+
 async fn capture_is_booked_once_per_order(db: Db) {
     let evs = story();
-    // OrderSettledByWebhook for order A after OrderSucceeded for order A.
-    let (req, p, o) = request("twice", "buyer-2", "seller-2", eur(500), 10);
-    let a = succeeded(p, o, "first", eur(500), eur(5), 20);
-    let b = succeeded(p, o, "second", eur(500), eur(5), 30);
-    let outcomes = apply_both(&db, &[req, a, b], 1).await;
-    assert_eq!(outcomes[2], Outcome::Ignored);
-    assert_eq!(
-        bal(&db, "merchant_payable:seller-2", None).await,
-        vec![("EUR".into(), -500)]
-    );
+    // OrderSettledByWebhook for an order after its OrderSucceeded: in
+    // separate batches (batch size 1) and within one batch.
+    for (key, batch) in [("twice", 1), ("twice-in-batch", 100)] {
+        let seller = format!("seller-{key}");
+        let (req, p, o) = request(key, "buyer-2", &seller, eur(500), 10);
+        let a = succeeded(p, o, "first", eur(500), eur(5), 20);
+        let b = settled(p, o, "second", eur(500), 30);
+        assert!(matches!(b.event, Event::OrderSettledByWebhook(_)));
+        let outcomes = apply_both(&db, &[req, a, b], batch).await;
+        assert_eq!(
+            outcomes,
+            vec![Outcome::Applied, Outcome::Applied, Outcome::Ignored],
+            "batch {batch}"
+        );
+        assert_eq!(
+            bal(&db, &format!("merchant_payable:{seller}"), None).await,
+            vec![("EUR".into(), -500)]
+        );
+    }
     apply_both(&db, &evs, 3).await;
     assert!(verify(&db).await.is_ok());
 }
@@ -298,6 +335,8 @@ async fn verify_detects_tampering(db: Db) {
             "transactions_balance",
             "ledger_sums_to_zero",
             "wallets_match_ledger",
+            // The capture's merchant_payable credit no longer matches its order.
+            "events_applied_once",
             "hash_chain"
         ],
         "{report}"
@@ -326,3 +365,261 @@ async fn wallet_lagging_ledger_is_reported(db: Db) {
     assert!(verify(&db).await.is_ok());
 }
 both!(wallet_vs_ledger, wallet_lagging_ledger_is_reported);
+
+fn refund_of(p: PaymentId, o: OrderId, tag: &str, amount: Money, at: i64) -> events::Envelope {
+    envelope(
+        Some(p),
+        tag,
+        at,
+        RefundSucceeded {
+            refund_id: RefundId::from_uuid(uuid::Uuid::new_v5(&uuid::Uuid::nil(), tag.as_bytes())),
+            order_id: o,
+            psp_reference: "rf".into(),
+            amount,
+        }
+        .into(),
+    )
+}
+
+fn kinds(outcomes: &[Outcome]) -> Vec<String> {
+    outcomes
+        .iter()
+        .map(|o| match o {
+            Outcome::Rejected { kind, .. } => kind.clone(),
+            other => format!("{other:?}"),
+        })
+        .collect()
+}
+
+/// A redelivered batch (crash after the database commit, before the
+/// offset commit) gets the same outcomes: a rejected event keeps its
+/// stored rejection instead of being decided afresh against newer state.
+async fn redelivered_rejection_is_not_redecided(db: Db) {
+    let (req, p, o) = request("redeliver", "buyer-3", "seller-3", eur(1000), 10);
+    apply_both(&db, &[req], 10).await;
+    // The refund comes before the capture: rejected; the capture applies.
+    let batch = vec![
+        refund_of(p, o, "redeliver-refund", eur(400), 20),
+        succeeded(p, o, "redeliver-capture", eur(1000), eur(10), 30),
+    ];
+    let first = apply_both(&db, &batch, 100).await;
+    assert_eq!(kinds(&first), vec!["refund_exceeds_capture", "Applied"]);
+    let snap = snapshot(&db).await;
+    // Redelivered to the ledger only (the wallet had committed its offset).
+    let again = apply(&db, Projection::Ledger, &batch, 100).await;
+    assert_eq!(
+        again[0], first[0],
+        "the stored rejection, dead-lettered again"
+    );
+    assert_eq!(again[1], Outcome::Duplicate);
+    assert_eq!(snapshot(&db).await, snap);
+    let again = apply_both(&db, &batch, 1).await;
+    assert_eq!(again[0], first[0]);
+    assert_eq!(snapshot(&db).await, snap);
+    assert_eq!(
+        bal(&db, "merchant_payable:seller-3", None).await,
+        vec![("EUR".into(), -1000)]
+    );
+    let report = verify(&db).await;
+    assert!(report.is_ok(), "{report}");
+}
+both!(redelivery, redelivered_rejection_is_not_redecided);
+
+/// Amounts above the bound are rejected as `overflow` by the pure
+/// decision (never a database error), write nothing, and the batch goes on.
+async fn huge_amounts_are_rejected_as_overflow(db: Db) {
+    let huge = booking::MAX_AMOUNT_MINOR + 1;
+    let (req, p, o) = request("huge", "buyer-4", "seller-4", eur(1000), 10);
+    let (huge_req, _, _) = request("huge-order", "buyer-4", "seller-4", eur(huge), 10);
+    let resolved = |tag: &str, x: i64| {
+        envelope(
+            Some(p),
+            tag,
+            50,
+            ReconciliationDiscrepancyResolved {
+                discrepancy_id: DiscrepancyId::from_uuid(uuid::Uuid::new_v5(
+                    &uuid::Uuid::nil(),
+                    tag.as_bytes(),
+                )),
+                action: ResolutionAction::AcceptPspAmount,
+                reason: "test".into(),
+                adjustment: Some(eur(x)),
+                resolved_by: "test".into(),
+            }
+            .into(),
+        )
+    };
+    let evs = vec![
+        req,
+        huge_req,
+        succeeded(p, o, "huge-capture", eur(i64::MAX), eur(1), 20),
+        succeeded(p, o, "capture", eur(1000), eur(10), 30),
+        refund_of(p, o, "huge-refund", eur(huge), 40),
+        resolved("huge-adjustment", -huge),
+        refund_of(p, o, "refund", eur(100), 45),
+        resolved("adjustment", -3),
+    ];
+    let outcomes = apply_both(&db, &evs, 100).await;
+    assert_eq!(
+        kinds(&outcomes),
+        vec![
+            "Applied", "overflow", "overflow", "Applied", "overflow", "overflow", "Applied",
+            "Applied"
+        ]
+    );
+    let snap = snapshot(&db).await;
+    assert_eq!(snap["ledger_transactions"].len(), 3, "{snap:?}");
+    assert_eq!(snap["projection_orders"].len(), 2, "{snap:?}");
+    assert_eq!(
+        bal(&db, "merchant_payable:seller-4", None).await,
+        vec![("EUR".into(), -900)]
+    );
+    assert_eq!(
+        bal(&db, "reconciliation_adjustments", None).await,
+        vec![("EUR".into(), 3)]
+    );
+    let report = verify(&db).await;
+    assert!(report.is_ok(), "{report}");
+}
+both!(overflow, huge_amounts_are_rejected_as_overflow);
+
+/// A capture or refund must match its order: amount and payment.
+async fn captures_and_refunds_must_match_their_order(db: Db) {
+    let (req, p, o) = request("match", "buyer-5", "seller-5", eur(1000), 10);
+    let (req2, p2, _) = request("match-other", "buyer-5", "seller-5", eur(1000), 10);
+    let evs = vec![
+        req,
+        req2,
+        succeeded(p, o, "less", eur(999), eur(1), 20),
+        settled(p, o, "more", eur(1001), 21),
+        succeeded(p2, o, "other-payment", eur(1000), eur(1), 22),
+        succeeded(p, o, "capture", eur(1000), eur(10), 30),
+        refund_of(p2, o, "refund-other-payment", eur(100), 40),
+        refund_of(p, o, "refund", eur(100), 41),
+    ];
+    let outcomes = apply_both(&db, &evs, 100).await;
+    assert_eq!(
+        kinds(&outcomes),
+        vec![
+            "Applied",
+            "Applied",
+            "amount_mismatch",
+            "amount_mismatch",
+            "payment_mismatch",
+            "Applied",
+            "payment_mismatch",
+            "Applied"
+        ]
+    );
+    assert_eq!(
+        bal(&db, "merchant_payable:seller-5", None).await,
+        vec![("EUR".into(), -900)]
+    );
+    let report = verify(&db).await;
+    assert!(report.is_ok(), "{report}");
+}
+both!(order_match, captures_and_refunds_must_match_their_order);
+
+/// One order id listed twice in a request: identical details count once,
+/// different details are a conflict.
+async fn order_listed_twice_in_one_request(db: Db) {
+    let (req, p, o) = request("listed-twice", "buyer-6", "seller-6", eur(1000), 10);
+    let with_orders = |tag: &str, second: Money| {
+        let mut e = req.clone();
+        e.event_id = events::EventId::derive(p.as_uuid(), tag);
+        let Event::PaymentRequested(pr) = &mut e.event else {
+            unreachable!("request() builds a PaymentRequested")
+        };
+        pr.orders.push(PaymentOrder {
+            order_id: o,
+            seller_id: SellerId::parse("seller-6").unwrap(),
+            amount: second,
+        });
+        e
+    };
+    let conflicting = with_orders("conflicting", eur(2000));
+    let same = with_orders("same", eur(1000));
+    let outcomes = apply_both(&db, &[conflicting], 10).await;
+    assert_eq!(kinds(&outcomes), vec!["conflicting_order"]);
+    assert!(snapshot(&db).await["projection_orders"].is_empty());
+    let outcomes = apply_both(&db, &[same], 10).await;
+    assert_eq!(kinds(&outcomes), vec!["Applied"]);
+    let orders = snapshot(&db).await["projection_orders"].clone();
+    assert_eq!(orders.len(), 2, "{orders:?}");
+    assert!(orders.iter().all(|r| r.contains("|1000|0|0")), "{orders:?}");
+}
+both!(listed_twice, order_listed_twice_in_one_request);
+
+/// INSERTs get around the UPDATE/DELETE triggers: balanced entries added
+/// to an existing transaction (with a seq no transaction has) plus a
+/// matching wallet row must still fail verify.
+async fn verify_detects_inserted_entries(db: Db) {
+    apply_both(&db, &story(), 100).await;
+    assert!(verify(&db).await.is_ok());
+    let refund = strings(
+        &db,
+        "SELECT id FROM ledger_transactions WHERE kind = 'refund'",
+    )
+    .await;
+    assert_eq!(refund.len(), 1);
+    let refund = &refund[0];
+    exec(&db, &format!(
+        "INSERT INTO ledger_entries (transaction_id, line, account, currency, amount_minor, occurred_at, seq) VALUES \
+         ('{refund}', 10, 'merchant_payable:seller-a', 'EUR', -100, 0, 1000000), \
+         ('{refund}', 11, 'psp_receivable', 'EUR', 100, 0, 1000000), \
+         ('{refund}', 12, 'MERCHANT_PAYABLE:seller-a', 'EUR', -7, 0, 1000000), \
+         ('{refund}', 13, 'psp_receivable', 'EUR', 7, 0, 1000000)"
+    ))
+    .await
+    .unwrap();
+    exec(
+        &db,
+        "UPDATE wallet_balances SET balance_minor = balance_minor + 100 WHERE seller_id = 'seller-a'",
+    )
+    .await
+    .unwrap();
+    let report = verify(&db).await;
+    let failed: Vec<&str> = report
+        .checks
+        .iter()
+        .filter(|c| c.violations > 0)
+        .map(|c| c.name)
+        .collect();
+    // The upper-case account is no merchant_payable account (LIKE would
+    // have counted it on SQLite), so the wallets still match.
+    assert_eq!(failed, vec!["hash_chain"], "{report}");
+    let chain = report
+        .checks
+        .iter()
+        .find(|c| c.name == "hash_chain")
+        .unwrap();
+    assert!(
+        chain.examples.iter().any(|e| e.contains("has seq 1000000")),
+        "{report}"
+    );
+}
+both!(inserted_entries, verify_detects_inserted_entries);
+
+/// `events_applied_once` can fail: an order whose capture booking is
+/// missing from the ledger.
+async fn applied_once_checks_captures_against_orders(db: Db) {
+    apply_both(&db, &story(), 100).await;
+    assert!(verify(&db).await.is_ok());
+    exec(
+        &db,
+        "UPDATE projection_orders SET captured_minor = captured_minor + 1 WHERE projection = 'ledger' AND captured_minor > 0",
+    )
+    .await
+    .unwrap();
+    let report = verify(&db).await;
+    let once = report
+        .checks
+        .iter()
+        .find(|c| c.name == "events_applied_once")
+        .unwrap();
+    assert_eq!(once.violations, 2, "{report}");
+}
+both!(
+    applied_once_orders,
+    applied_once_checks_captures_against_orders
+);

@@ -72,7 +72,7 @@ pub async fn apply_both(db: &Db, envs: &[Envelope], batch: usize) -> Vec<Outcome
     l
 }
 
-async fn strings(db: &Db, sql: &str) -> Vec<String> {
+pub async fn strings(db: &Db, sql: &str) -> Vec<String> {
     let mut v = match db {
         Db::Postgres(p) => sqlx::query_scalar::<_, String>(sql).fetch_all(p).await,
         Db::Sqlite(p) => sqlx::query_scalar::<_, String>(sql).fetch_all(p).await,
@@ -95,7 +95,7 @@ pub async fn snapshot(db: &Db) -> BTreeMap<&'static str, Vec<String>> {
     let q: [(&str, &str); 7] = [
         (
             "applied_events",
-            "SELECT projection || '|' || event_id FROM applied_events",
+            "SELECT projection || '|' || event_id || '|' || outcome || '|' || COALESCE(error_kind, '-') || '|' || COALESCE(reason, '-') FROM applied_events",
         ),
         (
             "projection_orders",
