@@ -67,13 +67,17 @@ pub async fn run(app: App, shutdown: CancellationToken) {
             }
         };
         let mut started = 0usize;
-        let leased = match store::lease_payments(&app.db, &due, now, app.policy.lease_ms).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(error = %e, "leasing payments failed");
-                Vec::new()
-            }
-        };
+        // A fresh fencing token per lease: each payment leased here is worked
+        // by exactly one task below.
+        let owner: Arc<str> = Arc::from(store::new_lease_owner());
+        let leased =
+            match store::lease_payments(&app.db, &due, now, app.policy.lease_ms, &owner).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, "leasing payments failed");
+                    Vec::new()
+                }
+            };
         for payment_id in leased {
             let permit = permits
                 .clone()
@@ -82,9 +86,10 @@ pub async fn run(app: App, shutdown: CancellationToken) {
                 .expect("the semaphore is never closed");
             started += 1;
             let app = app.clone();
+            let owner = owner.clone();
             tokio::spawn(async move {
                 let _permit = permit;
-                process_payment(&app, &payment_id).await;
+                process_payment(&app, &payment_id, &owner).await;
             });
         }
         if started == 0 {
@@ -100,41 +105,94 @@ pub async fn run(app: App, shutdown: CancellationToken) {
     let _ = permits.acquire_many(all).await;
 }
 
-/// Works off everything due for one leased payment, then releases it.
-async fn process_payment(app: &App, payment_id: &str) {
-    match process_payment_inner(app, payment_id).await {
-        Ok(()) => {
-            if let Err(e) = store::release_payment(&app.db, payment_id).await {
-                tracing::warn!(error = %e, payment_id, "releasing a payment failed");
+/// Works off everything due for one payment leased under `owner`, then
+/// releases it.
+async fn process_payment(app: &App, payment_id: &str, owner: &str) {
+    match process_payment_inner(app, payment_id, owner).await {
+        Ok(()) => match store::release_payment(&app.db, payment_id, owner).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(
+                    payment_id,
+                    "the payment's lease was retaken before we released it"
+                );
             }
-        }
+            Err(e) => tracing::warn!(error = %e, payment_id, "releasing a payment failed"),
+        },
         Err(e) => {
             tracing::warn!(error = %e, payment_id, "executing a payment failed; will retry");
             // Keep it leased briefly so a failing database or broker is not
             // hammered in a tight loop.
-            let _ = store::renew_lease(&app.db, payment_id, store::now_ms(), ERROR_RETRY_MS).await;
+            let _ = store::renew_lease(&app.db, payment_id, owner, store::now_ms(), ERROR_RETRY_MS)
+                .await;
         }
     }
 }
 
-async fn process_payment_inner(app: &App, payment_id: &str) -> anyhow::Result<()> {
-    let Some(pay) = store::payment(&app.db, payment_id).await? else {
+/// Extends the lease, or stops working on the payment when it is no longer
+/// ours.
+async fn renew(app: &App, pay: &PaymentRow) -> anyhow::Result<()> {
+    let now = store::now_ms();
+    if !store::renew_lease(
+        &app.db,
+        &pay.payment_id,
+        &pay.owner,
+        now,
+        app.policy.lease_ms,
+    )
+    .await?
+    {
+        anyhow::bail!("lost the lease of payment {}", pay.payment_id);
+    }
+    Ok(())
+}
+
+/// Runs `call` (a PSP call) while renewing the payment's lease, so a slow
+/// call does not let another dispatcher take the payment over. A lost lease
+/// is logged; recording the outcome will then be refused (fenced).
+async fn holding_lease<T>(
+    app: &App,
+    pay: &PaymentRow,
+    call: impl std::future::Future<Output = T>,
+) -> T {
+    let every = Duration::from_millis(u64::try_from(app.policy.lease_ms / 3).unwrap_or(1).max(1));
+    tokio::pin!(call);
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            r = &mut call => return r,
+            _ = ticker.tick() => {
+                if let Err(e) = renew(app, pay).await {
+                    tracing::warn!(error = %e, payment_id = %pay.payment_id, "renewing a lease during a PSP call failed");
+                }
+            }
+        }
+    }
+}
+
+async fn process_payment_inner(app: &App, payment_id: &str, owner: &str) -> anyhow::Result<()> {
+    let Some(mut pay) = store::payment(&app.db, payment_id).await? else {
         return Ok(());
     };
+    owner.clone_into(&mut pay.owner);
+    let pay = pay;
     flush_outbox(app, Some(payment_id), i64::MAX).await?;
     let mut first = true;
     for order in store::due_orders(&app.db, payment_id, store::now_ms()).await? {
         if !std::mem::take(&mut first) {
-            store::renew_lease(&app.db, payment_id, store::now_ms(), app.policy.lease_ms).await?;
+            renew(app, &pay).await?;
         }
         match order.state.as_str() {
+            "retry_wait" if order.lookup_since_ms.is_some() => {
+                look_up_charge(app, &pay, &order).await?;
+            }
             "ready" | "retry_wait" | "executing" => execute_order(app, &pay, &order).await?,
             "pending" => poll_pending(app, &pay, &order).await?,
             _ => {}
         }
     }
     for refund in store::due_refunds(&app.db, payment_id, store::now_ms()).await? {
-        store::renew_lease(&app.db, payment_id, store::now_ms(), app.policy.lease_ms).await?;
+        renew(app, &pay).await?;
         execute_refund(app, &pay, &refund).await?;
     }
     Ok(())
@@ -228,6 +286,7 @@ async fn execute_order(app: &App, pay: &PaymentRow, order: &OrderRow) -> anyhow:
     let began = store::now_ms();
     if !store::begin_attempt(
         &app.db,
+        &pay.owner,
         &order.order_id,
         n,
         p.lease_ms,
@@ -244,15 +303,17 @@ async fn execute_order(app: &App, pay: &PaymentRow, order: &OrderRow) -> anyhow:
         .deadline_ms
         .unwrap_or_else(|| began.saturating_add(p.max_total_ms));
 
-    let answer = app
-        .psp
-        .charge(
+    let answer = holding_lease(
+        app,
+        pay,
+        app.psp.charge(
             &order.order_id,
             order.amount_minor,
             &order.currency,
             &pay.card_token,
-        )
-        .await;
+        ),
+    )
+    .await;
     let answer = match answer {
         // A replay says what the first answer said; a pending charge may
         // have resolved since: ask for its current state.
@@ -276,39 +337,81 @@ async fn execute_order(app: &App, pay: &PaymentRow, order: &OrderRow) -> anyhow:
                         code: "psp_bad_answer".into(),
                         reason: format!("unknown charge status {:?}", charge.status),
                         retry_after: None,
+                        outcome_unknown: true,
                     },
                 )
                 .await
             }
         },
-        Err(e @ PspError::Final { .. }) => {
-            let ev = out(
-                pay,
-                oid.as_uuid(),
-                "failed-final",
-                OrderFailed {
-                    order_id: oid,
-                    retryable: false,
-                    code: e.code().to_owned(),
-                    reason: e.reason().to_owned(),
-                    attempt: n,
-                }
-                .into(),
-            );
-            (
-                OrderUpdate::Failed {
-                    reason: e.to_string(),
-                    charge_id: None,
-                },
-                vec![ev],
-            )
-        }
+        Err(e @ PspError::Final { .. }) => refused(app, pay, order, n, &e).await,
         Err(e) => transient(app, pay, order, n, deadline, &e).await,
     };
-    if store::record_attempt(&app.db, &order.order_id, n, &update, &events).await? {
+    if store::record_attempt(&app.db, &pay.owner, &order.order_id, n, &update, &events).await? {
         flush_outbox(app, Some(&pay.payment_id), i64::MAX).await?;
     }
     Ok(())
+}
+
+/// The PSP refused the charge for good. Only a validation error (400)
+/// proves no charge exists; for anything else (e.g. 422
+/// `idempotency_key_reused`: a charge was made under our key) the PSP's
+/// charges for the order are looked up first, and a charge found decides.
+async fn refused(
+    app: &App,
+    pay: &PaymentRow,
+    order: &OrderRow,
+    n: i32,
+    e: &PspError,
+) -> (OrderUpdate, Vec<Outgoing>) {
+    let oid = order_id(order);
+    let fail = || {
+        let ev = out(
+            pay,
+            oid.as_uuid(),
+            "failed-final",
+            OrderFailed {
+                order_id: oid,
+                retryable: false,
+                code: e.code().to_owned(),
+                reason: e.reason().to_owned(),
+                attempt: n,
+            }
+            .into(),
+        );
+        (
+            OrderUpdate::Failed {
+                reason: e.to_string(),
+                charge_id: None,
+            },
+            vec![ev],
+        )
+    };
+    if e.is_validation() {
+        return fail();
+    }
+    // The key was used before: a charge under it exists (or is being made).
+    let charge_exists = e.code() == "idempotency_key_reused";
+    let lookup = || {
+        (
+            OrderUpdate::Lookup {
+                at_ms: store::now_ms().saturating_add(lookup_wait(app, n)),
+                reason: format!("refused, looking the charge up: {e}"),
+                outcome_unknown: charge_exists,
+            },
+            Vec::new(),
+        )
+    };
+    match app.psp.charges_for(&order.order_id).await {
+        Ok(charges) => match charges.last() {
+            Some(charge) => charge_outcome(app, pay, order, n, charge).unwrap_or_else(lookup),
+            None if charge_exists => lookup(),
+            None => fail(),
+        },
+        Err(le) => {
+            tracing::warn!(error = %le, order_id = %order.order_id, "looking up charges failed; will look again");
+            lookup()
+        }
+    }
 }
 
 /// The update and events for a charge the PSP reported; None for a status
@@ -424,18 +527,65 @@ async fn transient(
             OrderUpdate::RetryWait {
                 at_ms: now.saturating_add(wait),
                 reason: e.to_string(),
+                outcome_unknown: e.outcome_unknown(),
             },
             vec![attempt_failed],
         );
     }
-    if let Ok(charges) = app.psp.charges_for(&order.order_id).await
-        && let Some(charge) = charges.last()
-        && let Some((update, mut events)) = charge_outcome(app, pay, order, n, charge)
-    {
-        events.insert(0, attempt_failed);
-        return (update, events);
+    // Attempts are used up. Only a definite "no charge" from the PSP lets
+    // the order fail; if any attempt may have made a charge, the order waits
+    // in the lookup state until the PSP gives a definite answer.
+    let unknown = e.outcome_unknown() || order.last_unknown_ms.is_some();
+    let to_lookup = |attempt_failed: Outgoing| {
+        (
+            OrderUpdate::Lookup {
+                at_ms: now.saturating_add(lookup_wait(app, n)),
+                reason: format!("retries exhausted, looking the charge up: {e}"),
+                outcome_unknown: e.outcome_unknown(),
+            },
+            vec![attempt_failed],
+        )
+    };
+    match app.psp.charges_for(&order.order_id).await {
+        Ok(charges) => {
+            if let Some(charge) = charges.last() {
+                if let Some((update, mut events)) = charge_outcome(app, pay, order, n, charge) {
+                    events.insert(0, attempt_failed);
+                    return (update, events);
+                }
+                return to_lookup(attempt_failed);
+            }
+            if unknown {
+                return to_lookup(attempt_failed);
+            }
+        }
+        Err(le) => {
+            tracing::warn!(error = %le, order_id = %order.order_id, "looking up charges failed; will look again");
+            return to_lookup(attempt_failed);
+        }
     }
-    let final_failed = out(
+    let final_failed = exhausted_event(pay, order, n, &e.to_string());
+    (
+        OrderUpdate::Failed {
+            reason: format!("retries exhausted: {e}"),
+            charge_id: None,
+        },
+        vec![attempt_failed, final_failed],
+    )
+}
+
+/// How long to wait before the next charge look-up: back-off on the
+/// attempt count, but never a tight loop.
+fn lookup_wait(app: &App, n: i32) -> i64 {
+    app.policy
+        .backoff_ms(n, None)
+        .max(app.policy.backoff_base_ms)
+        .max(1)
+}
+
+fn exhausted_event(pay: &PaymentRow, order: &OrderRow, n: i32, last_error: &str) -> Outgoing {
+    let oid = order_id(order);
+    out(
         pay,
         oid.as_uuid(),
         "failed-final",
@@ -443,17 +593,131 @@ async fn transient(
             order_id: oid,
             retryable: false,
             code: "retries_exhausted".into(),
-            reason: format!("gave up after {n} attempts; last error: {e}"),
+            reason: format!("gave up after {n} attempts; last error: {last_error}"),
             attempt: n,
         }
         .into(),
+    )
+}
+
+/// An order whose attempts are used up while a charge may exist: ask the
+/// PSP (`GET /v1/charges?reference=`). A charge found resolves the order; no
+/// charge fails it only once the grace period since the last attempt with
+/// an unknown outcome has passed (the PSP finishes requests whose caller
+/// hung up); a failed look-up is simply repeated.
+async fn look_up_charge(app: &App, pay: &PaymentRow, order: &OrderRow) -> anyhow::Result<()> {
+    assert!(
+        order.lookup_since_ms.is_some(),
+        "only orders in the lookup state are looked up"
     );
-    (
-        OrderUpdate::Failed {
-            reason: format!("retries exhausted: {e}"),
-            charge_id: None,
+    let n = order.attempts;
+    let now = store::now_ms();
+    let next = now.saturating_add(lookup_wait(app, n));
+    let charges = match app.psp.charges_for(&order.order_id).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, order_id = %order.order_id, "looking up charges failed; will look again");
+            store::lookup_later(&app.db, &order.order_id, next).await?;
+            return Ok(());
+        }
+    };
+    let (update, events) = match charges.last() {
+        Some(charge) => match charge_outcome(app, pay, order, n, charge) {
+            Some(r) => r,
+            None => {
+                store::lookup_later(&app.db, &order.order_id, next).await?;
+                return Ok(());
+            }
         },
-        vec![attempt_failed, final_failed],
+        None => {
+            let grace_end = order
+                .last_unknown_ms
+                .map_or(0, |t| t.saturating_add(app.policy.unknown_grace_ms));
+            if now < grace_end {
+                store::lookup_later(&app.db, &order.order_id, next.min(grace_end)).await?;
+                return Ok(());
+            }
+            let last = order.last_error.clone().unwrap_or_default();
+            (
+                OrderUpdate::Failed {
+                    reason: format!("retries exhausted, the PSP has no charge: {last}"),
+                    charge_id: None,
+                },
+                vec![exhausted_event(pay, order, n, &last)],
+            )
+        }
+    };
+    if store::record_attempt(&app.db, &pay.owner, &order.order_id, n, &update, &events).await? {
+        flush_outbox(app, Some(&pay.payment_id), i64::MAX).await?;
+    }
+    Ok(())
+}
+
+/// Builds a refund's final failure (update and event) from code and reason.
+type RefundFailure<'a> = dyn Fn(&str, String) -> (RefundUpdate, Vec<Outgoing>) + Sync + 'a;
+
+/// A refund attempt without a final answer: retry later, or — attempts or
+/// time used up — give it up, but only when nothing says it may have been
+/// made: no attempt had an unknown outcome within the grace period, and
+/// the PSP's charge shows no refunded amount beyond our succeeded refunds.
+/// Otherwise it keeps being retried with the same key (the PSP replays a
+/// refund it made) and keeps counting as taken.
+async fn refund_retry_or_give_up(
+    app: &App,
+    refund: &RefundRow,
+    charge_id: &str,
+    n: i32,
+    deadline_ms: i64,
+    e: &PspError,
+    failed: &RefundFailure<'_>,
+) -> (RefundUpdate, Vec<Outgoing>) {
+    let p = &app.policy;
+    let retry_after = match e {
+        PspError::Transient { retry_after, .. } => *retry_after,
+        PspError::Final { .. } => None,
+    };
+    let now = store::now_ms();
+    let wait = p.backoff_ms(n, retry_after).max(p.backoff_base_ms).max(1);
+    let retry = || RefundUpdate::RetryWait {
+        at_ms: now.saturating_add(wait),
+        reason: e.to_string(),
+        outcome_unknown: e.outcome_unknown(),
+    };
+    if n < p.max_attempts && now.saturating_add(wait) <= deadline_ms {
+        return (retry(), Vec::new());
+    }
+    let last_unknown = if e.outcome_unknown() {
+        Some(now)
+    } else {
+        refund.last_unknown_ms
+    };
+    if last_unknown.is_some_and(|t| now < t.saturating_add(p.unknown_grace_ms)) {
+        return (retry(), Vec::new());
+    }
+    let unaccounted = match (
+        app.psp.get_charge(charge_id).await,
+        store::refunds_succeeded(&app.db, &refund.order_id).await,
+    ) {
+        (Ok(charge), Ok(confirmed)) => charge.refunded_minor > confirmed,
+        (Err(le), _) => {
+            tracing::warn!(error = %le, refund_id = %refund.refund_id, "checking a refund at the PSP failed; will retry");
+            true
+        }
+        (_, Err(de)) => {
+            tracing::warn!(error = %de, refund_id = %refund.refund_id, "summing refunds failed; will retry");
+            true
+        }
+    };
+    if unaccounted {
+        tracing::warn!(
+            refund_id = %refund.refund_id,
+            "a refund may have been made at the PSP; retrying instead of giving up"
+        );
+        return (retry(), Vec::new());
+    }
+    failed(
+        "retries_exhausted",
+        format!("gave up after {n} attempts; last error: {e}"),
     )
 }
 
@@ -630,6 +894,7 @@ async fn execute_refund(app: &App, pay: &PaymentRow, refund: &RefundRow) -> anyh
             let began = store::now_ms();
             if !store::begin_refund_attempt(
                 &app.db,
+                &pay.owner,
                 &refund.refund_id,
                 n,
                 p.lease_ms,
@@ -642,10 +907,13 @@ async fn execute_refund(app: &App, pay: &PaymentRow, refund: &RefundRow) -> anyh
             let deadline = refund
                 .deadline_ms
                 .unwrap_or_else(|| began.saturating_add(p.max_total_ms));
-            let (u, e) = match app
-                .psp
-                .refund(&charge_id, &refund.refund_id, refund.amount_minor)
-                .await
+            let (u, e) = match holding_lease(
+                app,
+                pay,
+                app.psp
+                    .refund(&charge_id, &refund.refund_id, refund.amount_minor),
+            )
+            .await
             {
                 Ok(r) if r.status == "succeeded" => (
                     RefundUpdate::Succeeded {
@@ -664,38 +932,41 @@ async fn execute_refund(app: &App, pay: &PaymentRow, refund: &RefundRow) -> anyh
                         .into(),
                     )],
                 ),
-                Ok(r) => failed(
-                    "refund_failed",
-                    format!("the PSP reports the refund {}", r.status),
-                ),
+                Ok(r) if matches!(r.status.as_str(), "failed" | "canceled" | "cancelled") => {
+                    failed(
+                        "refund_failed",
+                        format!("the PSP reports the refund {}", r.status),
+                    )
+                }
+                // Not final yet (e.g. pending): ask again later with the same
+                // key; it stays counted as taken meanwhile.
+                Ok(r) => {
+                    let e = PspError::Transient {
+                        code: "refund_not_final".into(),
+                        reason: format!("the PSP reports the refund {}", r.status),
+                        retry_after: None,
+                        outcome_unknown: true,
+                    };
+                    refund_retry_or_give_up(app, refund, &charge_id, n, deadline, &e, &failed).await
+                }
                 Err(e @ PspError::Final { .. }) => failed(e.code(), e.reason().to_owned()),
                 Err(e) => {
-                    let retry_after = match &e {
-                        PspError::Transient { retry_after, .. } => *retry_after,
-                        PspError::Final { .. } => None,
-                    };
-                    let now = store::now_ms();
-                    let wait = p.backoff_ms(n, retry_after);
-                    if n >= p.max_attempts || now.saturating_add(wait) > deadline {
-                        failed(
-                            "retries_exhausted",
-                            format!("gave up after {n} attempts; last error: {e}"),
-                        )
-                    } else {
-                        (
-                            RefundUpdate::RetryWait {
-                                at_ms: now.saturating_add(wait),
-                                reason: e.to_string(),
-                            },
-                            Vec::new(),
-                        )
-                    }
+                    refund_retry_or_give_up(app, refund, &charge_id, n, deadline, &e, &failed).await
                 }
             };
             (u, e, n)
         }
     };
-    if store::record_refund(&app.db, &refund.refund_id, attempt, &update, &events).await? {
+    if store::record_refund(
+        &app.db,
+        &pay.owner,
+        &refund.refund_id,
+        attempt,
+        &update,
+        &events,
+    )
+    .await?
+    {
         flush_outbox(app, Some(&pay.payment_id), i64::MAX).await?;
     }
     Ok(())

@@ -83,6 +83,8 @@ fn op_for(d: &Delivered) -> Result<IntakeOp, Outcome> {
                 amount_minor: r.amount.amount_minor(),
                 currency: r.amount.currency().code().to_owned(),
                 reason: r.reason.clone(),
+                source_partition: d.meta.partition,
+                source_offset: d.meta.offset,
             })
         }
         _ => Err(Outcome::Ignored),

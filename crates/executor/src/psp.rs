@@ -16,6 +16,9 @@ pub struct Charge {
     pub reference: String,
     #[serde(default)]
     pub decline_code: Option<String>,
+    /// What was refunded of it so far.
+    #[serde(default)]
+    pub refunded_minor: i64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -51,10 +54,20 @@ pub enum PspError {
         code: String,
         reason: String,
         retry_after: Option<Duration>,
+        /// The PSP may have made the charge all the same (timeout,
+        /// connection error, 409 key in use, unreadable 2xx or 5xx): such an
+        /// order must never be failed before the PSP says there is no
+        /// charge.
+        outcome_unknown: bool,
     },
     /// The PSP refused the request for good (e.g. 422).
     #[error("{code}: {reason}")]
-    Final { code: String, reason: String },
+    Final {
+        code: String,
+        reason: String,
+        /// A 400: the request itself is invalid, so no charge can exist.
+        validation: bool,
+    },
 }
 
 impl PspError {
@@ -62,6 +75,27 @@ impl PspError {
         match self {
             PspError::Transient { code, .. } | PspError::Final { code, .. } => code,
         }
+    }
+    /// Whether the call may have created a charge despite the error.
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(
+            self,
+            PspError::Transient {
+                outcome_unknown: true,
+                ..
+            }
+        )
+    }
+    /// Whether the PSP rejected the request as invalid (400): no charge can
+    /// exist for it.
+    pub fn is_validation(&self) -> bool {
+        matches!(
+            self,
+            PspError::Final {
+                validation: true,
+                ..
+            }
+        )
     }
     pub fn reason(&self) -> &str {
         match self {
@@ -189,6 +223,7 @@ fn transport(e: reqwest::Error) -> PspError {
         code: code.into(),
         reason: e.to_string(),
         retry_after: None,
+        outcome_unknown: true,
     }
 }
 
@@ -207,29 +242,42 @@ async fn read<T: serde::de::DeserializeOwned>(resp: reqwest::Response) -> Result
             code: "psp_bad_answer".into(),
             reason: format!("unreadable {status} answer: {e}"),
             retry_after: None,
+            outcome_unknown: true,
         });
     }
-    let (code, message) = match serde_json::from_slice::<ErrorBody>(&bytes) {
-        Ok(b) => (b.error.code, b.error.message),
+    let (code, message, readable) = match serde_json::from_slice::<ErrorBody>(&bytes) {
+        Ok(b) => (b.error.code, b.error.message, true),
         Err(_) => (
             format!("http_{}", status.as_u16()),
             String::from_utf8_lossy(&bytes).chars().take(200).collect(),
+            false,
         ),
     };
     let reason = format!("PSP answered {status}: {message}");
-    let transient = status.is_server_error()
-        || status == reqwest::StatusCode::CONFLICT
-        || status == reqwest::StatusCode::TOO_MANY_REQUESTS
-        // A wrong API key is an operator's mistake that gets fixed; the
-        // order should not fail for good meanwhile.
-        || status == reqwest::StatusCode::UNAUTHORIZED;
+    // Final only where the PSP's contract says the request itself is wrong
+    // for good: 400 (validation), 404 (unknown charge), 422 (key reused,
+    // refund refused). Everything else — 5xx, 409, 429, 401 (an operator's
+    // mistake that gets fixed), 408, 425 and 4xx we do not know — may go
+    // away and is retried.
+    let transient = !matches!(status.as_u16(), 400 | 404 | 422);
+    // 409: another request with our key is still being processed and may
+    // create the charge; a 5xx without the PSP's error body may come from a
+    // proxy in front of a PSP that did the work. A 5xx/429 with the PSP's
+    // error body says no charge was made.
+    let outcome_unknown =
+        status == reqwest::StatusCode::CONFLICT || (status.is_server_error() && !readable);
     if transient {
         Err(PspError::Transient {
             code,
             reason,
             retry_after,
+            outcome_unknown,
         })
     } else {
-        Err(PspError::Final { code, reason })
+        Err(PspError::Final {
+            code,
+            reason,
+            validation: status == reqwest::StatusCode::BAD_REQUEST,
+        })
     }
 }

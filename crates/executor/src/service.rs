@@ -87,6 +87,12 @@ pub struct ExecutorArgs {
     /// crashed executor's payments are retaken after this.
     #[arg(long, env = "PAYSTREAM_EXECUTOR_LEASE_SECS", default_value_t = 60)]
     pub lease_secs: u64,
+    /// After the last PSP call whose outcome is unknown (timeout, 409 key
+    /// in use, ...), how long the PSP's "no charge" answer is not trusted
+    /// yet (it may still be finishing that request). Default: 2 × the PSP
+    /// timeout.
+    #[arg(long, env = "PAYSTREAM_EXECUTOR_UNKNOWN_OUTCOME_GRACE_MS")]
+    pub unknown_outcome_grace_ms: Option<u64>,
 }
 
 impl ExecutorArgs {
@@ -106,6 +112,7 @@ impl ExecutorArgs {
             pending_poll_after_secs: 300,
             webhook_tolerance_secs: 300,
             lease_secs: 60,
+            unknown_outcome_grace_ms: None,
         }
     }
 }
@@ -124,6 +131,8 @@ pub struct Policy {
     pub pending_poll_ms: i64,
     pub lease_ms: i64,
     pub webhook_tolerance_s: i64,
+    /// See `ExecutorArgs::unknown_outcome_grace_ms`.
+    pub unknown_grace_ms: i64,
 }
 
 impl Policy {
@@ -138,6 +147,11 @@ impl Policy {
             pending_poll_ms: ms(a.pending_poll_after_secs, 1000),
             lease_ms: ms(a.lease_secs, 1000),
             webhook_tolerance_s: ms(a.webhook_tolerance_secs, 1),
+            unknown_grace_ms: ms(
+                a.unknown_outcome_grace_ms
+                    .unwrap_or_else(|| a.psp_timeout_ms.saturating_mul(2)),
+                1,
+            ),
         }
     }
 
@@ -215,6 +229,17 @@ pub async fn start(
         .await
         .context("creating topics")?;
     let producer = EventProducer::new(&kafka, "paystream-executor")?;
+    // A lease shorter than a few PSP calls plus slack can run out while the
+    // holder is still working (it is renewed during calls, but a stalled
+    // database or scheduler can delay that).
+    let lease_floor_ms = args.psp_timeout_ms.saturating_mul(3).saturating_add(30_000);
+    if args.lease_secs.saturating_mul(1000) < lease_floor_ms {
+        tracing::warn!(
+            lease_secs = args.lease_secs,
+            psp_timeout_ms = args.psp_timeout_ms,
+            "the payment lease is shorter than 3 x the PSP timeout + 30 s; a slow PSP call may outlive it"
+        );
+    }
     let psp = PspClient::new(
         &args.psp_url,
         &args.psp_api_key,

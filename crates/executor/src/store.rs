@@ -108,6 +108,10 @@ pub enum IntakeOp {
         amount_minor: i64,
         currency: String,
         reason: String,
+        /// Where the request came from: the refunds of one payment run in
+        /// this order (the request order).
+        source_partition: i32,
+        source_offset: i64,
     },
 }
 
@@ -162,17 +166,17 @@ pub async fn intake(db: &Db, ops: &[IntakeOp]) -> Result<Vec<IntakeResult>, sqlx
                         if known > 0 { IntakeResult::Duplicate } else { IntakeResult::Unknown }
                     }
                 }
-                IntakeOp::Refund { refund_id, order_id, amount_minor, currency, reason } => {
+                IntakeOp::Refund { refund_id, order_id, amount_minor, currency, reason, source_partition, source_offset } => {
                     let payment: Option<String> = sqlx::query_scalar("SELECT payment_id FROM executor_orders WHERE order_id = $1")
                         .bind(order_id).fetch_optional(&mut *tx).await?;
                     match payment {
                         None => IntakeResult::Unknown,
                         Some(payment_id) => {
                             let n = sqlx::query(
-                                "INSERT INTO executor_refunds (refund_id, order_id, payment_id, amount_minor, currency, reason, state, next_attempt_ms, created_ms, updated_ms) \
-                                 VALUES ($1, $2, $3, $4, $5, $6, 'ready', $7, $7, $7) ON CONFLICT DO NOTHING",
+                                "INSERT INTO executor_refunds (refund_id, order_id, payment_id, amount_minor, currency, reason, state, next_attempt_ms, created_ms, updated_ms, source_partition, source_offset) \
+                                 VALUES ($1, $2, $3, $4, $5, $6, 'ready', $7, $7, $7, $8, $9) ON CONFLICT DO NOTHING",
                             ).bind(refund_id).bind(order_id).bind(&payment_id).bind(amount_minor)
-                            .bind(currency).bind(reason).bind(now)
+                            .bind(currency).bind(reason).bind(now).bind(source_partition).bind(source_offset)
                             .execute(&mut *tx).await?.rows_affected();
                             if n == 1 { IntakeResult::Applied } else { IntakeResult::Duplicate }
                         }
@@ -204,28 +208,39 @@ pub async fn due_payments(db: &Db, now: i64, limit: i64) -> Result<Vec<String>, 
     Ok(rows.into_iter().map(|(p,)| p).collect())
 }
 
+/// A fresh fencing token for [`lease_payments`].
+pub fn new_lease_owner() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
 /// Takes the leases of those of `payment_ids` that are free, in one
-/// statement; returns the ones taken. Only a lease holder works on a
-/// payment; a crashed holder's lease simply runs out.
+/// statement, under the fencing token `owner`; returns the ones taken. Only
+/// the lease holder works on a payment: renewing, releasing and recording
+/// attempts require `owner`, so a holder whose lease ran out and was
+/// retaken by another dispatcher can no longer act; a crashed holder's
+/// lease simply runs out.
 pub async fn lease_payments(
     db: &Db,
     payment_ids: &[String],
     now: i64,
     lease_ms: i64,
+    owner: &str,
 ) -> Result<Vec<String>, sqlx::Error> {
+    assert!(lease_ms > 0, "a lease must be positive");
+    assert!(!owner.is_empty(), "a lease needs an owner token");
     if payment_ids.is_empty() {
         return Ok(Vec::new());
     }
     let placeholders = (0..payment_ids.len())
-        .map(|i| format!("${}", i + 3))
+        .map(|i| format!("${}", i + 4))
         .collect::<Vec<_>>()
         .join(",");
     let sql = format!(
-        "UPDATE executor_payments SET lease_until_ms = $1 WHERE lease_until_ms < $2 \
+        "UPDATE executor_payments SET lease_until_ms = $1, lease_owner = $3 WHERE lease_until_ms < $2 \
          AND payment_id IN ({placeholders}) RETURNING payment_id"
     );
     let rows: Vec<(String,)> = with_pool!(db, p => {
-        let mut q = sqlx::query_as(&sql).bind(now + lease_ms).bind(now);
+        let mut q = sqlx::query_as(&sql).bind(now + lease_ms).bind(now).bind(owner);
         for id in payment_ids {
             q = q.bind(id);
         }
@@ -234,21 +249,35 @@ pub async fn lease_payments(
     Ok(rows.into_iter().map(|(p,)| p).collect())
 }
 
+/// Extends `owner`'s lease; false when the payment is no longer `owner`'s
+/// (the caller must stop working on it).
 pub async fn renew_lease(
     db: &Db,
     payment_id: &str,
+    owner: &str,
     now: i64,
     lease_ms: i64,
-) -> Result<(), sqlx::Error> {
-    with_pool!(db, p => sqlx::query("UPDATE executor_payments SET lease_until_ms = $1 WHERE payment_id = $2")
-        .bind(now + lease_ms).bind(payment_id).execute(p).await?.rows_affected());
-    Ok(())
+) -> Result<bool, sqlx::Error> {
+    let n = with_pool!(db, p => sqlx::query(
+        "UPDATE executor_payments SET lease_until_ms = $1 WHERE payment_id = $2 AND lease_owner = $3",
+    ).bind(now + lease_ms).bind(payment_id).bind(owner).execute(p).await?.rows_affected());
+    Ok(n == 1)
 }
 
-pub async fn release_payment(db: &Db, payment_id: &str) -> Result<(), sqlx::Error> {
-    with_pool!(db, p => sqlx::query("UPDATE executor_payments SET lease_until_ms = 0 WHERE payment_id = $1")
-        .bind(payment_id).execute(p).await?.rows_affected());
-    Ok(())
+/// Gives `owner`'s lease up; false when it was no longer `owner`'s.
+pub async fn release_payment(db: &Db, payment_id: &str, owner: &str) -> Result<bool, sqlx::Error> {
+    let n = with_pool!(db, p => sqlx::query(
+        "UPDATE executor_payments SET lease_until_ms = 0 WHERE payment_id = $1 AND lease_owner = $2",
+    ).bind(payment_id).bind(owner).execute(p).await?.rows_affected());
+    Ok(n == 1)
+}
+
+/// SQL condition: the order's (or refund's) payment is leased by the owner
+/// bound at `$n`.
+fn owned(table: &str, n: u8) -> String {
+    format!(
+        "EXISTS (SELECT 1 FROM executor_payments lp WHERE lp.payment_id = {table}.payment_id AND lp.lease_owner = ${n})"
+    )
 }
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -256,6 +285,10 @@ pub struct PaymentRow {
     pub payment_id: String,
     pub correlation_id: String,
     pub card_token: String,
+    /// The lease's fencing token while a dispatcher works the payment
+    /// (set by the dispatcher, not read from the table; empty elsewhere).
+    #[sqlx(skip)]
+    pub owner: String,
 }
 
 pub async fn payment(db: &Db, payment_id: &str) -> Result<Option<PaymentRow>, sqlx::Error> {
@@ -279,10 +312,16 @@ pub struct OrderRow {
     pub psp_charge_id: Option<String>,
     pub fee_minor: Option<i64>,
     pub last_error: Option<String>,
+    /// When the last attempt whose outcome is unknown ended.
+    pub last_unknown_ms: Option<i64>,
+    /// Set while attempts are used up and the PSP is being asked whether a
+    /// charge exists (state `retry_wait`).
+    pub lookup_since_ms: Option<i64>,
 }
 
 const ORDER_COLUMNS: &str = "order_id, payment_id, seq, amount_minor, currency, state, attempts, \
-     next_attempt_ms, deadline_ms, pending_since_ms, psp_charge_id, fee_minor, last_error";
+     next_attempt_ms, deadline_ms, pending_since_ms, psp_charge_id, fee_minor, last_error, \
+     last_unknown_ms, lookup_since_ms";
 
 /// The payment's orders that are due, in order.
 pub async fn due_orders(db: &Db, payment_id: &str, now: i64) -> Result<Vec<OrderRow>, sqlx::Error> {
@@ -303,6 +342,7 @@ pub async fn order(db: &Db, order_id: &str) -> Result<Option<OrderRow>, sqlx::Er
 /// dies mid-call, the next one resumes it.
 pub async fn begin_attempt(
     db: &Db,
+    owner: &str,
     order_id: &str,
     attempt: i32,
     lease_ms: i64,
@@ -310,14 +350,17 @@ pub async fn begin_attempt(
     started: &Outgoing,
 ) -> Result<bool, sqlx::Error> {
     let now = now_ms();
+    let sql = format!(
+        "UPDATE executor_orders SET state = 'executing', attempts = $1, next_attempt_ms = $2, \
+         deadline_ms = COALESCE(deadline_ms, $3), updated_ms = $4 \
+         WHERE order_id = $5 AND attempts = $6 AND state IN ('ready', 'retry_wait', 'executing') \
+         AND lookup_since_ms IS NULL AND {}",
+        owned("executor_orders", 7)
+    );
     with_pool!(db, p => {
         let mut tx = p.begin().await?;
-        let n = sqlx::query(
-            "UPDATE executor_orders SET state = 'executing', attempts = $1, next_attempt_ms = $2, \
-             deadline_ms = COALESCE(deadline_ms, $3), updated_ms = $4 \
-             WHERE order_id = $5 AND attempts = $6 AND state IN ('ready', 'retry_wait', 'executing')",
-        ).bind(attempt).bind(now + lease_ms).bind(now.saturating_add(max_total_ms)).bind(now)
-        .bind(order_id).bind(attempt - 1)
+        let n = sqlx::query(&sql).bind(attempt).bind(now + lease_ms).bind(now.saturating_add(max_total_ms)).bind(now)
+        .bind(order_id).bind(attempt - 1).bind(owner)
         .execute(&mut *tx).await?.rows_affected();
         if n != 1 {
             return Ok(false);
@@ -346,6 +389,16 @@ pub enum OrderUpdate {
     RetryWait {
         at_ms: i64,
         reason: String,
+        /// The attempt may have created a charge (see
+        /// `PspError::outcome_unknown`).
+        outcome_unknown: bool,
+    },
+    /// Attempts are used up but the outcome is unknown: ask the PSP for its
+    /// charges at `at_ms` (and on until it gives a definite answer).
+    Lookup {
+        at_ms: i64,
+        reason: String,
+        outcome_unknown: bool,
     },
 }
 
@@ -364,6 +417,7 @@ type OrderColumns<'a> = (
 /// order is no longer in that attempt (nothing written).
 pub async fn record_attempt(
     db: &Db,
+    owner: &str,
     order_id: &str,
     attempt: i32,
     update: &OrderUpdate,
@@ -401,18 +455,35 @@ pub async fn record_attempt(
             None,
             Some(now),
         ),
-        OrderUpdate::RetryWait { at_ms, reason } => {
+        OrderUpdate::RetryWait { at_ms, reason, .. }
+        | OrderUpdate::Lookup { at_ms, reason, .. } => {
             ("retry_wait", Some(*at_ms), None, None, Some(reason), None)
         }
     };
+    let unknown_at = match update {
+        OrderUpdate::RetryWait {
+            outcome_unknown: true,
+            ..
+        }
+        | OrderUpdate::Lookup {
+            outcome_unknown: true,
+            ..
+        } => Some(now),
+        _ => None,
+    };
+    let lookup_since = matches!(update, OrderUpdate::Lookup { .. }).then_some(now);
+    let sql = format!(
+        "UPDATE executor_orders SET state = $1, next_attempt_ms = $2, psp_charge_id = COALESCE($3, psp_charge_id), \
+         fee_minor = $4, last_error = $5, pending_since_ms = $6, updated_ms = $7, \
+         last_unknown_ms = COALESCE($10, last_unknown_ms), lookup_since_ms = COALESCE($11, lookup_since_ms) \
+         WHERE order_id = $8 AND attempts = $9 AND (state = 'executing' \
+           OR (state = 'retry_wait' AND lookup_since_ms IS NOT NULL)) AND {}",
+        owned("executor_orders", 12)
+    );
     with_pool!(db, p => {
         let mut tx = p.begin().await?;
-        let n = sqlx::query(
-            "UPDATE executor_orders SET state = $1, next_attempt_ms = $2, psp_charge_id = COALESCE($3, psp_charge_id), \
-             fee_minor = $4, last_error = $5, pending_since_ms = $6, updated_ms = $7 \
-             WHERE order_id = $8 AND attempts = $9 AND state = 'executing'",
-        ).bind(state).bind(next).bind(charge).bind(fee).bind(err).bind(pending_since).bind(now)
-        .bind(order_id).bind(attempt)
+        let n = sqlx::query(&sql).bind(state).bind(next).bind(charge).bind(fee).bind(err).bind(pending_since).bind(now)
+        .bind(order_id).bind(attempt).bind(unknown_at).bind(lookup_since).bind(owner)
         .execute(&mut *tx).await?.rows_affected();
         if n != 1 {
             return Ok(false);
@@ -421,6 +492,15 @@ pub async fn record_attempt(
         tx.commit().await?;
     });
     Ok(true)
+}
+
+/// Looks a charge up again at `at_ms` for an order in the lookup state.
+pub async fn lookup_later(db: &Db, order_id: &str, at_ms: i64) -> Result<(), sqlx::Error> {
+    with_pool!(db, p => sqlx::query(
+        "UPDATE executor_orders SET next_attempt_ms = $1, updated_ms = $2 \
+         WHERE order_id = $3 AND state = 'retry_wait' AND lookup_since_ms IS NOT NULL",
+    ).bind(at_ms).bind(now_ms()).bind(order_id).execute(p).await?.rows_affected());
+    Ok(())
 }
 
 /// Resolves a pending order (webhook or poll) with its settlement event;
@@ -486,6 +566,8 @@ pub struct RefundRow {
     pub state: String,
     pub attempts: i32,
     pub deadline_ms: Option<i64>,
+    /// When the last attempt whose outcome is unknown ended.
+    pub last_unknown_ms: Option<i64>,
 }
 
 pub async fn due_refunds(
@@ -494,8 +576,9 @@ pub async fn due_refunds(
     now: i64,
 ) -> Result<Vec<RefundRow>, sqlx::Error> {
     Ok(with_pool!(db, p => sqlx::query_as(
-        "SELECT refund_id, order_id, payment_id, amount_minor, currency, state, attempts, deadline_ms \
-         FROM executor_refunds WHERE payment_id = $1 AND next_attempt_ms <= $2 ORDER BY created_ms, refund_id",
+        "SELECT refund_id, order_id, payment_id, amount_minor, currency, state, attempts, deadline_ms, last_unknown_ms \
+         FROM executor_refunds WHERE payment_id = $1 AND next_attempt_ms <= $2 \
+         ORDER BY source_partition IS NOT NULL, source_partition, source_offset, created_ms, refund_id",
     ).bind(payment_id).bind(now).fetch_all(p).await?))
 }
 
@@ -513,6 +596,14 @@ pub async fn refunds_taken(
     Ok(sum.unwrap_or(0))
 }
 
+/// What the order's succeeded refunds add up to.
+pub async fn refunds_succeeded(db: &Db, order_id: &str) -> Result<i64, sqlx::Error> {
+    let sum: Option<i64> = with_pool!(db, p => sqlx::query_scalar(
+        "SELECT CAST(sum(amount_minor) AS BIGINT) FROM executor_refunds WHERE order_id = $1 AND state = 'succeeded'",
+    ).bind(order_id).fetch_one(p).await?);
+    Ok(sum.unwrap_or(0))
+}
+
 /// Postpones a refund whose order is not final yet.
 pub async fn refund_later(db: &Db, refund_id: &str, at_ms: i64) -> Result<(), sqlx::Error> {
     with_pool!(db, p => sqlx::query(
@@ -523,33 +614,46 @@ pub async fn refund_later(db: &Db, refund_id: &str, at_ms: i64) -> Result<(), sq
 
 pub async fn begin_refund_attempt(
     db: &Db,
+    owner: &str,
     refund_id: &str,
     attempt: i32,
     lease_ms: i64,
     max_total_ms: i64,
 ) -> Result<bool, sqlx::Error> {
     let now = now_ms();
-    let n = with_pool!(db, p => sqlx::query(
+    let sql = format!(
         "UPDATE executor_refunds SET state = 'executing', attempts = $1, next_attempt_ms = $2, \
          deadline_ms = COALESCE(deadline_ms, $3), updated_ms = $4 \
-         WHERE refund_id = $5 AND attempts = $6 AND state IN ('ready', 'retry_wait', 'executing')",
-    ).bind(attempt).bind(now + lease_ms).bind(now.saturating_add(max_total_ms)).bind(now)
-    .bind(refund_id).bind(attempt - 1).execute(p).await?.rows_affected());
+         WHERE refund_id = $5 AND attempts = $6 AND state IN ('ready', 'retry_wait', 'executing') AND {}",
+        owned("executor_refunds", 7)
+    );
+    let n = with_pool!(db, p => sqlx::query(&sql).bind(attempt).bind(now + lease_ms).bind(now.saturating_add(max_total_ms)).bind(now)
+    .bind(refund_id).bind(attempt - 1).bind(owner).execute(p).await?.rows_affected());
     Ok(n == 1)
 }
 
 /// Where a refund ended up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RefundUpdate {
-    Succeeded { psp_refund_id: String },
-    Failed { reason: String },
-    RetryWait { at_ms: i64, reason: String },
+    Succeeded {
+        psp_refund_id: String,
+    },
+    Failed {
+        reason: String,
+    },
+    RetryWait {
+        at_ms: i64,
+        reason: String,
+        /// The attempt may have made the refund.
+        outcome_unknown: bool,
+    },
 }
 
 /// Records a refund outcome (guarded by its state and attempt count; a
 /// refund rejected before any attempt has attempt 0 and state 'ready').
 pub async fn record_refund(
     db: &Db,
+    owner: &str,
     refund_id: &str,
     attempt: i32,
     update: &RefundUpdate,
@@ -559,17 +663,27 @@ pub async fn record_refund(
     let (state, next, psp, err): (&str, Option<i64>, Option<&str>, Option<&str>) = match update {
         RefundUpdate::Succeeded { psp_refund_id } => ("succeeded", None, Some(psp_refund_id), None),
         RefundUpdate::Failed { reason } => ("failed", None, None, Some(reason)),
-        RefundUpdate::RetryWait { at_ms, reason } => {
+        RefundUpdate::RetryWait { at_ms, reason, .. } => {
             ("retry_wait", Some(*at_ms), None, Some(reason))
         }
     };
+    let unknown_at = matches!(
+        update,
+        RefundUpdate::RetryWait {
+            outcome_unknown: true,
+            ..
+        }
+    )
+    .then_some(now);
+    let sql = format!(
+        "UPDATE executor_refunds SET state = $1, next_attempt_ms = $2, psp_refund_id = COALESCE($3, psp_refund_id), \
+         last_error = $4, updated_ms = $5, last_unknown_ms = COALESCE($9, last_unknown_ms) \
+         WHERE refund_id = $6 AND attempts = $7 AND state IN ('ready', 'executing', 'retry_wait') AND {}",
+        owned("executor_refunds", 8)
+    );
     with_pool!(db, p => {
         let mut tx = p.begin().await?;
-        let n = sqlx::query(
-            "UPDATE executor_refunds SET state = $1, next_attempt_ms = $2, psp_refund_id = COALESCE($3, psp_refund_id), \
-             last_error = $4, updated_ms = $5 \
-             WHERE refund_id = $6 AND attempts = $7 AND state IN ('ready', 'executing', 'retry_wait')",
-        ).bind(state).bind(next).bind(psp).bind(err).bind(now).bind(refund_id).bind(attempt)
+        let n = sqlx::query(&sql).bind(state).bind(next).bind(psp).bind(err).bind(now).bind(refund_id).bind(attempt).bind(owner).bind(unknown_at)
         .execute(&mut *tx).await?.rows_affected();
         if n != 1 {
             return Ok(false);

@@ -206,6 +206,21 @@ async fn handle(app: &App, event: &WebhookEvent) -> anyhow::Result<Response> {
             store::record_webhook(&app.db, &event.id, &event.kind).await?;
             Ok(ok(if resolved { "resolved" } else { "duplicate" }))
         }
+        "failed" | "cancelled" if charge.status == "succeeded" => {
+            // The PSP charged an order we reported as not charged: money
+            // moved that our events deny. Never booked from here; an
+            // operator must reconcile (refund or re-open) it.
+            tracing::error!(
+                order_id = %order.order_id,
+                state = %order.state,
+                psp_charge_id = %charge.id,
+                amount_minor = charge.amount_minor,
+                "DISCREPANCY: the PSP reports a succeeded charge for an order we marked {}",
+                order.state
+            );
+            store::record_webhook(&app.db, &event.id, &event.kind).await?;
+            Ok(ok("discrepancy"))
+        }
         "succeeded" | "failed" | "cancelled" => {
             store::record_webhook(&app.db, &event.id, &event.kind).await?;
             Ok(ok("duplicate"))

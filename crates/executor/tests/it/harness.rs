@@ -188,7 +188,18 @@ impl Env {
     /// Appends an approved payment with one order per amount; returns its
     /// order ids.
     pub async fn pay(&self, card_token: &str, amounts: &[i64]) -> (PaymentId, Vec<OrderId>) {
-        let payment = PaymentId::new_random();
+        self.pay_as(PaymentId::new_random(), card_token, amounts)
+            .await
+    }
+
+    /// [`Env::pay`] with a given payment id (order `i` is
+    /// `OrderId::derive(payment, i)`).
+    pub async fn pay_as(
+        &self,
+        payment: PaymentId,
+        card_token: &str,
+        amounts: &[i64],
+    ) -> (PaymentId, Vec<OrderId>) {
         let orders: Vec<PaymentOrder> = amounts
             .iter()
             .enumerate()

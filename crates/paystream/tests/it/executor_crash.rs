@@ -104,8 +104,12 @@ fn payment(i: usize) -> (Vec<Envelope>, OrderId) {
     (vec![requested, approved], order)
 }
 
+/// A final event seen on the topic: its id, and the PSP reference of a
+/// success (None: a final failure).
+type Final = (EventId, Option<String>);
+
 /// Orders with a final outcome on the topic.
-fn final_orders(seen: &Mutex<BTreeSet<OrderId>>) -> usize {
+fn final_orders(seen: &Mutex<BTreeMap<OrderId, Vec<Final>>>) -> usize {
     seen.lock().unwrap().len()
 }
 
@@ -142,7 +146,7 @@ async fn an_executor_killed_repeatedly_charges_every_order_exactly_once() {
     ];
 
     // Everything the executors append, read back as it comes.
-    let done: Arc<Mutex<BTreeSet<OrderId>>> = Arc::default();
+    let done: Arc<Mutex<BTreeMap<OrderId, Vec<Final>>>> = Arc::default();
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
         .set("group.id", format!("reader-{}", uuid::Uuid::now_v7()))
@@ -164,12 +168,17 @@ async fn an_executor_killed_repeatedly_charges_every_order_exactly_once() {
                     continue;
                 };
                 let finished = match env.event {
-                    Event::OrderSucceeded(s) => Some(s.order_id),
-                    Event::OrderFailed(f) if !f.retryable => Some(f.order_id),
+                    Event::OrderSucceeded(s) => Some((s.order_id, Some(s.psp_reference))),
+                    Event::OrderFailed(f) if !f.retryable => Some((f.order_id, None)),
+                    Event::OrderSettledByWebhook(s) => Some((s.order_id, None)),
                     _ => None,
                 };
-                if let Some(o) = finished {
-                    done.lock().unwrap().insert(o);
+                if let Some((o, reference)) = finished {
+                    done.lock()
+                        .unwrap()
+                        .entry(o)
+                        .or_default()
+                        .push((env.event_id, reference));
                 }
             }
         })
@@ -238,6 +247,28 @@ async fn an_executor_killed_repeatedly_charges_every_order_exactly_once() {
             .await
             .unwrap();
         assert_eq!(v["charges"], 1, "order {o} charged {}", v["charges"]);
+        let listed: serde_json::Value = http
+            .get(format!("{}/v1/charges", sim.base_url()))
+            .query(&[("reference", o.to_string())])
+            .bearer_auth("sk_test_default")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let charge_id = listed["data"][0]["id"].as_str().expect("the charge");
+        // Exactly one final event (a crash may re-append it: same event
+        // id), and it is the success with the simulator's charge: every
+        // token used here eventually succeeds.
+        let finals = done.lock().unwrap().get(o).cloned().unwrap_or_default();
+        let ids: BTreeSet<EventId> = finals.iter().map(|(id, _)| *id).collect();
+        assert_eq!(ids.len(), 1, "order {o}: final events {finals:?}");
+        assert_eq!(
+            finals[0].1.as_deref(),
+            Some(charge_id),
+            "order {o}: final events {finals:?}"
+        );
     }
-    assert!(done.lock().unwrap().iter().all(|o| orders.contains(o)));
+    assert!(done.lock().unwrap().keys().all(|o| orders.contains(o)));
 }
