@@ -2,30 +2,14 @@
 //! appended a payment's events but before it stored the response must not
 //! create a second payment when the client retries.
 
+use crate::support::{Proc, free_port};
 use events::{EventType, TopicKind, avro};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use std::collections::BTreeSet;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn handler(env: &[(&str, String)], port: u16, fault: bool) -> Proc {
     let mut c = Command::new(env!("CARGO_BIN_EXE_paystream"));

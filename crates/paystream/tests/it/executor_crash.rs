@@ -3,6 +3,7 @@
 //! every order has reached a final state on the payments topic and the PSP
 //! simulator made exactly one charge per order.
 
+use crate::support::{Proc, free_port};
 use events::{
     BuyerId, ClientId, CorrelationId, Currency, Envelope, Event, EventId, Money, OrderId,
     PaymentId, PaymentOrder, PaymentRequested, RiskApproved, SCHEMA_VERSION, SellerId, Timestamp,
@@ -12,30 +13,13 @@ use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use streaming::{EventProducer, KafkaConfig};
 
 const PAYMENTS: usize = 300;
 const KILLS: usize = 4;
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn executor(env: &[(&str, String)]) -> Proc {
     let mut c = Command::new(env!("CARGO_BIN_EXE_paystream"));

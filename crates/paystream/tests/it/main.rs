@@ -2,6 +2,7 @@
 
 mod crash;
 mod executor_crash;
+mod support;
 mod up;
 
 use std::path::{Path, PathBuf};
