@@ -5,7 +5,7 @@ mod demo;
 mod schema_cmd;
 mod up;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use std::process::ExitCode;
 use streaming::KafkaConfig;
 use streaming::telemetry::{self, LogFormat};
@@ -60,6 +60,9 @@ enum Command {
     /// Query and verify the ledger and wallets.
     #[command(subcommand)]
     Ledger(projections::LedgerCommand),
+    /// Every environment variable paystream reads, with its flag, command
+    /// and default (deploy/ is checked against this list).
+    Env,
 }
 
 #[derive(Debug, Subcommand)]
@@ -107,6 +110,10 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo(args) => demo::run(&cli.kafka, args).await,
         Command::Up(args) => up::run(cli.kafka, &cli.database_url, args).await,
+        Command::Env => {
+            print_env(&Cli::command(), "paystream");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Topics(TopicsCommand::Create) => topics_create(&cli.kafka).await,
         Command::Topics(TopicsCommand::List) => {
             topics_list(&cli.kafka);
@@ -148,6 +155,40 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Prints `ENV_VAR  command --flag  default` for every argument with an
+/// environment variable, once per variable (global flags at the top level).
+fn print_env(cmd: &clap::Command, path: &str) {
+    fn walk(cmd: &clap::Command, path: &str, seen: &mut std::collections::BTreeSet<String>) {
+        for arg in cmd.get_arguments() {
+            let Some(env) = arg.get_env().filter(|_| !arg.is_hide_set()) else {
+                continue;
+            };
+            let env = env.to_string_lossy().into_owned();
+            if !seen.insert(env.clone()) {
+                continue;
+            }
+            let flag = arg.get_long().map(|l| format!("--{l}")).unwrap_or_default();
+            let default: Vec<String> = arg
+                .get_default_values()
+                .iter()
+                .map(|v| v.to_string_lossy().into_owned())
+                .collect();
+            println!(
+                "{env:<44} {path} {flag}  [default: {}]",
+                if default.is_empty() {
+                    "none".into()
+                } else {
+                    default.join(",")
+                }
+            );
+        }
+        for sub in cmd.get_subcommands() {
+            walk(sub, &format!("{path} {}", sub.get_name()), seen);
+        }
+    }
+    walk(cmd, path, &mut std::collections::BTreeSet::new());
 }
 
 async fn clients_create(database_url: &str, name: &str) -> anyhow::Result<ExitCode> {

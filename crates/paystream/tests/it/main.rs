@@ -1,6 +1,7 @@
 //! The `paystream` binary, run as a user would.
 
 mod crash;
+mod deploy;
 mod executor_crash;
 mod support;
 mod up;

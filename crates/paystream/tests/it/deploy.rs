@@ -1,0 +1,134 @@
+//! deploy/ cannot be run here (no Docker), so it is checked statically: the
+//! YAML parses, every PAYSTREAM_* variable it sets is one paystream reads,
+//! every image is the workspace's version, and every component it runs is
+//! a real subcommand.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Command;
+
+fn root() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn known_env() -> BTreeSet<String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_paystream"))
+        .arg("env")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Every string in the document that looks like a PAYSTREAM_* name (keys
+/// of environment maps, ConfigMap/Secret data, `name:` of env entries).
+fn env_names(v: &serde_yaml::Value, out: &mut BTreeSet<String>) {
+    match v {
+        serde_yaml::Value::Mapping(m) => {
+            for (k, v) in m {
+                if let Some(k) = k.as_str().filter(|k| k.starts_with("PAYSTREAM_")) {
+                    out.insert(k.to_owned());
+                }
+                if k.as_str() == Some("name")
+                    && let Some(n) = v.as_str().filter(|n| n.starts_with("PAYSTREAM_"))
+                {
+                    out.insert(n.to_owned());
+                }
+                env_names(v, out);
+            }
+        }
+        serde_yaml::Value::Sequence(s) => s.iter().for_each(|v| env_names(v, out)),
+        serde_yaml::Value::Tagged(t) => env_names(&t.value, out),
+        _ => {}
+    }
+}
+
+fn images(v: &serde_yaml::Value, out: &mut BTreeSet<String>) {
+    match v {
+        serde_yaml::Value::Mapping(m) => {
+            for (k, v) in m {
+                if k.as_str() == Some("image")
+                    && let Some(i) = v.as_str()
+                {
+                    out.insert(i.to_owned());
+                }
+                images(v, out);
+            }
+        }
+        serde_yaml::Value::Sequence(s) => s.iter().for_each(|v| images(v, out)),
+        _ => {}
+    }
+}
+
+fn docs(path: &str) -> Vec<serde_yaml::Value> {
+    let text = std::fs::read_to_string(root().join(path)).unwrap();
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|d| {
+            let mut v: serde_yaml::Value =
+                serde::Deserialize::deserialize(d).unwrap_or_else(|e| panic!("{path}: {e}"));
+            v.apply_merge().unwrap();
+            v
+        })
+        .collect()
+}
+
+#[test]
+fn deploy_files_parse_and_use_only_settings_paystream_reads() {
+    let known = known_env();
+    assert!(known.contains("PAYSTREAM_BROKERS") && known.contains("PAYSTREAM_DATABASE_URL"));
+    for path in ["deploy/compose.yaml", "deploy/k8s/paystream.yaml"] {
+        let mut used = BTreeSet::new();
+        let mut imgs = BTreeSet::new();
+        for d in docs(path) {
+            env_names(&d, &mut used);
+            images(&d, &mut imgs);
+        }
+        assert!(!used.is_empty(), "{path} sets no PAYSTREAM_* variable");
+        let unknown: Vec<_> = used.difference(&known).collect();
+        assert!(
+            unknown.is_empty(),
+            "{path} sets variables paystream does not read: {unknown:?}"
+        );
+        let ours: Vec<_> = imgs.iter().filter(|i| i.starts_with("paystream")).collect();
+        assert!(!ours.is_empty());
+        for i in ours {
+            assert_eq!(
+                i,
+                &format!("paystream:{}", env!("CARGO_PKG_VERSION")),
+                "{path}"
+            );
+        }
+    }
+}
+
+#[test]
+fn compose_runs_real_subcommands() {
+    let d = &docs("deploy/compose.yaml")[0];
+    let services = d["services"].as_mapping().unwrap();
+    let mut commands = BTreeSet::new();
+    for (_, s) in services {
+        if let Some(cmd) = s["command"].as_sequence() {
+            let args: Vec<&str> = cmd.iter().filter_map(|a| a.as_str()).collect();
+            commands.insert(args.join(" "));
+        }
+    }
+    assert!(
+        commands.contains("serve handler")
+            && commands.contains("serve executor")
+            && commands.contains("serve projections")
+    );
+    for c in commands {
+        let mut args: Vec<&str> = c.split(' ').collect();
+        args.push("--help");
+        let out = Command::new(env!("CARGO_BIN_EXE_paystream"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "`paystream {c}` is not a subcommand");
+    }
+}
