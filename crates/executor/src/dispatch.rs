@@ -501,6 +501,7 @@ async fn transient(
     deadline_ms: i64,
     e: &PspError,
 ) -> (OrderUpdate, Vec<Outgoing>) {
+    metrics::counter!(streaming::metrics::PSP_RETRIES).increment(1);
     let oid = order_id(order);
     let retry_after = match e {
         PspError::Transient { retry_after, .. } => *retry_after,

@@ -141,56 +141,65 @@ impl PspClient {
         currency: &str,
         card_token: &str,
     ) -> Result<ChargeAnswer, PspError> {
-        let body = serde_json::json!({
-            "amount_minor": amount_minor,
-            "currency": currency,
-            "card_token": card_token,
-            "reference": order_id,
-        });
-        let resp = self
-            .http
-            .post(format!("{}/v1/charges", self.base))
-            .bearer_auth(&self.api_key)
-            .header("Idempotency-Key", order_id)
-            .json(&body)
-            .send()
-            .await
-            .map_err(transport)?;
-        let replayed = resp
-            .headers()
-            .get("Idempotent-Replayed")
-            .is_some_and(|v| v.as_bytes() == b"true");
-        let charge = read::<Charge>(resp).await?;
-        Ok(ChargeAnswer { charge, replayed })
+        observed("charge", async {
+            let body = serde_json::json!({
+                "amount_minor": amount_minor,
+                "currency": currency,
+                "card_token": card_token,
+                "reference": order_id,
+            });
+            let resp = self
+                .http
+                .post(format!("{}/v1/charges", self.base))
+                .bearer_auth(&self.api_key)
+                .header("Idempotency-Key", order_id)
+                .json(&body)
+                .send()
+                .await
+                .map_err(transport)?;
+            let replayed = resp
+                .headers()
+                .get("Idempotent-Replayed")
+                .is_some_and(|v| v.as_bytes() == b"true");
+            let charge = read::<Charge>(resp).await?;
+            Ok(ChargeAnswer { charge, replayed })
+        })
+        .await
     }
 
     /// `GET /v1/charges/{id}`: the charge's current state.
     pub async fn get_charge(&self, id: &str) -> Result<Charge, PspError> {
-        let resp = self
-            .http
-            .get(format!("{}/v1/charges/{id}", self.base))
-            .bearer_auth(&self.api_key)
-            .send()
-            .await
-            .map_err(transport)?;
-        read(resp).await
+        observed("get_charge", async {
+            let resp = self
+                .http
+                .get(format!("{}/v1/charges/{id}", self.base))
+                .bearer_auth(&self.api_key)
+                .send()
+                .await
+                .map_err(transport)?;
+            read(resp).await
+        })
+        .await
     }
 
     /// `GET /v1/charges?reference=`: the charges made for an order (none:
     /// `Ok(vec![])`).
     pub async fn charges_for(&self, order_id: &str) -> Result<Vec<Charge>, PspError> {
-        let resp = self
-            .http
-            .get(format!("{}/v1/charges", self.base))
-            .query(&[("reference", order_id)])
-            .bearer_auth(&self.api_key)
-            .send()
-            .await
-            .map_err(transport)?;
-        if resp.status() == reqwest::StatusCode::NOT_FOUND {
-            return Ok(Vec::new());
-        }
-        Ok(read::<ChargeList>(resp).await?.data)
+        observed("charges_for", async {
+            let resp = self
+                .http
+                .get(format!("{}/v1/charges", self.base))
+                .query(&[("reference", order_id)])
+                .bearer_auth(&self.api_key)
+                .send()
+                .await
+                .map_err(transport)?;
+            if resp.status() == reqwest::StatusCode::NOT_FOUND {
+                return Ok(Vec::new());
+            }
+            Ok(read::<ChargeList>(resp).await?.data)
+        })
+        .await
     }
 
     /// `POST /v1/charges/{id}/refunds` with the refund id as idempotency key.
@@ -200,17 +209,39 @@ impl PspClient {
         refund_id: &str,
         amount_minor: i64,
     ) -> Result<Refund, PspError> {
-        let resp = self
-            .http
-            .post(format!("{}/v1/charges/{charge_id}/refunds", self.base))
-            .bearer_auth(&self.api_key)
-            .header("Idempotency-Key", refund_id)
-            .json(&serde_json::json!({ "amount_minor": amount_minor }))
-            .send()
-            .await
-            .map_err(transport)?;
-        read(resp).await
+        observed("refund", async {
+            let resp = self
+                .http
+                .post(format!("{}/v1/charges/{charge_id}/refunds", self.base))
+                .bearer_auth(&self.api_key)
+                .header("Idempotency-Key", refund_id)
+                .json(&serde_json::json!({ "amount_minor": amount_minor }))
+                .send()
+                .await
+                .map_err(transport)?;
+            read(resp).await
+        })
+        .await
     }
+}
+
+/// Records a PSP call's latency and outcome class (ok, transient, final).
+async fn observed<T, F: std::future::Future<Output = Result<T, PspError>>>(
+    operation: &'static str,
+    call: F,
+) -> Result<T, PspError> {
+    let started = std::time::Instant::now();
+    let result = call.await;
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(PspError::Transient { .. }) => "transient",
+        Err(PspError::Final { .. }) => "final",
+    };
+    metrics::histogram!(streaming::metrics::PSP_DURATION, "operation" => operation)
+        .record(started.elapsed().as_secs_f64());
+    metrics::counter!(streaming::metrics::PSP_REQUESTS, "operation" => operation, "outcome" => outcome)
+        .increment(1);
+    result
 }
 
 fn transport(e: reqwest::Error) -> PspError {

@@ -25,11 +25,14 @@ use sha2::Sha256;
 const BODY_LIMIT: usize = 256 * 1024;
 
 pub fn router(app: App) -> Router {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/v1/psp/webhooks", post(webhook))
-        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
-        .with_state(app)
+    streaming::metrics::instrument(
+        Router::new()
+            .route("/healthz", get(healthz))
+            .route("/v1/psp/webhooks", post(webhook))
+            .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
+            .with_state(app),
+        "executor",
+    )
 }
 
 async fn healthz(State(app): State<App>) -> Response {

@@ -22,6 +22,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/healthz"),
     ("get", "/readyz"),
     ("get", "/openapi.json"),
+    ("get", "/metrics"),
 ];
 
 /// The OpenAPI document, checked into the repository.
@@ -33,7 +34,7 @@ pub const REPLAY_HEADER: &str = "idempotent-replayed";
 pub const IDEMPOTENCY_KEY_LEN_MAX: usize = 255;
 
 pub fn router(app: App) -> Router {
-    Router::new()
+    let router = Router::new()
         .route("/v1/payments", post(create_payment))
         .route("/v1/payments/{payment_id}", get(get_payment))
         .route("/v1/payments/{payment_id}/refunds", post(create_refund))
@@ -54,7 +55,8 @@ pub fn router(app: App) -> Router {
                 "method not allowed on this route",
             )
         })
-        .with_state(app)
+        .with_state(app);
+    streaming::metrics::instrument(router, "handler")
 }
 
 struct Json200(serde_json::Value);
@@ -208,14 +210,19 @@ async fn idempotent(
         .await
         .map_err(unavailable)?
     {
-        Begin::Owned { token, pending } => (token, pending),
+        Begin::Owned { token, pending } => {
+            metrics::counter!(streaming::metrics::IDEMPOTENCY, "result" => if pending.is_some() { "taken_over" } else { "owned" }).increment(1);
+            (token, pending)
+        }
         Begin::Replay { status, body } => {
+            metrics::counter!(streaming::metrics::IDEMPOTENCY, "result" => "replay").increment(1);
             let mut r = json_response(StatusCode::from_u16(status).unwrap_or(StatusCode::OK), body);
             r.headers_mut()
                 .insert(REPLAY_HEADER, HeaderValue::from_static("true"));
             return Ok(r);
         }
         Begin::Mismatch => {
+            metrics::counter!(streaming::metrics::IDEMPOTENCY, "result" => "mismatch").increment(1);
             let mut e = ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "idempotency_key_reused",
@@ -225,6 +232,8 @@ async fn idempotent(
             return Err(e);
         }
         Begin::InFlight { retry_after_s } => {
+            metrics::counter!(streaming::metrics::IDEMPOTENCY, "result" => "in_flight")
+                .increment(1);
             let mut e = ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "idempotency_key_in_use",

@@ -180,14 +180,17 @@ async fn not_found() -> ApiError {
 /// `GET /v1/ledger/payments/{id}/entries`, `GET /v1/ledger/verify`,
 /// `GET /healthz`.
 pub fn router(db: Db) -> Router {
-    Router::new()
-        .route("/v1/wallets/{seller}", get(wallet))
-        .route("/v1/buyers/{buyer}", get(buyer))
-        .route("/v1/ledger/accounts/{account}/balance", get(balance))
-        .route("/v1/ledger/accounts/{account}/entries", get(history))
-        .route("/v1/ledger/payments/{id}/entries", get(payment_entries))
-        .route("/v1/ledger/verify", get(verify))
-        .route("/healthz", get(health))
-        .fallback(not_found)
-        .with_state(db)
+    streaming::metrics::instrument(
+        Router::new()
+            .route("/v1/wallets/{seller}", get(wallet))
+            .route("/v1/buyers/{buyer}", get(buyer))
+            .route("/v1/ledger/accounts/{account}/balance", get(balance))
+            .route("/v1/ledger/accounts/{account}/entries", get(history))
+            .route("/v1/ledger/payments/{id}/entries", get(payment_entries))
+            .route("/v1/ledger/verify", get(verify))
+            .route("/healthz", get(health))
+            .fallback(not_found)
+            .with_state(db),
+        "projections",
+    )
 }

@@ -161,7 +161,28 @@ struct LoopContext {
     revocations: AtomicU64,
 }
 
-impl ClientContext for LoopContext {}
+impl ClientContext for LoopContext {
+    /// librdkafka's statistics (every `statistics.interval.ms`): consumer
+    /// lag per assigned partition, from the broker's high watermark.
+    #[allow(clippy::cast_precision_loss)] // a lag gauge, not money
+    fn stats(&self, stats: rdkafka::Statistics) {
+        for (topic, t) in &stats.topics {
+            for (partition, p) in &t.partitions {
+                // -1: partition not assigned here / not known yet.
+                if *partition < 0 || p.consumer_lag < 0 {
+                    continue;
+                }
+                metrics::gauge!(
+                    crate::metrics::CONSUMER_LAG,
+                    "group" => self.group_id.clone(),
+                    "topic" => topic.clone(),
+                    "partition" => partition.to_string()
+                )
+                .set(p.consumer_lag as f64);
+            }
+        }
+    }
+}
 
 impl ConsumerContext for LoopContext {
     fn pre_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -217,6 +238,8 @@ fn create_consumer(
     // Bounds prefetched data per member.
     c.set("queued.max.messages.kbytes", "65536");
     c.set("fetch.wait.max.ms", "100");
+    // Statistics (consumer lag per partition) for the metrics, every 5 s.
+    c.set("statistics.interval.ms", "5000");
     cfg.apply_overrides(&mut c);
     let ctx = LoopContext {
         group_id: settings.group_id.clone(),
@@ -299,6 +322,13 @@ pub async fn run_consumer<H: BatchHandler>(
         else {
             break; // shut down while the handler kept failing: commit nothing
         };
+        let group = settings.group_id.clone();
+        let count = |outcome: &'static str, n: u64| {
+            if n > 0 {
+                metrics::counter!(crate::metrics::EVENTS, "group" => group.clone(), "outcome" => outcome).increment(n);
+            }
+        };
+        let before = stats.clone();
         for (d, outcome) in decoded.iter().zip(outcomes) {
             match outcome {
                 Outcome::Applied => stats.applied += 1,
@@ -325,6 +355,13 @@ pub async fn run_consumer<H: BatchHandler>(
         }
         stats.dead_lettered += dead.len() as u64;
         stats.batches += 1;
+        count("applied", stats.applied - before.applied);
+        count("duplicate", stats.duplicates - before.duplicates);
+        count("ignored", stats.ignored - before.ignored);
+        count("dead_lettered", stats.dead_lettered - before.dead_lettered);
+        for d in &dead {
+            metrics::counter!(crate::metrics::DEAD_LETTERS, "group" => group.clone(), "kind" => d.error_kind.clone()).increment(1);
+        }
 
         let mut last: BTreeMap<(String, i32), i64> = BTreeMap::new();
         for d in &decoded {
@@ -449,6 +486,7 @@ async fn handle_with_retry<H: BatchHandler>(
                 return Some(outcomes);
             }
             Err(e) => {
+                metrics::counter!(crate::metrics::BATCH_FAILURES, "group" => settings.group_id.clone()).increment(1);
                 tracing::error!(group = %settings.group_id, attempt, error = %e, retry_in_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX), "batch failed; will retry");
                 tokio::select! {
                     _ = shutdown.cancelled() => return None,

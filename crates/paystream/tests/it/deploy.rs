@@ -132,3 +132,36 @@ fn compose_runs_real_subcommands() {
         assert!(out.status.success(), "`paystream {c}` is not a subcommand");
     }
 }
+
+#[test]
+fn the_dashboard_uses_exactly_the_exported_metric_names() {
+    let text = std::fs::read_to_string(root().join("deploy/grafana/paystream.json")).unwrap();
+    let dash: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut used = BTreeSet::new();
+    for panel in dash["panels"].as_array().unwrap() {
+        for t in panel["targets"].as_array().unwrap() {
+            let expr = t["expr"].as_str().unwrap();
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if let Some(name) = word.strip_prefix("paystream_") {
+                    // Histograms are queried through their _bucket series.
+                    let base = name.strip_suffix("_bucket").unwrap_or(name);
+                    used.insert(format!("paystream_{base}"));
+                }
+            }
+        }
+    }
+    let exported: BTreeSet<String> = streaming::metrics::NAMES
+        .iter()
+        .map(|n| (*n).to_owned())
+        .collect();
+    let unknown: Vec<_> = used.difference(&exported).collect();
+    assert!(
+        unknown.is_empty(),
+        "dashboard queries metrics paystream does not export: {unknown:?}"
+    );
+    let unused: Vec<_> = exported.difference(&used).collect();
+    assert!(
+        unused.is_empty(),
+        "exported metrics missing from the dashboard: {unused:?}"
+    );
+}

@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_event_type_round_trips_through_a_consumer_group() {
+    streaming::metrics::install();
     let k = TestKafka::new(3).await;
     let sent = k.samples("rt");
     for env in &sent {
@@ -34,6 +35,16 @@ async fn every_event_type_round_trips_through_a_consumer_group() {
     let stats = task.await.unwrap().unwrap();
     assert_eq!(stats.applied, sent.len() as u64);
     assert_eq!(stats.dead_lettered, 0);
+    let m = streaming::metrics::render();
+    let line = m
+        .lines()
+        .find(|l| {
+            l.starts_with("paystream_events_total")
+                && l.contains(&k.group("rt"))
+                && l.contains("outcome=\"applied\"")
+        })
+        .unwrap_or_else(|| panic!("no applied counter for the group in {m}"));
+    assert!(line.ends_with(&format!(" {}", sent.len())), "{line}");
 
     let by_id: BTreeMap<_, _> = got.iter().map(|d| (d.envelope.event_id, d)).collect();
     assert_eq!(by_id.len(), sent.len(), "no duplicates in one clean run");

@@ -1,0 +1,112 @@
+//! Prometheus metrics. Every name paystream exports is listed in [`NAMES`]
+//! (the Grafana dashboard in deploy/ is checked against it), and every label
+//! takes values from a bounded set: components, groups, topics, partitions,
+//! route templates, status codes and stable outcome/error codes. Never ids,
+//! amounts or error messages.
+
+use axum::extract::{MatchedPath, Request};
+use axum::middleware::Next;
+use axum::response::Response;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+use std::time::Instant;
+
+/// Consumer lag per partition: high watermark minus the next offset to read.
+pub const CONSUMER_LAG: &str = "paystream_consumer_lag";
+/// Events a consumer group handled, by outcome (applied, duplicate, ignored, dead_lettered).
+pub const EVENTS: &str = "paystream_events_total";
+/// Dead letters written, by group and error kind.
+pub const DEAD_LETTERS: &str = "paystream_dead_letters_total";
+/// Batches whose handler failed and will be retried, by group.
+pub const BATCH_FAILURES: &str = "paystream_batch_failures_total";
+/// HTTP requests, by component, route template and status.
+pub const HTTP_REQUESTS: &str = "paystream_http_requests_total";
+/// HTTP latency, by component and route template.
+pub const HTTP_DURATION: &str = "paystream_http_request_duration_seconds";
+/// Idempotency-Key outcomes at the handler (owned, replay, mismatch, in_flight).
+pub const IDEMPOTENCY: &str = "paystream_idempotency_total";
+/// PSP calls by operation and outcome (ok, transient, final).
+pub const PSP_REQUESTS: &str = "paystream_psp_requests_total";
+/// PSP latency by operation.
+pub const PSP_DURATION: &str = "paystream_psp_request_duration_seconds";
+/// Orders parked for a retry (transient PSP failures).
+pub const PSP_RETRIES: &str = "paystream_psp_retries_total";
+
+/// Every metric name paystream exports.
+pub const NAMES: &[&str] = &[
+    CONSUMER_LAG,
+    EVENTS,
+    DEAD_LETTERS,
+    BATCH_FAILURES,
+    HTTP_REQUESTS,
+    HTTP_DURATION,
+    IDEMPOTENCY,
+    PSP_REQUESTS,
+    PSP_DURATION,
+    PSP_RETRIES,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide recorder (once; later calls reuse it).
+pub fn install() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        let buckets = [
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ];
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(&buckets)
+            .expect("static buckets are valid")
+            .build_recorder();
+        let handle = recorder.handle();
+        // Another recorder already installed (a test harness): keep ours for
+        // rendering anyway; its numbers stay empty.
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
+}
+
+/// The Prometheus text exposition of everything recorded so far.
+pub fn render() -> String {
+    install().render()
+}
+
+/// `GET /metrics` handler.
+pub async fn metrics_endpoint() -> ([(axum::http::HeaderName, &'static str); 1], String) {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        render(),
+    )
+}
+
+/// Axum middleware recording request counts and latency per route template.
+pub async fn track_http(component: &'static str, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16().to_string();
+    metrics::counter!(HTTP_REQUESTS, "component" => component, "route" => route.clone(), "status" => status).increment(1);
+    metrics::histogram!(HTTP_DURATION, "component" => component, "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    resp
+}
+
+/// Adds `/metrics` and request tracking to a component's router.
+pub fn instrument<S: Clone + Send + Sync + 'static>(
+    router: axum::Router<S>,
+    component: &'static str,
+) -> axum::Router<S> {
+    install();
+    router
+        .route("/metrics", axum::routing::get(metrics_endpoint))
+        .layer(axum::middleware::from_fn(move |req, next| {
+            track_http(component, req, next)
+        }))
+}
