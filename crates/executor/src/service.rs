@@ -260,19 +260,13 @@ pub async fn start(
         .await
         .context("re-appending recorded events")?;
 
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding {}", args.listen))?;
-    let addr = listener.local_addr()?;
-    tracing::info!(%addr, "executor listening");
-    let http = {
-        let (router, shutdown) = (crate::webhook::router(app.clone()), shutdown.clone());
-        tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(shutdown.cancelled_owned())
-                .await
-        })
-    };
+    let (addr, http) = streaming::http::spawn_server(
+        args.listen,
+        crate::webhook::router(app.clone()),
+        "executor",
+        shutdown.clone(),
+    )
+    .await?;
     let intake = tokio::spawn(streaming::run_consumer(
         kafka.clone(),
         ConsumerSettings::new(

@@ -9,25 +9,14 @@
 //! reports, so a crash never loses it.
 
 use events::Envelope;
-use sqlx::migrate::Migrator;
 use storage::{Db, with_pool};
-
-static PG_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
-static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
 
 pub async fn migrate(db: &Db) -> Result<(), storage::StorageError> {
     db.migrate(
-        &storage::component_migrator(clone_migrator(&PG_MIGRATIONS)),
-        &storage::component_migrator(clone_migrator(&SQLITE_MIGRATIONS)),
+        &storage::component_migrator(sqlx::migrate!("migrations/postgres")),
+        &storage::component_migrator(sqlx::migrate!("migrations/sqlite")),
     )
     .await
-}
-
-fn clone_migrator(m: &Migrator) -> Migrator {
-    Migrator {
-        migrations: m.migrations.clone(),
-        ..Migrator::DEFAULT
-    }
 }
 
 pub fn now_ms() -> i64 {

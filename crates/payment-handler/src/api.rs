@@ -198,14 +198,18 @@ enum Work {
 /// finished answer, refuses a different request or a key still in flight.
 /// The owned part runs in its own task, so a client that hangs up cannot
 /// cancel it half-way (after the append, before the answer is stored).
-async fn idempotent(
-    app: App,
-    client: ClientId,
-    key: String,
-    fingerprint: String,
-    work: Work,
-    body: Bytes,
-) -> Result<Response, ApiError> {
+async fn idempotent(app: App, work: Work, req: Request) -> Result<Response, ApiError> {
+    let headers = req.headers().clone();
+    let client = authenticate(&app, &headers).await?;
+    let key = idempotency_key(&headers)?;
+    let body = read_body(req, app.body_limit).await?;
+    let fingerprint = match &work {
+        Work::Payment => request::fingerprint(&body),
+        // Keys are per client across endpoints; the path is part of the request.
+        Work::Refund { payment } => {
+            request::fingerprint_with(&format!("POST /v1/payments/{payment}/refunds"), &body)
+        }
+    };
     let (token, pending) = match store::idem_begin(&app.db, &client, &key, &fingerprint, app.policy)
         .await
         .map_err(unavailable)?
@@ -291,12 +295,7 @@ async fn idempotent(
 }
 
 async fn create_payment(State(app): State<App>, req: Request) -> Result<Response, ApiError> {
-    let headers = req.headers().clone();
-    let client = authenticate(&app, &headers).await?;
-    let key = idempotency_key(&headers)?;
-    let body = read_body(req, app.body_limit).await?;
-    let fingerprint = request::fingerprint(&body);
-    idempotent(app, client, key, fingerprint, Work::Payment, body).await
+    idempotent(app, Work::Payment, req).await
 }
 
 async fn create_refund(
@@ -304,22 +303,7 @@ async fn create_refund(
     Path(payment): Path<String>,
     req: Request,
 ) -> Result<Response, ApiError> {
-    let headers = req.headers().clone();
-    let client = authenticate(&app, &headers).await?;
-    let key = idempotency_key(&headers)?;
-    let body = read_body(req, app.body_limit).await?;
-    // Keys are per client across endpoints; the path is part of the request.
-    let fingerprint =
-        request::fingerprint_with(&format!("POST /v1/payments/{payment}/refunds"), &body);
-    idempotent(
-        app,
-        client,
-        key,
-        fingerprint,
-        Work::Refund { payment },
-        body,
-    )
-    .await
+    idempotent(app, Work::Refund { payment }, req).await
 }
 
 async fn get_payment(

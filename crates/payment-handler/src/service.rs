@@ -566,19 +566,13 @@ pub async fn start(
     let producer = EventProducer::new(&kafka, "paystream-payment-handler")?;
     let app = App::new(db.clone(), producer.clone(), &args)?;
 
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding {}", args.listen))?;
-    let addr = listener.local_addr()?;
-    tracing::info!(%addr, "payment handler listening");
-    let http = {
-        let (router, shutdown) = (crate::api::router(app.clone()), shutdown.clone());
-        tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(shutdown.cancelled_owned())
-                .await
-        })
-    };
+    let (addr, http) = streaming::http::spawn_server(
+        args.listen,
+        crate::api::router(app.clone()),
+        "payment handler",
+        shutdown.clone(),
+    )
+    .await?;
     let status = tokio::spawn(streaming::run_consumer(
         kafka.clone(),
         ConsumerSettings::new(

@@ -4,24 +4,14 @@
 
 use events::{ClientId, Envelope, Event, OrderId, PaymentId};
 use sha2::{Digest, Sha256};
-use sqlx::migrate::Migrator;
 use storage::{Db, with_pool};
 use streaming::Outcome;
 
 /// One set of migrations for both backends: the handler's SQL is written in
 /// their common dialect (TEXT ids, BIGINT times, no backend-only types).
-static MIGRATIONS: Migrator = sqlx::migrate!();
-
 pub async fn migrate(db: &Db) -> Result<(), storage::StorageError> {
-    let m = storage::component_migrator(clone_migrator(&MIGRATIONS));
+    let m = storage::component_migrator(sqlx::migrate!());
     db.migrate(&m, &m).await
-}
-
-fn clone_migrator(m: &Migrator) -> Migrator {
-    Migrator {
-        migrations: m.migrations.clone(),
-        ..Migrator::DEFAULT
-    }
 }
 
 pub fn now_ms() -> i64 {
@@ -661,13 +651,6 @@ pub async fn get_payment(
         created_at: ts(created),
         updated_at: ts(updated),
     }))
-}
-
-/// Whether the status projection knows this payment.
-pub async fn payment_exists(db: &Db, payment: PaymentId) -> Result<bool, sqlx::Error> {
-    let n: i64 = with_pool!(db, p => sqlx::query_scalar("SELECT count(*) FROM handler_payments WHERE payment_id = $1")
-        .bind(payment.to_string()).fetch_one(p).await?);
-    Ok(n > 0)
 }
 
 /// An order's refundable state: (payment's client, status, amount, currency,

@@ -195,7 +195,6 @@ pub async fn run(kafka: KafkaConfig, database_url: &str, args: UpArgs) -> anyhow
 struct Submitted {
     payment_id: String,
     key: String,
-    body: String,
 }
 
 async fn demo(
@@ -277,7 +276,6 @@ async fn demo(
                         out.push(Submitted {
                             payment_id: id,
                             key: key.clone(),
-                            body: body.clone(),
                         });
                     } else if v.1 {
                         replays += 1;
@@ -344,7 +342,6 @@ async fn demo(
         if r.status().as_u16() == 201 {
             refunds += 1;
         }
-        let _ = &s.body;
     }
 
     // Summary.

@@ -9,6 +9,7 @@ pub mod admin;
 pub mod config;
 pub mod consumer;
 pub mod dlq;
+pub mod http;
 pub mod metrics;
 pub mod producer;
 pub mod progress;
