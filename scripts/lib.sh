@@ -7,6 +7,9 @@ LOCAL="$ROOT/.local"
 NISSHI_VERSION="0.8.1"
 BROKER_ADDR="${PAYSTREAM_BROKER_ADDR:-127.0.0.1:9092}"
 FASTAVRO_VERSION="1.13.1"
+# Static validators of deploy/ (JSON Schema: the Compose spec, Kubernetes 1.37).
+CHECK_JSONSCHEMA_VERSION="0.39.0"
+KUBERNETES_VALIDATE_VERSION="1.37.0"
 mkdir -p "$LOCAL"
 
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -94,6 +97,12 @@ ensure_python() {
   fi
   if ! "$venv/bin/python" -c "import fastavro" 2>/dev/null; then
     "$venv/bin/pip" install --quiet --disable-pip-version-check "fastavro==$FASTAVRO_VERSION"
+  fi
+  if ! "$venv/bin/check-jsonschema" --version 2>/dev/null | grep -q "$CHECK_JSONSCHEMA_VERSION" ||
+    ! "$venv/bin/kubernetes-validate" --version 2>/dev/null | grep -q "$KUBERNETES_VALIDATE_VERSION"; then
+    log "installing the deploy/ validators"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check \
+      "check-jsonschema==$CHECK_JSONSCHEMA_VERSION" "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
   fi
   export PAYSTREAM_PYTHON="$venv/bin/python"
 }

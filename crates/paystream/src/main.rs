@@ -29,6 +29,12 @@ struct Cli {
     )]
     database_url: String,
 
+    /// Export traces (the spans of the logs: per message with event and
+    /// payment ids, per HTTP request) to this OTLP/HTTP collector, e.g.
+    /// `http://otel-collector:4318`. Off when unset.
+    #[arg(long, env = "PAYSTREAM_OTLP_ENDPOINT", global = true)]
+    otlp_endpoint: Option<String>,
+
     #[command(flatten)]
     kafka: KafkaConfig,
 
@@ -60,6 +66,23 @@ enum Command {
     /// Query and verify the ledger and wallets.
     #[command(subcommand)]
     Ledger(projections::LedgerCommand),
+    /// Projections (ledger, wallet): status, reset, rebuild.
+    #[command(subcommand)]
+    Projection(ops::ProjectionCommand),
+    /// Build the ledger and wallets as they stood at a past moment into a
+    /// separate database (production projections untouched).
+    Project(ops::ProjectArgs),
+    /// Consumer-group offsets (in the spirit of kafka-consumer-groups).
+    #[command(subcommand)]
+    Offsets(ops::OffsetsCommand),
+    /// Replay topics for analysis as JSON lines, CSV or Avro container files.
+    Replay(replay::ReplayArgs),
+    /// The dead-letter topic: list, show, redrive.
+    #[command(subcommand)]
+    Dlq(replay::DlqCommand),
+    /// Reconcile a PSP settlement file against the ledger; resolve
+    /// discrepancies.
+    Reconcile(reconcile::ReconcileArgs),
     /// Every environment variable paystream reads, with its flag, command
     /// and default (deploy/ is checked against this list).
     Env,
@@ -78,6 +101,9 @@ enum ServeCommand {
     /// The ledger and wallet projections (one consumer group each) and their
     /// query API.
     Projections(projections::ProjectionsArgs),
+    /// The reconciler: fetches the PSP's settlement file nightly and
+    /// reconciles it against the ledger.
+    Reconciler(reconcile::ReconcilerArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -102,10 +128,29 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     // Interactive commands print their own output; services log at info.
     let default_filter = match cli.command {
-        Command::Up(_) | Command::Demo(_) => "warn",
+        Command::Up(_)
+        | Command::Demo(_)
+        | Command::Projection(_)
+        | Command::Project(_)
+        | Command::Offsets(_)
+        | Command::Replay(_)
+        | Command::Dlq(_)
+        | Command::Reconcile(_) => "warn",
         _ => "info",
     };
-    telemetry::init(cli.log_format, default_filter);
+    let service = match &cli.command {
+        Command::Serve(ServeCommand::Handler(_)) => "paystream-handler",
+        Command::Serve(ServeCommand::Executor(_)) => "paystream-executor",
+        Command::Serve(ServeCommand::Projections(_)) => "paystream-projections",
+        Command::Serve(ServeCommand::PspSim(_)) => "paystream-psp-sim",
+        Command::Serve(ServeCommand::Reconciler(_)) => "paystream-reconciler",
+        _ => "paystream",
+    };
+    let otlp = telemetry::Otlp {
+        endpoint: cli.otlp_endpoint.clone(),
+        service_name: service.to_owned(),
+    };
+    let _telemetry = telemetry::init(cli.log_format, default_filter, &otlp);
     tracing::debug!(database_url = %cli.database_url, "configuration loaded");
     let result = match cli.command {
         Command::Demo(args) => demo::run(&cli.kafka, args).await,
@@ -143,6 +188,18 @@ async fn main() -> ExitCode {
                 .await
                 .map(|()| ExitCode::SUCCESS)
         }
+        Command::Serve(ServeCommand::Reconciler(args)) => {
+            let shutdown = streaming::shutdown::on_signals();
+            reconcile::serve(cli.kafka, &cli.database_url, args, shutdown)
+                .await
+                .map(|()| ExitCode::SUCCESS)
+        }
+        Command::Projection(cmd) => ops::projection(cli.kafka, &cli.database_url, cmd).await,
+        Command::Project(args) => ops::project(cli.kafka, args).await,
+        Command::Offsets(cmd) => ops::offsets(cli.kafka, cmd).await,
+        Command::Replay(args) => replay::replay(cli.kafka, args).await,
+        Command::Dlq(cmd) => replay::dlq(cli.kafka, &cli.database_url, cmd).await,
+        Command::Reconcile(args) => reconcile::run(cli.kafka, &cli.database_url, args).await,
         Command::Ledger(cmd) => projections::run_ledger_command(&cli.database_url, cmd).await,
         Command::Clients(ClientsCommand::Create { name }) => {
             clients_create(&cli.database_url, &name).await

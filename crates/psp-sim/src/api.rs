@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub(crate) fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+    let router = Router::new()
         .route("/v1/charges", post(create_charge).get(list_charges))
         .route("/v1/charges/{id}", get(get_charge))
         .route("/v1/charges/{id}/refunds", post(create_refund))
@@ -35,8 +35,8 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(|| async { "ok" }))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
-        })
-        .with_state(state)
+        });
+    streaming::metrics::instrument(router, "psp-sim").with_state(state)
 }
 
 /// `{"error": {"code", "message", "field"}}` with a stable code.
@@ -470,6 +470,14 @@ async fn create(
             if resolve.is_some() {
                 st.clock.advanced.notify_waiters();
             }
+            let outcome = match row.status.as_str() {
+                "succeeded" => "succeeded",
+                "pending" => "pending",
+                "declined" => "declined",
+                _ => "other",
+            };
+            metrics::counter!(streaming::metrics::PSP_SIM_CHARGES, "outcome" => outcome)
+                .increment(1);
             Action::Created(body)
         }
         Err(e) => Action::Fail(ApiError::internal(e)),

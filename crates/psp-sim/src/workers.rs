@@ -135,6 +135,11 @@ async fn deliver_one(st: &AppState, client: &reqwest::Client, d: store::Delivery
         }
     };
     let now = wall_ms();
+    metrics::counter!(
+        streaming::metrics::PSP_SIM_WEBHOOKS,
+        "result" => if result.is_ok() { "delivered" } else { "failed" }
+    )
+    .increment(1);
     let stored = match result {
         Ok(()) => store::delivery_done(&st.db, d.seq, now).await,
         Err(error) => {

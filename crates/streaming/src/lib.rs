@@ -13,8 +13,10 @@ pub mod http;
 pub mod metrics;
 pub mod producer;
 pub mod progress;
+pub mod reader;
 pub mod shutdown;
 pub mod telemetry;
+pub mod testing;
 
 pub use config::KafkaConfig;
 pub use consumer::{

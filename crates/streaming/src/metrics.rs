@@ -32,6 +32,11 @@ pub const PSP_DURATION: &str = "paystream_psp_request_duration_seconds";
 /// Orders parked for a retry (transient PSP failures).
 pub const PSP_RETRIES: &str = "paystream_psp_retries_total";
 
+/// Webhook delivery attempts of the PSP simulator, by result (delivered, failed).
+pub const PSP_SIM_WEBHOOKS: &str = "paystream_psp_sim_webhook_deliveries_total";
+/// Charges the PSP simulator created, by outcome (succeeded, declined, pending).
+pub const PSP_SIM_CHARGES: &str = "paystream_psp_sim_charges_total";
+
 /// Every metric name paystream exports.
 pub const NAMES: &[&str] = &[
     CONSUMER_LAG,
@@ -44,6 +49,8 @@ pub const NAMES: &[&str] = &[
     PSP_REQUESTS,
     PSP_DURATION,
     PSP_RETRIES,
+    PSP_SIM_WEBHOOKS,
+    PSP_SIM_CHARGES,
 ];
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -90,7 +97,15 @@ pub async fn track_http(component: &'static str, req: Request, next: Next) -> Re
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".to_owned());
     let started = Instant::now();
-    let resp = next.run(req).await;
+    let span = tracing::info_span!(
+        "http",
+        component,
+        method = %req.method(),
+        route = %route,
+        status = tracing::field::Empty,
+    );
+    let resp = tracing::Instrument::instrument(next.run(req), span.clone()).await;
+    span.record("status", resp.status().as_u16());
     let status = resp.status().as_u16().to_string();
     metrics::counter!(HTTP_REQUESTS, "component" => component, "route" => route.clone(), "status" => status).increment(1);
     metrics::histogram!(HTTP_DURATION, "component" => component, "route" => route)

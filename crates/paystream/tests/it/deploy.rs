@@ -165,3 +165,59 @@ fn the_dashboard_uses_exactly_the_exported_metric_names() {
         "exported metrics missing from the dashboard: {unused:?}"
     );
 }
+
+/// The validators scripts/lib.sh installs next to the interop Python
+/// (`ensure_python`): check-jsonschema with the Compose spec's schema and
+/// kubernetes-validate with Kubernetes' own schemas.
+fn validator(name: &str) -> std::path::PathBuf {
+    let python = std::env::var("PAYSTREAM_PYTHON").unwrap_or_else(|_| {
+        panic!("PAYSTREAM_PYTHON is not set: run the tests with scripts/test.sh (it installs {name})")
+    });
+    let bin = Path::new(&python).parent().unwrap().join(name);
+    assert!(bin.exists(), "{} missing: run scripts/test.sh", bin.display());
+    bin
+}
+
+fn validate(file: &Path) -> (bool, String) {
+    let is_compose = file.file_name().is_some_and(|n| n.to_string_lossy().contains("compose"));
+    let out = if is_compose {
+        Command::new(validator("check-jsonschema"))
+            .args(["--builtin-schema", "vendor.compose-spec"])
+            .arg(file)
+            .output()
+    } else {
+        Command::new(validator("kubernetes-validate"))
+            .arg("--strict")
+            .arg(file)
+            .output()
+    }
+    .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn deploy_files_pass_the_compose_and_kubernetes_schemas() {
+    for f in ["deploy/compose.yaml", "deploy/k8s/paystream.yaml"] {
+        let (ok, text) = validate(&root().join(f));
+        assert!(ok, "{f} does not validate:\n{text}");
+    }
+    // The validators do reject what is wrong: a misspelt service key and a
+    // replica count of the wrong type.
+    let dir = tempfile::tempdir().unwrap();
+    let compose = std::fs::read_to_string(root().join("deploy/compose.yaml")).unwrap();
+    let bad = dir.path().join("compose.yaml");
+    std::fs::write(&bad, compose.replacen("    image:", "    imagez:", 1)).unwrap();
+    let (ok, text) = validate(&bad);
+    assert!(!ok && text.contains("imagez"), "{text}");
+    let k8s = std::fs::read_to_string(root().join("deploy/k8s/paystream.yaml")).unwrap();
+    assert!(k8s.contains("  replicas: 2"), "the manifest changed; adjust this test");
+    let bad = dir.path().join("paystream.yaml");
+    std::fs::write(&bad, k8s.replacen("  replicas: 2", "  replicas: \"two\"", 1)).unwrap();
+    let (ok, text) = validate(&bad);
+    assert!(!ok && text.contains("replicas"), "{text}");
+}

@@ -3,6 +3,7 @@
 mod crash;
 mod deploy;
 mod executor_crash;
+mod otel;
 mod support;
 mod up;
 

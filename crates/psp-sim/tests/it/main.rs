@@ -560,6 +560,22 @@ async fn webhooks_are_redelivered_until_acknowledged() {
     // Acknowledged: no fourth delivery.
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(rx.got.lock().unwrap().len(), 3);
+    // /metrics shows the attempts and the charge (the recorder is shared by
+    // the tests of this binary, so at least these).
+    let text = s.get("/metrics").await.text().await.unwrap();
+    let value = |series: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{series} not in /metrics:\n{text}"))
+    };
+    assert!(value("paystream_psp_sim_webhook_deliveries_total{result=\"failed\"}") >= 2);
+    assert!(value("paystream_psp_sim_webhook_deliveries_total{result=\"delivered\"}") >= 1);
+    assert!(value("paystream_psp_sim_charges_total{outcome=\"succeeded\"}") >= 1);
+    assert!(
+        text.contains("paystream_http_requests_total{component=\"psp-sim\",route=\"/v1/charges\",status=\"201\"}"),
+        "{text}"
+    );
 }
 
 #[tokio::test]

@@ -1,0 +1,339 @@
+//! Reading a bounded range of topics without a consumer group: replays,
+//! rebuilds, point-in-time projections and dead-letter tools.
+//!
+//! A [`TopicReader`] assigns every partition of the given topics itself (no
+//! group membership, nothing committed), starts each partition where
+//! [`Start`] says and stops it at the end offset fixed when it was opened
+//! (the high watermark then, unless told otherwise), so a read of a live
+//! topic terminates and is repeatable. Messages arrive in offset order per
+//! partition, partitions interleaved.
+
+use crate::config::KafkaConfig;
+use anyhow::Context as _;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// How long a metadata, watermark or offset lookup may take.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(15);
+/// A fetch that brings nothing for this long, while partitions are still
+/// short of their end, is an error (a stuck broker, or a truncated topic).
+const STALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One message as stored: bytes, key, headers and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    /// Record timestamp (ms since the epoch), if the broker gave one.
+    pub timestamp_ms: Option<i64>,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl Record {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        crate::dlq::header_str(&self.headers, name)
+    }
+
+    /// The same fields as the consumer loop hands to handlers.
+    pub fn meta(&self) -> crate::MessageMeta {
+        crate::MessageMeta {
+            topic: self.topic.clone(),
+            partition: self.partition,
+            offset: self.offset,
+            timestamp_ms: self.timestamp_ms,
+        }
+    }
+}
+
+/// Where each partition starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// The log start offset (oldest message still kept).
+    Beginning,
+    /// This offset in every partition (clamped to what exists).
+    Offset(i64),
+    /// The first message whose timestamp is at or after this many ms since
+    /// the epoch, by the broker's offsets-for-times lookup. The lookup may
+    /// be coarse; filter by [`Record::timestamp_ms`] for exact bounds.
+    Timestamp(i64),
+}
+
+/// Where each partition stops (exclusive).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// The high watermark when the reader was opened.
+    Latest,
+    /// This offset in every partition (clamped to the high watermark).
+    Offset(i64),
+}
+
+/// The range a reader will read in one partition: `[start, end)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionRange {
+    pub topic: String,
+    pub partition: i32,
+    pub start: i64,
+    pub end: i64,
+}
+
+impl PartitionRange {
+    pub fn len(&self) -> u64 {
+        u64::try_from(self.end.saturating_sub(self.start)).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Low and high watermark of every partition of `topic`.
+pub fn watermarks(cfg: &KafkaConfig, topic: &str) -> anyhow::Result<Vec<(i32, i64, i64)>> {
+    let consumer = plain_consumer(cfg, "paystream-reader")?;
+    partition_watermarks(&consumer, topic)
+}
+
+fn plain_consumer(cfg: &KafkaConfig, client_id: &str) -> anyhow::Result<StreamConsumer> {
+    let mut c = cfg.client_config(client_id);
+    // Never joins a group: partitions are assigned by hand. librdkafka
+    // still wants a group id to be set.
+    c.set(
+        "group.id",
+        format!("paystream-reader-{}", uuid::Uuid::now_v7()),
+    )
+    .set("enable.auto.commit", "false")
+    .set("enable.auto.offset.store", "false")
+    .set("enable.partition.eof", "false")
+    .set("auto.offset.reset", "earliest");
+    cfg.apply_overrides(&mut c);
+    c.create().context("cannot create a Kafka consumer")
+}
+
+fn partition_watermarks(
+    consumer: &StreamConsumer,
+    topic: &str,
+) -> anyhow::Result<Vec<(i32, i64, i64)>> {
+    let md = consumer
+        .fetch_metadata(Some(topic), LOOKUP_TIMEOUT)
+        .with_context(|| format!("cannot read the metadata of topic {topic}"))?;
+    let t = md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .with_context(|| format!("topic {topic} not in the broker's metadata"))?;
+    if let Some(e) = t.error() {
+        anyhow::bail!(
+            "topic {topic}: {:?}",
+            rdkafka::types::RDKafkaRespErr::from(e)
+        );
+    }
+    if t.partitions().is_empty() {
+        anyhow::bail!("topic {topic} does not exist (no partitions)");
+    }
+    let mut out = Vec::new();
+    for p in t.partitions() {
+        let (lo, hi) = consumer
+            .fetch_watermarks(topic, p.id(), LOOKUP_TIMEOUT)
+            .with_context(|| format!("cannot read the watermarks of {topic}/{}", p.id()))?;
+        out.push((p.id(), lo, hi));
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// Reads `[start, end)` of every partition of some topics.
+pub struct TopicReader {
+    consumer: StreamConsumer,
+    ranges: Vec<PartitionRange>,
+    /// Next offset still to deliver, per (topic, partition), for partitions
+    /// not yet at their end.
+    open: BTreeMap<(String, i32), (i64, i64)>,
+}
+
+impl TopicReader {
+    /// Plans and assigns the ranges. `starts`, when given, overrides
+    /// `start` per `(topic, partition)` (e.g. a group's committed offsets).
+    pub async fn open(
+        cfg: &KafkaConfig,
+        topics: &[String],
+        start: Start,
+        end: End,
+        starts: Option<&BTreeMap<(String, i32), i64>>,
+    ) -> anyhow::Result<TopicReader> {
+        let consumer = plain_consumer(cfg, "paystream-reader")?;
+        let mut ranges = Vec::new();
+        for topic in topics {
+            let marks = partition_watermarks(&consumer, topic)?;
+            let by_time = match start {
+                Start::Timestamp(ms) => Some(offsets_for_time(&consumer, topic, &marks, ms)?),
+                _ => None,
+            };
+            for (p, lo, hi) in marks {
+                let end = match end {
+                    End::Latest => hi,
+                    End::Offset(o) => o.clamp(lo, hi),
+                };
+                let explicit = starts.and_then(|s| s.get(&(topic.clone(), p)).copied());
+                let begin = match (explicit, start) {
+                    (Some(o), _) => o,
+                    (None, Start::Beginning) => lo,
+                    (None, Start::Offset(o)) => o,
+                    (None, Start::Timestamp(_)) => by_time
+                        .as_ref()
+                        .and_then(|m| m.get(&p).copied())
+                        .unwrap_or(hi),
+                };
+                let begin = begin.clamp(lo, end.max(lo));
+                ranges.push(PartitionRange {
+                    topic: topic.clone(),
+                    partition: p,
+                    start: begin,
+                    end,
+                });
+            }
+        }
+        let mut tpl = TopicPartitionList::new();
+        let mut open = BTreeMap::new();
+        for r in ranges.iter().filter(|r| !r.is_empty()) {
+            tpl.add_partition_offset(&r.topic, r.partition, Offset::Offset(r.start))
+                .context("building the partition assignment")?;
+            open.insert((r.topic.clone(), r.partition), (r.start, r.end));
+        }
+        if tpl.count() > 0 {
+            consumer
+                .assign(&tpl)
+                .context("cannot assign the partitions to read")?;
+        }
+        Ok(TopicReader {
+            consumer,
+            ranges,
+            open,
+        })
+    }
+
+    /// The planned ranges, one per partition.
+    pub fn ranges(&self) -> &[PartitionRange] {
+        &self.ranges
+    }
+
+    /// Messages in the planned ranges (fewer arrive if some were compacted
+    /// away or are transaction markers).
+    pub fn total(&self) -> u64 {
+        self.ranges.iter().map(PartitionRange::len).sum()
+    }
+
+    /// Up to `max` records; `None` once every partition reached its end.
+    pub async fn next_batch(&mut self, max: usize) -> anyhow::Result<Option<Vec<Record>>> {
+        if self.open.is_empty() {
+            return Ok(None);
+        }
+        let mut out = Vec::with_capacity(max.min(4096));
+        while out.len() < max && !self.open.is_empty() {
+            let wait = if out.is_empty() {
+                STALL_TIMEOUT
+            } else {
+                Duration::from_millis(0)
+            };
+            let m = match tokio::time::timeout(wait, self.consumer.recv()).await {
+                Ok(m) => m.context("reading from Kafka")?,
+                Err(_) if out.is_empty() => {
+                    let (k, (next, end)) = self.open.iter().next().expect("open is not empty");
+                    anyhow::bail!(
+                        "no message for {}s while {}/{} is at offset {next} of {end}",
+                        STALL_TIMEOUT.as_secs(),
+                        k.0,
+                        k.1
+                    );
+                }
+                Err(_) => break,
+            };
+            let key = (m.topic().to_owned(), m.partition());
+            let Some(&(_, end)) = self.open.get(&key) else {
+                continue; // a partition already finished
+            };
+            if m.offset() >= end {
+                self.finish(&key)?;
+                continue;
+            }
+            let rec = Record {
+                topic: key.0.clone(),
+                partition: key.1,
+                offset: m.offset(),
+                timestamp_ms: m.timestamp().to_millis(),
+                key: m.key().map(<[u8]>::to_vec),
+                payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                headers: m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            };
+            if m.offset() + 1 >= end {
+                self.finish(&key)?;
+            } else if let Some(slot) = self.open.get_mut(&key) {
+                slot.0 = m.offset() + 1;
+            }
+            out.push(rec);
+        }
+        Ok(Some(out))
+    }
+
+    fn finish(&mut self, key: &(String, i32)) -> anyhow::Result<()> {
+        self.open.remove(key);
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&key.0, key.1);
+        // Stop fetching it; a failure only costs a few discarded messages.
+        let _ = self.consumer.pause(&tpl);
+        Ok(())
+    }
+}
+
+/// Per partition, the first offset whose timestamp is ≥ `ms` (the high
+/// watermark where there is none).
+fn offsets_for_time(
+    consumer: &StreamConsumer,
+    topic: &str,
+    marks: &[(i32, i64, i64)],
+    ms: i64,
+) -> anyhow::Result<BTreeMap<i32, i64>> {
+    let mut tpl = TopicPartitionList::new();
+    for (p, _, _) in marks {
+        tpl.add_partition_offset(topic, *p, Offset::Offset(ms))
+            .context("building the offsets-for-times request")?;
+    }
+    let found = consumer
+        .offsets_for_times(tpl, LOOKUP_TIMEOUT)
+        .with_context(|| format!("offsets-for-times lookup on {topic} failed"))?;
+    let mut out = BTreeMap::new();
+    for (p, _, hi) in marks {
+        let o = found
+            .find_partition(topic, *p)
+            .map(|e| e.offset())
+            .unwrap_or(Offset::End);
+        out.insert(
+            *p,
+            match o {
+                Offset::Offset(o) => o,
+                _ => *hi,
+            },
+        );
+    }
+    Ok(out)
+}
+
+impl std::fmt::Debug for TopicReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TopicReader")
+            .field("ranges", &self.ranges)
+            .field("open", &self.open)
+            .finish_non_exhaustive()
+    }
+}
