@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use time::OffsetDateTime;
 
 /// Version of `schemas/envelope.avsc` this code writes.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// Metadata carried by every event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +42,7 @@ impl Envelope {
             (Some(p), _) => p.to_string(),
             (None, Event::ReconciliationDiscrepancyFound(d)) => d.discrepancy_id.to_string(),
             (None, Event::ReconciliationDiscrepancyResolved(d)) => d.discrepancy_id.to_string(),
+            (None, Event::ReconciliationRunCompleted(r)) => r.run_id.clone(),
             (None, _) => self.event_id.to_string(),
         }
     }
@@ -148,6 +149,7 @@ event_types!(
     RefundFailed,
     ReconciliationDiscrepancyFound,
     ReconciliationDiscrepancyResolved,
+    ReconciliationRunCompleted,
 );
 
 impl std::fmt::Display for EventType {
@@ -339,4 +341,29 @@ pub struct ReconciliationDiscrepancyResolved {
     pub reason: String,
     pub adjustment: Option<Money>,
     pub resolved_by: String,
+}
+
+/// One reconciliation run of a settlement file against the ledger finished.
+/// Appended once per run (its event id derives from the run id), after the
+/// run's discrepancy events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReconciliationRunCompleted {
+    /// Derived from the settlement date and the file's SHA-256: the same
+    /// file for the same day is the same run.
+    pub run_id: String,
+    /// The settlement day (UTC), `YYYY-MM-DD`.
+    pub settlement_date: String,
+    /// Where the file came from (a path or a URL without credentials).
+    pub source: String,
+    /// SHA-256 of the file's bytes, hex.
+    pub file_sha256: String,
+    /// Data rows in the file (header excluded).
+    pub rows: i64,
+    /// PSP rows matched without any difference.
+    pub matched: i64,
+    /// Differences found by this run, all classes (including ones already
+    /// open from an earlier run of the same day, which are not reported twice).
+    pub discrepancies: i64,
+    /// Differences per class name (`DiscrepancyClass::as_str`).
+    pub class_counts: BTreeMap<String, i64>,
 }

@@ -71,6 +71,11 @@ pub fn payload(event: &Event) -> Value {
             "discrepancy_id": e.discrepancy_id.to_string(), "action": e.action.as_str(), "reason": e.reason,
             "adjustment": opt(e.adjustment.as_ref(), money), "resolved_by": e.resolved_by,
         }),
+        Event::ReconciliationRunCompleted(e) => json!({
+            "run_id": e.run_id, "settlement_date": e.settlement_date, "source": e.source,
+            "file_sha256": e.file_sha256, "rows": e.rows, "matched": e.matched,
+            "discrepancies": e.discrepancies, "class_counts": e.class_counts,
+        }),
     }
 }
 

@@ -128,6 +128,17 @@ pub fn one_of_each(client: &str, idempotency_key: &str, start: Timestamp) -> Vec
             resolved_by: "ops@example.com".into(),
         }
         .into(),
+        ReconciliationRunCompleted {
+            run_id: "2026-11-24".into(),
+            settlement_date: "2026-11-24".into(),
+            source: "settlement-2026-11-24.csv".into(),
+            file_sha256: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into(),
+            rows: 2,
+            matched: 1,
+            discrepancies: 1,
+            class_counts: BTreeMap::from([("fee_mismatch".to_owned(), 1)]),
+        }
+        .into(),
     ];
     let mut previous: Option<EventId> = None;
     events

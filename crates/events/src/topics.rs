@@ -20,8 +20,8 @@ pub enum TopicKind {
     /// The payment flow, the system of record: requests, risk decisions,
     /// executions, outcomes, refunds. Key: payment id.
     Payments,
-    /// Reconciliation discrepancies and their resolutions. Key: payment id
-    /// when known, else discrepancy id.
+    /// Reconciliation discrepancies, their resolutions and completed runs.
+    /// Key: payment id when known, else discrepancy id (run id for runs).
     Reconciliation,
     /// Dead letters: the original bytes and headers of messages a consumer
     /// could not decode or apply, plus `dlq.*` headers saying why.
@@ -112,7 +112,8 @@ impl Topology {
     pub fn topic_for(&self, envelope: &Envelope) -> String {
         match envelope.event {
             Event::ReconciliationDiscrepancyFound(_)
-            | Event::ReconciliationDiscrepancyResolved(_) => self.name(TopicKind::Reconciliation),
+            | Event::ReconciliationDiscrepancyResolved(_)
+            | Event::ReconciliationRunCompleted(_) => self.name(TopicKind::Reconciliation),
             _ => self.name(TopicKind::Payments),
         }
     }

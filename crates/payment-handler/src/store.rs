@@ -387,7 +387,7 @@ pub async fn apply_status(db: &Db, events: &[&Envelope]) -> Result<Vec<Outcome>,
     with_pool!(db, p => {
         let mut tx = p.begin().await?;
         for env in events {
-            let relevant = !matches!(env.event, Event::ReconciliationDiscrepancyFound(_) | Event::ReconciliationDiscrepancyResolved(_));
+            let relevant = !matches!(env.event, Event::ReconciliationDiscrepancyFound(_) | Event::ReconciliationDiscrepancyResolved(_) | Event::ReconciliationRunCompleted(_));
             if !relevant {
                 outcomes.push(Outcome::Ignored);
                 continue;

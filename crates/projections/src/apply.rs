@@ -6,10 +6,13 @@
 //!    the rest were applied before (or are being applied by another member
 //!    during a rebalance, whose row lock makes us wait and then see them).
 //! 2. Load the orders and booking keys the new events refer to.
-//!    An event seen before that was rejected gets its stored rejection
-//!    back (so it is dead-lettered again, harmlessly); it is never decided
+//!    An event seen before that was rejected, delivered again at the same
+//!    (topic, partition, offset), gets its stored rejection back (so it is
+//!    dead-lettered again, harmlessly); a redelivery is never decided
 //!    afresh, because newer state could decide it differently in the
-//!    ledger and the wallet.
+//!    ledger and the wallet. Delivered at another position (produced again
+//!    by a dead-letter redrive, which both projections read), it is
+//!    decided afresh like a new event.
 //! 3. Decide every new event in memory, in order; an event that is
 //!    rejected (or whose booking fails the write-side balance check) writes
 //!    nothing but its decision (`outcome = 'rejected'`, kind, reason) on its
@@ -119,33 +122,96 @@ pub async fn apply_batch(
         .collect();
     fresh.sort_unstable(); // back to delivery order
 
-    // Seen before: an event rejected then gets its stored rejection back
-    // (dead-lettered again, harmlessly), never a fresh decision against
-    // newer state.
+    // Seen before. A rejected event delivered again at the same (topic,
+    // partition, offset) is a redelivery (a crash before the offset
+    // commit): it gets its stored rejection back (dead-lettered again,
+    // harmlessly), never a fresh decision against newer state. Delivered at
+    // another position it was produced again (a dead-letter redrive after
+    // a fix): it is decided afresh below, and its row takes the new
+    // position. An applied event stays Duplicate forever.
     let seen_before: Vec<String> = first
         .iter()
         .map(|&i| batch[i].envelope.event_id.to_string())
         .filter(|id| !new_ids.contains(id))
         .collect();
-    let mut stored: HashMap<String, Outcome> = HashMap::new();
+    // event id -> (stored rejection, stored position)
+    let mut stored: HashMap<String, (Outcome, (String, i64, i64))> = HashMap::new();
     for chunk in seen_before.chunks(crate::sql::ROWS_PER_STATEMENT) {
         let (clause, ids) = in_clause(&tx, "event_id", chunk, 2);
         let sql = format!(
-            "SELECT event_id, COALESCE(error_kind, ''), COALESCE(reason, '') FROM applied_events \
-             WHERE projection = $1 AND outcome = 'rejected' AND {clause}"
+            "SELECT event_id, COALESCE(error_kind, ''), COALESCE(reason, ''), topic, kafka_partition, kafka_offset \
+             FROM applied_events WHERE projection = $1 AND outcome = 'rejected' AND {clause}"
         );
         let mut vals = vec![V::T(p.to_owned())];
         vals.extend(ids);
-        for r in tx.rows(&sql, &vals, &[Ty::T, Ty::T, Ty::T]).await? {
-            stored.insert(r[0].text(), Outcome::rejected(r[1].text(), r[2].text()));
+        let cols = [Ty::T, Ty::T, Ty::T, Ty::T, Ty::I, Ty::I];
+        for r in tx.rows(&sql, &vals, &cols).await? {
+            stored.insert(
+                r[0].text(),
+                (
+                    Outcome::rejected(r[1].text(), r[2].text()),
+                    (r[3].text(), r[4].int(), r[5].int()),
+                ),
+            );
         }
     }
+    // Event ids of rejected events decided afresh in this batch.
+    let mut redriven: HashSet<String> = HashSet::new();
     if !stored.is_empty() {
         for &i in &first {
-            if let Some(o) = stored.remove(&batch[i].envelope.event_id.to_string()) {
-                outcomes[i] = o;
+            let id = batch[i].envelope.event_id.to_string();
+            let Some((rejection, at)) = stored.remove(&id) else {
+                continue;
+            };
+            let m = batch[i].meta;
+            let here = (m.topic.clone(), i64::from(m.partition), m.offset);
+            // Only a LATER copy in the same partition (a redrive, or a
+            // re-append) is decided afresh. The same position (a
+            // redelivery) or an earlier one (re-reading after one group's
+            // offsets were reset) gets the stored decision, so the ledger
+            // and the wallet never decide the same message differently.
+            let later = here.0 == at.0 && here.1 == at.1 && here.2 > at.2;
+            if !later {
+                outcomes[i] = rejection;
+                continue;
+            }
+            // Claim the re-decision: the row moves to this position only if
+            // it is still rejected at an earlier one (a concurrent member
+            // waits on the row lock, then finds it moved or applied).
+            let claimed = tx
+                .exec(
+                    "UPDATE applied_events SET topic = $1, kafka_partition = $2, kafka_offset = $3, applied_at = $4 \
+                     WHERE projection = $5 AND event_id = $6 AND outcome = 'rejected' \
+                     AND topic = $1 AND kafka_partition = $2 AND kafka_offset < $3",
+                    &[
+                        V::T(here.0),
+                        V::I(here.1),
+                        V::I(here.2),
+                        V::I(now),
+                        V::T(p.to_owned()),
+                        V::T(id.clone()),
+                    ],
+                )
+                .await?;
+            if claimed > 0 {
+                redriven.insert(id);
+                fresh.push(i);
+                continue;
+            }
+            // Lost the race: the row changed meanwhile; take what it says now.
+            let now_rows = tx
+                .rows(
+                    "SELECT COALESCE(error_kind, ''), COALESCE(reason, '') FROM applied_events \
+                     WHERE projection = $1 AND event_id = $2 AND outcome = 'rejected'",
+                    &[V::T(p.to_owned()), V::T(id)],
+                    &[Ty::T, Ty::T],
+                )
+                .await?;
+            if let Some(r) = now_rows.first() {
+                outcomes[i] = Outcome::rejected(r[0].text(), r[1].text());
             }
         }
+        fresh.sort_unstable(); // back to delivery order
     }
     if fresh.is_empty() {
         tx.commit().await?;
@@ -220,6 +286,18 @@ pub async fn apply_batch(
         )
         .await?;
     }
+    // Redriven events accepted now: their rows say applied from here on.
+    for &i in &fresh {
+        let id = batch[i].envelope.event_id.to_string();
+        if redriven.contains(&id) && !matches!(outcomes[i], Outcome::Rejected { .. }) {
+            tx.exec(
+                "UPDATE applied_events SET outcome = 'applied', error_kind = NULL, reason = NULL \
+                 WHERE projection = $1 AND event_id = $2",
+                &[V::T(p.to_owned()), V::T(id)],
+            )
+            .await?;
+        }
+    }
     write_orders(&mut tx, p, &dirty_orders).await?;
     let booking_rows: Vec<Vec<V>> = bookings
         .iter()
@@ -244,8 +322,79 @@ pub async fn apply_batch(
         Projection::Ledger => write_ledger(&mut tx, batch, &bookings, now).await?,
         Projection::Wallet => write_wallet(&mut tx, &bookings).await?,
     }
+    if projection == Projection::Ledger {
+        write_psp_references(&mut tx, batch, &fresh, &outcomes).await?;
+    }
     tx.commit().await?;
     Ok(outcomes)
+}
+
+/// Records the PSP references of the batch's new, not rejected events in
+/// `ledger_psp_references` (see migration 3003): status only ever moves
+/// forward, within the batch and against the table.
+async fn write_psp_references(
+    tx: &mut Tx,
+    batch: &[Incoming<'_>],
+    fresh: &[usize],
+    outcomes: &[Outcome],
+) -> Result<(), sqlx::Error> {
+    let mut refs: BTreeMap<String, booking::PspReference> = BTreeMap::new();
+    for &i in fresh {
+        if matches!(outcomes[i], Outcome::Rejected { .. }) {
+            continue;
+        }
+        let Some(r) = booking::psp_reference(batch[i].envelope) else {
+            continue;
+        };
+        match refs.get(&r.psp_reference) {
+            Some(old) if !booking::psp_status_advances(old.status, r.status) => {}
+            _ => {
+                refs.insert(r.psp_reference.clone(), r);
+            }
+        }
+    }
+    let rows: Vec<Vec<V>> = refs
+        .into_values()
+        .map(|r| {
+            vec![
+                V::T(r.psp_reference),
+                V::T(r.kind.to_owned()),
+                V::T(r.order_id),
+                V::N(r.refund_id),
+                V::T(r.status.to_owned()),
+                V::T(r.amount.currency().code().to_owned()),
+                V::I(r.amount.amount_minor()),
+                V::I(r.fee_minor),
+                V::I(r.occurred_at),
+                V::T(r.event_id),
+            ]
+        })
+        .collect();
+    insert_many(
+        tx,
+        "ledger_psp_references",
+        &[
+            "psp_reference",
+            "kind",
+            "order_id",
+            "refund_id",
+            "status",
+            "currency",
+            "amount_minor",
+            "fee_minor",
+            "occurred_at",
+            "event_id",
+        ],
+        &rows,
+        "ON CONFLICT (psp_reference) DO UPDATE SET status = excluded.status, \
+         currency = excluded.currency, amount_minor = excluded.amount_minor, \
+         fee_minor = excluded.fee_minor, occurred_at = excluded.occurred_at, \
+         event_id = excluded.event_id \
+         WHERE ledger_psp_references.status = 'pending' AND excluded.status <> 'pending'",
+        &[],
+    )
+    .await?;
+    Ok(())
 }
 
 async fn load_orders(

@@ -584,6 +584,99 @@ impl BookState {
     }
 }
 
+/// What the ledger knows about one PSP reference (table
+/// `ledger_psp_references`), for reconciliation against settlement files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PspReference {
+    pub psp_reference: String,
+    /// `charge` or `refund`.
+    pub kind: &'static str,
+    pub order_id: String,
+    pub refund_id: Option<String>,
+    /// `pending`, `succeeded`, `failed` (charges) or `refunded` (refunds).
+    pub status: &'static str,
+    /// Signed as in the settlement file: refunds negative.
+    pub amount: Money,
+    /// 0 while pending, for failed charges and for refunds.
+    pub fee_minor: i64,
+    /// When the event that set `status` happened (µs).
+    pub occurred_at: i64,
+    pub event_id: String,
+}
+
+/// The PSP reference an event tells the ledger about, if any:
+/// `OrderPending`, `OrderSucceeded`, `OrderSettledByWebhook` (either
+/// outcome) and `RefundSucceeded`. (`OrderFailed` carries no reference.)
+pub fn psp_reference(env: &Envelope) -> Option<PspReference> {
+    let row = |reference: &str,
+               kind,
+               order: String,
+               refund: Option<String>,
+               status,
+               amount: Money,
+               fee_minor| PspReference {
+        psp_reference: reference.to_owned(),
+        kind,
+        order_id: order,
+        refund_id: refund,
+        status,
+        amount,
+        fee_minor,
+        occurred_at: env.occurred_at.as_micros(),
+        event_id: env.event_id.to_string(),
+    };
+    match &env.event {
+        Event::OrderPending(e) => Some(row(
+            &e.psp_reference,
+            "charge",
+            e.order_id.to_string(),
+            None,
+            "pending",
+            e.amount,
+            0,
+        )),
+        Event::OrderSucceeded(e) => Some(row(
+            &e.psp_reference,
+            "charge",
+            e.order_id.to_string(),
+            None,
+            "succeeded",
+            e.amount,
+            e.fee.amount_minor(),
+        )),
+        Event::OrderSettledByWebhook(e) => Some(row(
+            &e.psp_reference,
+            "charge",
+            e.order_id.to_string(),
+            None,
+            if e.succeeded { "succeeded" } else { "failed" },
+            e.amount,
+            if e.succeeded {
+                e.fee.map_or(0, |f| f.amount_minor())
+            } else {
+                0
+            },
+        )),
+        Event::RefundSucceeded(e) => Some(row(
+            &e.psp_reference,
+            "refund",
+            e.order_id.to_string(),
+            Some(e.refund_id.to_string()),
+            "refunded",
+            e.amount.checked_neg().ok()?,
+            0,
+        )),
+        _ => None,
+    }
+}
+
+/// Whether a reference's status may move from `old` to `new`: only forward
+/// (`pending` to a final status), never back and never between final ones,
+/// whatever order events are redelivered in.
+pub fn psp_status_advances(old: &str, new: &str) -> bool {
+    old == "pending" && new != "pending"
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

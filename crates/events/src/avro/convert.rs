@@ -151,6 +151,24 @@ fn payload(event: &Event) -> Value {
             ("adjustment", optional(e.adjustment.as_ref().map(money))),
             ("resolved_by", string(&e.resolved_by)),
         ]),
+        Event::ReconciliationRunCompleted(e) => record(vec![
+            ("run_id", string(&e.run_id)),
+            ("settlement_date", string(&e.settlement_date)),
+            ("source", string(&e.source)),
+            ("file_sha256", string(&e.file_sha256)),
+            ("rows", Value::Long(e.rows)),
+            ("matched", Value::Long(e.matched)),
+            ("discrepancies", Value::Long(e.discrepancies)),
+            (
+                "class_counts",
+                Value::Map(
+                    e.class_counts
+                        .iter()
+                        .map(|(k, v)| (k.clone(), Value::Long(*v)))
+                        .collect::<HashMap<_, _>>(),
+                ),
+            ),
+        ]),
     }
 }
 
@@ -241,6 +259,17 @@ impl Fields {
             other => Err(invalid(
                 &self.path(name),
                 format!("expected int, got {other:?}"),
+            )),
+        }
+    }
+
+    fn long(&mut self, name: &str) -> Result<i64, DecodeError> {
+        match self.take(name)? {
+            Value::Long(i) => Ok(i),
+            Value::Int(i) => Ok(i64::from(i)),
+            other => Err(invalid(
+                &self.path(name),
+                format!("expected long, got {other:?}"),
             )),
         }
     }
@@ -457,6 +486,35 @@ fn decode_payload(t: EventType, v: Value) -> Result<Event, DecodeError> {
             resolved_by: f.string("resolved_by")?,
         }
         .into(),
+        EventType::ReconciliationRunCompleted => {
+            let Value::Map(counts) = f.take("class_counts")? else {
+                return Err(invalid(
+                    "ReconciliationRunCompleted.class_counts",
+                    "expected a map",
+                ));
+            };
+            let class_counts = counts
+                .into_iter()
+                .map(|(k, v)| match v {
+                    Value::Long(n) => Ok((k, n)),
+                    other => Err(invalid(
+                        "ReconciliationRunCompleted.class_counts",
+                        format!("expected long, got {other:?}"),
+                    )),
+                })
+                .collect::<Result<BTreeMap<_, _>, DecodeError>>()?;
+            ReconciliationRunCompleted {
+                run_id: f.string("run_id")?,
+                settlement_date: f.string("settlement_date")?,
+                source: f.string("source")?,
+                file_sha256: f.string("file_sha256")?,
+                rows: f.long("rows")?,
+                matched: f.long("matched")?,
+                discrepancies: f.long("discrepancies")?,
+                class_counts,
+            }
+            .into()
+        }
     };
     Ok(event)
 }

@@ -140,7 +140,7 @@ fn demo_round_trips_every_event_type_through_the_broker() {
     let t = text(&out);
     assert!(out.status.success(), "{t}");
     assert!(
-        t.contains("13/13 events (13 event types) came back identical"),
+        t.contains("14/14 events (14 event types) came back identical"),
         "{t}"
     );
 }

@@ -8,3 +8,5 @@ mod cli;
 mod db;
 mod http;
 mod prop;
+mod psp_refs;
+mod redrive;

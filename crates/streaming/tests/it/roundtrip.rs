@@ -55,7 +55,8 @@ async fn every_event_type_round_trips_through_a_consumer_group() {
         assert_eq!(&d.envelope, env, "{} changed in transit", env.event_type());
         let expected_topic = match env.event_type() {
             EventType::ReconciliationDiscrepancyFound
-            | EventType::ReconciliationDiscrepancyResolved => k.topic(TopicKind::Reconciliation),
+            | EventType::ReconciliationDiscrepancyResolved
+            | EventType::ReconciliationRunCompleted => k.topic(TopicKind::Reconciliation),
             _ => k.topic(TopicKind::Payments),
         };
         assert_eq!(d.meta.topic, expected_topic);
