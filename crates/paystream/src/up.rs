@@ -167,6 +167,7 @@ pub async fn run(kafka: KafkaConfig, database_url: &str, args: UpArgs) -> anyhow
 
     let mut ok = true;
     if args.payments > 0 {
+        let first_day = time::OffsetDateTime::now_utc().date();
         ok = demo(
             &handler_db,
             &format!("http://{}", handler.addr),
@@ -174,6 +175,7 @@ pub async fn run(kafka: KafkaConfig, database_url: &str, args: UpArgs) -> anyhow
             &args,
         )
         .await?;
+        ok &= reconcile_days(&kafka, &projections_db_url, &psp_url, first_day).await?;
     }
     if args.keep_running {
         println!("running; Ctrl-C to stop");
@@ -190,6 +192,53 @@ pub async fn run(kafka: KafkaConfig, database_url: &str, args: UpArgs) -> anyhow
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Reconciles the simulator's settlement files of the demo's day(s) (two
+/// when it ran over midnight UTC) against the ledger, as the nightly
+/// reconciler would; true when nothing is left unresolved.
+async fn reconcile_days(
+    kafka: &KafkaConfig,
+    projections_db_url: &str,
+    psp_url: &str,
+    first_day: time::Date,
+) -> anyhow::Result<bool> {
+    let db = storage::Db::connect(projections_db_url).await?;
+    reconcile::migrate(&db).await?;
+    let producer = streaming::EventProducer::new(kafka, "paystream-up-reconcile")?;
+    let psp = reconcile::PspSource::simulator(psp_url);
+    let mut clean = true;
+    let mut day = first_day;
+    while day <= time::OffsetDateTime::now_utc().date() {
+        let report = reconcile::reconcile_from_psp(
+            &db,
+            &producer,
+            &psp,
+            day,
+            reconcile::matching::Tolerance::default(),
+        )
+        .await
+        .with_context(|| format!("reconciling {day}"))?;
+        println!(
+            "reconciliation {}: {} settlement rows, {} matched, {} discrepancies, {} unresolved: {}",
+            report.settlement_date,
+            report.rows,
+            report.matched,
+            report.discrepancies.len(),
+            report.unresolved,
+            if report.unresolved == 0 && report.discrepancies.is_empty() {
+                "clean"
+            } else {
+                "DIFFERENCES"
+            }
+        );
+        if report.unresolved > 0 || !report.discrepancies.is_empty() {
+            println!("{}", report.table());
+            clean = false;
+        }
+        day = day.next_day().context("date overflow")?;
+    }
+    Ok(clean)
 }
 
 struct Submitted {

@@ -1,31 +1,1024 @@
 //! Reconciliation: the PSP's settlement files against the ledger.
+//!
+//! A settlement file is parsed and validated whole ([`settlement::parse`]),
+//! matched against the ledger projection's `ledger_psp_references`
+//! ([`matching::match_rows`]), recorded with its discrepancies in one
+//! database transaction, and only then published: one
+//! `ReconciliationDiscrepancyFound` per new difference and one
+//! `ReconciliationRunCompleted`, with ids derived from the run and the
+//! difference, so a crash between recording and publishing re-publishes
+//! the same ids. Differences are worked off with [`resolve`]. Rules, flags
+//! and guarantees: this crate's README.md.
 
-use clap::Args;
+pub mod matching;
+pub mod report;
+pub mod settlement;
+mod store;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand, ValueEnum};
+use events::{
+    CorrelationId, DiscrepancyClass, DiscrepancyId, Envelope, EventId, Money, OrderId,
+    PAYSTREAM_NAMESPACE, PaymentId, ReconciliationDiscrepancyFound,
+    ReconciliationDiscrepancyResolved, ReconciliationRunCompleted, ResolutionAction, Timestamp,
+};
+use matching::{LedgerRef, Tolerance};
+use report::{CurrencyTotals, DiscrepancyView, MoneyView, Report};
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::process::ExitCode;
-use streaming::KafkaConfig;
+use std::time::{Duration, Instant};
+use storage::Db;
+use streaming::{EventProducer, KafkaConfig};
+use time::Date;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
-/// `paystream reconcile ...`
-#[derive(Debug, Args)]
-pub struct ReconcileArgs {}
+pub use report::Report as ReconciliationReport;
 
-/// `paystream serve reconciler ...`
-#[derive(Debug, Args)]
-pub struct ReconcilerArgs {}
+/// Written into every event's `producer`.
+pub const PRODUCER: &str = concat!("reconcile/", env!("CARGO_PKG_VERSION"));
 
-pub async fn run(
-    _kafka: KafkaConfig,
-    _db_url: &str,
-    _args: ReconcileArgs,
-) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("not built yet")
+/// Exit status of `paystream reconcile` while unresolved discrepancies
+/// remain for the settlement day.
+pub const EXIT_UNRESOLVED: u8 = 2;
+
+/// Output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// A readable table.
+    Table,
+    /// One JSON document.
+    Json,
 }
 
+/// `paystream reconcile --settlement FILE [--date D]` or
+/// `paystream reconcile resolve ID --action A --reason R`.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct ReconcileArgs {
+    #[command(subcommand)]
+    pub command: Option<ReconcileCommand>,
+    /// The PSP's settlement file (CSV: psp_reference, order_id,
+    /// amount_minor, currency, status, fee_minor, settled_at).
+    #[arg(long)]
+    pub settlement: Option<PathBuf>,
+    /// The settlement day (UTC, YYYY-MM-DD); every row must fall on it.
+    /// Default: the day of the rows.
+    #[arg(long)]
+    pub date: Option<String>,
+    #[command(flatten)]
+    pub options: MatchArgs,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: Format,
+    /// Same as --format json.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Matching options shared by the command and the service.
+#[derive(Debug, Clone, Args)]
+pub struct MatchArgs {
+    /// Fee differences up to this many minor units are not reported.
+    #[arg(
+        long,
+        env = "PAYSTREAM_RECONCILE_FEE_TOLERANCE_MINOR",
+        default_value_t = 0
+    )]
+    pub fee_tolerance_minor: i64,
+}
+
+impl MatchArgs {
+    fn tolerance(&self) -> anyhow::Result<Tolerance> {
+        if self.fee_tolerance_minor < 0 {
+            bail!("--fee-tolerance-minor must not be negative");
+        }
+        Ok(Tolerance {
+            fee_minor: self.fee_tolerance_minor,
+        })
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReconcileCommand {
+    /// Work off one discrepancy: an event (and, for accept_psp_amount, a
+    /// balanced adjustment booked by the ledger). Nothing is edited in place.
+    Resolve {
+        /// The discrepancy id (from the report).
+        id: String,
+        /// accept_psp_amount, expect_late_settlement or escalate.
+        #[arg(long)]
+        action: String,
+        /// Why (kept in the event: the audit trail).
+        #[arg(long)]
+        reason: String,
+        /// Who resolves it.
+        #[arg(long, env = "USER", default_value = "paystream-cli")]
+        by: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `paystream serve reconciler`: fetch the PSP's settlement file of
+/// `today - lag_days` every day at `--at` (UTC) and reconcile it.
+#[derive(Debug, Clone, Args)]
+pub struct ReconcilerArgs {
+    /// Base URL of the PSP.
+    #[arg(
+        long,
+        env = "PAYSTREAM_PSP_URL",
+        default_value = "http://127.0.0.1:8090"
+    )]
+    pub psp_url: String,
+    /// API key for the PSP (sent as a bearer token).
+    #[arg(
+        long,
+        env = "PAYSTREAM_PSP_API_KEY",
+        default_value = "sk_test_default",
+        hide_env_values = true
+    )]
+    pub psp_api_key: String,
+    /// Timeout of one PSP request.
+    #[arg(long, env = "PAYSTREAM_PSP_TIMEOUT_MS", default_value_t = 10_000)]
+    pub psp_timeout_ms: u64,
+    /// Time of day (UTC, HH:MM) of the nightly run.
+    #[arg(long, env = "PAYSTREAM_RECONCILE_AT", default_value = "02:30")]
+    pub at: String,
+    /// Reconcile the day this many days before the run's day.
+    #[arg(long, env = "PAYSTREAM_RECONCILE_LAG_DAYS", default_value_t = 1)]
+    pub lag_days: u16,
+    /// Attempts to fetch a file (exponential back-off, Retry-After
+    /// honoured) before the run is given up until the next day.
+    #[arg(long, default_value_t = 8)]
+    pub fetch_attempts: u32,
+    /// Run once now and exit (non-zero on failure).
+    #[arg(long)]
+    pub once: bool,
+    /// With --once: the settlement day (default today - lag days).
+    #[arg(long, requires = "once")]
+    pub date: Option<String>,
+    #[command(flatten)]
+    pub options: MatchArgs,
+}
+
+/// Where to fetch settlement files: a PSP (or the simulator) over HTTP.
+#[derive(Debug, Clone)]
+pub struct PspSource {
+    /// e.g. `http://127.0.0.1:8090`
+    pub base_url: String,
+    pub api_key: String,
+    /// Extra query string appended to the file's URL (the simulator's
+    /// `inject=...&seed=...`), without `?`.
+    pub query: Option<String>,
+    pub timeout: Duration,
+    /// Attempts before giving up (at least 1).
+    pub attempts: u32,
+}
+
+impl PspSource {
+    /// The simulator's default account at `base_url`.
+    pub fn simulator(base_url: &str) -> PspSource {
+        PspSource {
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            api_key: "sk_test_default".to_owned(),
+            query: None,
+            timeout: Duration::from_secs(30),
+            attempts: 5,
+        }
+    }
+
+    /// URL of a day's file.
+    pub fn url(&self, date: Date) -> String {
+        let mut u = format!(
+            "{}/v1/settlements/{}.csv",
+            self.base_url.trim_end_matches('/'),
+            settlement::format_date(date)
+        );
+        if let Some(q) = &self.query {
+            u.push('?');
+            u.push_str(q);
+        }
+        u
+    }
+}
+
+/// Applies the migrations reconciliation needs: the projections' (for
+/// `ledger_psp_references`) and its own (versions 4xxx).
+pub async fn migrate(db: &Db) -> anyhow::Result<()> {
+    projections::migrate(db).await?;
+    db.migrate(
+        &storage::component_migrator(sqlx::migrate!("migrations/postgres")),
+        &storage::component_migrator(sqlx::migrate!("migrations/sqlite")),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Timings of one run, for the benchmark and logs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timings {
+    /// Reading and validating the file.
+    pub parse: Duration,
+    /// Everything: parse, ledger lookups, matching, recording, publishing.
+    pub total: Duration,
+}
+
+fn now_us() -> i64 {
+    Timestamp::now().as_micros()
+}
+
+fn discrepancy_uuid(date: &str, class: DiscrepancyClass, reference: &str) -> Uuid {
+    Uuid::new_v5(
+        &PAYSTREAM_NAMESPACE,
+        format!(
+            "reconciliation-discrepancy\0{date}\0{}\0{reference}",
+            class.as_str()
+        )
+        .as_bytes(),
+    )
+}
+
+fn run_uuid(run_id: &str) -> Uuid {
+    Uuid::new_v5(
+        &PAYSTREAM_NAMESPACE,
+        format!("reconciliation-run\0{run_id}").as_bytes(),
+    )
+}
+
+/// The run id of a file: settlement day plus the first 16 hex digits of
+/// its SHA-256.
+pub fn run_id(date: Date, sha256: &str) -> String {
+    format!(
+        "{}-{}",
+        settlement::format_date(date),
+        &sha256[..16.min(sha256.len())]
+    )
+}
+
+fn money_of(m: &Option<(String, i64)>) -> anyhow::Result<Option<Money>> {
+    m.as_ref()
+        .map(|(c, a)| Ok(Money::new(*a, events::Currency::from_code(c)?)))
+        .transpose()
+}
+
+fn view_money(m: &Option<(String, i64)>) -> Option<MoneyView> {
+    m.as_ref().map(|(c, a)| MoneyView {
+        amount_minor: *a,
+        currency: c.clone(),
+    })
+}
+
+/// Reconciles a settlement file's bytes. Re-running the same bytes for the
+/// same day returns the recorded report and publishes nothing new (except
+/// what a crashed earlier attempt had not published yet).
+pub async fn reconcile_bytes(
+    db: &Db,
+    producer: &EventProducer,
+    bytes: &[u8],
+    source: &str,
+    date: Option<Date>,
+    tolerance: Tolerance,
+) -> anyhow::Result<(Report, Timings)> {
+    let started = Instant::now();
+    let file = settlement::parse(bytes, date)?;
+    let parse = started.elapsed();
+    let day = settlement::format_date(file.date);
+    let run_id = run_id(file.date, &file.sha256);
+
+    if let Some(stored) = store::load_run(db, &run_id).await? {
+        let mut report: Report =
+            serde_json::from_str(&stored.report).context("stored report does not parse")?;
+        if stored.state != "published" {
+            publish_run(db, producer, &report).await?;
+        }
+        report.already_recorded = true;
+        refresh(db, &mut report).await?;
+        return Ok((
+            report,
+            Timings {
+                parse,
+                total: started.elapsed(),
+            },
+        ));
+    }
+
+    // Ledger lookups.
+    let progress = streaming::progress::Progress::new(
+        "reconcile: ledger lookups",
+        u64::try_from(file.rows.len()).unwrap_or(0),
+    );
+    let refs: Vec<String> = file.rows.iter().map(|r| r.psp_reference.clone()).collect();
+    let mut by_ref: HashMap<String, LedgerRef> = HashMap::with_capacity(refs.len());
+    for chunk in refs.chunks(20_000) {
+        for r in store::refs_where_in(db, "psp_reference", chunk).await? {
+            by_ref.insert(r.psp_reference.clone(), r);
+        }
+        progress.inc(u64::try_from(chunk.len()).unwrap_or(0));
+    }
+    progress.finish();
+    let mut unknown_orders: Vec<String> = file
+        .rows
+        .iter()
+        .filter(|r| !by_ref.contains_key(&r.psp_reference))
+        .flat_map(|r| r.order_ids.iter().cloned())
+        .collect();
+    unknown_orders.sort();
+    unknown_orders.dedup();
+    let mut by_order: HashMap<String, Vec<LedgerRef>> = HashMap::new();
+    for r in store::refs_where_in(db, "order_id", &unknown_orders).await? {
+        by_order.entry(r.order_id.clone()).or_default().push(r);
+    }
+    let from_us = settlement::day_start_ms(file.date) * 1_000;
+    let day_refs = store::refs_between(db, from_us, from_us + 86_400_000_000).await?;
+    let outcome = matching::match_rows(&file.rows, &by_ref, &by_order, &day_refs, tolerance);
+
+    // Payment ids (partition keys, ledger payment of an adjustment).
+    let mut orders: Vec<String> = outcome
+        .findings
+        .iter()
+        .filter(|f| f.order_ids.len() == 1)
+        .map(|f| f.order_ids[0].clone())
+        .collect();
+    orders.sort();
+    orders.dedup();
+    let payments = store::payment_ids(db, &orders).await?;
+
+    let now = now_us();
+    let mut seen: HashSet<Uuid> = HashSet::new();
+    let mut rows: Vec<store::DiscrepancyRow> = Vec::new();
+    for f in &outcome.findings {
+        let id = discrepancy_uuid(&day, f.class, &f.psp_reference);
+        if !seen.insert(id) {
+            continue;
+        }
+        let m = |m: &Option<Money>| m.map(|m| (m.currency().code().to_owned(), m.amount_minor()));
+        rows.push(store::DiscrepancyRow {
+            discrepancy_id: id.to_string(),
+            settlement_date: day.clone(),
+            run_id: run_id.clone(),
+            class: f.class.as_str().to_owned(),
+            psp_reference: f.psp_reference.clone(),
+            order_ids: f.order_ids.join(";"),
+            payment_id: f
+                .order_ids
+                .first()
+                .filter(|_| f.order_ids.len() == 1)
+                .and_then(|o| payments.get(o).cloned()),
+            ours: m(&f.ours),
+            theirs: m(&f.theirs),
+            detail: f.detail.clone(),
+            line: f.line.and_then(|l| i64::try_from(l).ok()),
+            found_event_id: EventId::derive(id, "found").to_string(),
+            found_published: false,
+            state: "open".into(),
+            action: None,
+            reason: None,
+            resolved_by: None,
+            adjustment: None,
+            resolution_event_id: None,
+            resolution_published: false,
+            resolved_at: None,
+            created_at: now,
+        });
+    }
+    let mut per_currency: std::collections::BTreeMap<String, CurrencyTotals> = Default::default();
+    for r in &file.rows {
+        let t = per_currency
+            .entry(r.currency.code().to_owned())
+            .or_default();
+        t.rows += 1;
+        t.amount_minor = t
+            .amount_minor
+            .checked_add(r.amount_minor)
+            .context("file amount total overflows")?;
+        t.fee_minor = t
+            .fee_minor
+            .checked_add(r.fee_minor)
+            .context("file fee total overflows")?;
+    }
+    let mut report = Report {
+        run_id: run_id.clone(),
+        settlement_date: day.clone(),
+        source: source.to_owned(),
+        file_sha256: file.sha256.clone(),
+        rows: i64::try_from(file.rows.len())?,
+        matched: i64::try_from(outcome.matched)?,
+        matched_by_order: i64::try_from(outcome.matched_by_order)?,
+        discrepancies: rows
+            .iter()
+            .map(|d| DiscrepancyView {
+                discrepancy_id: d.discrepancy_id.clone(),
+                class: d.class.clone(),
+                psp_reference: d.psp_reference.clone(),
+                order_ids: d.order_ids.clone(),
+                ours: view_money(&d.ours),
+                theirs: view_money(&d.theirs),
+                detail: d.detail.clone(),
+                line: d.line,
+                state: "open".into(),
+                first_found_by: run_id.clone(),
+            })
+            .collect(),
+        new_discrepancies: 0,
+        per_class: Default::default(),
+        per_class_currency: Default::default(),
+        per_currency,
+        already_recorded: false,
+        unresolved: 0,
+    };
+    report.tally()?;
+    // The ids new to this run are only known once recorded; the stored
+    // report counts them.
+    let existing: HashSet<String> = store::discrepancies_of_day(db, &day)
+        .await?
+        .into_iter()
+        .map(|d| d.discrepancy_id)
+        .collect();
+    report.new_discrepancies = i64::try_from(
+        rows.iter()
+            .filter(|d| !existing.contains(&d.discrepancy_id))
+            .count(),
+    )?;
+    let json = serde_json::to_string(&report)?;
+    match store::record_run(db, &report, &json, &rows, now).await? {
+        Some(_new) => {}
+        None => {
+            // Recorded concurrently by another attempt: use its report.
+            let stored = store::load_run(db, &run_id)
+                .await?
+                .context("run vanished")?;
+            report = serde_json::from_str(&stored.report)?;
+            report.already_recorded = true;
+        }
+    }
+    publish_run(db, producer, &report).await?;
+    refresh(db, &mut report).await?;
+    Ok((
+        report,
+        Timings {
+            parse,
+            total: started.elapsed(),
+        },
+    ))
+}
+
+/// Current states, first runs and the day's unresolved count.
+async fn refresh(db: &Db, report: &mut Report) -> anyhow::Result<()> {
+    let day = store::discrepancies_of_day(db, &report.settlement_date).await?;
+    let by_id: HashMap<&str, &store::DiscrepancyRow> =
+        day.iter().map(|d| (d.discrepancy_id.as_str(), d)).collect();
+    for v in &mut report.discrepancies {
+        if let Some(d) = by_id.get(v.discrepancy_id.as_str()) {
+            v.state.clone_from(&d.state);
+            v.first_found_by.clone_from(&d.run_id);
+        }
+    }
+    report.unresolved = i64::try_from(
+        day.iter()
+            .filter(|d| d.state == "open" || d.state == "escalated")
+            .count(),
+    )?;
+    Ok(())
+}
+
+fn found_envelope(d: &store::DiscrepancyRow) -> anyhow::Result<Envelope> {
+    let id = Uuid::parse_str(&d.discrepancy_id)?;
+    let class = DiscrepancyClass::parse(&d.class).context("stored class")?;
+    let order_id = if d.order_ids.contains(';') {
+        None
+    } else {
+        d.order_ids.parse::<OrderId>().ok()
+    };
+    Ok(Envelope {
+        event_id: d.found_event_id.parse()?,
+        occurred_at: Timestamp::from_micros(d.created_at),
+        payment_id: d.payment_id.as_deref().map(str::parse).transpose()?,
+        correlation_id: CorrelationId::from_uuid(run_uuid(&d.run_id)),
+        causation_id: None,
+        producer: PRODUCER.to_owned(),
+        schema_version: events::SCHEMA_VERSION,
+        event: ReconciliationDiscrepancyFound {
+            discrepancy_id: DiscrepancyId::from_uuid(id),
+            run_id: d.run_id.clone(),
+            class,
+            psp_reference: Some(d.psp_reference.clone()),
+            order_id,
+            ours: money_of(&d.ours)?,
+            theirs: money_of(&d.theirs)?,
+            detail: if order_id.is_none() && !d.order_ids.is_empty() {
+                format!("{} (order ids: {})", d.detail, d.order_ids)
+            } else {
+                d.detail.clone()
+            },
+        }
+        .into(),
+    })
+}
+
+/// Appends what a recorded run has not published yet: its discrepancies
+/// first found by it, then the run event; marks each as published.
+async fn publish_run(db: &Db, producer: &EventProducer, report: &Report) -> anyhow::Result<()> {
+    let day = store::discrepancies_of_day(db, &report.settlement_date).await?;
+    let ours: HashSet<&str> = report
+        .discrepancies
+        .iter()
+        .map(|d| d.discrepancy_id.as_str())
+        .collect();
+    for d in day
+        .iter()
+        .filter(|d| ours.contains(d.discrepancy_id.as_str()) && !d.found_published)
+    {
+        producer
+            .append(&found_envelope(d)?)
+            .await
+            .with_context(|| format!("appending discrepancy {}", d.discrepancy_id))?;
+        store::mark_found_published(db, &d.discrepancy_id).await?;
+    }
+    let run = run_uuid(&report.run_id);
+    let env = Envelope {
+        event_id: EventId::derive(run, "completed"),
+        occurred_at: Timestamp::now(),
+        payment_id: None,
+        correlation_id: CorrelationId::from_uuid(run),
+        causation_id: None,
+        producer: PRODUCER.to_owned(),
+        schema_version: events::SCHEMA_VERSION,
+        event: ReconciliationRunCompleted {
+            run_id: report.run_id.clone(),
+            settlement_date: report.settlement_date.clone(),
+            source: report.source.clone(),
+            file_sha256: report.file_sha256.clone(),
+            rows: report.rows,
+            matched: report.matched,
+            discrepancies: i64::try_from(report.discrepancies.len())?,
+            class_counts: report.per_class.clone(),
+        }
+        .into(),
+    };
+    producer
+        .append(&env)
+        .await
+        .context("appending the run event")?;
+    store::mark_run_published(db, &report.run_id, now_us()).await?;
+    Ok(())
+}
+
+/// Fetches a day's settlement file, retrying transient failures
+/// (connection errors, timeouts, 5xx, 429) with exponential back-off and
+/// honouring `Retry-After`.
+pub async fn fetch_settlement(psp: &PspSource, date: Date) -> anyhow::Result<Vec<u8>> {
+    let client = reqwest::Client::builder().timeout(psp.timeout).build()?;
+    let url = psp.url(date);
+    let attempts = psp.attempts.max(1);
+    let mut delay = Duration::from_millis(250);
+    let mut last = String::new();
+    for attempt in 1..=attempts {
+        let res = client.get(&url).bearer_auth(&psp.api_key).send().await;
+        let wait = match res {
+            Ok(r) if r.status().is_success() => {
+                let body = r.bytes().await.with_context(|| format!("reading {url}"));
+                match body {
+                    Ok(b) => return Ok(b.to_vec()),
+                    Err(e) => {
+                        last = e.to_string();
+                        None
+                    }
+                }
+            }
+            Ok(r) => {
+                let status = r.status();
+                let retry_after = r
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(Duration::from_secs);
+                let body = r.text().await.unwrap_or_default();
+                last = format!("HTTP {status}: {body}");
+                if !(status.is_server_error() || status.as_u16() == 429) {
+                    bail!("fetching {url}: {last}");
+                }
+                retry_after
+            }
+            Err(e) => {
+                last = e.to_string();
+                None
+            }
+        };
+        if attempt < attempts {
+            let d = wait.unwrap_or(delay).max(delay);
+            tracing::warn!(%url, attempt, error = %last, wait_ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX), "settlement fetch failed; retrying");
+            tokio::time::sleep(d).await;
+            delay = (delay * 2).min(Duration::from_secs(60));
+        }
+    }
+    bail!("fetching {url} failed after {attempts} attempts: {last}")
+}
+
+/// For `paystream up` and the service: fetches `date`'s settlement file
+/// from the PSP (or the running simulator) and reconciles it against the
+/// ledger in `db` (migrations applied), publishing through `producer`.
+/// Returns the report (its `unresolved` says whether work remains).
+pub async fn reconcile_from_psp(
+    db: &Db,
+    producer: &EventProducer,
+    psp: &PspSource,
+    date: Date,
+    tolerance: Tolerance,
+) -> anyhow::Result<Report> {
+    let bytes = fetch_settlement(psp, date).await?;
+    let (report, t) =
+        reconcile_bytes(db, producer, &bytes, &psp.url(date), Some(date), tolerance).await?;
+    tracing::info!(
+        run_id = %report.run_id,
+        date = %report.settlement_date,
+        rows = report.rows,
+        matched = report.matched,
+        discrepancies = report.discrepancies.len(),
+        unresolved = report.unresolved,
+        seconds = %format!("{:.3}", t.total.as_secs_f64()),
+        "reconciliation run"
+    );
+    Ok(report)
+}
+
+/// What a resolution did.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Resolved {
+    pub discrepancy_id: String,
+    pub class: String,
+    pub action: String,
+    pub state: String,
+    /// Signed change of `psp_receivable` the ledger books (against
+    /// `reconciliation_adjustments`), for accept_psp_amount.
+    pub adjustment: Option<MoneyView>,
+    pub event_id: String,
+    /// True when this call only re-published a resolution recorded earlier
+    /// whose event had not been appended.
+    pub republished: bool,
+}
+
+fn resolution_envelope(d: &store::DiscrepancyRow) -> anyhow::Result<Envelope> {
+    let id = Uuid::parse_str(&d.discrepancy_id)?;
+    let action = d
+        .action
+        .as_deref()
+        .and_then(ResolutionAction::parse)
+        .context("stored action")?;
+    Ok(Envelope {
+        event_id: d
+            .resolution_event_id
+            .as_deref()
+            .context("stored resolution event id")?
+            .parse()?,
+        occurred_at: Timestamp::from_micros(d.resolved_at.unwrap_or_else(now_us)),
+        payment_id: d
+            .payment_id
+            .as_deref()
+            .map(str::parse::<PaymentId>)
+            .transpose()?,
+        correlation_id: CorrelationId::from_uuid(id),
+        causation_id: Some(d.found_event_id.parse()?),
+        producer: PRODUCER.to_owned(),
+        schema_version: events::SCHEMA_VERSION,
+        event: ReconciliationDiscrepancyResolved {
+            discrepancy_id: DiscrepancyId::from_uuid(id),
+            action,
+            reason: d.reason.clone().unwrap_or_default(),
+            adjustment: money_of(&d.adjustment)?,
+            resolved_by: d.resolved_by.clone().unwrap_or_default(),
+        }
+        .into(),
+    })
+}
+
+/// Resolves a discrepancy: records the decision (conditionally: an open
+/// discrepancy, or an escalated one getting a final action), then appends
+/// `ReconciliationDiscrepancyResolved`. accept_psp_amount carries the
+/// adjustment the ledger books: amount_mismatch theirs − ours, fee_mismatch
+/// ours − theirs (a higher PSP fee lowers what the PSP owes us). Refused for
+/// other classes, for a resolved discrepancy, and without a reason.
+pub async fn resolve(
+    db: &Db,
+    producer: &EventProducer,
+    id: &str,
+    action: ResolutionAction,
+    reason: &str,
+    by: &str,
+) -> anyhow::Result<Resolved> {
+    let id = Uuid::parse_str(id.trim())
+        .with_context(|| format!("discrepancy id {id:?} is not a UUID"))?
+        .to_string();
+    if reason.trim().is_empty() {
+        bail!("a resolution needs a --reason (it is the audit trail)");
+    }
+    let d = store::load_discrepancy(db, &id)
+        .await?
+        .with_context(|| format!("no discrepancy {id}"))?;
+    let done = |d: &store::DiscrepancyRow, republished| -> anyhow::Result<Resolved> {
+        Ok(Resolved {
+            discrepancy_id: d.discrepancy_id.clone(),
+            class: d.class.clone(),
+            action: d.action.clone().unwrap_or_default(),
+            state: d.state.clone(),
+            adjustment: view_money(&d.adjustment),
+            event_id: d.resolution_event_id.clone().unwrap_or_default(),
+            republished,
+        })
+    };
+    let from: &[&str] = match d.state.as_str() {
+        "open" => &["open"],
+        "escalated" if action != ResolutionAction::Escalate => &["escalated"],
+        _ => {
+            if d.resolution_event_id.is_some() && !d.resolution_published {
+                producer.append(&resolution_envelope(&d)?).await?;
+                store::mark_resolution_published(db, &d.discrepancy_id).await?;
+                return done(&d, true);
+            }
+            bail!(
+                "discrepancy {id} is already {} ({} by {}: {}); it cannot be resolved twice",
+                d.state,
+                d.action.as_deref().unwrap_or("-"),
+                d.resolved_by.as_deref().unwrap_or("-"),
+                d.reason.as_deref().unwrap_or("-")
+            );
+        }
+    };
+    let class = DiscrepancyClass::parse(&d.class).context("stored class")?;
+    let adjustment = match action {
+        ResolutionAction::AcceptPspAmount => {
+            let (Some(ours), Some(theirs)) = (money_of(&d.ours)?, money_of(&d.theirs)?) else {
+                bail!(
+                    "cannot accept the PSP's amount for a {} discrepancy: one side has no amount; use expect_late_settlement or escalate",
+                    d.class
+                );
+            };
+            if ours.currency() != theirs.currency() {
+                bail!(
+                    "cannot accept the PSP's amount across currencies ({} vs {}); escalate instead",
+                    ours.currency(),
+                    theirs.currency()
+                );
+            }
+            let adj = match class {
+                DiscrepancyClass::AmountMismatch => theirs.checked_sub(ours)?,
+                DiscrepancyClass::FeeMismatch => ours.checked_sub(theirs)?,
+                other => bail!(
+                    "accept_psp_amount applies to amount_mismatch and fee_mismatch, not {}: a {} is settled by the PSP's outcome reaching the ledger; use expect_late_settlement or escalate",
+                    other.as_str(),
+                    other.as_str()
+                ),
+            };
+            if adj.is_zero() {
+                bail!("nothing to adjust: the amounts are equal");
+            }
+            Some((adj.currency().code().to_owned(), adj.amount_minor()))
+        }
+        ResolutionAction::ExpectLateSettlement | ResolutionAction::Escalate => None,
+    };
+    let state = match action {
+        ResolutionAction::AcceptPspAmount => "resolved",
+        ResolutionAction::ExpectLateSettlement => "expected",
+        ResolutionAction::Escalate => "escalated",
+    };
+    let disc = Uuid::parse_str(&d.discrepancy_id)?;
+    let r = store::Resolution {
+        state,
+        action: action.as_str().to_owned(),
+        reason: reason.trim().to_owned(),
+        resolved_by: by.to_owned(),
+        adjustment,
+        event_id: EventId::derive(disc, &format!("resolved-{}", action.as_str())).to_string(),
+    };
+    if !store::resolve(db, &id, from, &r, now_us()).await? {
+        bail!("discrepancy {id} was resolved concurrently; nothing done");
+    }
+    let d = store::load_discrepancy(db, &id)
+        .await?
+        .context("discrepancy vanished")?;
+    producer
+        .append(&resolution_envelope(&d)?)
+        .await
+        .context("appending the resolution (recorded; re-run the same resolve to publish it)")?;
+    store::mark_resolution_published(db, &id).await?;
+    let d = store::load_discrepancy(db, &id)
+        .await?
+        .context("discrepancy vanished")?;
+    done(&d, false)
+}
+
+async fn open(kafka: &KafkaConfig, db_url: &str) -> anyhow::Result<(Db, EventProducer)> {
+    let db = Db::connect(db_url).await?;
+    migrate(&db).await?;
+    streaming::admin::ensure_topics(kafka, &kafka.topology().specs()).await?;
+    let producer = EventProducer::new(kafka, "paystream-reconcile")?;
+    Ok((db, producer))
+}
+
+/// Writes to stdout; a closed pipe (`| head`) is not an error.
+fn out(text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut o = std::io::stdout().lock();
+    match o.write_all(text.as_bytes()).and_then(|()| o.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+fn print_report(report: &Report, json: bool) -> anyhow::Result<()> {
+    if json {
+        out(&format!("{}\n", serde_json::to_string_pretty(report)?))
+    } else {
+        out(&report.table())
+    }
+}
+
+/// `paystream reconcile ...`. Exit status [`EXIT_UNRESOLVED`] while
+/// unresolved discrepancies remain for the settlement day.
+pub async fn run(
+    kafka: KafkaConfig,
+    db_url: &str,
+    args: ReconcileArgs,
+) -> anyhow::Result<ExitCode> {
+    if let Some(ReconcileCommand::Resolve {
+        id,
+        action,
+        reason,
+        by,
+        json,
+    }) = args.command
+    {
+        let action = ResolutionAction::parse(&action).with_context(|| {
+            format!(
+                "unknown action {action:?}: accept_psp_amount, expect_late_settlement or escalate"
+            )
+        })?;
+        let (db, producer) = open(&kafka, db_url).await?;
+        let r = resolve(&db, &producer, &id, action, &reason, &by).await?;
+        if json {
+            out(&format!("{}\n", serde_json::to_string_pretty(&r)?))?;
+        } else {
+            let adj = r
+                .adjustment
+                .as_ref()
+                .map(|m| {
+                    format!(
+                        ", adjustment {} {} (psp_receivable)",
+                        m.amount_minor, m.currency
+                    )
+                })
+                .unwrap_or_default();
+            out(&format!(
+                "discrepancy {} ({}) -> {} by {}{adj}; event {}{}\n",
+                r.discrepancy_id,
+                r.class,
+                r.state,
+                r.action,
+                r.event_id,
+                if r.republished { " (re-published)" } else { "" }
+            ))?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let Some(path) = args.settlement else {
+        bail!("give --settlement FILE (or the resolve subcommand)");
+    };
+    let date = args
+        .date
+        .as_deref()
+        .map(settlement::parse_date)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let tolerance = args.options.tolerance()?;
+    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    // Validate before touching the database or the broker.
+    settlement::parse(&bytes, date).with_context(|| format!("{} rejected", path.display()))?;
+    let (db, producer) = open(&kafka, db_url).await?;
+    let (report, t) = reconcile_bytes(
+        &db,
+        &producer,
+        &bytes,
+        &path.display().to_string(),
+        date,
+        tolerance,
+    )
+    .await?;
+    print_report(&report, args.json || args.format == Format::Json)?;
+    eprintln!(
+        "parsed in {:.3} s, reconciled in {:.3} s",
+        t.parse.as_secs_f64(),
+        t.total.as_secs_f64()
+    );
+    Ok(if report.unresolved > 0 {
+        eprintln!(
+            "{} unresolved discrepancies for {}",
+            report.unresolved, report.settlement_date
+        );
+        ExitCode::from(EXIT_UNRESOLVED)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// `HH:MM` → minutes after midnight.
+fn parse_at(s: &str) -> anyhow::Result<(u8, u8)> {
+    let (h, m) = s
+        .split_once(':')
+        .with_context(|| format!("--at {s:?}: expected HH:MM"))?;
+    let h: u8 = h.parse().with_context(|| format!("--at {s:?}: bad hour"))?;
+    let m: u8 = m
+        .parse()
+        .with_context(|| format!("--at {s:?}: bad minute"))?;
+    if h > 23 || m > 59 {
+        bail!("--at {s:?}: expected HH:MM between 00:00 and 23:59");
+    }
+    Ok((h, m))
+}
+
+/// The next instant at `h:m` UTC strictly after `now`.
+fn next_at(now: time::OffsetDateTime, h: u8, m: u8) -> anyhow::Result<time::OffsetDateTime> {
+    let today = now.date().with_hms(h, m, 0)?.assume_utc();
+    Ok(if today > now {
+        today
+    } else {
+        today + time::Duration::days(1)
+    })
+}
+
+/// `paystream serve reconciler`: nightly at `--at` (UTC) fetch the file of
+/// `today - lag_days` and reconcile it; `--once` runs once now.
 pub async fn serve(
-    _kafka: KafkaConfig,
-    _db_url: &str,
-    _args: ReconcilerArgs,
-    _shutdown: CancellationToken,
+    kafka: KafkaConfig,
+    db_url: &str,
+    args: ReconcilerArgs,
+    shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    anyhow::bail!("not built yet")
+    let (h, m) = parse_at(&args.at)?;
+    let tolerance = args.options.tolerance()?;
+    let psp = PspSource {
+        base_url: args.psp_url.trim_end_matches('/').to_owned(),
+        api_key: args.psp_api_key.clone(),
+        query: None,
+        timeout: Duration::from_millis(args.psp_timeout_ms),
+        attempts: args.fetch_attempts,
+    };
+    let (db, producer) = open(&kafka, db_url).await?;
+    let day_of =
+        |now: time::OffsetDateTime| now.date() - time::Duration::days(i64::from(args.lag_days));
+    if args.once {
+        let date = match &args.date {
+            Some(d) => settlement::parse_date(d).map_err(anyhow::Error::msg)?,
+            None => day_of(time::OffsetDateTime::now_utc()),
+        };
+        let report = reconcile_from_psp(&db, &producer, &psp, date, tolerance).await?;
+        eprint!("{}", report.table());
+        return Ok(());
+    }
+    tracing::info!(at = %args.at, lag_days = args.lag_days, psp = %psp.base_url, "reconciler scheduled");
+    loop {
+        let now = time::OffsetDateTime::now_utc();
+        let next = next_at(now, h, m)?;
+        let wait = Duration::try_from(next - now).unwrap_or(Duration::ZERO);
+        tracing::info!(next = %next, "next reconciliation run");
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(wait) => {}
+        }
+        let date = day_of(time::OffsetDateTime::now_utc());
+        match reconcile_from_psp(&db, &producer, &psp, date, tolerance).await {
+            Ok(r) if r.unresolved > 0 => tracing::warn!(
+                date = %r.settlement_date,
+                unresolved = r.unresolved,
+                "unresolved reconciliation discrepancies"
+            ),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(date = %settlement::format_date(date), error = %format!("{e:#}"), "reconciliation run failed; next attempt at the next scheduled time")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedules_the_next_run() {
+        let now = time::macros::datetime!(2026-11-25 02:29:59 UTC);
+        assert_eq!(
+            next_at(now, 2, 30).unwrap(),
+            time::macros::datetime!(2026-11-25 02:30:00 UTC)
+        );
+        let now = time::macros::datetime!(2026-11-25 02:30:00 UTC);
+        assert_eq!(
+            next_at(now, 2, 30).unwrap(),
+            time::macros::datetime!(2026-11-26 02:30:00 UTC)
+        );
+        assert!(parse_at("24:00").is_err());
+        assert_eq!(parse_at("02:30").unwrap(), (2, 30));
+    }
 }

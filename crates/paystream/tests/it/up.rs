@@ -34,6 +34,17 @@ fn up_runs_everything_and_the_demo_load_ends_verified() {
     assert!(out.status.success(), "{all}");
     assert!(stdout.contains("not final                   0"), "{stdout}");
     assert!(stdout.contains("ledger verify: ok"), "{stdout}");
+    // The simulator's settlement file of the day matches the ledger.
+    let recon: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("reconciliation "))
+        .collect();
+    assert!(!recon.is_empty(), "{stdout}");
+    assert!(recon.iter().all(|l| l.ends_with("clean")), "{stdout}");
+    assert!(
+        !recon.iter().any(|l| l.contains(" 0 settlement rows")) || recon.len() > 1,
+        "the settlement file was empty: {stdout}"
+    );
     assert!(stdout.contains("succeeded"), "{stdout}");
     assert!(stdout.contains("stopped cleanly"), "{stdout}");
     // Per-component SQLite files next to the given one.

@@ -1,0 +1,366 @@
+//! Matching settlement rows against the ledger's PSP references: pure, no
+//! I/O. See the crate README for the rules.
+
+use crate::settlement::{RowStatus, SettlementRow};
+use events::{Currency, DiscrepancyClass, Money};
+use std::collections::{HashMap, HashSet};
+
+/// What the ledger knows about one PSP reference (`ledger_psp_references`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerRef {
+    pub psp_reference: String,
+    /// `charge` or `refund`.
+    pub kind: String,
+    pub order_id: String,
+    /// `pending`, `succeeded`, `failed` or `refunded`.
+    pub status: String,
+    pub currency: Currency,
+    /// Refunds negative, as in the settlement file.
+    pub amount_minor: i64,
+    pub fee_minor: i64,
+    /// µs since the epoch.
+    pub occurred_at: i64,
+}
+
+/// One difference found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    pub class: DiscrepancyClass,
+    /// The PSP's reference (the file's), or ours for `missing_at_psp`.
+    pub psp_reference: String,
+    /// Our order id(s) as text (several for a PSP batch row).
+    pub order_ids: Vec<String>,
+    pub ours: Option<Money>,
+    pub theirs: Option<Money>,
+    pub detail: String,
+    /// Line of the settlement row, if the difference has one.
+    pub line: Option<u64>,
+}
+
+/// The outcome of matching one file.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    pub findings: Vec<Finding>,
+    /// Rows matched with no difference at all.
+    pub matched: u64,
+    /// Rows matched through our order id(s) rather than the reference
+    /// (PSP batch rows, or a reference we do not know for a known order).
+    pub matched_by_order: u64,
+}
+
+/// Options of a run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Tolerance {
+    /// Fee differences up to this many minor units (absolute) are not
+    /// reported.
+    pub fee_minor: i64,
+}
+
+fn expected(status: RowStatus) -> (&'static str, &'static str) {
+    match status {
+        RowStatus::Succeeded => ("charge", "succeeded"),
+        RowStatus::Refunded => ("refund", "refunded"),
+    }
+}
+
+fn sum(mut it: impl Iterator<Item = i64>) -> Option<i64> {
+    it.try_fold(0i64, |acc, x| acc.checked_add(x))
+}
+
+/// Compares one row with the ledger reference(s) it matched; pushes the
+/// differences. Returns whether there were none.
+fn compare(
+    row: &SettlementRow,
+    ours: &[&LedgerRef],
+    tol: Tolerance,
+    via: Option<&str>,
+    out: &mut Vec<Finding>,
+) -> bool {
+    let before = out.len();
+    let order_ids: Vec<String> = ours.iter().map(|r| r.order_id.clone()).collect();
+    let note = via.map(|v| format!(" ({v})")).unwrap_or_default();
+    let theirs = Money::new(row.amount_minor, row.currency);
+    let push = |out: &mut Vec<Finding>, class, ours, theirs, detail: String| {
+        out.push(Finding {
+            class,
+            psp_reference: row.psp_reference.clone(),
+            order_ids: order_ids.clone(),
+            ours,
+            theirs,
+            detail,
+            line: Some(row.line),
+        });
+    };
+    let Some(our_amount) = sum(ours.iter().map(|r| r.amount_minor)) else {
+        push(
+            out,
+            DiscrepancyClass::AmountMismatch,
+            None,
+            Some(theirs),
+            format!("our amounts overflow{note}"),
+        );
+        return false;
+    };
+    let our_currency = ours[0].currency;
+    if ours.iter().any(|r| r.currency != row.currency) {
+        push(
+            out,
+            DiscrepancyClass::CurrencyMismatch,
+            Some(Money::new(our_amount, our_currency)),
+            Some(theirs),
+            format!(
+                "we booked {} {}, the PSP settled {} {}{note}",
+                our_amount, our_currency, row.amount_minor, row.currency
+            ),
+        );
+        return false;
+    }
+    let (kind, status) = expected(row.status);
+    let wrong: Vec<&&LedgerRef> = ours
+        .iter()
+        .filter(|r| r.kind != kind || r.status != status)
+        .collect();
+    if !wrong.is_empty() {
+        let ours_says: Vec<String> = wrong
+            .iter()
+            .map(|r| format!("{} {} {}", r.psp_reference, r.kind, r.status))
+            .collect();
+        push(
+            out,
+            DiscrepancyClass::StatusMismatch,
+            Some(Money::new(our_amount, our_currency)),
+            Some(theirs),
+            format!(
+                "we have {}, the PSP says {} {}{note}",
+                ours_says.join("; "),
+                kind,
+                row.status.as_str()
+            ),
+        );
+    }
+    if our_amount != row.amount_minor {
+        push(
+            out,
+            DiscrepancyClass::AmountMismatch,
+            Some(Money::new(our_amount, our_currency)),
+            Some(theirs),
+            format!(
+                "amount differs by {} {}{note}",
+                i128::from(row.amount_minor) - i128::from(our_amount),
+                row.currency
+            ),
+        );
+    }
+    // A fee is only known once the charge succeeded.
+    if wrong.is_empty()
+        && let Some(our_fee) = sum(ours.iter().map(|r| r.fee_minor))
+    {
+        let diff = i128::from(row.fee_minor) - i128::from(our_fee);
+        if diff.abs() > i128::from(tol.fee_minor) {
+            push(
+                out,
+                DiscrepancyClass::FeeMismatch,
+                Some(Money::new(our_fee, our_currency)),
+                Some(Money::new(row.fee_minor, row.currency)),
+                format!(
+                    "fee differs by {diff} {} (tolerance {}){note}",
+                    row.currency, tol.fee_minor
+                ),
+            );
+        }
+    }
+    out.len() == before
+}
+
+/// Matches `rows` against the ledger.
+/// - `by_ref`: the ledger references among the rows' references;
+/// - `by_order`: the ledger's charges of the order ids of rows whose
+///   reference the ledger does not know;
+/// - `day`: the ledger's references that occurred on the settlement day.
+pub fn match_rows(
+    rows: &[SettlementRow],
+    by_ref: &HashMap<String, LedgerRef>,
+    by_order: &HashMap<String, Vec<LedgerRef>>,
+    day: &[LedgerRef],
+    tol: Tolerance,
+) -> Outcome {
+    let mut out = Outcome::default();
+    let mut claimed: HashSet<&str> = HashSet::new();
+    let mut unknown: Vec<&SettlementRow> = Vec::new();
+    // 1. By reference.
+    for row in rows {
+        match by_ref.get(&row.psp_reference) {
+            Some(r) => {
+                claimed.insert(r.psp_reference.as_str());
+                if compare(row, &[r], tol, None, &mut out.findings) {
+                    out.matched += 1;
+                }
+            }
+            None => unknown.push(row),
+        }
+    }
+    // 2. Unknown references: by our order id(s); a batch row lists several.
+    for row in unknown {
+        let mut group: Vec<&LedgerRef> = Vec::new();
+        let mut missing: Vec<&str> = Vec::new();
+        for o in &row.order_ids {
+            let candidate = by_order.get(o).and_then(|cs| {
+                cs.iter()
+                    .filter(|c| c.kind == "charge" && !claimed.contains(c.psp_reference.as_str()))
+                    .min_by_key(|c| (c.status != "succeeded", c.occurred_at))
+            });
+            match candidate {
+                Some(c) => group.push(c),
+                None => missing.push(o),
+            }
+        }
+        if group.is_empty() || !missing.is_empty() {
+            out.findings.push(Finding {
+                class: DiscrepancyClass::MissingInLedger,
+                psp_reference: row.psp_reference.clone(),
+                order_ids: row.order_ids.clone(),
+                ours: None,
+                theirs: Some(Money::new(row.amount_minor, row.currency)),
+                detail: if row.order_ids.len() > 1 {
+                    format!(
+                        "PSP batch row of {} orders; not in our ledger: {}",
+                        row.order_ids.len(),
+                        missing.join(", ")
+                    )
+                } else {
+                    format!(
+                        "the PSP settled {} {} {} for order {} that our ledger does not know",
+                        row.status.as_str(),
+                        row.amount_minor,
+                        row.currency,
+                        row.order_ids.join(";")
+                    )
+                },
+                line: Some(row.line),
+            });
+            continue;
+        }
+        for c in &group {
+            claimed.insert(c.psp_reference.as_str());
+        }
+        let refs: Vec<&str> = group.iter().map(|c| c.psp_reference.as_str()).collect();
+        let via = if group.len() > 1 {
+            format!("PSP batch of our references {}", refs.join(", "))
+        } else {
+            format!("matched by order id; our reference is {}", refs.join(", "))
+        };
+        out.matched_by_order += 1;
+        if compare(row, &group, tol, Some(&via), &mut out.findings) {
+            out.matched += 1;
+        }
+    }
+    // 3. Ours on the day, final, and not in the file.
+    for r in day {
+        let final_ = matches!(
+            (r.kind.as_str(), r.status.as_str()),
+            ("charge", "succeeded") | ("refund", "refunded")
+        );
+        if final_ && !claimed.contains(r.psp_reference.as_str()) {
+            out.findings.push(Finding {
+                class: DiscrepancyClass::MissingAtPsp,
+                psp_reference: r.psp_reference.clone(),
+                order_ids: vec![r.order_id.clone()],
+                ours: Some(Money::new(r.amount_minor, r.currency)),
+                theirs: None,
+                detail: format!(
+                    "our {} {} of {} {} is not in the PSP's file",
+                    r.status, r.kind, r.amount_minor, r.currency
+                ),
+                line: None,
+            });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(line: u64, r: &str, orders: &[&str], amount: i64, fee: i64) -> SettlementRow {
+        SettlementRow {
+            line,
+            psp_reference: r.into(),
+            order_ids: orders.iter().map(|s| (*s).to_owned()).collect(),
+            amount_minor: amount,
+            currency: Currency::EUR,
+            status: if amount < 0 {
+                RowStatus::Refunded
+            } else {
+                RowStatus::Succeeded
+            },
+            fee_minor: fee,
+            settled_at_ms: 0,
+        }
+    }
+
+    fn ours(r: &str, order: &str, status: &str, amount: i64, fee: i64) -> LedgerRef {
+        LedgerRef {
+            psp_reference: r.into(),
+            kind: if amount < 0 { "refund" } else { "charge" }.into(),
+            order_id: order.into(),
+            status: status.into(),
+            currency: Currency::EUR,
+            amount_minor: amount,
+            fee_minor: fee,
+            occurred_at: 0,
+        }
+    }
+
+    #[test]
+    fn classifies_and_handles_batches() {
+        let ledger = [
+            ours("ch_1", "o1", "succeeded", 1000, 59),
+            ours("ch_2", "o2", "succeeded", 2000, 88),
+            ours("ch_3", "o3", "pending", 500, 0),
+            ours("ch_4", "o4", "succeeded", 100, 33),
+            ours("ch_5", "o5", "succeeded", 300, 39),
+            ours("ch_6", "o6", "succeeded", 700, 50),
+        ];
+        let rows = [
+            row(2, "ch_1", &["o1"], 1000, 59),
+            row(3, "ch_2", &["o2"], 2001, 90),
+            row(4, "ch_3", &["o3"], 500, 45),
+            row(5, "bt_1", &["o4", "o5"], 400, 72),
+            row(6, "ch_x", &["o_unknown"], 10, 1),
+        ];
+        let by_ref: HashMap<_, _> = ledger
+            .iter()
+            .filter(|l| rows.iter().any(|r| r.psp_reference == l.psp_reference))
+            .map(|l| (l.psp_reference.clone(), l.clone()))
+            .collect();
+        let by_order: HashMap<_, _> = ledger
+            .iter()
+            .map(|l| (l.order_id.clone(), vec![l.clone()]))
+            .collect();
+        let o = match_rows(
+            &rows,
+            &by_ref,
+            &by_order,
+            &ledger,
+            Tolerance { fee_minor: 1 },
+        );
+        let got: Vec<(DiscrepancyClass, &str)> = o
+            .findings
+            .iter()
+            .map(|f| (f.class, f.psp_reference.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (DiscrepancyClass::AmountMismatch, "ch_2"),
+                (DiscrepancyClass::FeeMismatch, "ch_2"),
+                (DiscrepancyClass::StatusMismatch, "ch_3"),
+                (DiscrepancyClass::MissingInLedger, "ch_x"),
+                (DiscrepancyClass::MissingAtPsp, "ch_6"),
+            ]
+        );
+        assert_eq!(o.matched, 2, "ch_1 and the batch bt_1");
+        assert_eq!(o.matched_by_order, 1);
+    }
+}

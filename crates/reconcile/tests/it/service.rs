@@ -1,0 +1,86 @@
+//! `serve reconciler --once`: fetches the day's file from the PSP over HTTP
+//! and reconciles it, as the nightly run does.
+
+use crate::harness::{count, reconciliation_events};
+use clap::Parser;
+use events::Event;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+struct Cli {
+    #[command(flatten)]
+    args: reconcile::ReconcilerArgs,
+}
+
+async fn once(db_url: String) {
+    let k = streaming::testing::TestKafka::new(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let sim = psp_sim::spawn(psp_sim::SimConfig::for_tests(format!(
+        "sqlite://{}",
+        dir.path().join("sim.db").display()
+    )))
+    .await
+    .unwrap();
+    let http = reqwest::Client::new();
+    for i in 0..2 {
+        let r = http
+            .post(format!("{}/v1/charges", sim.base_url()))
+            .bearer_auth("sk_test_default")
+            .header("Idempotency-Key", format!("{}-{i}", k.unique))
+            .json(&json!({"amount_minor": 1000 + i, "currency": "EUR", "card_token": "tok_visa", "reference": format!("o-{}-{i}", k.unique)}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success());
+    }
+    let today = reconcile::settlement::format_date(time::OffsetDateTime::now_utc().date());
+    let cli = Cli::parse_from([
+        "reconciler",
+        "--psp-url",
+        &sim.base_url(),
+        "--once",
+        "--date",
+        &today,
+    ]);
+    reconcile::serve(k.cfg.clone(), &db_url, cli.args, CancellationToken::new())
+        .await
+        .unwrap();
+    // The ledger knows neither charge.
+    let evs = reconciliation_events(&k, 3).await;
+    let classes: Vec<String> = evs
+        .iter()
+        .filter_map(|e| match &e.event {
+            Event::ReconciliationDiscrepancyFound(f) => Some(f.class.as_str().to_owned()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(classes, ["missing_in_ledger", "missing_in_ledger"]);
+    let db = storage::Db::connect(&db_url).await.unwrap();
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM reconcile_runs").await, 1);
+    // A bad API key is a clear, final error (no retries on 401).
+    let cli = Cli::parse_from([
+        "reconciler",
+        "--psp-url",
+        &sim.base_url(),
+        "--psp-api-key",
+        "sk_wrong",
+        "--once",
+    ]);
+    let e = reconcile::serve(k.cfg.clone(), &db_url, cli.args, CancellationToken::new())
+        .await
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("401"), "{e:#}");
+    sim.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_once_fetches_and_reconciles_postgres() {
+    once(storage::testing::fresh_postgres_url().await.unwrap()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_once_fetches_and_reconciles_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    once(format!("sqlite://{}", dir.path().join("r.db").display())).await;
+}
