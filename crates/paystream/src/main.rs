@@ -276,7 +276,9 @@ fn topics_list(kafka: &KafkaConfig) {
     for s in kafka.topology().specs() {
         let key = match s.kind {
             events::TopicKind::DeadLetter => "original message key",
-            events::TopicKind::Reconciliation => "payment id, else discrepancy id",
+            events::TopicKind::Reconciliation => {
+                "payment id, else discrepancy id (run id for runs)"
+            }
             _ => "payment id",
         };
         println!("{:<40} {:>3} partitions  key: {key}", s.name, s.partitions);

@@ -21,6 +21,8 @@ const LOOKUP_TIMEOUT: Duration = Duration::from_secs(15);
 /// A fetch that brings nothing for this long, while partitions are still
 /// short of their end, is an error (a stuck broker, or a truncated topic).
 const STALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often an idle read checks whether partitions reached their end.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
 
 /// One message as stored: bytes, key, headers and where it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,10 +129,7 @@ fn partition_watermarks(
         .find(|t| t.name() == topic)
         .with_context(|| format!("topic {topic} not in the broker's metadata"))?;
     if let Some(e) = t.error() {
-        anyhow::bail!(
-            "topic {topic}: {:?}",
-            rdkafka::types::RDKafkaRespErr::from(e)
-        );
+        anyhow::bail!("topic {topic}: {e:?}");
     }
     if t.partitions().is_empty() {
         anyhow::bail!("topic {topic} does not exist (no partitions)");
@@ -233,18 +232,31 @@ impl TopicReader {
             return Ok(None);
         }
         let mut out = Vec::with_capacity(max.min(4096));
+        let mut idle = Duration::ZERO;
         while out.len() < max && !self.open.is_empty() {
             let wait = if out.is_empty() {
-                STALL_TIMEOUT
+                IDLE_CHECK
             } else {
                 Duration::from_millis(0)
             };
             let m = match tokio::time::timeout(wait, self.consumer.recv()).await {
+                Ok(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {
+                    self.finish_reached()?;
+                    continue;
+                }
                 Ok(m) => m.context("reading from Kafka")?,
                 Err(_) if out.is_empty() => {
+                    // Nothing for a while: finish partitions whose position
+                    // passed their end without a message at end - 1.
+                    self.finish_reached()?;
+                    idle += IDLE_CHECK;
+                    if idle < STALL_TIMEOUT || self.open.is_empty() {
+                        continue;
+                    }
                     let (k, (next, end)) = self.open.iter().next().expect("open is not empty");
                     anyhow::bail!(
-                        "no message for {}s while {}/{} is at offset {next} of {end}",
+                        "no message for {}s while {}/{} is at offset {next} of {end} \
+                         (records compacted or deleted?)",
                         STALL_TIMEOUT.as_secs(),
                         k.0,
                         k.1
@@ -252,6 +264,7 @@ impl TopicReader {
                 }
                 Err(_) => break,
             };
+            idle = Duration::ZERO;
             let key = (m.topic().to_owned(), m.partition());
             let Some(&(_, end)) = self.open.get(&key) else {
                 continue; // a partition already finished
@@ -286,6 +299,29 @@ impl TopicReader {
         Ok(Some(out))
     }
 
+    /// Finishes every open partition whose fetch position reached its end.
+    fn finish_reached(&mut self) -> anyhow::Result<()> {
+        let positions = self
+            .consumer
+            .position()
+            .context("reading the consumer's positions")?;
+        let done: Vec<(String, i32)> = self
+            .open
+            .iter()
+            .filter(|((t, p), (_, end))| {
+                matches!(
+                    positions.find_partition(t, *p).map(|e| e.offset()),
+                    Some(Offset::Offset(o)) if o >= *end
+                )
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in done {
+            self.finish(&k)?;
+        }
+        Ok(())
+    }
+
     fn finish(&mut self, key: &(String, i32)) -> anyhow::Result<()> {
         self.open.remove(key);
         let mut tpl = TopicPartitionList::new();
@@ -314,17 +350,19 @@ fn offsets_for_time(
         .with_context(|| format!("offsets-for-times lookup on {topic} failed"))?;
     let mut out = BTreeMap::new();
     for (p, _, hi) in marks {
-        let o = found
+        let e = found
             .find_partition(topic, *p)
-            .map(|e| e.offset())
-            .unwrap_or(Offset::End);
-        out.insert(
-            *p,
-            match o {
-                Offset::Offset(o) => o,
-                _ => *hi,
-            },
-        );
+            .with_context(|| format!("offsets-for-times gave no answer for {topic}/{p}"))?;
+        if let Err(err) = e.error() {
+            anyhow::bail!("offsets-for-times lookup on {topic}/{p} failed: {err}");
+        }
+        let o = match e.offset() {
+            Offset::Offset(o) => o,
+            // No message at or after the time: start at the end.
+            Offset::End => *hi,
+            other => anyhow::bail!("offsets-for-times on {topic}/{p} answered {other:?}"),
+        };
+        out.insert(*p, o);
     }
     Ok(out)
 }

@@ -52,9 +52,8 @@ impl Drop for TelemetryGuard {
 /// OTLP endpoint, spans that pass the filter (the per-message span with
 /// event and payment ids, the components' own spans) are exported too.
 pub fn init(format: LogFormat, default_filter: &str, otlp: &Otlp) -> TelemetryGuard {
-    let filter = || {
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter))
-    };
+    let filter =
+        || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let provider = match otlp.endpoint.as_deref().filter(|e| !e.is_empty()) {
         None => None,
         Some(endpoint) => match tracer_provider(endpoint, &otlp.service_name) {

@@ -171,15 +171,23 @@ fn the_dashboard_uses_exactly_the_exported_metric_names() {
 /// kubernetes-validate with Kubernetes' own schemas.
 fn validator(name: &str) -> std::path::PathBuf {
     let python = std::env::var("PAYSTREAM_PYTHON").unwrap_or_else(|_| {
-        panic!("PAYSTREAM_PYTHON is not set: run the tests with scripts/test.sh (it installs {name})")
+        panic!(
+            "PAYSTREAM_PYTHON is not set: run the tests with scripts/test.sh (it installs {name})"
+        )
     });
     let bin = Path::new(&python).parent().unwrap().join(name);
-    assert!(bin.exists(), "{} missing: run scripts/test.sh", bin.display());
+    assert!(
+        bin.exists(),
+        "{} missing: run scripts/test.sh",
+        bin.display()
+    );
     bin
 }
 
 fn validate(file: &Path) -> (bool, String) {
-    let is_compose = file.file_name().is_some_and(|n| n.to_string_lossy().contains("compose"));
+    let is_compose = file
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().contains("compose"));
     let out = if is_compose {
         Command::new(validator("check-jsonschema"))
             .args(["--builtin-schema", "vendor.compose-spec"])
@@ -215,9 +223,16 @@ fn deploy_files_pass_the_compose_and_kubernetes_schemas() {
     let (ok, text) = validate(&bad);
     assert!(!ok && text.contains("imagez"), "{text}");
     let k8s = std::fs::read_to_string(root().join("deploy/k8s/paystream.yaml")).unwrap();
-    assert!(k8s.contains("  replicas: 2"), "the manifest changed; adjust this test");
+    assert!(
+        k8s.contains("  replicas: 2"),
+        "the manifest changed; adjust this test"
+    );
     let bad = dir.path().join("paystream.yaml");
-    std::fs::write(&bad, k8s.replacen("  replicas: 2", "  replicas: \"two\"", 1)).unwrap();
+    std::fs::write(
+        &bad,
+        k8s.replacen("  replicas: 2", "  replicas: \"two\"", 1),
+    )
+    .unwrap();
     let (ok, text) = validate(&bad);
     assert!(!ok && text.contains("replicas"), "{text}");
 }

@@ -9,9 +9,12 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// (path, body) of every request the collector received.
+type Received = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
 /// A minimal OTLP/HTTP collector: answers 200 to every request and keeps
 /// (path, body) of each.
-fn collector() -> (String, Arc<Mutex<Vec<(String, Vec<u8>)>>>) {
+fn collector() -> (String, Received) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let got = Arc::new(Mutex::new(Vec::new()));
@@ -101,9 +104,7 @@ fn spans_are_exported_over_otlp_when_an_endpoint_is_set() {
     }
     loop {
         let found = got.lock().unwrap().iter().any(|(path, body)| {
-            path == "/v1/traces"
-                && contains(body, "paystream-psp-sim")
-                && contains(body, "/health")
+            path == "/v1/traces" && contains(body, "paystream-psp-sim") && contains(body, "/health")
         });
         if found {
             break;

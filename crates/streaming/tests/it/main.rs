@@ -5,4 +5,5 @@
 mod harness;
 mod interop;
 mod loop_tests;
+mod reader;
 mod roundtrip;
