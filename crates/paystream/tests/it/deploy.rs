@@ -121,7 +121,34 @@ fn compose_runs_real_subcommands() {
         commands.contains("serve handler")
             && commands.contains("serve executor")
             && commands.contains("serve projections")
+            && commands.contains("serve reconciler"),
+        "{commands:?}"
     );
+    // The Kubernetes containers' args too (Deployments, the topic Job, the
+    // reconciler CronJob).
+    fn container_args(v: &serde_yaml::Value, out: &mut BTreeSet<String>) {
+        match v {
+            serde_yaml::Value::Mapping(m) => {
+                for (k, v) in m {
+                    if k.as_str() == Some("args")
+                        && let Some(a) = v.as_sequence()
+                    {
+                        let a: Vec<&str> = a.iter().filter_map(|a| a.as_str()).collect();
+                        out.insert(a.join(" "));
+                    }
+                    container_args(v, out);
+                }
+            }
+            serde_yaml::Value::Sequence(s) => s.iter().for_each(|v| container_args(v, out)),
+            _ => {}
+        }
+    }
+    let mut k8s = BTreeSet::new();
+    for d in docs("deploy/k8s/paystream.yaml") {
+        container_args(&d, &mut k8s);
+    }
+    assert!(k8s.contains("serve reconciler --once"), "{k8s:?}");
+    commands.extend(k8s);
     for c in commands {
         let mut args: Vec<&str> = c.split(' ').collect();
         args.push("--help");
