@@ -195,7 +195,7 @@ async fn main() -> ExitCode {
                 .map(|()| ExitCode::SUCCESS)
         }
         Command::Projection(cmd) => ops::projection(cli.kafka, &cli.database_url, cmd).await,
-        Command::Project(args) => ops::project(cli.kafka, args).await,
+        Command::Project(args) => ops::project(cli.kafka, &cli.database_url, args).await,
         Command::Offsets(cmd) => ops::offsets(cli.kafka, cmd).await,
         Command::Replay(args) => replay::replay(cli.kafka, args).await,
         Command::Dlq(cmd) => replay::dlq(cli.kafka, &cli.database_url, cmd).await,

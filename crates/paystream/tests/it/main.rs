@@ -144,3 +144,21 @@ fn demo_round_trips_every_event_type_through_the_broker() {
         "{t}"
     );
 }
+
+#[test]
+fn project_refuses_the_production_database_as_its_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("prod.db").display());
+    let out = bin()
+        .args(["--database-url", &url, "project", "--into", &url])
+        .args(["--as-of", "2026-01-01T00:00:00Z"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("is the production database"),
+        "{}",
+        text(&out)
+    );
+    assert!(!dir.path().join("prod.db").exists(), "nothing was created");
+}

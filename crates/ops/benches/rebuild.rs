@@ -1,0 +1,200 @@
+//! Rebuild rate of the ledger projection against the raw consume rate of
+//! the same topics, in the same run, on PostgreSQL and SQLite.
+//!
+//! Produces N events (default 1,000,000) into fresh topics (payments with
+//! 12 partitions): per payment `PaymentRequested` + `OrderSucceeded`, and
+//! every tenth payment a partial `RefundSucceeded`. Then measures
+//! - raw: `TopicReader` over payments + reconciliation from the beginning
+//!   to the end, decoding every event and nothing else;
+//! - rebuild: `ops::projection::execute_rebuild` of the ledger (read,
+//!   decode, apply in batches of 1000 into the shadow, swap, commit
+//!   offsets), on a fresh PostgreSQL database and a fresh SQLite file;
+//!
+//! and prints events/s of each and the ratio rebuild/raw. Asserts nothing
+//! about time.
+//!
+//! `cargo bench -p ops` (full size) or `cargo bench -p ops -- 50000` (a
+//! quick run). Needs the broker on 127.0.0.1:9092 and PostgreSQL on
+//! 127.0.0.1:5432 (or PAYSTREAM_TEST_BROKERS / PAYSTREAM_TEST_DATABASE_URL).
+
+use events::{
+    BuyerId, ClientId, CorrelationId, Currency, Envelope, EventId, Money, OrderId, OrderSucceeded,
+    PaymentId, PaymentOrder, PaymentRequested, RefundId, RefundSucceeded, SellerId, Timestamp,
+};
+use projections::Projection;
+use std::time::Instant;
+use storage::Db;
+use streaming::reader::{End, Start, TopicReader};
+use streaming::testing::TestKafka;
+
+fn payment_events(unique: &str, i: usize) -> Vec<Envelope> {
+    let client = ClientId::parse("bench").expect("valid");
+    let key = format!("{unique}-{i}");
+    let payment = PaymentId::derive(&client, &key);
+    let order = OrderId::derive(payment, 0);
+    let n = i64::try_from(i).expect("small");
+    let at = 1_700_000_000_000_000 + n * 1000;
+    let amount = 1_000 + n % 997;
+    let eur = |m| Money::new(m, Currency::EUR);
+    let env = |tag: &str, dt: i64, event: events::Event| Envelope {
+        event_id: EventId::derive(payment.as_uuid(), tag),
+        occurred_at: Timestamp::from_micros(at + dt),
+        payment_id: Some(payment),
+        correlation_id: CorrelationId::from_uuid(payment.as_uuid()),
+        causation_id: None,
+        producer: "bench".into(),
+        schema_version: events::SCHEMA_VERSION,
+        event,
+    };
+    let mut out = vec![
+        env(
+            "requested",
+            0,
+            PaymentRequested {
+                client_id: client.clone(),
+                idempotency_key: Some(key.clone()),
+                buyer_id: BuyerId::parse(&format!("buyer-{}", i % 5000)).expect("valid"),
+                orders: vec![PaymentOrder {
+                    order_id: order,
+                    seller_id: SellerId::parse(&format!("seller-{}", i % 200)).expect("valid"),
+                    amount: eur(amount),
+                }],
+                metadata: Default::default(),
+            }
+            .into(),
+        ),
+        env(
+            "succeeded",
+            100,
+            OrderSucceeded {
+                order_id: order,
+                psp_reference: format!("psp-{order}"),
+                amount: eur(amount),
+                fee: eur(amount / 40),
+            }
+            .into(),
+        ),
+    ];
+    if i.is_multiple_of(10) {
+        out.push(env(
+            "refund",
+            200,
+            RefundSucceeded {
+                refund_id: RefundId::derive(&client, &format!("{key}-r")),
+                order_id: order,
+                psp_reference: format!("psp-r-{order}"),
+                amount: eur(amount / 2),
+            }
+            .into(),
+        ));
+    }
+    out
+}
+
+fn rate(events: u64, millis: u128) -> u64 {
+    u64::try_from(u128::from(events) * 1000 / millis.max(1)).unwrap_or(u64::MAX)
+}
+
+async fn raw_read(k: &TestKafka) -> (u64, u128) {
+    let started = Instant::now();
+    let mut reader = TopicReader::open(
+        &k.cfg,
+        &ops::projection::projection_topics(&k.cfg),
+        Start::Beginning,
+        End::Latest,
+        None,
+    )
+    .await
+    .expect("reader");
+    let mut n = 0u64;
+    while let Some(batch) = reader.next_batch(1000).await.expect("read") {
+        for r in &batch {
+            events::avro::decode(&r.payload).expect("decodable");
+        }
+        n += u64::try_from(batch.len()).expect("fits");
+    }
+    (n, started.elapsed().as_millis())
+}
+
+async fn rebuild(k: &TestKafka, db: &Db, url: &str, label: &str) -> (u64, u128) {
+    projections::migrate(db).await.expect("migrate");
+    let group = format!("{}-{label}", k.cfg.topology().group("ledger"));
+    let started = Instant::now();
+    let s = ops::projection::execute_rebuild(&k.cfg, url, db, Projection::Ledger, &group, 1000)
+        .await
+        .expect("rebuild");
+    let millis = started.elapsed().as_millis();
+    // Only the ledger is rebuilt here: the wallets are empty on purpose.
+    let report = projections::verify(db).await;
+    assert!(report.error.is_none(), "{report}");
+    for c in report
+        .checks
+        .iter()
+        .filter(|c| c.name != "wallets_match_ledger")
+    {
+        assert_eq!(c.violations, 0, "{report}");
+    }
+    (s.events.read, millis)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let target: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.replace('_', "").parse().ok())
+        .unwrap_or(1_000_000);
+    let k = TestKafka::new(12).await;
+    eprintln!("producing {target} events into {} ...", k.cfg.topic_prefix);
+    let started = Instant::now();
+    let (mut produced, mut i) = (0usize, 0usize);
+    while produced < target {
+        let mut chunk = Vec::new();
+        while chunk.len() < 20_000 && produced + chunk.len() < target {
+            chunk.extend(payment_events(&k.unique, i));
+            i += 1;
+        }
+        let results = futures::future::join_all(chunk.iter().map(|e| k.producer.append(e))).await;
+        for r in results {
+            r.expect("append");
+        }
+        produced += chunk.len();
+    }
+    let produce_ms = started.elapsed().as_millis();
+    let produced = u64::try_from(produced).expect("fits");
+    println!(
+        "produced      {produced:>9} events in {produce_ms:>7} ms = {:>7} events/s ({i} payments)",
+        rate(produced, produce_ms)
+    );
+
+    let (raw_n, raw_ms) = raw_read(&k).await;
+    assert_eq!(raw_n, produced);
+    let raw = rate(raw_n, raw_ms);
+    println!(
+        "raw read      {raw_n:>9} events in {raw_ms:>7} ms = {raw:>7} events/s (TopicReader + decode)"
+    );
+
+    let pg_url = storage::testing::fresh_postgres_url()
+        .await
+        .expect("postgres");
+    let pg = Db::connect(&pg_url).await.expect("connect");
+    let (n, ms) = rebuild(&k, &pg, &pg_url, "pg").await;
+    let r = rate(n, ms);
+    println!(
+        "rebuild PG    {n:>9} events in {ms:>7} ms = {r:>7} events/s = {}.{}% of raw",
+        r * 100 / raw.max(1),
+        r * 1000 / raw.max(1) % 10
+    );
+    pg.close().await;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}", dir.path().join("bench.db").display());
+    let lite = Db::connect(&url).await.expect("connect");
+    let (n, ms) = rebuild(&k, &lite, &url, "sqlite").await;
+    let r = rate(n, ms);
+    println!(
+        "rebuild SQLite{n:>9} events in {ms:>7} ms = {r:>7} events/s = {}.{}% of raw",
+        r * 100 / raw.max(1),
+        r * 1000 / raw.max(1) % 10
+    );
+    lite.close().await;
+}

@@ -1,0 +1,411 @@
+//! Consumer groups seen from outside: state, committed offsets, and
+//! moving the committed offsets (`paystream offsets ...`, also used by
+//! projection reset and rebuild).
+//!
+//! Offsets are committed with a plain consumer that carries the group id
+//! but never joins the group (an OffsetCommit with no generation, as
+//! `kafka-consumer-groups --reset-offsets` does). Kafka accepts that only
+//! while the group has no active members; we also check first and refuse.
+
+use anyhow::Context as _;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::time::Duration;
+use streaming::KafkaConfig;
+
+/// How long a broker lookup may take.
+pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A group as the broker describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GroupState {
+    pub group: String,
+    /// The broker's state string (`Empty`, `Stable`, `PreparingRebalance`,
+    /// `CompletingRebalance`, `Dead`), or `Dead` when the broker does not
+    /// know the group.
+    pub state: String,
+    /// Members, when known: the broker's member list, or 0 for an empty or
+    /// dead group. `None` when the group is active but the broker returns
+    /// no member details (Nisshi does not).
+    pub members: Option<usize>,
+    /// The assignment protocol (e.g. `range`, `cooperative-sticky`), if any.
+    pub protocol: String,
+}
+
+impl GroupState {
+    /// Whether the group has (or may have) live members. Anything but an
+    /// empty or dead group counts as active, so an unknown state refuses.
+    pub fn is_active(&self) -> bool {
+        self.members.is_some_and(|m| m > 0) || !matches!(self.state.as_str(), "Empty" | "Dead")
+    }
+
+    /// Members for humans: a number or `unknown`.
+    pub fn members_text(&self) -> String {
+        self.members
+            .map_or_else(|| "unknown".to_owned(), |m| m.to_string())
+    }
+
+    /// An error unless the group has no active members.
+    pub fn ensure_inactive(&self, what: &str) -> anyhow::Result<()> {
+        if self.is_active() {
+            anyhow::bail!(
+                "consumer group {} is active (state {}, members {}): stop its consumers first \
+                 (e.g. scale the deployment to 0) before {what}",
+                self.group,
+                self.state,
+                self.members_text()
+            );
+        }
+        Ok(())
+    }
+}
+
+fn consumer(cfg: &KafkaConfig, group: &str) -> anyhow::Result<BaseConsumer> {
+    let mut c = cfg.client_config("paystream-ops");
+    c.set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false");
+    cfg.apply_overrides(&mut c);
+    c.create().context("cannot create a Kafka client")
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .context("a Kafka lookup panicked")?
+}
+
+/// Describes `group` (DescribeGroups through librdkafka's group list).
+pub async fn describe(cfg: &KafkaConfig, group: &str) -> anyhow::Result<GroupState> {
+    let (cfg, group) = (cfg.clone(), group.to_owned());
+    blocking(move || {
+        let c = consumer(&cfg, &format!("paystream-ops-{}", uuid::Uuid::now_v7()))?;
+        let list = c
+            .fetch_group_list(Some(&group), LOOKUP_TIMEOUT)
+            .with_context(|| format!("cannot describe consumer group {group}"))?;
+        let Some(g) = list.groups().iter().find(|g| g.name() == group) else {
+            return Ok(GroupState {
+                group,
+                state: "Dead".into(),
+                members: Some(0),
+                protocol: String::new(),
+            });
+        };
+        let state = g.state().to_owned();
+        let n = g.members().len();
+        let members = if n > 0 || matches!(state.as_str(), "Empty" | "Dead") {
+            Some(n)
+        } else {
+            None
+        };
+        Ok(GroupState {
+            group,
+            state,
+            members,
+            protocol: g.protocol().to_owned(),
+        })
+    })
+    .await
+}
+
+/// One partition's offsets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PartitionOffsets {
+    pub topic: String,
+    pub partition: i32,
+    /// Log start offset.
+    pub low: i64,
+    /// High watermark (offset of the next message).
+    pub high: i64,
+    /// The group's committed offset, if any.
+    pub committed: Option<i64>,
+}
+
+impl PartitionOffsets {
+    /// Messages the group has still to consume (from the log start when
+    /// nothing is committed).
+    pub fn lag(&self) -> i64 {
+        let from = self.committed.unwrap_or(self.low).max(self.low);
+        (self.high - from).max(0)
+    }
+}
+
+/// Partitions of `topic` (sorted).
+fn partitions(c: &BaseConsumer, topic: &str) -> anyhow::Result<Vec<i32>> {
+    let md = c
+        .fetch_metadata(Some(topic), LOOKUP_TIMEOUT)
+        .with_context(|| format!("cannot read the metadata of topic {topic}"))?;
+    let t = md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .with_context(|| format!("topic {topic} not in the broker's metadata"))?;
+    let mut ps: Vec<i32> = t.partitions().iter().map(|p| p.id()).collect();
+    anyhow::ensure!(!ps.is_empty(), "topic {topic} does not exist");
+    ps.sort_unstable();
+    Ok(ps)
+}
+
+fn committed_and_marks(
+    c: &BaseConsumer,
+    topics: &[String],
+) -> anyhow::Result<Vec<PartitionOffsets>> {
+    let mut tpl = TopicPartitionList::new();
+    let mut rows = Vec::new();
+    for topic in topics {
+        for p in partitions(c, topic)? {
+            let (low, high) = c
+                .fetch_watermarks(topic, p, LOOKUP_TIMEOUT)
+                .with_context(|| format!("cannot read the watermarks of {topic}/{p}"))?;
+            tpl.add_partition(topic, p);
+            rows.push(PartitionOffsets {
+                topic: topic.clone(),
+                partition: p,
+                low,
+                high,
+                committed: None,
+            });
+        }
+    }
+    if rows.is_empty() {
+        return Ok(rows);
+    }
+    let committed = c
+        .committed_offsets(tpl, LOOKUP_TIMEOUT)
+        .context("cannot fetch the group's committed offsets")?;
+    for r in &mut rows {
+        if let Some(e) = committed.find_partition(&r.topic, r.partition)
+            && let Offset::Offset(o) = e.offset()
+        {
+            r.committed = Some(o);
+        }
+    }
+    Ok(rows)
+}
+
+/// Watermarks and the group's committed offset of every partition of
+/// `topics`.
+pub async fn offsets(
+    cfg: &KafkaConfig,
+    group: &str,
+    topics: &[String],
+) -> anyhow::Result<Vec<PartitionOffsets>> {
+    let (cfg, group, topics) = (cfg.clone(), group.to_owned(), topics.to_vec());
+    blocking(move || committed_and_marks(&consumer(&cfg, &group)?, &topics)).await
+}
+
+/// The topics `group` has committed offsets for (every topic in the
+/// cluster's metadata is asked, internal `__` topics excepted).
+pub async fn committed_topics(cfg: &KafkaConfig, group: &str) -> anyhow::Result<Vec<String>> {
+    let (cfg, group) = (cfg.clone(), group.to_owned());
+    blocking(move || {
+        let c = consumer(&cfg, &group)?;
+        let md = c
+            .fetch_metadata(None, LOOKUP_TIMEOUT)
+            .context("cannot list the cluster's topics")?;
+        let mut tpl = TopicPartitionList::new();
+        for t in md.topics() {
+            if t.name().starts_with("__") || t.error().is_some() {
+                continue;
+            }
+            for p in t.partitions() {
+                tpl.add_partition(t.name(), p.id());
+            }
+        }
+        if tpl.count() == 0 {
+            return Ok(Vec::new());
+        }
+        let committed = c
+            .committed_offsets(tpl, LOOKUP_TIMEOUT)
+            .context("cannot fetch the group's committed offsets")?;
+        let mut topics: Vec<String> = committed
+            .elements()
+            .iter()
+            .filter(|e| matches!(e.offset(), Offset::Offset(_)))
+            .map(|e| e.topic().to_owned())
+            .collect();
+        topics.sort();
+        topics.dedup();
+        Ok(topics)
+    })
+    .await
+}
+
+/// Where to move a group's offsets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// The log start offset.
+    Earliest,
+    /// The high watermark.
+    Latest,
+    /// The first offset whose record timestamp is ≥ this many ms since the
+    /// epoch (the high watermark where there is none).
+    Datetime(i64),
+    /// The committed offset plus N (N may be negative); from the log start
+    /// where nothing is committed.
+    ShiftBy(i64),
+    /// This offset in every partition.
+    Offset(i64),
+    /// Per partition (e.g. the ends a rebuild read up to); partitions not
+    /// listed keep their committed offset (or the log start).
+    Exact(BTreeMap<(String, i32), i64>),
+}
+
+/// One row of a reset plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PlanRow {
+    pub topic: String,
+    pub partition: i32,
+    pub low: i64,
+    pub high: i64,
+    pub current: Option<i64>,
+    /// Where the offset will be, clamped to `[low, high]`.
+    pub target: i64,
+}
+
+/// Computes where each partition's offset goes (nothing is changed).
+pub async fn plan(
+    cfg: &KafkaConfig,
+    group: &str,
+    topics: &[String],
+    target: &Target,
+) -> anyhow::Result<Vec<PlanRow>> {
+    let (cfg, group, topics, target) = (
+        cfg.clone(),
+        group.to_owned(),
+        topics.to_vec(),
+        target.clone(),
+    );
+    blocking(move || {
+        let c = consumer(&cfg, &group)?;
+        let rows = committed_and_marks(&c, &topics)?;
+        let by_time = match target {
+            Target::Datetime(ms) => Some(times(&c, &rows, ms)?),
+            _ => None,
+        };
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                let start = r.committed.unwrap_or(r.low);
+                let want = match &target {
+                    Target::Earliest => r.low,
+                    Target::Latest => r.high,
+                    Target::Datetime(_) => by_time
+                        .as_ref()
+                        .and_then(|m| m.get(&(r.topic.clone(), r.partition)).copied())
+                        .unwrap_or(r.high),
+                    Target::ShiftBy(n) => start.saturating_add(*n),
+                    Target::Offset(o) => *o,
+                    Target::Exact(m) => m
+                        .get(&(r.topic.clone(), r.partition))
+                        .copied()
+                        .unwrap_or(start),
+                };
+                PlanRow {
+                    target: want.clamp(r.low, r.high.max(r.low)),
+                    topic: r.topic,
+                    partition: r.partition,
+                    low: r.low,
+                    high: r.high,
+                    current: r.committed,
+                }
+            })
+            .collect())
+    })
+    .await
+}
+
+fn times(
+    c: &BaseConsumer,
+    rows: &[PartitionOffsets],
+    ms: i64,
+) -> anyhow::Result<BTreeMap<(String, i32), i64>> {
+    let mut tpl = TopicPartitionList::new();
+    for r in rows {
+        tpl.add_partition_offset(&r.topic, r.partition, Offset::Offset(ms))
+            .context("building the offsets-for-times request")?;
+    }
+    let found = c
+        .offsets_for_times(tpl, LOOKUP_TIMEOUT)
+        .context("offsets-for-times lookup failed")?;
+    let mut out = BTreeMap::new();
+    for r in rows {
+        let o = match found
+            .find_partition(&r.topic, r.partition)
+            .map(|e| e.offset())
+        {
+            Some(Offset::Offset(o)) if o >= 0 => o,
+            _ => r.high,
+        };
+        out.insert((r.topic.clone(), r.partition), o);
+    }
+    Ok(out)
+}
+
+/// Commits the plan's targets for `group`, after checking (again) that
+/// the group has no active members, and reads them back.
+pub async fn execute(cfg: &KafkaConfig, group: &str, rows: &[PlanRow]) -> anyhow::Result<()> {
+    describe(cfg, group)
+        .await?
+        .ensure_inactive("moving its offsets")?;
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let (cfg, group, rows) = (cfg.clone(), group.to_owned(), rows.to_vec());
+    blocking(move || {
+        let c = consumer(&cfg, &group)?;
+        let mut tpl = TopicPartitionList::new();
+        for r in &rows {
+            tpl.add_partition_offset(&r.topic, r.partition, Offset::Offset(r.target))
+                .context("building the offset commit")?;
+        }
+        c.commit(&tpl, CommitMode::Sync).with_context(|| {
+            format!("committing offsets for group {group} failed (is the group active?)")
+        })?;
+        let topics: Vec<String> = {
+            let mut t: Vec<String> = rows.iter().map(|r| r.topic.clone()).collect();
+            t.dedup();
+            t
+        };
+        let back = committed_and_marks(&c, &topics)?;
+        for r in &rows {
+            let got = back
+                .iter()
+                .find(|b| b.topic == r.topic && b.partition == r.partition)
+                .and_then(|b| b.committed);
+            anyhow::ensure!(
+                got == Some(r.target),
+                "group {group}: {}/{} reads back {got:?} after committing {}",
+                r.topic,
+                r.partition,
+                r.target
+            );
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// The plan as a table, like `kafka-consumer-groups --reset-offsets`.
+pub fn render_plan(rows: &[PlanRow]) -> String {
+    let mut s = format!(
+        "{:<40} {:>9} {:>12} {:>12} {:>12} {:>12}\n",
+        "TOPIC", "PARTITION", "LOW", "HIGH", "CURRENT", "NEW-OFFSET"
+    );
+    for r in rows {
+        s.push_str(&format!(
+            "{:<40} {:>9} {:>12} {:>12} {:>12} {:>12}\n",
+            r.topic,
+            r.partition,
+            r.low,
+            r.high,
+            r.current.map_or_else(|| "-".to_owned(), |c| c.to_string()),
+            r.target
+        ));
+    }
+    s
+}

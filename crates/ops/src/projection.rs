@@ -1,0 +1,417 @@
+//! `paystream projection status | reset | rebuild`.
+
+use crate::groups::{self, GroupState, PartitionOffsets, PlanRow, Target};
+use crate::shadow::Shadow;
+use crate::tables;
+use anyhow::Context as _;
+use events::TopicKind;
+use projections::{Incoming, Projection, apply_batch};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::time::Instant;
+use storage::{Db, with_pool};
+use streaming::reader::{End, Start, TopicReader};
+use streaming::{KafkaConfig, MessageMeta, Outcome};
+
+/// The topics both projections consume: payments and reconciliation.
+pub fn projection_topics(kafka: &KafkaConfig) -> Vec<String> {
+    let t = kafka.topology();
+    vec![
+        t.name(TopicKind::Payments),
+        t.name(TopicKind::Reconciliation),
+    ]
+}
+
+/// Connects to the live database and applies the projections' migrations
+/// (the same as `serve projections` does at start-up).
+pub async fn open_live(db_url: &str) -> anyhow::Result<Db> {
+    let db = Db::connect(db_url).await?;
+    projections::migrate(&db).await?;
+    Ok(db)
+}
+
+/// Rows of one table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TableRows {
+    pub table: String,
+    pub rows: i64,
+}
+
+fn table_rows(v: Vec<(String, i64)>) -> Vec<TableRows> {
+    v.into_iter()
+        .map(|(table, rows)| TableRows { table, rows })
+        .collect()
+}
+
+/// One partition in `projection status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PartitionStatus {
+    pub topic: String,
+    pub partition: i32,
+    pub committed: Option<i64>,
+    pub high: i64,
+    pub lag: i64,
+}
+
+/// `projection status` of one projection.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProjectionStatus {
+    pub projection: String,
+    pub group: GroupState,
+    pub partitions: Vec<PartitionStatus>,
+    pub total_lag: i64,
+    /// When the last event was applied (max `applied_at`), RFC 3339.
+    pub last_applied_at: Option<String>,
+    pub tables: Vec<TableRows>,
+    /// Events this projection rejected (dead-lettered).
+    pub dlq: i64,
+}
+
+/// Microseconds since the epoch as RFC 3339.
+pub fn micros_rfc3339(us: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("{us}us"))
+}
+
+/// Status of one projection.
+pub async fn status(
+    kafka: &KafkaConfig,
+    db: &Db,
+    projection: Projection,
+    group: &str,
+) -> anyhow::Result<ProjectionStatus> {
+    let state = groups::describe(kafka, group).await?;
+    let offs = groups::offsets(kafka, group, &projection_topics(kafka)).await?;
+    let partitions: Vec<PartitionStatus> = offs
+        .iter()
+        .map(|o: &PartitionOffsets| PartitionStatus {
+            topic: o.topic.clone(),
+            partition: o.partition,
+            committed: o.committed,
+            high: o.high,
+            lag: o.lag(),
+        })
+        .collect();
+    let total_lag = partitions.iter().map(|p| p.lag).sum();
+    let p = projection.as_str();
+    let last: Option<i64> = with_pool!(db, pool => sqlx::query_scalar(
+        "SELECT MAX(applied_at) FROM applied_events WHERE projection = $1")
+        .bind(p).fetch_one(pool).await)
+    .context("reading applied_events")?;
+    let dlq: i64 = with_pool!(db, pool => sqlx::query_scalar(
+        "SELECT COUNT(*) FROM applied_events WHERE projection = $1 AND outcome = 'rejected'")
+        .bind(p).fetch_one(pool).await)
+    .context("counting rejected events")?;
+    Ok(ProjectionStatus {
+        projection: p.to_owned(),
+        group: state,
+        partitions,
+        total_lag,
+        last_applied_at: last.map(micros_rfc3339),
+        tables: table_rows(tables::row_counts(db, projection).await?),
+        dlq,
+    })
+}
+
+/// Human rendering of `projection status`.
+pub fn render_status(all: &[ProjectionStatus]) -> String {
+    let mut s = String::new();
+    for st in all {
+        s.push_str(&format!(
+            "projection {}  group {}  state {}  members {}  lag {}  last applied {}  dlq {}\n",
+            st.projection,
+            st.group.group,
+            st.group.state,
+            st.group.members_text(),
+            st.total_lag,
+            st.last_applied_at.as_deref().unwrap_or("-"),
+            st.dlq
+        ));
+        s.push_str(&format!(
+            "  {:<40} {:>9} {:>12} {:>12} {:>10}\n",
+            "TOPIC", "PARTITION", "COMMITTED", "HIGH", "LAG"
+        ));
+        for p in &st.partitions {
+            s.push_str(&format!(
+                "  {:<40} {:>9} {:>12} {:>12} {:>10}\n",
+                p.topic,
+                p.partition,
+                p.committed
+                    .map_or_else(|| "-".to_owned(), |c| c.to_string()),
+                p.high,
+                p.lag
+            ));
+        }
+        s.push_str(&format!("  {:<40} {:>12}\n", "TABLE", "ROWS"));
+        for t in &st.tables {
+            s.push_str(&format!("  {:<40} {:>12}\n", t.table, t.rows));
+        }
+        s.push('\n');
+    }
+    s
+}
+
+/// What a reset or rebuild will do.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProjectionPlan {
+    /// `reset` or `rebuild`.
+    pub action: String,
+    pub projection: String,
+    pub group: GroupState,
+    /// The projection's rows now (dropped by a reset, replaced by a rebuild).
+    pub tables: Vec<TableRows>,
+    /// Offsets old → new (a rebuild's new offsets are the high watermarks
+    /// now; the executed rebuild uses those it captures when it starts).
+    pub offsets: Vec<PlanRow>,
+}
+
+/// Human rendering of a plan.
+pub fn render_plan(plan: &ProjectionPlan) -> String {
+    let mut s = format!(
+        "{} of projection {} (group {}, state {}, members {})\n",
+        plan.action,
+        plan.projection,
+        plan.group.group,
+        plan.group.state,
+        plan.group.members_text()
+    );
+    let verb = if plan.action == "reset" {
+        "rows to drop"
+    } else {
+        "rows to replace"
+    };
+    s.push_str(&format!("{:<40} {:>12}\n", "TABLE", verb.to_uppercase()));
+    for t in &plan.tables {
+        let note = if tables::TABLES
+            .iter()
+            .any(|(n, o)| *n == t.table && *o == tables::Owner::Shared)
+        {
+            format!(" (rows with projection = '{}')", plan.projection)
+        } else {
+            String::new()
+        };
+        s.push_str(&format!("{:<40} {:>12}{note}\n", t.table, t.rows));
+    }
+    s.push_str(&groups::render_plan(&plan.offsets));
+    s
+}
+
+async fn plan_common(
+    kafka: &KafkaConfig,
+    db: &Db,
+    projection: Projection,
+    group: &str,
+    action: &str,
+    target: Target,
+) -> anyhow::Result<ProjectionPlan> {
+    let state = groups::describe(kafka, group).await?;
+    let offsets = groups::plan(kafka, group, &projection_topics(kafka), &target).await?;
+    Ok(ProjectionPlan {
+        action: action.to_owned(),
+        projection: projection.as_str().to_owned(),
+        group: state,
+        tables: table_rows(tables::row_counts(db, projection).await?),
+        offsets,
+    })
+}
+
+/// The plan of a reset: drop the projection's rows, offsets to the earliest.
+pub async fn plan_reset(
+    kafka: &KafkaConfig,
+    db: &Db,
+    projection: Projection,
+    group: &str,
+) -> anyhow::Result<ProjectionPlan> {
+    plan_common(kafka, db, projection, group, "reset", Target::Earliest).await
+}
+
+/// The plan of a rebuild: replace the rows, offsets to the current ends.
+pub async fn plan_rebuild(
+    kafka: &KafkaConfig,
+    db: &Db,
+    projection: Projection,
+    group: &str,
+) -> anyhow::Result<ProjectionPlan> {
+    plan_common(kafka, db, projection, group, "rebuild", Target::Latest).await
+}
+
+/// Executes a reset: refuses while the group is active; moves the group's
+/// offsets to the earliest first, then drops the projection's rows (its
+/// own tables emptied, its rows of the shared tables deleted; the chain
+/// head back to genesis) in one transaction.
+///
+/// In this order a crash in between is harmless: the consumers re-read
+/// everything and drop what is already applied by event id. The other
+/// order could leave empty tables with offsets at the end (history lost).
+pub async fn execute_reset(
+    kafka: &KafkaConfig,
+    db_url: &str,
+    db: &Db,
+    projection: Projection,
+    group: &str,
+) -> anyhow::Result<Vec<PlanRow>> {
+    groups::describe(kafka, group)
+        .await?
+        .ensure_inactive("resetting the projection")?;
+    let rows = groups::plan(kafka, group, &projection_topics(kafka), &Target::Earliest).await?;
+    groups::execute(kafka, group, &rows).await?;
+    // An empty, migrated shadow is exactly a fresh projection.
+    let shadow = Shadow::create(db, db_url, projection).await?;
+    shadow.swap(db, projection).await?;
+    Ok(rows)
+}
+
+/// Counts of what a rebuild (or a point-in-time projection) read and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ApplyTally {
+    pub read: u64,
+    pub applied: u64,
+    pub duplicate: u64,
+    pub ignored: u64,
+    /// Rejected by the booking rules (not dead-lettered again).
+    pub rejected: u64,
+    /// Not decodable as an event (not dead-lettered again).
+    pub undecodable: u64,
+}
+
+impl ApplyTally {
+    pub(crate) fn add(&mut self, outcomes: &[Outcome]) {
+        for o in outcomes {
+            match o {
+                Outcome::Applied => self.applied += 1,
+                Outcome::Duplicate => self.duplicate += 1,
+                Outcome::Ignored => self.ignored += 1,
+                Outcome::Rejected { .. } => self.rejected += 1,
+            }
+        }
+    }
+}
+
+/// What an executed rebuild did.
+#[derive(Debug, Clone, Serialize)]
+pub struct RebuildSummary {
+    pub projection: String,
+    pub group: String,
+    pub events: ApplyTally,
+    pub millis: u64,
+    pub events_per_sec: u64,
+    /// The group's offsets, old → the ends captured at the start.
+    pub offsets: Vec<PlanRow>,
+    pub tables: Vec<TableRows>,
+}
+
+/// Decodes and applies records to `projections` of `db`; `keep` filters
+/// records (point-in-time).
+pub(crate) async fn apply_records(
+    db: &Db,
+    projections: &[Projection],
+    records: &[streaming::reader::Record],
+    tallies: &mut [ApplyTally],
+) -> anyhow::Result<()> {
+    let mut envs = Vec::with_capacity(records.len());
+    let mut metas: Vec<MessageMeta> = Vec::with_capacity(records.len());
+    let mut undecodable = 0u64;
+    for r in records {
+        match events::avro::decode(&r.payload) {
+            Ok(e) => {
+                envs.push(e);
+                metas.push(r.meta());
+            }
+            Err(_) => undecodable += 1,
+        }
+    }
+    let batch: Vec<Incoming<'_>> = envs
+        .iter()
+        .zip(&metas)
+        .map(|(envelope, meta)| Incoming { envelope, meta })
+        .collect();
+    for (p, t) in projections.iter().zip(tallies.iter_mut()) {
+        let outcomes = apply_batch(db, *p, &batch)
+            .await
+            .with_context(|| format!("applying events to the {} projection", p.as_str()))?;
+        t.read += u64::try_from(records.len()).unwrap_or(u64::MAX);
+        t.undecodable += undecodable;
+        t.add(&outcomes);
+    }
+    Ok(())
+}
+
+/// Executes a rebuild: refuses while the group is active; captures the
+/// high watermarks, reads both topics from the beginning up to them (no
+/// group), applies with the projection code into a shadow, checks the
+/// group is still inactive, swaps the shadow in (one transaction), then
+/// commits the group's offsets to the captured ends.
+///
+/// A crash between the swap and the offset commit is harmless: the
+/// consumers then re-read from their old offsets, and every event up to
+/// the ends is already in `applied_events`, so it is a duplicate (or gets
+/// its stored rejection back).
+pub async fn execute_rebuild(
+    kafka: &KafkaConfig,
+    db_url: &str,
+    db: &Db,
+    projection: Projection,
+    group: &str,
+    batch_size: usize,
+) -> anyhow::Result<RebuildSummary> {
+    groups::describe(kafka, group)
+        .await?
+        .ensure_inactive("rebuilding the projection")?;
+    let topics = projection_topics(kafka);
+    let mut reader = TopicReader::open(kafka, &topics, Start::Beginning, End::Latest, None).await?;
+    let ends: BTreeMap<(String, i32), i64> = reader
+        .ranges()
+        .iter()
+        .map(|r| ((r.topic.clone(), r.partition), r.end))
+        .collect();
+    let shadow = Shadow::create(db, db_url, projection).await?;
+    tracing::info!(shadow = %shadow.describe(), "rebuilding into the shadow");
+    let started = Instant::now();
+    let progress = streaming::progress::Progress::new(
+        &format!("rebuild {}", projection.as_str()),
+        reader.total(),
+    );
+    let mut tally = [ApplyTally::default()];
+    let read = async {
+        while let Some(records) = reader.next_batch(batch_size.max(1)).await? {
+            apply_records(&shadow.db, &[projection], &records, &mut tally).await?;
+            progress.inc(u64::try_from(records.len()).unwrap_or(0));
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    progress.finish();
+    let checked = match read {
+        Ok(()) => groups::describe(kafka, group)
+            .await
+            .and_then(|g| g.ensure_inactive("swapping in the rebuilt projection")),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = checked {
+        let _ = shadow.discard(db).await;
+        return Err(e.context("rebuild abandoned; the live projection is unchanged"));
+    }
+    let millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    shadow.swap(db, projection).await?;
+    let rows = groups::plan(kafka, group, &topics, &groups::Target::Exact(ends)).await?;
+    groups::execute(kafka, group, &rows).await.context(
+        "the rebuilt projection is in place, but committing the group's offsets failed; \
+         starting the consumers is still safe (already applied events are duplicates)",
+    )?;
+    let [events] = tally;
+    let events_per_sec = events.read.saturating_mul(1000) / millis.max(1);
+    Ok(RebuildSummary {
+        projection: projection.as_str().to_owned(),
+        group: group.to_owned(),
+        events,
+        millis,
+        events_per_sec,
+        offsets: rows,
+        tables: table_rows(tables::row_counts(db, projection).await?),
+    })
+}

@@ -1,0 +1,383 @@
+//! The shadow a rebuild writes into, and the atomic swap into the live
+//! tables.
+//!
+//! - PostgreSQL: a schema `ops_shadow_<projection>` in the same database,
+//!   migrated like the live one; the rebuild's connections put it first on
+//!   their `search_path`, so the projection code runs unchanged. The swap
+//!   is one transaction on the live database: `TRUNCATE` the projection's
+//!   own tables (the ledger's immutability triggers are row triggers,
+//!   which `TRUNCATE` does not fire), delete its rows from the shared
+//!   tables, `INSERT ... SELECT` everything from the shadow. `TRUNCATE`
+//!   takes an exclusive lock, so readers wait for the commit and then see
+//!   the new contents; nobody sees a half-built projection.
+//! - SQLite: a separate file next to the database
+//!   (`<db file>.ops-shadow-<projection>`), `ATTACH`ed to one connection
+//!   of the live database for the swap: `BEGIN IMMEDIATE`, save and drop
+//!   the projection's triggers (SQLite has no `TRUNCATE`, and the ledger's
+//!   triggers refuse `DELETE`), delete, `INSERT ... SELECT` from the
+//!   shadow, re-create the triggers from their saved SQL, `COMMIT`. In WAL
+//!   mode readers keep seeing the old rows until the commit.
+//!
+//! The shadow is written without durability (`synchronous_commit = off`,
+//! SQLite `synchronous = OFF`): a crash during the rebuild only means
+//! running it again. The swap itself runs with the live database's full
+//! durability. The shadow is removed after the swap (and replaced if a
+//! previous rebuild left one behind).
+
+use crate::tables::{OwnedTable, columns, present_tables_of};
+use anyhow::Context as _;
+use projections::Projection;
+use sqlx::ConnectOptions as _;
+use sqlx::Connection as _;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
+};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+use storage::Db;
+
+/// A migrated, initially empty copy of the projection tables.
+#[derive(Debug)]
+pub struct Shadow {
+    /// Where the rebuild applies events.
+    pub db: Db,
+    place: Place,
+}
+
+#[derive(Debug, Clone)]
+enum Place {
+    Postgres { schema: String },
+    Sqlite { path: PathBuf, main: PathBuf },
+}
+
+/// The file of an SQLite database's main schema.
+pub async fn sqlite_file(db: &Db) -> anyhow::Result<PathBuf> {
+    let Db::Sqlite(p) = db else {
+        anyhow::bail!("not an SQLite database");
+    };
+    let file: String =
+        sqlx::query_scalar("SELECT file FROM pragma_database_list WHERE name = 'main'")
+            .fetch_one(p)
+            .await
+            .context("locating the SQLite database file")?;
+    anyhow::ensure!(
+        !file.is_empty(),
+        "the SQLite database is in memory: a rebuild needs a database file"
+    );
+    Ok(PathBuf::from(file))
+}
+
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+impl Shadow {
+    /// Creates (or re-creates) the shadow of `projection` for the live
+    /// database `main` reached at `main_url`.
+    pub async fn create(
+        main: &Db,
+        main_url: &str,
+        projection: Projection,
+    ) -> anyhow::Result<Shadow> {
+        match main {
+            Db::Postgres(p) => {
+                let schema = format!("ops_shadow_{}", projection.as_str());
+                sqlx::query(&format!(
+                    "DROP SCHEMA IF EXISTS {} CASCADE",
+                    quote_ident(&schema)
+                ))
+                .execute(p)
+                .await
+                .context("dropping a previous shadow schema")?;
+                sqlx::query(&format!("CREATE SCHEMA {}", quote_ident(&schema)))
+                    .execute(p)
+                    .await
+                    .context("creating the shadow schema")?;
+                let opts = PgConnectOptions::from_str(main_url)
+                    .context("parsing the database URL")?
+                    .options([
+                        ("search_path", schema.as_str()),
+                        ("synchronous_commit", "off"),
+                    ]);
+                let pool = PgPoolOptions::new()
+                    .max_connections(2)
+                    .acquire_timeout(Duration::from_secs(30))
+                    .connect_with(opts)
+                    .await
+                    .context("connecting to the shadow schema")?;
+                let db = Db::Postgres(pool);
+                projections::migrate(&db)
+                    .await
+                    .context("migrating the shadow schema")?;
+                Ok(Shadow {
+                    db,
+                    place: Place::Postgres { schema },
+                })
+            }
+            Db::Sqlite(_) => {
+                let main_path = sqlite_file(main).await?;
+                let mut name = main_path.as_os_str().to_owned();
+                name.push(format!(".ops-shadow-{}", projection.as_str()));
+                let path = PathBuf::from(name);
+                remove_sqlite_files(&path)?;
+                let opts = SqliteConnectOptions::new()
+                    .filename(&path)
+                    .create_if_missing(true)
+                    .journal_mode(SqliteJournalMode::Memory)
+                    .synchronous(SqliteSynchronous::Off)
+                    .foreign_keys(true)
+                    .busy_timeout(Duration::from_secs(30));
+                let pool = SqlitePoolOptions::new()
+                    .max_connections(1)
+                    .connect_with(opts)
+                    .await
+                    .with_context(|| format!("creating the shadow file {}", path.display()))?;
+                let db = Db::Sqlite(pool);
+                projections::migrate(&db)
+                    .await
+                    .context("migrating the shadow database")?;
+                Ok(Shadow {
+                    db,
+                    place: Place::Sqlite {
+                        path,
+                        main: main_path,
+                    },
+                })
+            }
+        }
+    }
+
+    /// Where the shadow lives, for messages.
+    pub fn describe(&self) -> String {
+        match &self.place {
+            Place::Postgres { schema } => format!("schema {schema}"),
+            Place::Sqlite { path, .. } => format!("file {}", path.display()),
+        }
+    }
+
+    /// Replaces `projection`'s rows in `main` with the shadow's, in one
+    /// transaction, then removes the shadow.
+    pub async fn swap(self, main: &Db, projection: Projection) -> anyhow::Result<()> {
+        let tables = present_tables_of(main, projection).await?;
+        let mut cols = Vec::new();
+        for t in &tables {
+            cols.push(columns(main, t.name).await?.join(", "));
+        }
+        self.db.close().await;
+        let place = self.place.clone();
+        let result = match (&place, main) {
+            (Place::Postgres { schema }, Db::Postgres(p)) => {
+                swap_postgres(p, schema, projection, &tables, &cols).await
+            }
+            (Place::Sqlite { path, main: file }, Db::Sqlite(_)) => {
+                swap_sqlite(file, path, projection, &tables, &cols).await
+            }
+            _ => Err(anyhow::anyhow!(
+                "shadow and live database differ in backend"
+            )),
+        };
+        result?;
+        discard_place(&place, main).await
+    }
+
+    /// Removes the shadow without touching the live tables.
+    pub async fn discard(self, main: &Db) -> anyhow::Result<()> {
+        self.db.close().await;
+        discard_place(&self.place, main).await
+    }
+}
+
+async fn discard_place(place: &Place, main: &Db) -> anyhow::Result<()> {
+    match (place, main) {
+        (Place::Postgres { schema }, Db::Postgres(p)) => {
+            sqlx::query(&format!(
+                "DROP SCHEMA IF EXISTS {} CASCADE",
+                quote_ident(schema)
+            ))
+            .execute(p)
+            .await
+            .context("dropping the shadow schema")?;
+        }
+        (Place::Sqlite { path, .. }, _) => remove_sqlite_files(path)?,
+        _ => {}
+    }
+    Ok(())
+}
+
+fn remove_sqlite_files(path: &std::path::Path) -> anyhow::Result<()> {
+    for suffix in ["", "-journal", "-wal", "-shm"] {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        match std::fs::remove_file(PathBuf::from(&name)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("removing {}", PathBuf::from(name).display()));
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn swap_postgres(
+    pool: &sqlx::PgPool,
+    schema: &str,
+    projection: Projection,
+    tables: &[OwnedTable],
+    cols: &[String],
+) -> anyhow::Result<()> {
+    let p = projection.as_str();
+    let mut tx = pool.begin().await.context("starting the swap")?;
+    let own: Vec<&str> = tables
+        .iter()
+        .filter(|t| !t.shared)
+        .map(|t| t.name)
+        .collect();
+    if !own.is_empty() {
+        sqlx::query(&format!("TRUNCATE {}", own.join(", ")))
+            .execute(&mut *tx)
+            .await
+            .context("emptying the projection's own tables")?;
+    }
+    for t in tables.iter().filter(|t| t.shared) {
+        sqlx::query(&format!("DELETE FROM {} WHERE projection = $1", t.name))
+            .bind(p)
+            .execute(&mut *tx)
+            .await
+            .with_context(|| format!("deleting {p} rows of {}", t.name))?;
+    }
+    for (t, c) in tables.iter().zip(cols) {
+        let filter = if t.shared {
+            " WHERE projection = $1"
+        } else {
+            ""
+        };
+        let sql = format!(
+            "INSERT INTO {name} ({c}) SELECT {c} FROM {schema}.{name}{filter}",
+            name = t.name,
+            schema = quote_ident(schema)
+        );
+        let q = sqlx::query(&sql);
+        let q = if t.shared { q.bind(p) } else { q };
+        q.execute(&mut *tx)
+            .await
+            .with_context(|| format!("copying {} from the shadow", t.name))?;
+    }
+    tx.commit().await.context("committing the swap")?;
+    Ok(())
+}
+
+async fn swap_sqlite(
+    main_file: &std::path::Path,
+    shadow_file: &std::path::Path,
+    projection: Projection,
+    tables: &[OwnedTable],
+    cols: &[String],
+) -> anyhow::Result<()> {
+    let mut conn = SqliteConnectOptions::new()
+        .filename(main_file)
+        .busy_timeout(Duration::from_secs(30))
+        .foreign_keys(true)
+        .synchronous(SqliteSynchronous::Full)
+        .connect()
+        .await
+        .context("opening the SQLite database for the swap")?;
+    let shadow = shadow_file
+        .to_str()
+        .context("the shadow file's path is not UTF-8")?;
+    sqlx::query(&format!(
+        "ATTACH DATABASE {} AS ops_shadow",
+        quote_literal(shadow)
+    ))
+    .execute(&mut conn)
+    .await
+    .context("attaching the shadow file")?;
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut conn)
+        .await
+        .context("starting the swap")?;
+    match swap_sqlite_body(&mut conn, projection, tables, cols).await {
+        Ok(()) => {
+            sqlx::query("COMMIT")
+                .execute(&mut conn)
+                .await
+                .context("committing the swap")?;
+        }
+        Err(e) => {
+            let _ = sqlx::query("ROLLBACK").execute(&mut conn).await;
+            let _ = conn.close().await;
+            return Err(e);
+        }
+    }
+    sqlx::query("DETACH DATABASE ops_shadow")
+        .execute(&mut conn)
+        .await
+        .context("detaching the shadow file")?;
+    conn.close().await.context("closing the swap connection")?;
+    Ok(())
+}
+
+async fn swap_sqlite_body(
+    conn: &mut SqliteConnection,
+    projection: Projection,
+    tables: &[OwnedTable],
+    cols: &[String],
+) -> anyhow::Result<()> {
+    let p = projection.as_str();
+    let names: Vec<String> = tables.iter().map(|t| quote_literal(t.name)).collect();
+    let triggers: Vec<(String, String)> = sqlx::query_as(&format!(
+        "SELECT name, sql FROM main.sqlite_master WHERE type = 'trigger' AND tbl_name IN ({})",
+        names.join(", ")
+    ))
+    .fetch_all(&mut *conn)
+    .await
+    .context("reading the projection's triggers")?;
+    for (name, _) in &triggers {
+        sqlx::query(&format!("DROP TRIGGER main.{}", quote_ident(name)))
+            .execute(&mut *conn)
+            .await
+            .with_context(|| format!("dropping trigger {name} for the swap"))?;
+    }
+    for t in tables.iter().rev() {
+        let sql = if t.shared {
+            format!("DELETE FROM main.{} WHERE projection = $1", t.name)
+        } else {
+            format!("DELETE FROM main.{}", t.name)
+        };
+        let q = sqlx::query(&sql);
+        let q = if t.shared { q.bind(p) } else { q };
+        q.execute(&mut *conn)
+            .await
+            .with_context(|| format!("deleting {p} rows of {}", t.name))?;
+    }
+    for (t, c) in tables.iter().zip(cols) {
+        let filter = if t.shared {
+            " WHERE projection = $1"
+        } else {
+            ""
+        };
+        let sql = format!(
+            "INSERT INTO main.{name} ({c}) SELECT {c} FROM ops_shadow.{name}{filter}",
+            name = t.name
+        );
+        let q = sqlx::query(&sql);
+        let q = if t.shared { q.bind(p) } else { q };
+        q.execute(&mut *conn)
+            .await
+            .with_context(|| format!("copying {} from the shadow", t.name))?;
+    }
+    for (name, sql) in &triggers {
+        sqlx::query(sql)
+            .execute(&mut *conn)
+            .await
+            .with_context(|| format!("re-creating trigger {name}"))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,164 @@
+//! Which projection owns which table: the one list reset, rebuild, status
+//! and the point-in-time projection go by.
+//!
+//! A test (`tests/it/tables.rs`) checks that every table
+//! `projections::migrate` creates is listed here, so a table added by a
+//! future migration cannot be forgotten by reset or rebuild.
+
+use anyhow::Context as _;
+use projections::Projection;
+use std::collections::BTreeSet;
+use storage::{Db, with_pool};
+
+/// Who a table's rows belong to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owner {
+    /// Shared bookkeeping: rows keyed by a `projection` column
+    /// (`ledger` / `wallet`); only that projection's rows are touched.
+    Shared,
+    /// Only the ledger writes it: the whole table is the ledger's.
+    Ledger,
+    /// Only the wallet projection writes it.
+    Wallet,
+}
+
+/// Every projection table, parents before children (foreign keys): rows
+/// are inserted in this order and deleted in the reverse order. Tables
+/// listed here that a database does not have (yet) are skipped, e.g.
+/// `ledger_psp_references` before migration 3003.
+pub const TABLES: &[(&str, Owner)] = &[
+    ("applied_events", Owner::Shared),
+    ("projection_orders", Owner::Shared),
+    ("projection_bookings", Owner::Shared),
+    ("ledger_transactions", Owner::Ledger),
+    ("ledger_entries", Owner::Ledger),
+    ("ledger_chain_head", Owner::Ledger),
+    ("ledger_psp_references", Owner::Ledger),
+    ("wallet_balances", Owner::Wallet),
+    ("buyer_totals", Owner::Wallet),
+];
+
+/// Tables that are not projection data (migration bookkeeping).
+pub const NOT_PROJECTION_DATA: &[&str] = &["_sqlx_migrations"];
+
+/// One table a projection writes, and whether only some of its rows
+/// (`projection = name`) are that projection's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OwnedTable {
+    pub name: &'static str,
+    pub shared: bool,
+}
+
+/// The tables `projection` writes, in insertion order.
+pub fn tables_of(projection: Projection) -> Vec<OwnedTable> {
+    TABLES
+        .iter()
+        .filter(|(_, o)| {
+            matches!(
+                (o, projection),
+                (Owner::Shared, _)
+                    | (Owner::Ledger, Projection::Ledger)
+                    | (Owner::Wallet, Projection::Wallet)
+            )
+        })
+        .map(|(name, o)| OwnedTable {
+            name,
+            shared: *o == Owner::Shared,
+        })
+        .collect()
+}
+
+/// Tables of the connection's current schema (PostgreSQL) or main
+/// database (SQLite).
+pub async fn existing_tables(db: &Db) -> anyhow::Result<BTreeSet<String>> {
+    let names: Vec<String> =
+        match db {
+            Db::Postgres(p) => {
+                sqlx::query_scalar(
+                    "SELECT table_name::TEXT FROM information_schema.tables \
+                 WHERE table_schema = current_schema() AND table_type = 'BASE TABLE'",
+                )
+                .fetch_all(p)
+                .await
+            }
+            Db::Sqlite(p) => sqlx::query_scalar(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'",
+            )
+            .fetch_all(p)
+            .await,
+        }
+        .context("listing the database's tables")?;
+    Ok(names.into_iter().collect())
+}
+
+/// The tables of `projection` that exist in `db`, in insertion order.
+pub async fn present_tables_of(db: &Db, projection: Projection) -> anyhow::Result<Vec<OwnedTable>> {
+    let have = existing_tables(db).await?;
+    Ok(tables_of(projection)
+        .into_iter()
+        .filter(|t| have.contains(t.name))
+        .collect())
+}
+
+/// Column names of `table`, in table order.
+pub async fn columns(db: &Db, table: &str) -> anyhow::Result<Vec<String>> {
+    let cols: Vec<String> = match db {
+        Db::Postgres(p) => {
+            sqlx::query_scalar(
+                "SELECT column_name::TEXT FROM information_schema.columns \
+                 WHERE table_schema = current_schema() AND table_name = $1 ORDER BY ordinal_position",
+            )
+            .bind(table)
+            .fetch_all(p)
+            .await
+        }
+        Db::Sqlite(p) => {
+            sqlx::query_scalar("SELECT name FROM pragma_table_info($1) ORDER BY cid")
+                .bind(table)
+                .fetch_all(p)
+                .await
+        }
+    }
+    .with_context(|| format!("reading the columns of {table}"))?;
+    anyhow::ensure!(!cols.is_empty(), "table {table} has no columns (missing?)");
+    Ok(cols)
+}
+
+/// Rows of `table` that belong to `projection`.
+pub async fn count_rows(db: &Db, table: OwnedTable, projection: Projection) -> anyhow::Result<i64> {
+    let n: i64 = if table.shared {
+        let sql = format!("SELECT COUNT(*) FROM {} WHERE projection = $1", table.name);
+        with_pool!(db, p => sqlx::query_scalar(&sql).bind(projection.as_str()).fetch_one(p).await)
+    } else {
+        let sql = format!("SELECT COUNT(*) FROM {}", table.name);
+        with_pool!(db, p => sqlx::query_scalar(&sql).fetch_one(p).await)
+    }
+    .with_context(|| format!("counting rows of {}", table.name))?;
+    Ok(n)
+}
+
+/// Row counts of every table `projection` owns, in table order.
+pub async fn row_counts(db: &Db, projection: Projection) -> anyhow::Result<Vec<(String, i64)>> {
+    let mut out = Vec::new();
+    for t in present_tables_of(db, projection).await? {
+        out.push((t.name.to_owned(), count_rows(db, t, projection).await?));
+    }
+    Ok(out)
+}
+
+/// Whether `db` holds any projection data (an applied event of either
+/// projection, or a ledger transaction).
+pub async fn has_projection_data(db: &Db) -> anyhow::Result<bool> {
+    let have = existing_tables(db).await?;
+    for (name, _) in TABLES {
+        if !have.contains(*name) || *name == "ledger_chain_head" {
+            continue; // the chain head always has its genesis row
+        }
+        let sql = format!("SELECT COUNT(*) FROM {name}");
+        let n: i64 = with_pool!(db, p => sqlx::query_scalar(&sql).fetch_one(p).await)?;
+        if n > 0 {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}

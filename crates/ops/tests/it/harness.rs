@@ -1,0 +1,418 @@
+#![allow(dead_code)]
+
+use events::{
+    BuyerId, ClientId, CorrelationId, Currency, DiscrepancyId, Envelope, Event, EventId, Money,
+    OrderId, OrderSettledByWebhook, OrderSucceeded, PaymentId, PaymentOrder, PaymentRequested,
+    ReconciliationDiscrepancyResolved, RefundId, RefundSucceeded, ResolutionAction, SellerId,
+    Timestamp,
+};
+use projections::{Projection, ProjectionHandler};
+use std::collections::BTreeMap;
+use std::time::Duration;
+use storage::Db;
+use streaming::KafkaConfig;
+use tokio_util::sync::CancellationToken;
+
+/// A fresh, migrated database of either backend; the URL and the guard of
+/// an SQLite file's directory.
+pub async fn fresh_db(postgres: bool) -> (Db, String, Option<tempfile::TempDir>) {
+    if postgres {
+        let url = storage::testing::fresh_postgres_url()
+            .await
+            .expect("fresh postgres");
+        let db = Db::connect(&url).await.expect("connect");
+        projections::migrate(&db).await.expect("migrate");
+        (db, url, None)
+    } else {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("live.db").display());
+        let db = Db::connect(&url).await.expect("connect");
+        projections::migrate(&db).await.expect("migrate");
+        (db, url, Some(dir))
+    }
+}
+
+pub fn envelope(payment: Option<PaymentId>, tag: &str, at_us: i64, event: Event) -> Envelope {
+    let parent = payment.map(|p| p.as_uuid()).unwrap_or(uuid::Uuid::nil());
+    Envelope {
+        event_id: EventId::derive(parent, tag),
+        occurred_at: Timestamp::from_micros(at_us),
+        payment_id: payment,
+        correlation_id: CorrelationId::from_uuid(parent),
+        causation_id: None,
+        producer: "ops-test".into(),
+        schema_version: events::SCHEMA_VERSION,
+        event,
+    }
+}
+
+fn eur(m: i64) -> Money {
+    Money::new(m, Currency::EUR)
+}
+
+/// A realistic history and what it should amount to.
+#[derive(Debug, Clone, Default)]
+pub struct History {
+    /// Every message to produce, duplicates included.
+    pub envs: Vec<Envelope>,
+    /// Distinct event ids.
+    pub distinct: usize,
+    pub payments: usize,
+    /// Orders captured (each booked once).
+    pub captures: usize,
+    pub refunds: usize,
+    pub adjustments: usize,
+    pub rejected: usize,
+    /// Expected wallet balance per seller (EUR minor units).
+    pub wallets: BTreeMap<String, i64>,
+}
+
+/// `n` payments (one order each): captured through `OrderSucceeded`, the
+/// webhook, or both (the second is ignored), or left pending; a third of
+/// the captured ones refunded in part; every fifth payment's events
+/// produced twice; one refund of an unknown order (rejected); one
+/// reconciliation adjustment. Event times start at `base_us`, one
+/// millisecond apart per payment.
+pub fn history(unique: &str, n: usize, base_us: i64) -> History {
+    let client = ClientId::parse("ops-client").unwrap();
+    let mut h = History::default();
+    for i in 0..n {
+        let i64i = i64::try_from(i).unwrap();
+        let at = base_us + i64i * 1000;
+        let key = format!("{unique}-{i}");
+        let payment = PaymentId::derive(&client, &key);
+        let order = OrderId::derive(payment, 0);
+        let seller = format!("seller-{}", i % 5);
+        let amount = 1000 + i64i;
+        let fee = amount / 50;
+        let mut envs = vec![envelope(
+            Some(payment),
+            "requested",
+            at,
+            PaymentRequested {
+                client_id: client.clone(),
+                idempotency_key: Some(key.clone()),
+                buyer_id: BuyerId::parse(&format!("buyer-{}", i % 7)).unwrap(),
+                orders: vec![PaymentOrder {
+                    order_id: order,
+                    seller_id: SellerId::parse(&seller).unwrap(),
+                    amount: eur(amount),
+                }],
+                metadata: BTreeMap::new(),
+            }
+            .into(),
+        )];
+        let succeeded = envelope(
+            Some(payment),
+            "succeeded",
+            at + 100,
+            OrderSucceeded {
+                order_id: order,
+                psp_reference: format!("psp-{order}"),
+                amount: eur(amount),
+                fee: eur(fee),
+            }
+            .into(),
+        );
+        let webhook = envelope(
+            Some(payment),
+            "webhook",
+            at + 200,
+            OrderSettledByWebhook {
+                order_id: order,
+                psp_reference: format!("psp-{order}"),
+                succeeded: true,
+                amount: eur(amount),
+                fee: Some(eur(fee)),
+                failure_reason: None,
+            }
+            .into(),
+        );
+        let captured = match i % 4 {
+            0 => {
+                envs.push(succeeded);
+                true
+            }
+            1 => {
+                envs.push(webhook);
+                true
+            }
+            2 => {
+                envs.push(succeeded);
+                envs.push(webhook);
+                true
+            }
+            _ => false,
+        };
+        let mut wallet = 0;
+        if captured {
+            h.captures += 1;
+            wallet += amount;
+            if i.is_multiple_of(3) {
+                let refund = amount / 2;
+                envs.push(envelope(
+                    Some(payment),
+                    "refund",
+                    at + 300,
+                    RefundSucceeded {
+                        refund_id: RefundId::derive(&client, &format!("{key}-refund")),
+                        order_id: order,
+                        psp_reference: format!("psp-refund-{order}"),
+                        amount: eur(refund),
+                    }
+                    .into(),
+                ));
+                h.refunds += 1;
+                wallet -= refund;
+            }
+        }
+        if captured {
+            *h.wallets.entry(seller).or_default() += wallet;
+        }
+        h.distinct += envs.len();
+        if i.is_multiple_of(5) {
+            let again = envs.clone();
+            envs.extend(again);
+        }
+        h.payments += 1;
+        h.envs.extend(envs);
+    }
+    // A refund of an order nobody announced: rejected (unknown_order).
+    let stray = PaymentId::derive(&client, &format!("{unique}-stray"));
+    h.envs.push(envelope(
+        Some(stray),
+        "refund",
+        base_us + 500,
+        RefundSucceeded {
+            refund_id: RefundId::derive(&client, &format!("{unique}-stray-refund")),
+            order_id: OrderId::derive(stray, 0),
+            psp_reference: "psp-stray".into(),
+            amount: eur(10),
+        }
+        .into(),
+    ));
+    h.rejected += 1;
+    h.distinct += 1;
+    // A reconciliation adjustment (the PSP paid 5 less).
+    let d = PaymentId::derive(&client, &format!("{unique}-discrepancy"));
+    h.envs.push(envelope(
+        Some(d),
+        "resolved",
+        base_us + 700,
+        ReconciliationDiscrepancyResolved {
+            discrepancy_id: DiscrepancyId::from_uuid(d.as_uuid()),
+            action: ResolutionAction::AcceptPspAmount,
+            reason: "ops test".into(),
+            adjustment: Some(eur(-5)),
+            resolved_by: "ops-test".into(),
+        }
+        .into(),
+    ));
+    h.adjustments += 1;
+    h.distinct += 1;
+    h
+}
+
+/// Produces every envelope (concurrently, all acknowledged).
+pub async fn produce_all(producer: &streaming::EventProducer, envs: &[Envelope]) {
+    for chunk in envs.chunks(500) {
+        let results = futures::future::join_all(chunk.iter().map(|e| producer.append(e))).await;
+        for r in results {
+            r.expect("append");
+        }
+    }
+}
+
+/// A running live projection consumer.
+pub struct Live {
+    pub stop: CancellationToken,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+impl Live {
+    pub async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.expect("consumer task");
+    }
+}
+
+/// Starts the live consumer of `projection` in `group` (as `serve
+/// projections` runs it).
+pub fn start_live(kafka: &KafkaConfig, db: &Db, projection: Projection, group: &str) -> Live {
+    let settings = projections::cli::consumer_settings(kafka, group, 200);
+    let producer = streaming::EventProducer::new(kafka, "ops-test-live").expect("producer");
+    let handler = ProjectionHandler::new(db.clone(), projection);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(streaming::run_consumer(
+        kafka.clone(),
+        settings,
+        producer,
+        handler,
+        stop.clone(),
+    ));
+    Live {
+        stop,
+        task: tokio::spawn(async move {
+            task.await.expect("join").expect("consumer loop");
+        }),
+    }
+}
+
+/// Waits until `group` has committed the high watermark of every
+/// partition of the projection topics.
+pub async fn wait_caught_up(kafka: &KafkaConfig, group: &str) {
+    let topics = ops::projection::projection_topics(kafka);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let rows = ops::groups::offsets(kafka, group, &topics)
+            .await
+            .expect("offsets");
+        if rows
+            .iter()
+            .all(|r| r.high == 0 || r.committed.is_some_and(|c| c >= r.high))
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "group {group} did not catch up: {rows:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until the broker reports `group` as active.
+pub async fn wait_active(kafka: &KafkaConfig, group: &str) -> ops::groups::GroupState {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let g = ops::groups::describe(kafka, group).await.expect("describe");
+        if g.state == "Stable" {
+            return g;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "group {group} never became stable: {g:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Waits until the broker reports `group` as inactive (after its members left).
+pub async fn wait_inactive(kafka: &KafkaConfig, group: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let g = ops::groups::describe(kafka, group).await.expect("describe");
+        if !g.is_active() {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "group {group} stays active: {g:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub async fn strings(db: &Db, sql: &str) -> Vec<String> {
+    let mut v = match db {
+        Db::Postgres(p) => sqlx::query_scalar::<_, String>(sql).fetch_all(p).await,
+        Db::Sqlite(p) => sqlx::query_scalar::<_, String>(sql).fetch_all(p).await,
+    }
+    .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    v.sort();
+    v
+}
+
+pub async fn count(db: &Db, sql: &str) -> i64 {
+    match db {
+        Db::Postgres(p) => sqlx::query_scalar::<_, i64>(sql).fetch_one(p).await,
+        Db::Sqlite(p) => sqlx::query_scalar::<_, i64>(sql).fetch_one(p).await,
+    }
+    .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+/// One projection's content as sets (no wall-clock columns, no chain
+/// positions or hashes, which depend on how partitions interleave).
+pub async fn snapshot(db: &Db, p: Projection) -> BTreeMap<&'static str, Vec<String>> {
+    let name = p.as_str();
+    let shared = [
+        (
+            "applied_events",
+            format!(
+                "SELECT event_id || '|' || outcome || '|' || COALESCE(error_kind, '-') || '|' || COALESCE(reason, '-') || '|' || topic || '|' || CAST(kafka_partition AS TEXT) || '|' || CAST(kafka_offset AS TEXT) FROM applied_events WHERE projection = '{name}'"
+            ),
+        ),
+        (
+            "projection_orders",
+            format!(
+                "SELECT order_id || '|' || payment_id || '|' || buyer_id || '|' || seller_id || '|' || currency || '|' || CAST(amount_minor AS TEXT) || '|' || CAST(captured_minor AS TEXT) || '|' || CAST(refunded_minor AS TEXT) FROM projection_orders WHERE projection = '{name}'"
+            ),
+        ),
+        (
+            "projection_bookings",
+            format!(
+                "SELECT booking_key || '|' || event_id FROM projection_bookings WHERE projection = '{name}'"
+            ),
+        ),
+    ];
+    let own: Vec<(&str, String)> = match p {
+        Projection::Ledger => vec![
+            (
+                "ledger_transactions",
+                "SELECT id || '|' || booking_key || '|' || event_id || '|' || COALESCE(payment_id, '-') || '|' || kind || '|' || CAST(occurred_at AS TEXT) FROM ledger_transactions".into(),
+            ),
+            (
+                "ledger_entries",
+                "SELECT transaction_id || '|' || CAST(line AS TEXT) || '|' || account || '|' || currency || '|' || CAST(amount_minor AS TEXT) || '|' || CAST(occurred_at AS TEXT) FROM ledger_entries".into(),
+            ),
+            (
+                "ledger_psp_references",
+                "SELECT psp_reference || '|' || kind || '|' || order_id || '|' || COALESCE(refund_id, '-') || '|' || status || '|' || currency || '|' || CAST(amount_minor AS TEXT) || '|' || CAST(fee_minor AS TEXT) || '|' || CAST(occurred_at AS TEXT) || '|' || event_id FROM ledger_psp_references".into(),
+            ),
+        ],
+        Projection::Wallet => vec![
+            (
+                "wallet_balances",
+                "SELECT seller_id || '|' || currency || '|' || CAST(balance_minor AS TEXT) FROM wallet_balances".into(),
+            ),
+            (
+                "buyer_totals",
+                "SELECT buyer_id || '|' || currency || '|' || CAST(paid_minor AS TEXT) || '|' || CAST(refunded_minor AS TEXT) FROM buyer_totals".into(),
+            ),
+        ],
+    };
+    let mut m = BTreeMap::new();
+    for (t, sql) in shared.into_iter().chain(own) {
+        m.insert(t, strings(db, &sql).await);
+    }
+    m
+}
+
+/// Wallet balances (EUR) per seller as the wallet table has them.
+pub async fn wallets(db: &Db) -> BTreeMap<String, i64> {
+    strings(
+        db,
+        "SELECT seller_id || '|' || CAST(balance_minor AS TEXT) FROM wallet_balances WHERE currency = 'EUR'",
+    )
+    .await
+    .into_iter()
+    .map(|s| {
+        let (a, b) = s.split_once('|').unwrap();
+        (a.to_owned(), b.parse().unwrap())
+    })
+    .collect()
+}
+
+/// Runs both live projections over everything produced so far, then stops them.
+pub async fn run_live_to_end(kafka: &KafkaConfig, db: &Db) {
+    let lg = kafka.topology().group("ledger");
+    let wg = kafka.topology().group("wallet");
+    let l = start_live(kafka, db, Projection::Ledger, &lg);
+    let w = start_live(kafka, db, Projection::Wallet, &wg);
+    wait_caught_up(kafka, &lg).await;
+    wait_caught_up(kafka, &wg).await;
+    l.stop().await;
+    w.stop().await;
+    wait_inactive(kafka, &lg).await;
+    wait_inactive(kafka, &wg).await;
+}

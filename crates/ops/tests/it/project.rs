@@ -1,0 +1,130 @@
+//! `project --as-of`: exactly the phase-1 state, production untouched.
+
+use crate::harness::*;
+use ops::project::project_as_of;
+use projections::Projection;
+use streaming::testing::TestKafka;
+
+async fn as_of(postgres: bool) {
+    let k = TestKafka::new(3).await;
+    let (prod, prod_url, _dir) = fresh_db(!postgres).await;
+    let base1: i64 = 1_700_000_000_000_000;
+    let base2 = base1 + 3_600_000_000; // an hour later
+    let as_of_ms = (base1 + 1_800_000_000) / 1000;
+    let phase1 = history(&format!("{}-a", k.unique), 40, base1);
+    let phase2 = history(&format!("{}-b", k.unique), 25, base2);
+    produce_all(&k.producer, &phase1.envs).await;
+    produce_all(&k.producer, &phase2.envs).await;
+    run_live_to_end(&k.cfg, &prod).await;
+    let prod_ledger = snapshot(&prod, Projection::Ledger).await;
+    let prod_wallet = snapshot(&prod, Projection::Wallet).await;
+    let topics = ops::projection::projection_topics(&k.cfg);
+    let lg = k.cfg.topology().group("ledger");
+    let offsets_before = ops::groups::offsets(&k.cfg, &lg, &topics).await.unwrap();
+
+    // The target: a fresh database of the other backend than production.
+    let (into, _into_dir) = if postgres {
+        (storage::testing::fresh_postgres_url().await.unwrap(), None)
+    } else {
+        let d = tempfile::tempdir().unwrap();
+        (
+            format!("sqlite://{}", d.path().join("analysis.db").display()),
+            Some(d),
+        )
+    };
+    let both = [Projection::Ledger, Projection::Wallet];
+    let e = project_as_of(&k.cfg, &prod_url, &prod_url, as_of_ms, &both, 100)
+        .await
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("production database"), "{e:#}");
+
+    let s = project_as_of(&k.cfg, &prod_url, &into, as_of_ms, &both, 100)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.records_read,
+        u64::try_from(phase1.envs.len() + phase2.envs.len()).unwrap()
+    );
+    assert_eq!(
+        s.records_included,
+        u64::try_from(phase1.envs.len()).unwrap()
+    );
+    assert_eq!(s.ledger.as_ref().unwrap().rejected, 1);
+
+    let target = storage::Db::connect(&into).await.unwrap();
+    assert_eq!(wallets(&target).await, phase1.wallets);
+    // The ledger holds exactly the production transactions of phase 1.
+    let cutoff = as_of_ms * 1000;
+    let want = strings(
+        &prod,
+        &format!("SELECT id FROM ledger_transactions WHERE occurred_at <= {cutoff}"),
+    )
+    .await;
+    assert_eq!(
+        want.len(),
+        phase1.captures + phase1.refunds + phase1.adjustments
+    );
+    assert_eq!(
+        strings(&target, "SELECT id FROM ledger_transactions").await,
+        want
+    );
+    let report = projections::verify(&target).await;
+    assert!(report.is_ok(), "{report}");
+
+    // Not twice into the same database.
+    let e = project_as_of(&k.cfg, &prod_url, &into, as_of_ms, &both, 100)
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{e:#}").contains("already holds projection data"),
+        "{e:#}"
+    );
+
+    // Production untouched: tables and the group's offsets.
+    assert_eq!(snapshot(&prod, Projection::Ledger).await, prod_ledger);
+    assert_eq!(snapshot(&prod, Projection::Wallet).await, prod_wallet);
+    assert_eq!(
+        ops::groups::offsets(&k.cfg, &lg, &topics).await.unwrap(),
+        offsets_before
+    );
+    target.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn as_of_into_postgres() {
+    as_of(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn as_of_into_sqlite() {
+    as_of(false).await;
+}
+
+#[test]
+fn instants_and_same_database() {
+    assert_eq!(
+        ops::project::parse_instant_ms("1700000000000").unwrap(),
+        1_700_000_000_000
+    );
+    assert_eq!(
+        ops::project::parse_instant_ms("2023-11-14T22:13:20.5Z").unwrap(),
+        1_700_000_000_500
+    );
+    assert!(ops::project::parse_instant_ms("soon").is_err());
+    assert!(ops::project::same_database(
+        "postgres://u:p@localhost:5432/prod",
+        "postgres://other@localhost/prod"
+    ));
+    assert!(!ops::project::same_database(
+        "postgres://localhost/prod",
+        "postgres://localhost/analysis"
+    ));
+    assert!(ops::project::same_database(
+        "sqlite://./x.db",
+        "sqlite:x.db"
+    ));
+    assert!(!ops::project::same_database(
+        "sqlite://x.db",
+        "sqlite://y.db"
+    ));
+}
