@@ -21,8 +21,10 @@ pub enum AdminError {
     },
 }
 
-/// Creates the topics that do not exist yet; existing ones are left as they
-/// are (Kafka cannot shrink partitions, and growing them re-maps keys).
+/// Creates the topics that do not exist yet, with unlimited retention;
+/// existing ones are left as they are (Kafka cannot shrink partitions, and
+/// growing them re-maps keys; retention of an existing topic is the
+/// operator's to set).
 /// Returns the names that were created.
 pub async fn ensure_topics(
     cfg: &KafkaConfig,
@@ -39,6 +41,11 @@ pub async fn ensure_topics(
                 s.partitions,
                 TopicReplication::Fixed(cfg.replication_factor),
             )
+            // The topics are the system of record: projections are rebuilt
+            // and reconciled from their whole history, so nothing expires
+            // (Kafka's default would delete records after 7 days).
+            .set("retention.ms", "-1")
+            .set("retention.bytes", "-1")
         })
         .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));

@@ -1,0 +1,27 @@
+//! Topic creation: paystream's topics keep their whole history.
+
+use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+use rdkafka::client::DefaultClientContext;
+use streaming::testing::TestKafka;
+
+#[tokio::test]
+async fn topics_are_created_with_unlimited_retention() {
+    let k = TestKafka::new(2).await;
+    let admin: AdminClient<DefaultClientContext> =
+        k.cfg.client_config("test-admin").create().unwrap();
+    for spec in k.topology.specs() {
+        let res = admin
+            .describe_configs(
+                &[ResourceSpecifier::Topic(&spec.name)],
+                &AdminOptions::new(),
+            )
+            .await
+            .unwrap();
+        let config = res.into_iter().next().unwrap().unwrap();
+        let retention = config
+            .get("retention.ms")
+            .and_then(|e| e.value.clone())
+            .unwrap_or_else(|| panic!("{}: no retention.ms in {:?}", spec.name, config.entries));
+        assert_eq!(retention, "-1", "{}", spec.name);
+    }
+}
