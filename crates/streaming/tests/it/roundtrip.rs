@@ -98,13 +98,10 @@ async fn appended_messages_carry_key_headers_and_single_object_bytes() {
         r.key.as_deref(),
         Some(env.payment_id.unwrap().to_string().as_bytes())
     );
-    assert_eq!(
-        r.header("paystream.event_type").as_deref(),
-        Some("PaymentRequested")
-    );
+    assert_eq!(r.header("paystream.event_type"), Some("PaymentRequested"));
     assert_eq!(
         r.header("paystream.event_id"),
-        Some(env.event_id.to_string())
+        Some(env.event_id.to_string().as_str())
     );
     assert_eq!(r.payload[..2], [0xC3, 0x01]);
     assert_eq!(
