@@ -331,7 +331,8 @@ pub async fn apply_batch(
 
 /// Records the PSP references of the batch's new, not rejected events in
 /// `ledger_psp_references` (see migration 3003): status only ever moves
-/// forward, within the batch and against the table.
+/// forward, within the batch and against the table. Ignored captures
+/// (nothing booked) record nothing.
 async fn write_psp_references(
     tx: &mut Tx,
     batch: &[Incoming<'_>],
@@ -346,6 +347,15 @@ async fn write_psp_references(
         let Some(r) = booking::psp_reference(batch[i].envelope) else {
             continue;
         };
+        // A capture the ledger ignored (the order was captured already,
+        // e.g. a second charge under another reference) booked nothing: its
+        // reference is not recorded as succeeded, so reconciliation reports
+        // the PSP's settlement of it (missing_in_ledger, or status_mismatch
+        // against a pending row). The same reference as the booked capture
+        // is already recorded by that capture.
+        if booking::ignored_capture(&r, &outcomes[i]) {
+            continue;
+        }
         match refs.get(&r.psp_reference) {
             Some(old) if !booking::psp_status_advances(old.status, r.status) => {}
             _ => {

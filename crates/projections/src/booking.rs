@@ -670,6 +670,14 @@ pub fn psp_reference(env: &Envelope) -> Option<PspReference> {
     }
 }
 
+/// Whether `r` comes from a capture (`succeeded` charge) the ledger
+/// ignored, i.e. booked nothing for: such a reference must not be recorded
+/// as succeeded (reconciliation would match the PSP's settlement of a
+/// charge the ledger never booked).
+pub fn ignored_capture(r: &PspReference, outcome: &streaming::Outcome) -> bool {
+    matches!(outcome, streaming::Outcome::Ignored) && r.kind == "charge" && r.status == "succeeded"
+}
+
 /// Whether a reference's status may move from `old` to `new`: only forward
 /// (`pending` to a final status), never back and never between final ones,
 /// whatever order events are redelivered in.

@@ -154,7 +154,16 @@ pub struct ReconcilerArgs {
     /// honoured) before the run is given up until the next day.
     #[arg(long, default_value_t = 8)]
     pub fetch_attempts: u32,
-    /// Run once now and exit (non-zero on failure).
+    /// Minutes to wait before retrying a failed scheduled run (instead of
+    /// waiting for the next day).
+    #[arg(long, default_value_t = 15)]
+    pub retry_after_min: u64,
+    /// Retries of a failed scheduled run before waiting for the next
+    /// scheduled time.
+    #[arg(long, default_value_t = 8)]
+    pub retry_attempts: u32,
+    /// Run once now and exit (non-zero on failure): without --date, the
+    /// schedule's catch-up (every day after the watermark up to today - lag).
     #[arg(long)]
     pub once: bool,
     /// With --once: the settlement day (default today - lag days).
@@ -285,6 +294,8 @@ pub async fn reconcile_bytes(
     let started = Instant::now();
     let file = settlement::parse(bytes, date)?;
     let parse = started.elapsed();
+    // Earlier status mismatches whose charge the ledger has booked since.
+    let auto_resolved = recheck_status_mismatches(db, producer, tolerance).await?;
     let day = settlement::format_date(file.date);
     let run_id = run_id(file.date, &file.sha256);
 
@@ -295,6 +306,7 @@ pub async fn reconcile_bytes(
             publish_run(db, producer, &report).await?;
         }
         report.already_recorded = true;
+        report.auto_resolved = auto_resolved;
         refresh(db, &mut report).await?;
         return Ok((
             report,
@@ -333,7 +345,36 @@ pub async fn reconcile_bytes(
     }
     let from_us = settlement::day_start_ms(file.date) * 1_000;
     let day_refs = store::refs_between(db, from_us, from_us + 86_400_000_000).await?;
-    let outcome = matching::match_rows(&file.rows, &by_ref, &by_order, &day_refs, tolerance);
+    // Ledger references matched by runs of other days: never matched twice,
+    // never missing_at_psp (finding across midnight).
+    let mut ledger_refs: Vec<String> = by_ref
+        .keys()
+        .cloned()
+        .chain(by_order.values().flatten().map(|r| r.psp_reference.clone()))
+        .chain(day_refs.iter().map(|r| r.psp_reference.clone()))
+        .collect();
+    ledger_refs.sort();
+    ledger_refs.dedup();
+    let earlier = store::matched_elsewhere(db, &ledger_refs, &day).await?;
+    let mut outcome = matching::match_rows(
+        &file.rows, &by_ref, &by_order, &day_refs, &earlier, tolerance,
+    );
+    // Identical copies of a row: counted once, each copy reported.
+    for (copy, first) in &file.duplicates {
+        outcome.findings.push(matching::Finding {
+            class: DiscrepancyClass::MissingInLedger,
+            psp_reference: copy.psp_reference.clone(),
+            order_ids: copy.order_ids.clone(),
+            ours: None,
+            theirs: Some(Money::new(copy.amount_minor, copy.currency)),
+            detail: format!(
+                "listed twice: line {} repeats line {first} exactly; counted once",
+                copy.line
+            ),
+            line: Some(copy.line),
+            psp_fee_minor: Some(copy.fee_minor),
+        });
+    }
 
     // Payment ids (partition keys, ledger payment of an adjustment).
     let mut orders: Vec<String> = outcome
@@ -382,6 +423,7 @@ pub async fn reconcile_bytes(
             resolution_published: false,
             resolved_at: None,
             created_at: now,
+            theirs_fee_minor: f.psp_fee_minor,
         });
     }
     let mut per_currency: std::collections::BTreeMap<String, CurrencyTotals> = Default::default();
@@ -404,7 +446,7 @@ pub async fn reconcile_bytes(
         settlement_date: day.clone(),
         source: source.to_owned(),
         file_sha256: file.sha256.clone(),
-        rows: i64::try_from(file.rows.len())?,
+        rows: i64::try_from(file.rows.len() + file.duplicates.len())?,
         matched: i64::try_from(outcome.matched)?,
         matched_by_order: i64::try_from(outcome.matched_by_order)?,
         discrepancies: rows
@@ -428,22 +470,37 @@ pub async fn reconcile_bytes(
         per_currency,
         already_recorded: false,
         unresolved: 0,
+        updated_discrepancies: Vec::new(),
+        auto_resolved: Vec::new(),
     };
     report.tally()?;
     // The ids new to this run are only known once recorded; the stored
     // report counts them.
-    let existing: HashSet<String> = store::discrepancies_of_day(db, &day)
+    let existing: HashMap<String, store::DiscrepancyRow> = store::discrepancies_of_day(db, &day)
         .await?
         .into_iter()
-        .map(|d| d.discrepancy_id)
+        .map(|d| (d.discrepancy_id.clone(), d))
         .collect();
     report.new_discrepancies = i64::try_from(
         rows.iter()
-            .filter(|d| !existing.contains(&d.discrepancy_id))
+            .filter(|d| !existing.contains_key(&d.discrepancy_id))
             .count(),
     )?;
+    // Known and still open with other figures (a corrected file): updated.
+    report.updated_discrepancies = rows
+        .iter()
+        .filter(|d| {
+            existing.get(&d.discrepancy_id).is_some_and(|e| {
+                e.state == "open"
+                    && (e.ours != d.ours
+                        || e.theirs != d.theirs
+                        || e.theirs_fee_minor != d.theirs_fee_minor)
+            })
+        })
+        .map(|d| d.discrepancy_id.clone())
+        .collect();
     let json = serde_json::to_string(&report)?;
-    match store::record_run(db, &report, &json, &rows, now).await? {
+    match store::record_run(db, &report, &json, &rows, &outcome.claimed, now).await? {
         Some(_new) => {}
         None => {
             // Recorded concurrently by another attempt: use its report.
@@ -455,6 +512,7 @@ pub async fn reconcile_bytes(
         }
     }
     publish_run(db, producer, &report).await?;
+    report.auto_resolved = auto_resolved;
     refresh(db, &mut report).await?;
     Ok((
         report,
@@ -516,6 +574,112 @@ fn found_envelope(d: &store::DiscrepancyRow) -> anyhow::Result<Envelope> {
         }
         .into(),
     })
+}
+
+/// Re-checks every open `status_mismatch` (single-order rows, all days)
+/// against the current ledger. When the ledger now has the reference with
+/// the status the PSP reported: the difference is closed (`resolved`,
+/// action `expect_late_settlement`, reason "ledger caught up", no
+/// adjustment, `ReconciliationDiscrepancyResolved` published); if the
+/// amount or the fee (beyond the tolerance) now differ from the PSP row's,
+/// an `amount_mismatch` / `fee_mismatch` is recorded and published first.
+/// Returns the ids closed.
+async fn recheck_status_mismatches(
+    db: &Db,
+    producer: &EventProducer,
+    tol: Tolerance,
+) -> anyhow::Result<Vec<String>> {
+    let mut closed = Vec::new();
+    for d in store::open_status_mismatches(db).await? {
+        let (Some(theirs), Some(psp_fee)) = (money_of(&d.theirs)?, d.theirs_fee_minor) else {
+            continue;
+        };
+        let refs =
+            store::refs_where_in(db, "psp_reference", std::slice::from_ref(&d.psp_reference))
+                .await?;
+        let Some(r) = refs.first() else { continue };
+        let (kind, status) = if theirs.amount_minor() < 0 {
+            ("refund", "refunded")
+        } else {
+            ("charge", "succeeded")
+        };
+        if r.kind != kind || r.status != status || r.currency != theirs.currency() {
+            continue;
+        }
+        let mut follow: Vec<(DiscrepancyClass, Money, Money, String)> = Vec::new();
+        if r.amount_minor != theirs.amount_minor() {
+            follow.push((
+                DiscrepancyClass::AmountMismatch,
+                Money::new(r.amount_minor, r.currency),
+                theirs,
+                format!(
+                    "after the ledger caught up ({} {}): amount differs by {} {}",
+                    r.kind,
+                    r.status,
+                    i128::from(theirs.amount_minor()) - i128::from(r.amount_minor),
+                    r.currency
+                ),
+            ));
+        }
+        let fee_diff = i128::from(psp_fee) - i128::from(r.fee_minor);
+        if fee_diff.abs() > i128::from(tol.fee_minor) {
+            follow.push((
+                DiscrepancyClass::FeeMismatch,
+                Money::new(r.fee_minor, r.currency),
+                Money::new(psp_fee, r.currency),
+                format!(
+                    "after the ledger caught up ({} {}): fee differs by {fee_diff} {} (tolerance {})",
+                    r.kind, r.status, r.currency, tol.fee_minor
+                ),
+            ));
+        }
+        let now = now_us();
+        let mut recorded = Vec::new();
+        for (class, ours, theirs, detail) in follow {
+            let id = discrepancy_uuid(&d.settlement_date, class, &d.psp_reference);
+            let row = store::DiscrepancyRow {
+                discrepancy_id: id.to_string(),
+                class: class.as_str().to_owned(),
+                ours: Some((ours.currency().code().to_owned(), ours.amount_minor())),
+                theirs: Some((theirs.currency().code().to_owned(), theirs.amount_minor())),
+                detail,
+                found_event_id: EventId::derive(id, "found").to_string(),
+                found_published: false,
+                created_at: now,
+                theirs_fee_minor: Some(psp_fee),
+                ..d.clone()
+            };
+            if store::insert_discrepancy(db, &row).await? {
+                producer.append(&found_envelope(&row)?).await?;
+                store::mark_found_published(db, &row.discrepancy_id).await?;
+            }
+            recorded.push(format!("{} {}", row.class, row.discrepancy_id));
+        }
+        let mut reason = "ledger caught up".to_owned();
+        if !recorded.is_empty() {
+            reason.push_str(&format!("; recorded {}", recorded.join(", ")));
+        }
+        let disc = Uuid::parse_str(&d.discrepancy_id)?;
+        let action = ResolutionAction::ExpectLateSettlement;
+        let res = store::Resolution {
+            state: "resolved",
+            action: action.as_str().to_owned(),
+            reason,
+            resolved_by: PRODUCER.to_owned(),
+            adjustment: None,
+            event_id: EventId::derive(disc, &format!("resolved-{}", action.as_str())).to_string(),
+        };
+        if store::resolve(db, &d.discrepancy_id, &["open"], &res, now).await? {
+            let d = store::load_discrepancy(db, &d.discrepancy_id)
+                .await?
+                .context("discrepancy vanished")?;
+            producer.append(&resolution_envelope(&d)?).await?;
+            store::mark_resolution_published(db, &d.discrepancy_id).await?;
+            tracing::info!(discrepancy = %d.discrepancy_id, "status_mismatch closed: the ledger caught up");
+            closed.push(d.discrepancy_id);
+        }
+    }
+    Ok(closed)
 }
 
 /// Appends what a recorded run has not published yet: its discrepancies
@@ -597,8 +761,12 @@ pub async fn fetch_settlement(psp: &PspSource, date: Date) -> anyhow::Result<Vec
                     .and_then(|v| v.trim().parse::<u64>().ok())
                     .map(Duration::from_secs);
                 let body = r.text().await.unwrap_or_default();
-                last = format!("HTTP {status}: {body}");
-                if !(status.is_server_error() || status.as_u16() == 429) {
+                last = if status.as_u16() == 404 {
+                    format!("HTTP {status} (the file is not ready yet): {body}")
+                } else {
+                    format!("HTTP {status}: {body}")
+                };
+                if !(status.is_server_error() || matches!(status.as_u16(), 404 | 429)) {
                     bail!("fetching {url}: {last}");
                 }
                 retry_after
@@ -775,6 +943,36 @@ pub async fn resolve(
             if adj.is_zero() {
                 bail!("nothing to adjust: the amounts are equal");
             }
+            if (ours.amount_minor() < 0) != (theirs.amount_minor() < 0) {
+                bail!(
+                    "cannot accept the PSP's amount: ours ({ours}) and theirs ({theirs}) differ in sign (a refund against a charge?); escalate instead"
+                );
+            }
+            let max = projections::booking::MAX_AMOUNT_MINOR;
+            if adj.amount_minor().unsigned_abs() > max.unsigned_abs() {
+                bail!(
+                    "cannot accept the PSP's amount: the adjustment {adj} is above the bound of {max} minor units; escalate instead"
+                );
+            }
+            // The same settlement row also disagreed on status or currency:
+            // the amounts compared are not the same kind of thing.
+            let same_row: Vec<String> = store::discrepancies_of_day(db, &d.settlement_date)
+                .await?
+                .into_iter()
+                .filter(|o| {
+                    o.psp_reference == d.psp_reference
+                        && o.line == d.line
+                        && o.state != "resolved"
+                        && (o.class == "status_mismatch" || o.class == "currency_mismatch")
+                })
+                .map(|o| format!("{} {}", o.class, o.discrepancy_id))
+                .collect();
+            if !same_row.is_empty() {
+                bail!(
+                    "cannot accept the PSP's amount: the same settlement row also has {}; settle that first or escalate",
+                    same_row.join(", ")
+                );
+            }
             Some((adj.currency().code().to_owned(), adj.amount_minor()))
         }
         ResolutionAction::ExpectLateSettlement | ResolutionAction::Escalate => None,
@@ -948,8 +1146,68 @@ fn next_at(now: time::OffsetDateTime, h: u8, m: u8) -> anyhow::Result<time::Offs
     })
 }
 
-/// `paystream serve reconciler`: nightly at `--at` (UTC) fetch the file of
-/// `today - lag_days` and reconcile it; `--once` runs once now.
+/// Most days the schedule reconciles in one go (catching up after an
+/// outage), counting the target day.
+pub const MAX_CATCH_UP_DAYS: i64 = 31;
+
+/// The days a scheduled run reconciles, oldest first: every day after the
+/// watermark (the last day the schedule reconciled successfully) up to
+/// `today - lag_days`, at most [`MAX_CATCH_UP_DAYS`]; without a watermark
+/// (first start) only `today - lag_days`.
+pub fn day_plan(watermark: Option<Date>, today: Date, lag_days: u16) -> Vec<Date> {
+    let target = today - time::Duration::days(i64::from(lag_days));
+    let oldest = target - time::Duration::days(MAX_CATCH_UP_DAYS - 1);
+    let start = match watermark {
+        Some(w) => (w + time::Duration::days(1)).max(oldest),
+        None => target,
+    };
+    let mut out = Vec::new();
+    let mut d = start;
+    while d <= target {
+        out.push(d);
+        match d.next_day() {
+            Some(n) => d = n,
+            None => break,
+        }
+    }
+    out
+}
+
+/// One scheduled run: reconciles the [`day_plan`] in order, moving the
+/// watermark after each day; stops at the first failure (later days wait,
+/// so the watermark never skips a day).
+async fn scheduled_run(
+    db: &Db,
+    producer: &EventProducer,
+    psp: &PspSource,
+    lag_days: u16,
+    tolerance: Tolerance,
+) -> anyhow::Result<()> {
+    let watermark = store::watermark(db)
+        .await?
+        .map(|d| settlement::parse_date(&d).map_err(anyhow::Error::msg))
+        .transpose()?;
+    let plan = day_plan(watermark, time::OffsetDateTime::now_utc().date(), lag_days);
+    if plan.len() > 1 {
+        tracing::info!(days = plan.len(), "reconciler catching up");
+    }
+    for date in plan {
+        let day = settlement::format_date(date);
+        let r = reconcile_from_psp(db, producer, psp, date, tolerance)
+            .await
+            .with_context(|| format!("reconciling {day}"))?;
+        if r.unresolved > 0 {
+            tracing::warn!(date = %r.settlement_date, unresolved = r.unresolved, "unresolved reconciliation discrepancies");
+        }
+        store::advance_watermark(db, &day, now_us()).await?;
+    }
+    Ok(())
+}
+
+/// `paystream serve reconciler`: nightly at `--at` (UTC) reconcile every
+/// day from the watermark + 1 to `today - lag_days`; a failed run is
+/// retried after `--retry-after-min` (up to `--retry-attempts` times);
+/// `--once` runs once now.
 pub async fn serve(
     kafka: KafkaConfig,
     db_url: &str,
@@ -966,37 +1224,43 @@ pub async fn serve(
         attempts: args.fetch_attempts,
     };
     let (db, producer) = open(&kafka, db_url).await?;
-    let day_of =
-        |now: time::OffsetDateTime| now.date() - time::Duration::days(i64::from(args.lag_days));
     if args.once {
-        let date = match &args.date {
-            Some(d) => settlement::parse_date(d).map_err(anyhow::Error::msg)?,
-            None => day_of(time::OffsetDateTime::now_utc()),
-        };
-        let report = reconcile_from_psp(&db, &producer, &psp, date, tolerance).await?;
-        eprint!("{}", report.table());
+        match &args.date {
+            Some(d) => {
+                let date = settlement::parse_date(d).map_err(anyhow::Error::msg)?;
+                let report = reconcile_from_psp(&db, &producer, &psp, date, tolerance).await?;
+                eprint!("{}", report.table());
+            }
+            None => scheduled_run(&db, &producer, &psp, args.lag_days, tolerance).await?,
+        }
         return Ok(());
     }
     tracing::info!(at = %args.at, lag_days = args.lag_days, psp = %psp.base_url, "reconciler scheduled");
+    let retry = Duration::from_secs(args.retry_after_min.max(1).saturating_mul(60));
+    let mut failures: u32 = 0;
+    let mut next = next_at(time::OffsetDateTime::now_utc(), h, m)?;
     loop {
         let now = time::OffsetDateTime::now_utc();
-        let next = next_at(now, h, m)?;
         let wait = Duration::try_from(next - now).unwrap_or(Duration::ZERO);
         tracing::info!(next = %next, "next reconciliation run");
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
             () = tokio::time::sleep(wait) => {}
         }
-        let date = day_of(time::OffsetDateTime::now_utc());
-        match reconcile_from_psp(&db, &producer, &psp, date, tolerance).await {
-            Ok(r) if r.unresolved > 0 => tracing::warn!(
-                date = %r.settlement_date,
-                unresolved = r.unresolved,
-                "unresolved reconciliation discrepancies"
-            ),
-            Ok(_) => {}
+        match scheduled_run(&db, &producer, &psp, args.lag_days, tolerance).await {
+            Ok(()) => {
+                failures = 0;
+                next = next_at(time::OffsetDateTime::now_utc(), h, m)?;
+            }
+            Err(e) if failures < args.retry_attempts => {
+                failures += 1;
+                tracing::error!(error = %format!("{e:#}"), attempt = failures, retry_in_s = retry.as_secs(), "reconciliation run failed; retrying");
+                next = time::OffsetDateTime::now_utc() + retry;
+            }
             Err(e) => {
-                tracing::error!(date = %settlement::format_date(date), error = %format!("{e:#}"), "reconciliation run failed; next attempt at the next scheduled time")
+                failures = 0;
+                tracing::error!(error = %format!("{e:#}"), "reconciliation run failed; retries exhausted, next attempt at the next scheduled time (it catches up from the watermark)");
+                next = next_at(time::OffsetDateTime::now_utc(), h, m)?;
             }
         }
     }
@@ -1020,5 +1284,29 @@ mod tests {
         );
         assert!(parse_at("24:00").is_err());
         assert_eq!(parse_at("02:30").unwrap(), (2, 30));
+    }
+
+    #[test]
+    fn the_day_plan_catches_up_from_the_watermark() {
+        use time::macros::date;
+        let today = date!(2026 - 11 - 25);
+        // First start: only today - lag.
+        assert_eq!(day_plan(None, today, 1), [date!(2026 - 11 - 24)]);
+        // Up to date: nothing.
+        assert!(day_plan(Some(date!(2026 - 11 - 24)), today, 1).is_empty());
+        // Two days failed or missed: both, oldest first.
+        assert_eq!(
+            day_plan(Some(date!(2026 - 11 - 21)), today, 1),
+            [
+                date!(2026 - 11 - 22),
+                date!(2026 - 11 - 23),
+                date!(2026 - 11 - 24)
+            ]
+        );
+        // Long outage: bounded to MAX_CATCH_UP_DAYS, ending at today - lag.
+        let p = day_plan(Some(date!(2026 - 01 - 01)), today, 2);
+        assert_eq!(p.len(), 31);
+        assert_eq!(p.last(), Some(&date!(2026 - 11 - 23)));
+        assert_eq!(p[0], date!(2026 - 10 - 24));
     }
 }

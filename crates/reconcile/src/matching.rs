@@ -35,6 +35,9 @@ pub struct Finding {
     pub detail: String,
     /// Line of the settlement row, if the difference has one.
     pub line: Option<u64>,
+    /// The PSP's fee of the row (kept with a `status_mismatch` so a later
+    /// run can tell whether the ledger caught up with the same fee).
+    pub psp_fee_minor: Option<i64>,
 }
 
 /// The outcome of matching one file.
@@ -43,9 +46,12 @@ pub struct Outcome {
     pub findings: Vec<Finding>,
     /// Rows matched with no difference at all.
     pub matched: u64,
-    /// Rows matched through our order id(s) rather than the reference
-    /// (PSP batch rows, or a reference we do not know for a known order).
+    /// PSP batch rows matched through our order ids.
     pub matched_by_order: u64,
+    /// Ledger references this file matched (to a row with or without
+    /// differences): `(our reference, the row's reference)`. Recorded so no
+    /// later run of another day matches them again.
+    pub claimed: Vec<(String, String)>,
 }
 
 /// Options of a run.
@@ -89,6 +95,7 @@ fn compare(
             theirs,
             detail,
             line: Some(row.line),
+            psp_fee_minor: Some(row.fee_minor),
         });
     };
     let Some(our_amount) = sum(ours.iter().map(|r| r.amount_minor)) else {
@@ -174,24 +181,59 @@ fn compare(
 
 /// Matches `rows` against the ledger.
 /// - `by_ref`: the ledger references among the rows' references;
-/// - `by_order`: the ledger's charges of the order ids of rows whose
-///   reference the ledger does not know;
-/// - `day`: the ledger's references that occurred on the settlement day.
+/// - `by_order`: the ledger's references (charges and refunds) of the order
+///   ids of rows whose reference the ledger does not know;
+/// - `day`: the ledger's references that occurred on the settlement day;
+/// - `earlier`: ledger references already matched by a run of another
+///   settlement day -> that day. They are never matched again (a second
+///   settlement of one reference is `missing_in_ledger`) and never
+///   `missing_at_psp`.
+///
+/// Only a PSP batch row (several order ids) is matched through order ids,
+/// and only to references of the row's kind (a refund row to refunds) that
+/// no row has matched yet. A single-order row with an unknown reference is
+/// `missing_in_ledger`: the ledger did not book that charge, whatever else
+/// the order has (its known references are named in the detail).
 pub fn match_rows(
     rows: &[SettlementRow],
     by_ref: &HashMap<String, LedgerRef>,
     by_order: &HashMap<String, Vec<LedgerRef>>,
     day: &[LedgerRef],
+    earlier: &HashMap<String, String>,
     tol: Tolerance,
 ) -> Outcome {
     let mut out = Outcome::default();
     let mut claimed: HashSet<&str> = HashSet::new();
     let mut unknown: Vec<&SettlementRow> = Vec::new();
+    let missing = |row: &SettlementRow, detail: String| Finding {
+        class: DiscrepancyClass::MissingInLedger,
+        psp_reference: row.psp_reference.clone(),
+        order_ids: row.order_ids.clone(),
+        ours: None,
+        theirs: Some(Money::new(row.amount_minor, row.currency)),
+        detail,
+        line: Some(row.line),
+        psp_fee_minor: Some(row.fee_minor),
+    };
     // 1. By reference.
     for row in rows {
         match by_ref.get(&row.psp_reference) {
             Some(r) => {
-                claimed.insert(r.psp_reference.as_str());
+                if let Some(d) = earlier.get(&r.psp_reference) {
+                    out.findings.push(missing(
+                        row,
+                        format!(
+                            "the PSP settled reference {} again: the settlement file of {d} already matched it to our {} {}; the ledger booked it once",
+                            row.psp_reference, r.kind, r.status
+                        ),
+                    ));
+                    continue;
+                }
+                if !claimed.insert(r.psp_reference.as_str()) {
+                    continue; // the parser rejects duplicate references
+                }
+                out.claimed
+                    .push((r.psp_reference.clone(), row.psp_reference.clone()));
                 if compare(row, &[r], tol, None, &mut out.findings) {
                     out.matched += 1;
                 }
@@ -199,68 +241,91 @@ pub fn match_rows(
             None => unknown.push(row),
         }
     }
-    // 2. Unknown references: by our order id(s); a batch row lists several.
+    // 2. Unknown references: only PSP batch rows go by our order ids.
     for row in unknown {
+        let (kind, _) = expected(row.status);
+        if row.order_ids.len() == 1 {
+            let o = &row.order_ids[0];
+            let known: Vec<String> = by_order
+                .get(o)
+                .map(|cs| {
+                    cs.iter()
+                        .filter(|c| c.kind == kind)
+                        .map(|c| format!("{} ({})", c.psp_reference, c.status))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let detail = if known.is_empty() {
+                format!(
+                    "the PSP settled {} {} {} for order {o} that our ledger does not know",
+                    row.status.as_str(),
+                    row.amount_minor,
+                    row.currency,
+                )
+            } else {
+                format!(
+                    "the PSP settled {} {} {} for order {o} under reference {}, which our ledger never booked; the order's {kind} in our ledger: {} (a second {kind}?)",
+                    row.status.as_str(),
+                    row.amount_minor,
+                    row.currency,
+                    row.psp_reference,
+                    known.join(", ")
+                )
+            };
+            out.findings.push(missing(row, detail));
+            continue;
+        }
         let mut group: Vec<&LedgerRef> = Vec::new();
-        let mut missing: Vec<&str> = Vec::new();
+        let mut absent: Vec<&str> = Vec::new();
         for o in &row.order_ids {
             let candidate = by_order.get(o).and_then(|cs| {
                 cs.iter()
-                    .filter(|c| c.kind == "charge" && !claimed.contains(c.psp_reference.as_str()))
-                    .min_by_key(|c| (c.status != "succeeded", c.occurred_at))
+                    .filter(|c| {
+                        c.kind == kind
+                            && !claimed.contains(c.psp_reference.as_str())
+                            && !earlier.contains_key(&c.psp_reference)
+                    })
+                    .min_by_key(|c| (c.status != expected(row.status).1, c.occurred_at))
             });
             match candidate {
                 Some(c) => group.push(c),
-                None => missing.push(o),
+                None => absent.push(o),
             }
         }
-        if group.is_empty() || !missing.is_empty() {
-            out.findings.push(Finding {
-                class: DiscrepancyClass::MissingInLedger,
-                psp_reference: row.psp_reference.clone(),
-                order_ids: row.order_ids.clone(),
-                ours: None,
-                theirs: Some(Money::new(row.amount_minor, row.currency)),
-                detail: if row.order_ids.len() > 1 {
-                    format!(
-                        "PSP batch row of {} orders; not in our ledger: {}",
-                        row.order_ids.len(),
-                        missing.join(", ")
-                    )
-                } else {
-                    format!(
-                        "the PSP settled {} {} {} for order {} that our ledger does not know",
-                        row.status.as_str(),
-                        row.amount_minor,
-                        row.currency,
-                        row.order_ids.join(";")
-                    )
-                },
-                line: Some(row.line),
-            });
+        if group.is_empty() || !absent.is_empty() {
+            out.findings.push(missing(
+                row,
+                format!(
+                    "PSP batch row of {} orders; without an unmatched {kind} in our ledger: {}",
+                    row.order_ids.len(),
+                    absent.join(", ")
+                ),
+            ));
             continue;
         }
         for c in &group {
             claimed.insert(c.psp_reference.as_str());
+            out.claimed
+                .push((c.psp_reference.clone(), row.psp_reference.clone()));
         }
         let refs: Vec<&str> = group.iter().map(|c| c.psp_reference.as_str()).collect();
-        let via = if group.len() > 1 {
-            format!("PSP batch of our references {}", refs.join(", "))
-        } else {
-            format!("matched by order id; our reference is {}", refs.join(", "))
-        };
+        let via = format!("PSP batch of our references {}", refs.join(", "));
         out.matched_by_order += 1;
         if compare(row, &group, tol, Some(&via), &mut out.findings) {
             out.matched += 1;
         }
     }
-    // 3. Ours on the day, final, and not in the file.
+    // 3. Ours on the day, final, and in no row of this file or an earlier
+    //    day's.
     for r in day {
         let final_ = matches!(
             (r.kind.as_str(), r.status.as_str()),
             ("charge", "succeeded") | ("refund", "refunded")
         );
-        if final_ && !claimed.contains(r.psp_reference.as_str()) {
+        if final_
+            && !claimed.contains(r.psp_reference.as_str())
+            && !earlier.contains_key(&r.psp_reference)
+        {
             out.findings.push(Finding {
                 class: DiscrepancyClass::MissingAtPsp,
                 psp_reference: r.psp_reference.clone(),
@@ -272,6 +337,7 @@ pub fn match_rows(
                     r.status, r.kind, r.amount_minor, r.currency
                 ),
                 line: None,
+                psp_fee_minor: None,
             });
         }
     }
@@ -343,6 +409,7 @@ mod tests {
             &by_ref,
             &by_order,
             &ledger,
+            &HashMap::new(),
             Tolerance { fee_minor: 1 },
         );
         let got: Vec<(DiscrepancyClass, &str)> = o
@@ -362,5 +429,97 @@ mod tests {
         );
         assert_eq!(o.matched, 2, "ch_1 and the batch bt_1");
         assert_eq!(o.matched_by_order, 1);
+    }
+
+    fn by_order(ledger: &[LedgerRef]) -> HashMap<String, Vec<LedgerRef>> {
+        let mut m: HashMap<String, Vec<LedgerRef>> = HashMap::new();
+        for l in ledger {
+            m.entry(l.order_id.clone()).or_default().push(l.clone());
+        }
+        m
+    }
+
+    #[test]
+    fn a_second_charge_or_refund_is_never_matched_by_order_id() {
+        // o1 was charged once (ch_1, settled on an earlier day); the PSP
+        // settles a second charge ch_9 for o1 and a refund re_9 of o2 we
+        // never booked.
+        let ledger = [
+            ours("ch_1", "o1", "succeeded", 1000, 59),
+            ours("ch_2", "o2", "succeeded", 2000, 88),
+        ];
+        let rows = [
+            row(2, "ch_9", &["o1"], 1000, 59),
+            row(3, "re_9", &["o2"], -500, 0),
+            row(4, "bt_9", &["o1", "o2"], 3000, 147),
+        ];
+        let earlier: HashMap<String, String> =
+            [("ch_1".to_owned(), "2026-11-24".to_owned())].into();
+        let o = match_rows(
+            &rows,
+            &HashMap::new(),
+            &by_order(&ledger),
+            &[],
+            &earlier,
+            Tolerance::default(),
+        );
+        let got: Vec<(DiscrepancyClass, &str)> = o
+            .findings
+            .iter()
+            .map(|f| (f.class, f.psp_reference.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (DiscrepancyClass::MissingInLedger, "ch_9"),
+                (DiscrepancyClass::MissingInLedger, "re_9"),
+                (DiscrepancyClass::MissingInLedger, "bt_9"),
+            ]
+        );
+        assert!(
+            o.findings[0].detail.contains("ch_1 (succeeded)"),
+            "{:?}",
+            o.findings[0]
+        );
+        assert!(o.findings[2].detail.contains("o1"), "{:?}", o.findings[2]);
+        assert_eq!((o.matched, o.matched_by_order), (0, 0));
+        assert!(o.claimed.is_empty());
+        // The same reference settled again on a later day.
+        let by_ref: HashMap<_, _> = [("ch_1".to_owned(), ledger[0].clone())].into();
+        let o = match_rows(
+            &[row(2, "ch_1", &["o1"], 1000, 59)],
+            &by_ref,
+            &HashMap::new(),
+            &[],
+            &earlier,
+            Tolerance::default(),
+        );
+        assert_eq!(o.findings.len(), 1);
+        assert_eq!(o.findings[0].class, DiscrepancyClass::MissingInLedger);
+        assert!(o.findings[0].detail.contains("again"));
+    }
+
+    #[test]
+    fn refs_matched_on_an_earlier_day_are_not_missing_at_psp() {
+        let ledger = [
+            ours("ch_1", "o1", "succeeded", 1000, 59),
+            ours("ch_2", "o2", "succeeded", 2000, 88),
+        ];
+        let earlier: HashMap<String, String> =
+            [("ch_1".to_owned(), "2026-11-24".to_owned())].into();
+        let o = match_rows(
+            &[],
+            &HashMap::new(),
+            &HashMap::new(),
+            &ledger,
+            &earlier,
+            Tolerance::default(),
+        );
+        let got: Vec<&str> = o
+            .findings
+            .iter()
+            .map(|f| f.psp_reference.as_str())
+            .collect();
+        assert_eq!(got, ["ch_2"]);
     }
 }

@@ -91,6 +91,15 @@ pub struct Report {
     /// as of printing, all runs.
     #[serde(default)]
     pub unresolved: i64,
+    /// Discrepancies an earlier run of the day had found, still open, whose
+    /// figures this file changed (a corrected file): the stored figures
+    /// were updated (resolved ones stay as they were).
+    #[serde(default)]
+    pub updated_discrepancies: Vec<String>,
+    /// Open status mismatches (any day) this call closed because the
+    /// ledger caught up.
+    #[serde(default)]
+    pub auto_resolved: Vec<String>,
 }
 
 impl Report {
@@ -98,31 +107,32 @@ impl Report {
     pub fn tally(&mut self) -> anyhow::Result<()> {
         self.per_class.clear();
         self.per_class_currency.clear();
+        let overflow = || anyhow::anyhow!("report totals overflow");
         for d in &self.discrepancies {
             *self.per_class.entry(d.class.clone()).or_default() += 1;
+            // Counted under the PSP's currency (ours without theirs); each
+            // amount is summed under its own currency (a currency_mismatch
+            // has two).
             let currency = d
                 .theirs
                 .as_ref()
                 .or(d.ours.as_ref())
                 .map_or_else(|| "-".to_owned(), |m| m.currency.clone());
-            let t = self
-                .per_class_currency
-                .entry(d.class.clone())
-                .or_default()
-                .entry(currency)
-                .or_default();
-            t.count += 1;
+            let per = self.per_class_currency.entry(d.class.clone()).or_default();
+            per.entry(currency).or_default().count += 1;
             if let Some(o) = &d.ours {
+                let t = per.entry(o.currency.clone()).or_default();
                 t.ours_minor = t
                     .ours_minor
                     .checked_add(o.amount_minor)
-                    .ok_or_else(|| anyhow::anyhow!("report totals overflow"))?;
+                    .ok_or_else(overflow)?;
             }
             if let Some(o) = &d.theirs {
+                let t = per.entry(o.currency.clone()).or_default();
                 t.theirs_minor = t
                     .theirs_minor
                     .checked_add(o.amount_minor)
-                    .ok_or_else(|| anyhow::anyhow!("report totals overflow"))?;
+                    .ok_or_else(overflow)?;
             }
         }
         Ok(())
@@ -153,6 +163,20 @@ impl Report {
             self.new_discrepancies,
             self.unresolved
         );
+        if !self.updated_discrepancies.is_empty() {
+            let _ = writeln!(
+                s,
+                "figures updated from this file (open discrepancies found by an earlier run of the day): {}",
+                self.updated_discrepancies.join(", ")
+            );
+        }
+        if !self.auto_resolved.is_empty() {
+            let _ = writeln!(
+                s,
+                "status mismatches closed, the ledger caught up: {}",
+                self.auto_resolved.join(", ")
+            );
+        }
         let _ = writeln!(s);
         let _ = writeln!(
             s,
@@ -218,5 +242,67 @@ impl Report {
             }
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_currency_mismatch_sums_each_side_under_its_own_currency() {
+        let m = |a: i64, c: &str| {
+            Some(MoneyView {
+                amount_minor: a,
+                currency: c.into(),
+            })
+        };
+        let mut r = Report {
+            run_id: "r".into(),
+            settlement_date: "2026-11-25".into(),
+            source: "s".into(),
+            file_sha256: "x".into(),
+            rows: 1,
+            matched: 0,
+            matched_by_order: 0,
+            discrepancies: vec![DiscrepancyView {
+                discrepancy_id: "d".into(),
+                class: "currency_mismatch".into(),
+                psp_reference: "ch_1".into(),
+                order_ids: "o1".into(),
+                ours: m(1_000, "EUR"),
+                theirs: m(1_100, "USD"),
+                detail: String::new(),
+                line: Some(2),
+                state: "open".into(),
+                first_found_by: "r".into(),
+            }],
+            new_discrepancies: 1,
+            per_class: BTreeMap::new(),
+            per_class_currency: BTreeMap::new(),
+            per_currency: BTreeMap::new(),
+            already_recorded: false,
+            unresolved: 1,
+            updated_discrepancies: Vec::new(),
+            auto_resolved: Vec::new(),
+        };
+        r.tally().unwrap();
+        let per = &r.per_class_currency["currency_mismatch"];
+        assert_eq!(
+            per["EUR"],
+            ClassTotals {
+                count: 0,
+                ours_minor: 1_000,
+                theirs_minor: 0
+            }
+        );
+        assert_eq!(
+            per["USD"],
+            ClassTotals {
+                count: 1,
+                ours_minor: 0,
+                theirs_minor: 1_100
+            }
+        );
     }
 }

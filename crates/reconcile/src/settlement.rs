@@ -69,6 +69,11 @@ pub struct SettlementFile {
     pub date: Date,
     pub sha256: String,
     pub rows: Vec<SettlementRow>,
+    /// Identical copies of an earlier row (same reference, every field
+    /// equal): `(copy, line of the first)`. Not in `rows`, counted once;
+    /// reconciliation reports each copy (a conflicting duplicate rejects
+    /// the file).
+    pub duplicates: Vec<(SettlementRow, u64)>,
 }
 
 /// One problem in a file, at a line (0: the file as a whole).
@@ -223,7 +228,10 @@ pub fn parse(bytes: &[u8], date: Option<Date>) -> Result<SettlementFile, FileErr
         }
     }
     let mut rows: Vec<SettlementRow> = Vec::new();
-    let mut first_line: HashMap<String, u64> = HashMap::new();
+    // Reference -> (first line, its fields) to tell identical copies from
+    // conflicting duplicates.
+    let mut first_line: HashMap<String, (u64, Vec<String>)> = HashMap::new();
+    let mut duplicates: Vec<(SettlementRow, u64)> = Vec::new();
     let mut day: Option<Date> = date;
     for rec in records {
         let rec = match rec {
@@ -261,12 +269,28 @@ pub fn parse(bytes: &[u8], date: Option<Date>) -> Result<SettlementFile, FileErr
         if order_ids.iter().any(String::is_empty) {
             bad(format!("order_id {:?} has an empty order id", f(1)));
         }
+        {
+            let mut seen = std::collections::HashSet::new();
+            for o in order_ids.iter().filter(|o| !o.is_empty()) {
+                if !seen.insert(o.as_str()) {
+                    bad(format!(
+                        "order id {o:?} is listed twice in order_id {:?}",
+                        f(1)
+                    ));
+                }
+            }
+        }
+        let max = projections::booking::MAX_AMOUNT_MINOR.unsigned_abs();
         let amount = f(2).parse::<i64>();
-        if amount.is_err() {
-            bad(format!(
+        match &amount {
+            Err(_) => bad(format!(
                 "amount_minor {:?} is not an integer (minor units)",
                 f(2)
-            ));
+            )),
+            Ok(a) if a.unsigned_abs() > max => bad(format!(
+                "amount_minor {a} is above the bound of {max} minor units"
+            )),
+            Ok(_) => {}
         }
         let currency = Currency::from_code(f(3));
         if let Err(e) = &currency {
@@ -289,6 +313,9 @@ pub fn parse(bytes: &[u8], date: Option<Date>) -> Result<SettlementFile, FileErr
                 f(5)
             )),
             Ok(x) if *x < 0 => bad(format!("fee_minor {x} is negative")),
+            Ok(x) if x.unsigned_abs() > max => bad(format!(
+                "fee_minor {x} is above the bound of {max} minor units"
+            )),
             Ok(_) => {}
         }
         let settled = OffsetDateTime::parse(f(6), &time::format_description::well_known::Rfc3339);
@@ -320,20 +347,24 @@ pub fn parse(bytes: &[u8], date: Option<Date>) -> Result<SettlementFile, FileErr
                 Some(_) => {}
             }
         }
+        let mut copy_of = None;
         if !reference.is_empty() {
-            if let Some(prev) = first_line.get(reference) {
-                bad(format!(
-                    "duplicate psp_reference {reference:?}: also on line {prev}"
-                ));
-            } else {
-                first_line.insert(reference.to_owned(), line);
+            let fields: Vec<String> = (1..COLUMNS.len()).map(|i| f(i).to_owned()).collect();
+            match first_line.get(reference) {
+                Some((prev, same)) if *same == fields => copy_of = Some(*prev),
+                Some((prev, _)) => bad(format!(
+                    "duplicate psp_reference {reference:?} with different fields: also on line {prev}"
+                )),
+                None => {
+                    first_line.insert(reference.to_owned(), (line, fields));
+                }
             }
         }
         if let (Ok(amount_minor), Ok(currency), Some(status), Ok(fee_minor), Ok(settled)) =
             (amount, currency, status, fee, settled)
         {
             let ms = settled.unix_timestamp_nanos() / 1_000_000;
-            rows.push(SettlementRow {
+            let row = SettlementRow {
                 line,
                 psp_reference: reference.to_owned(),
                 order_ids,
@@ -342,7 +373,11 @@ pub fn parse(bytes: &[u8], date: Option<Date>) -> Result<SettlementFile, FileErr
                 status,
                 fee_minor,
                 settled_at_ms: i64::try_from(ms).unwrap_or(i64::MAX),
-            });
+            };
+            match copy_of {
+                Some(first) => duplicates.push((row, first)),
+                None => rows.push(row),
+            }
         }
     }
     if !problems.is_empty() {
@@ -355,7 +390,12 @@ pub fn parse(bytes: &[u8], date: Option<Date>) -> Result<SettlementFile, FileErr
             "the file has no rows: give the settlement day with --date",
         ));
     };
-    Ok(SettlementFile { date, sha256, rows })
+    Ok(SettlementFile {
+        date,
+        sha256,
+        rows,
+        duplicates,
+    })
 }
 
 #[cfg(test)]
@@ -386,6 +426,36 @@ mod tests {
         let lines: Vec<u64> = e.problems.iter().map(|p| p.line).collect();
         assert_eq!(lines, [2, 3, 4], "{e}");
         assert!(e.to_string().contains("also on line 2"), "{e}");
+    }
+
+    #[test]
+    fn repeated_orders_and_unbounded_amounts_are_rejected_identical_copies_kept_once() {
+        let f = format!(
+            "{HEADER}bt_1,o1;o2;o1,100,EUR,succeeded,1,2026-11-25T14:20:01Z\nch_2,o2,1000000000000001,EUR,succeeded,1,2026-11-25T14:20:01Z\nch_3,o3,100,EUR,succeeded,1000000000000001,2026-11-25T14:20:01Z\nre_4,o4,-1000000000000001,EUR,refunded,0,2026-11-25T14:20:01Z\n"
+        );
+        let e = parse(f.as_bytes(), None).unwrap_err();
+        let lines: Vec<u64> = e.problems.iter().map(|p| p.line).collect();
+        assert_eq!(lines, [2, 3, 4, 5], "{e}");
+        assert!(e.to_string().contains("\"o1\" is listed twice"), "{e}");
+        assert!(e.to_string().contains("above the bound"), "{e}");
+        // Exactly at the bound is fine.
+        let f = format!(
+            "{HEADER}ch_2,o2,1000000000000000,EUR,succeeded,1000000000000000,2026-11-25T14:20:01Z\n"
+        );
+        assert!(parse(f.as_bytes(), None).is_ok());
+        // An identical copy is kept aside; a conflicting one rejects.
+        let row = "ch_1,o1,100,EUR,succeeded,1,2026-11-25T14:20:01Z\n";
+        let f = format!("{HEADER}{row}{row}");
+        let s = parse(f.as_bytes(), None).unwrap();
+        assert_eq!(s.rows.len(), 1);
+        assert_eq!(s.duplicates.len(), 1);
+        assert_eq!((s.duplicates[0].0.line, s.duplicates[0].1), (3, 2));
+        let f = format!("{HEADER}{row}ch_1,o1,101,EUR,succeeded,1,2026-11-25T14:20:01Z\n");
+        let e = parse(f.as_bytes(), None).unwrap_err();
+        assert!(
+            e.to_string().contains("different fields: also on line 2"),
+            "{e}"
+        );
     }
 
     #[test]

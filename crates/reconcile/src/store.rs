@@ -161,12 +161,14 @@ pub struct DiscrepancyRow {
     pub resolution_published: bool,
     pub resolved_at: Option<i64>,
     pub created_at: i64,
+    /// The PSP's fee of the row (status_mismatch; see migration 4002).
+    pub theirs_fee_minor: Option<i64>,
 }
 
 const DISC_COLS: &str = "discrepancy_id, settlement_date, run_id, class, psp_reference, order_ids, payment_id, \
      ours_currency, ours_minor, theirs_currency, theirs_minor, detail, line, found_event_id, found_published, \
      state, action, reason, resolved_by, adjustment_currency, adjustment_minor, resolution_event_id, \
-     resolution_published, resolved_at, created_at";
+     resolution_published, resolved_at, created_at, theirs_fee_minor";
 
 fn money_cols<R>(row: &R, c: &str, m: &str) -> Result<Option<(String, i64)>, sqlx::Error>
 where
@@ -212,6 +214,7 @@ where
         resolution_published: row.try_get::<i64, _>("resolution_published")? != 0,
         resolved_at: row.try_get("resolved_at")?,
         created_at: row.try_get("created_at")?,
+        theirs_fee_minor: row.try_get("theirs_fee_minor")?,
     })
 }
 
@@ -247,15 +250,49 @@ fn split(m: &Option<(String, i64)>) -> (Option<String>, Option<i64>) {
     }
 }
 
+/// Ledger references among `refs` matched by a run of a settlement day other
+/// than `day` -> that day.
+pub async fn matched_elsewhere(
+    db: &Db,
+    refs: &[String],
+    day: &str,
+) -> Result<HashMap<String, String>, sqlx::Error> {
+    let mut out = HashMap::new();
+    for chunk in refs.chunks(SQLITE_CHUNK) {
+        let list = (2..chunk.len() + 2)
+            .map(|i| format!("${i}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let sql = format!(
+            "SELECT psp_reference, settlement_date FROM reconcile_matched_refs \
+             WHERE settlement_date <> $1 AND psp_reference IN ({list})"
+        );
+        storage::with_pool!(db, p => {
+            let mut q = sqlx::query(&sql).bind(day);
+            for r in chunk {
+                q = q.bind(r);
+            }
+            for row in q.fetch_all(p).await? {
+                out.insert(row.try_get::<String, _>(0)?, row.try_get::<String, _>(1)?);
+            }
+        });
+    }
+    Ok(out)
+}
+
 /// Records a run and its discrepancies in one transaction. Discrepancies
-/// already known (same id from an earlier run of the day) are left as they
-/// are. Returns the ids that are new. Nothing is written if the run is
-/// already recorded (returns `None`).
+/// already known (same id from an earlier run of the day) keep their state;
+/// open ones take the new figures (ours, theirs, fee, detail, line) when
+/// they differ, resolved ones stay as they were. `claimed`: the ledger
+/// references the run matched, `(ours, the row's)`; the first run to match
+/// a reference keeps it. Returns the ids that are new. Nothing is written
+/// if the run is already recorded (returns `None`).
 pub async fn record_run(
     db: &Db,
     run: &crate::report::Report,
     report_json: &str,
     discrepancies: &[DiscrepancyRow],
+    claimed: &[(String, String)],
     now: i64,
 ) -> Result<Option<Vec<String>>, sqlx::Error> {
     let mut new_ids = Vec::new();
@@ -285,8 +322,9 @@ pub async fn record_run(
             let (tc, tm) = split(&d.theirs);
             let n = sqlx::query(
                 "INSERT INTO reconcile_discrepancies (discrepancy_id, settlement_date, run_id, class, psp_reference, order_ids, payment_id, \
-                 ours_currency, ours_minor, theirs_currency, theirs_minor, detail, line, found_event_id, found_published, state, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, 0, 'open', $15) \
+                 ours_currency, ours_minor, theirs_currency, theirs_minor, detail, line, found_event_id, found_published, state, created_at, \
+                 theirs_fee_minor) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, 0, 'open', $15, $16) \
                  ON CONFLICT (discrepancy_id) DO NOTHING",
             )
             .bind(&d.discrepancy_id)
@@ -304,12 +342,45 @@ pub async fn record_run(
             .bind(d.line)
             .bind(&d.found_event_id)
             .bind(now)
+            .bind(d.theirs_fee_minor)
             .execute(&mut *tx)
             .await?
             .rows_affected();
             if n == 1 {
                 new_ids.push(d.discrepancy_id.clone());
+            } else {
+                // Known already: an open one takes this file's figures.
+                sqlx::query(
+                    "UPDATE reconcile_discrepancies SET ours_currency = $2, ours_minor = $3, theirs_currency = $4, \
+                     theirs_minor = $5, detail = $6, line = $7, theirs_fee_minor = $8 \
+                     WHERE discrepancy_id = $1 AND state = 'open'",
+                )
+                .bind(&d.discrepancy_id)
+                .bind(split(&d.ours).0)
+                .bind(split(&d.ours).1)
+                .bind(split(&d.theirs).0)
+                .bind(split(&d.theirs).1)
+                .bind(&d.detail)
+                .bind(d.line)
+                .bind(d.theirs_fee_minor)
+                .execute(&mut *tx)
+                .await?;
             }
+        }
+        for chunk in claimed.chunks(150) {
+            let values = (0..chunk.len())
+                .map(|i| format!("(${}, $1, $2, ${}, $3)", 4 + 2 * i, 5 + 2 * i))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sql = format!(
+                "INSERT INTO reconcile_matched_refs (psp_reference, settlement_date, run_id, row_reference, created_at) \
+                 VALUES {values} ON CONFLICT (psp_reference) DO NOTHING"
+            );
+            let mut q = sqlx::query(&sql).bind(&run.settlement_date).bind(&run.run_id).bind(now);
+            for (ours, row) in chunk {
+                q = q.bind(ours).bind(row);
+            }
+            q.execute(&mut *tx).await?;
         }
         tx.commit().await?;
     });
@@ -393,6 +464,87 @@ pub async fn mark_resolution_published(db: &Db, id: &str) -> Result<(), sqlx::Er
             .bind(id)
             .execute(p)
             .await?;
+    });
+    Ok(())
+}
+
+/// Open `status_mismatch` discrepancies of single-order rows, all days.
+pub async fn open_status_mismatches(db: &Db) -> Result<Vec<DiscrepancyRow>, sqlx::Error> {
+    let sql = format!(
+        "SELECT {DISC_COLS} FROM reconcile_discrepancies WHERE class = 'status_mismatch' AND state = 'open' \
+         ORDER BY settlement_date, psp_reference"
+    );
+    let mut out = Vec::new();
+    storage::with_pool!(db, p => {
+        for row in sqlx::query(&sql).fetch_all(p).await? {
+            let d = disc_row(&row)?;
+            if !d.order_ids.contains(';') {
+                out.push(d);
+            }
+        }
+    });
+    Ok(out)
+}
+
+/// Inserts one discrepancy found outside a file run (a re-check), unless
+/// its id exists. Returns whether it was inserted.
+pub async fn insert_discrepancy(db: &Db, d: &DiscrepancyRow) -> Result<bool, sqlx::Error> {
+    let (oc, om) = split(&d.ours);
+    let (tc, tm) = split(&d.theirs);
+    let n = storage::with_pool!(db, p => {
+        sqlx::query(
+            "INSERT INTO reconcile_discrepancies (discrepancy_id, settlement_date, run_id, class, psp_reference, order_ids, payment_id, \
+             ours_currency, ours_minor, theirs_currency, theirs_minor, detail, line, found_event_id, found_published, state, created_at, \
+             theirs_fee_minor) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, 0, 'open', $15, $16) \
+             ON CONFLICT (discrepancy_id) DO NOTHING",
+        )
+        .bind(&d.discrepancy_id)
+        .bind(&d.settlement_date)
+        .bind(&d.run_id)
+        .bind(&d.class)
+        .bind(&d.psp_reference)
+        .bind(&d.order_ids)
+        .bind(&d.payment_id)
+        .bind(oc)
+        .bind(om)
+        .bind(tc)
+        .bind(tm)
+        .bind(&d.detail)
+        .bind(d.line)
+        .bind(&d.found_event_id)
+        .bind(d.created_at)
+        .bind(d.theirs_fee_minor)
+        .execute(p)
+        .await?
+        .rows_affected()
+    });
+    Ok(n == 1)
+}
+
+/// The scheduled reconciler's watermark (last day reconciled by the
+/// schedule), `YYYY-MM-DD`.
+pub async fn watermark(db: &Db) -> Result<Option<String>, sqlx::Error> {
+    let r = storage::with_pool!(db, p => {
+        sqlx::query_scalar::<_, String>("SELECT last_day FROM reconcile_watermark WHERE name = 'scheduled'")
+            .fetch_optional(p)
+            .await?
+    });
+    Ok(r)
+}
+
+/// Moves the watermark forward to `day` (never back).
+pub async fn advance_watermark(db: &Db, day: &str, now: i64) -> Result<(), sqlx::Error> {
+    storage::with_pool!(db, p => {
+        sqlx::query(
+            "INSERT INTO reconcile_watermark (name, last_day, updated_at) VALUES ('scheduled', $1, $2) \
+             ON CONFLICT (name) DO UPDATE SET last_day = excluded.last_day, updated_at = excluded.updated_at \
+             WHERE reconcile_watermark.last_day < excluded.last_day",
+        )
+        .bind(day)
+        .bind(now)
+        .execute(p)
+        .await?;
     });
     Ok(())
 }

@@ -104,3 +104,62 @@ async fn forward_only(db: Db) {
     assert_eq!(refs(&db).await.len(), 3);
 }
 both!(psp_references_move_forward_only, forward_only);
+
+/// A second capture of an already captured order under another reference
+/// is ignored by the ledger (nothing booked): its reference must not be
+/// recorded as succeeded; the booked capture's reference stays as it was.
+async fn ignored_capture(db: Db) {
+    let t0 = 1_764_100_000_000_000;
+    let (req, pay, ord) = request("pref-ign", "b1", "s1", eur(1_000), t0);
+    let second = envelope(
+        Some(pay),
+        "second-charge",
+        t0 + 2,
+        events::OrderSucceeded {
+            order_id: ord,
+            psp_reference: "ch_second".into(),
+            amount: eur(1_000),
+            fee: eur(59),
+        }
+        .into(),
+    );
+    let webhook_same = envelope(
+        Some(pay),
+        "webhook-same",
+        t0 + 3,
+        OrderSettledByWebhook {
+            order_id: ord,
+            psp_reference: format!("psp-{ord}"),
+            succeeded: true,
+            amount: eur(1_000),
+            fee: Some(eur(59)),
+            failure_reason: None,
+        }
+        .into(),
+    );
+    let out = apply(
+        &db,
+        Projection::Ledger,
+        &[
+            req,
+            succeeded(pay, ord, "first", eur(1_000), eur(59), t0 + 1),
+            second,
+            webhook_same,
+        ],
+        100,
+    )
+    .await;
+    assert!(matches!(out[2], streaming::Outcome::Ignored), "{out:?}");
+    assert!(matches!(out[3], streaming::Outcome::Ignored), "{out:?}");
+    assert_eq!(
+        refs(&db).await,
+        [format!(
+            "psp-{ord}|charge|succeeded|EUR|1000|59|{}|-",
+            t0 + 1
+        )]
+    );
+}
+both!(
+    an_ignored_second_capture_records_no_reference,
+    ignored_capture
+);

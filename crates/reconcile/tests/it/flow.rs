@@ -53,6 +53,19 @@ async fn body(db: Db) {
     let http = reqwest::Client::new();
     let base = sim.base_url();
 
+    // The settlement day, pinned before anything is charged: the test
+    // never runs across UTC midnight (charges, file and ledger on one day).
+    let now = time::OffsetDateTime::now_utc();
+    let to_midnight =
+        (now.date().next_day().unwrap().midnight().assume_utc() - now).whole_seconds();
+    if to_midnight < 120 {
+        tokio::time::sleep(std::time::Duration::from_secs(
+            u64::try_from(to_midnight + 2).unwrap(),
+        ))
+        .await;
+    }
+    let date = time::OffsetDateTime::now_utc().date();
+
     // 12 charges (one our ledger only knows as pending) and 3 refunds.
     let mut ledger = Vec::new();
     let mut pending_ref = String::new();
@@ -121,7 +134,6 @@ async fn body(db: Db) {
     assert!(projections::verify(&db).await.is_ok());
 
     // The file, with injected discrepancies, and what was injected.
-    let date = time::OffsetDateTime::now_utc().date();
     let day = reconcile::settlement::format_date(date);
     let query = "inject=missing:2,extra:1,wrong_amount:1,wrong_fee:1&seed=42";
     let psp = PspSource {

@@ -8,4 +8,5 @@ mod batch;
 mod clean_day;
 mod flow;
 mod malformed;
+mod review;
 mod service;

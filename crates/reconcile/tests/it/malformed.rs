@@ -49,7 +49,7 @@ async fn body(db: Db) {
             "duplicate references",
             format!("{HEADER}{}ch_1,o9,100,EUR,succeeded,1,2026-11-20T11:00:00Z\n", good(3)).into_bytes(),
             None,
-            vec!["line 5", "duplicate psp_reference \"ch_1\": also on line 3"],
+            vec!["line 5", "duplicate psp_reference \"ch_1\" with different fields: also on line 3"],
         ),
         (
             "not integers, unknown currency, bad status",

@@ -71,6 +71,75 @@ async fn once(db_url: String) {
         .await
         .unwrap_err();
     assert!(format!("{e:#}").contains("401"), "{e:#}");
+    // A failed scheduled run does not move the watermark.
+    assert_eq!(
+        count(&db, "SELECT COUNT(*) FROM reconcile_watermark").await,
+        0
+    );
+    // The schedule's catch-up (--once without --date): first start,
+    // today - 1 only; the watermark moves there.
+    let day = |n: i64| {
+        reconcile::settlement::format_date(
+            time::OffsetDateTime::now_utc().date() - time::Duration::days(n),
+        )
+    };
+    let scheduled = || Cli::parse_from(["reconciler", "--psp-url", &sim.base_url(), "--once"]).args;
+    reconcile::serve(
+        k.cfg.clone(),
+        &db_url,
+        scheduled(),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let watermark = || async {
+        match &db {
+            storage::Db::Postgres(p) => {
+                sqlx::query_scalar::<_, String>("SELECT last_day FROM reconcile_watermark")
+                    .fetch_one(p)
+                    .await
+            }
+            storage::Db::Sqlite(p) => {
+                sqlx::query_scalar::<_, String>("SELECT last_day FROM reconcile_watermark")
+                    .fetch_one(p)
+                    .await
+            }
+        }
+        .unwrap()
+    };
+    assert_eq!(watermark().await, day(1));
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM reconcile_runs").await, 2);
+    // Missed days (the watermark three days back): each is reconciled,
+    // oldest first, and the watermark is back at today - 1.
+    crate::harness::exec(
+        &db,
+        &format!("UPDATE reconcile_watermark SET last_day = '{}'", day(4)),
+    )
+    .await;
+    reconcile::serve(
+        k.cfg.clone(),
+        &db_url,
+        scheduled(),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(watermark().await, day(1));
+    for n in [3, 2] {
+        assert_eq!(
+            count(
+                &db,
+                &format!(
+                    "SELECT COUNT(*) FROM reconcile_runs WHERE settlement_date = '{}'",
+                    day(n)
+                )
+            )
+            .await,
+            1,
+            "day {}",
+            day(n)
+        );
+    }
     sim.stop().await.unwrap();
 }
 
