@@ -120,9 +120,17 @@ async fn rebuild(k: &TestKafka, db: &Db, url: &str, label: &str) -> (u64, u128) 
     projections::migrate(db).await.expect("migrate");
     let group = format!("{}-{label}", k.cfg.topology().group("ledger"));
     let started = Instant::now();
-    let s = ops::projection::execute_rebuild(&k.cfg, url, db, Projection::Ledger, &group, 1000)
-        .await
-        .expect("rebuild");
+    let s = ops::projection::execute_rebuild(
+        &k.cfg,
+        url,
+        db,
+        Projection::Ledger,
+        &group,
+        1000,
+        ops::projection::RunOptions::default(),
+    )
+    .await
+    .expect("rebuild");
     let millis = started.elapsed().as_millis();
     // Only the ledger is rebuilt here: the wallets are empty on purpose.
     let report = projections::verify(db).await;

@@ -334,12 +334,25 @@ fn times(
         .context("offsets-for-times lookup failed")?;
     let mut out = BTreeMap::new();
     for r in rows {
-        let o = match found
+        let e = found
             .find_partition(&r.topic, r.partition)
-            .map(|e| e.offset())
-        {
-            Some(Offset::Offset(o)) if o >= 0 => o,
-            _ => r.high,
+            .with_context(|| {
+                format!(
+                    "offsets-for-times returned nothing for {}/{}",
+                    r.topic, r.partition
+                )
+            })?;
+        e.error()
+            .with_context(|| format!("offsets-for-times failed for {}/{}", r.topic, r.partition))?;
+        let o = match e.offset() {
+            Offset::Offset(o) if o >= 0 => o,
+            // No record at or after T: the end of the partition.
+            Offset::End => r.high,
+            other => anyhow::bail!(
+                "offsets-for-times returned {other:?} for {}/{}; expected an offset or the end",
+                r.topic,
+                r.partition
+            ),
         };
         out.insert((r.topic.clone(), r.partition), o);
     }

@@ -4,6 +4,7 @@
 //! See this crate's README.md for each command's flags and guarantees.
 
 pub mod groups;
+pub mod lock;
 pub mod project;
 pub mod projection;
 pub mod shadow;
@@ -86,6 +87,11 @@ pub enum ProjectionCommand {
         mode: ExecMode,
         #[command(flatten)]
         groups: GroupArgs,
+        /// Go ahead although the topics' log starts are above 0 (records
+        /// deleted by retention or DeleteRecords); the projection then
+        /// lacks that history.
+        #[arg(long)]
+        allow_truncated_history: bool,
         /// Print the plan (and the result) as JSON.
         #[arg(long)]
         json: bool,
@@ -103,6 +109,11 @@ pub enum ProjectionCommand {
         /// Events applied per database transaction.
         #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=10_000))]
         batch_size: u32,
+        /// Go ahead although the topics' log starts are above 0 (records
+        /// deleted by retention or DeleteRecords); the projection then
+        /// lacks that history.
+        #[arg(long)]
+        allow_truncated_history: bool,
         /// Print the plan (and the result) as JSON.
         #[arg(long)]
         json: bool,
@@ -194,8 +205,8 @@ pub struct ProjectArgs {
     /// hold no projection data yet.
     #[arg(long, value_name = "URL")]
     pub into: String,
-    /// Include events whose record timestamp is at or before this instant
-    /// (RFC 3339, or ms since the epoch).
+    /// Include events whose time (`occurred_at`, µs) is at or before this
+    /// instant (RFC 3339 to the microsecond, or ms since the epoch).
     #[arg(long, value_name = "TIMESTAMP")]
     pub as_of: String,
     /// Build the ledger (default: both).
@@ -243,8 +254,12 @@ pub async fn projection(
             name,
             mode,
             groups,
+            allow_truncated_history,
             json,
         } => {
+            let opts = projection::RunOptions {
+                allow_truncated_history,
+            };
             let p = Projection::from(name);
             let group = groups.group(&kafka, p);
             let db = projection::open_live(db_url).await?;
@@ -254,7 +269,7 @@ pub async fn projection(
                 dry_run_note(&plan);
                 return Ok(ExitCode::SUCCESS);
             }
-            let rows = projection::execute_reset(&kafka, db_url, &db, p, &group).await?;
+            let rows = projection::execute_reset(&kafka, db_url, &db, p, &group, opts).await?;
             db.close().await;
             eprintln!(
                 "reset done: {} rows dropped, group {group} at the earliest offsets on {} partitions; \
@@ -273,8 +288,12 @@ pub async fn projection(
             mode,
             groups,
             batch_size,
+            allow_truncated_history,
             json,
         } => {
+            let opts = projection::RunOptions {
+                allow_truncated_history,
+            };
             let p = Projection::from(name);
             let group = groups.group(&kafka, p);
             let db = projection::open_live(db_url).await?;
@@ -284,15 +303,24 @@ pub async fn projection(
                 dry_run_note(&plan);
                 return Ok(ExitCode::SUCCESS);
             }
-            let s = projection::execute_rebuild(&kafka, db_url, &db, p, &group, batch(batch_size))
-                .await?;
+            let s = projection::execute_rebuild(
+                &kafka,
+                db_url,
+                &db,
+                p,
+                &group,
+                batch(batch_size),
+                opts,
+            )
+            .await?;
             db.close().await;
             if json {
                 print_json(&s)?;
             } else {
                 println!(
                     "rebuilt {}: {} events read in {} ms ({} events/s): {} applied, {} duplicate, \
-                     {} ignored, {} rejected (not dead-lettered again), {} undecodable",
+                     {} ignored, {} rejected, {} undecodable (the consumers dead-letter those \
+                     they had not reached yet when they meet them)",
                     s.projection,
                     s.events.read,
                     s.millis,
@@ -450,7 +478,7 @@ pub async fn project(
     db_url: &str,
     args: ProjectArgs,
 ) -> anyhow::Result<ExitCode> {
-    let as_of = project::parse_instant_ms(&args.as_of)?;
+    let as_of = project::parse_instant_us(&args.as_of)?;
     let which: Vec<Projection> = match (args.ledger, args.wallet) {
         (true, false) => vec![Projection::Ledger],
         (false, true) => vec![Projection::Wallet],

@@ -6,6 +6,7 @@ use crate::tables;
 use anyhow::Context as _;
 use projections::Projection;
 use serde::Serialize;
+use sqlx::Connection as _;
 use std::path::PathBuf;
 use std::str::FromStr;
 use storage::Db;
@@ -23,6 +24,23 @@ pub fn parse_instant_ms(s: &str) -> anyhow::Result<i64> {
             format!("invalid instant {s:?}: expected RFC 3339 (2026-11-25T12:00:00Z) or ms since the epoch")
         })?;
     i64::try_from(t.unix_timestamp_nanos() / 1_000_000)
+        .with_context(|| format!("instant {s:?} out of range"))
+}
+
+/// Parses an instant to microseconds since the epoch: RFC 3339 (down to
+/// the microsecond; finer digits are cut) or integer milliseconds.
+pub fn parse_instant_us(s: &str) -> anyhow::Result<i64> {
+    let s = s.trim();
+    if let Ok(ms) = s.parse::<i64>() {
+        return ms
+            .checked_mul(1000)
+            .with_context(|| format!("instant {s:?} out of range"));
+    }
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .with_context(|| {
+            format!("invalid instant {s:?}: expected RFC 3339 (2026-11-25T12:00:00Z) or ms since the epoch")
+        })?;
+    i64::try_from(t.unix_timestamp_nanos().div_euclid(1000))
         .with_context(|| format!("instant {s:?} out of range"))
 }
 
@@ -79,28 +97,74 @@ pub fn same_database(a: &str, b: &str) -> bool {
     location(a) == location(b)
 }
 
+/// What a connection to PostgreSQL is connected to.
+/// The server is told apart by its start time (to the µs) rather than by
+/// `inet_server_addr()`, which differs for one server reached over IPv4
+/// and IPv6 (and is NULL over a Unix socket).
+async fn pg_identity(
+    conn: &mut sqlx::PgConnection,
+) -> anyhow::Result<(String, String, Option<i32>)> {
+    sqlx::query_as(
+        "SELECT current_database()::TEXT, pg_postmaster_start_time()::TEXT, inet_server_port()",
+    )
+    .fetch_one(conn)
+    .await
+    .context("asking the database who it is")
+}
+
+/// Whether the database `target` is connected to is the production
+/// database at `production_url`, compared after connecting (PostgreSQL:
+/// database name, server start time and port as the server reports them;
+/// SQLite: the canonical path of the file), so different spellings of
+/// one database are caught.
+async fn same_real_database(production_url: &str, target: &Db) -> anyhow::Result<bool> {
+    match (target, location(production_url)) {
+        (Db::Postgres(pool), Location::Postgres { .. }) => {
+            let mut t = pool.acquire().await.context("connecting to --into")?;
+            let theirs = pg_identity(&mut t).await?;
+            let mut prod = sqlx::PgConnection::connect(production_url).await.context(
+                "connecting to the production database (--database-url) to make sure \
+                     --into is a different one",
+            )?;
+            let ours = pg_identity(&mut prod).await?;
+            let _ = prod.close().await;
+            Ok(ours == theirs)
+        }
+        (Db::Sqlite(_), Location::Sqlite(path)) => {
+            let file = crate::shadow::sqlite_file(target).await?;
+            let target = file.canonicalize().unwrap_or(file);
+            Ok(path.canonicalize().is_ok_and(|p| p == target))
+        }
+        _ => Ok(false),
+    }
+}
+
 /// What `project` built.
 #[derive(Debug, Clone, Serialize)]
 pub struct AsOfSummary {
     pub as_of: String,
-    pub as_of_ms: i64,
+    /// The instant in microseconds since the epoch.
+    pub as_of_us: i64,
     /// Records read (up to the high watermarks when it started).
     pub records_read: u64,
-    /// Records whose timestamp is ≤ the instant (applied).
+    /// Records whose event time (`occurred_at`) is ≤ the instant (applied;
+    /// undecodable records count when their record timestamp is).
     pub records_included: u64,
     pub ledger: Option<ApplyTally>,
     pub wallet: Option<ApplyTally>,
 }
 
-/// Builds the chosen projections as of `as_of_ms` (records with timestamp
-/// ≤ it) into the database at `into` (created and migrated). Refuses when
-/// `into` is the production database or already holds projection data.
-/// Touches no consumer group.
+/// Builds the chosen projections as of `as_of_us` (µs since the epoch:
+/// events whose `occurred_at` ≤ it) into the database at `into` (created
+/// and migrated). Refuses when `into` is the production database (by URL,
+/// and again by what the database reports after connecting) or already
+/// holds projection data (checked before migrating). Touches no consumer
+/// group.
 pub async fn project_as_of(
     kafka: &KafkaConfig,
     production_url: &str,
     into: &str,
-    as_of_ms: i64,
+    as_of_us: i64,
     which: &[Projection],
     batch_size: usize,
 ) -> anyhow::Result<AsOfSummary> {
@@ -114,7 +178,16 @@ pub async fn project_as_of(
         storage::redact(into)
     );
     let db = Db::connect(into).await?;
-    let result = build(kafka, &db, into, as_of_ms, which, batch_size).await;
+    let result = build(
+        kafka,
+        &db,
+        production_url,
+        into,
+        as_of_us,
+        which,
+        batch_size,
+    )
+    .await;
     db.close().await;
     result
 }
@@ -122,17 +195,26 @@ pub async fn project_as_of(
 async fn build(
     kafka: &KafkaConfig,
     db: &Db,
+    production_url: &str,
     into: &str,
-    as_of_ms: i64,
+    as_of_us: i64,
     which: &[Projection],
     batch_size: usize,
 ) -> anyhow::Result<AsOfSummary> {
-    projections::migrate(db).await?;
+    anyhow::ensure!(
+        !same_real_database(production_url, db).await?,
+        "--into {} is the production database (same database after connecting): choose a \
+         separate database",
+        storage::redact(into)
+    );
+    // Before migrating: a database holding something else is left as it was.
     anyhow::ensure!(
         !tables::has_projection_data(db).await?,
         "--into {} already holds projection data: use an empty database",
         storage::redact(into)
     );
+    projections::migrate(db).await?;
+    let as_of_ms = as_of_us.div_euclid(1000);
     let mut reader = TopicReader::open(
         kafka,
         &projection_topics(kafka),
@@ -142,7 +224,10 @@ async fn build(
     )
     .await?;
     let progress = streaming::progress::Progress::new(
-        &format!("project as of {}", ms_rfc3339(as_of_ms)),
+        &format!(
+            "project as of {}",
+            crate::projection::micros_rfc3339(as_of_us)
+        ),
         reader.total(),
     );
     let mut tallies = vec![ApplyTally::default(); which.len()];
@@ -150,12 +235,19 @@ async fn build(
     while let Some(records) = reader.next_batch(batch_size.max(1)).await? {
         let n = u64::try_from(records.len()).unwrap_or(0);
         read += n;
+        // The record timestamp (ms) is the event's occurred_at cut to ms:
+        // a pre-filter; the decoded occurred_at (µs) decides.
         let keep: Vec<_> = records
             .into_iter()
             .filter(|r| {
-                r.timestamp_ms.is_some_and(|t| t <= as_of_ms)
-                    || r.timestamp_ms.is_none()
-                        && timestamp_from_event(r).is_some_and(|t| t <= as_of_ms)
+                if r.timestamp_ms.is_some_and(|t| t > as_of_ms) {
+                    return false;
+                }
+                match events::avro::decode(&r.payload) {
+                    Ok(e) => e.occurred_at.as_micros() <= as_of_us,
+                    // Counted as undecodable when its record time is in range.
+                    Err(_) => r.timestamp_ms.is_some(),
+                }
             })
             .collect();
         included += u64::try_from(keep.len()).unwrap_or(0);
@@ -166,8 +258,8 @@ async fn build(
     }
     progress.finish();
     let mut out = AsOfSummary {
-        as_of: ms_rfc3339(as_of_ms),
-        as_of_ms,
+        as_of: crate::projection::micros_rfc3339(as_of_us),
+        as_of_us,
         records_read: read,
         records_included: included,
         ledger: None,
@@ -180,12 +272,4 @@ async fn build(
         }
     }
     Ok(out)
-}
-
-/// A record without a broker timestamp: the event's `occurred_at` (ms),
-/// which is what producers set the record timestamp to.
-fn timestamp_from_event(r: &streaming::reader::Record) -> Option<i64> {
-    events::avro::decode(&r.payload)
-        .ok()
-        .map(|e| e.occurred_at.as_micros() / 1000)
 }

@@ -1,6 +1,7 @@
 //! `paystream projection status | reset | rebuild`.
 
 use crate::groups::{self, GroupState, PartitionOffsets, PlanRow, Target};
+use crate::lock::RunLock;
 use crate::shadow::Shadow;
 use crate::tables;
 use anyhow::Context as _;
@@ -165,9 +166,15 @@ pub struct ProjectionPlan {
     pub group: GroupState,
     /// The projection's rows now (dropped by a reset, replaced by a rebuild).
     pub tables: Vec<TableRows>,
-    /// Offsets old → new (a rebuild's new offsets are the high watermarks
-    /// now; the executed rebuild uses those it captures when it starts).
+    /// Offsets old → new. A rebuild keeps the group's offset where it is
+    /// below the high watermark (so the live consumers still meet, and
+    /// dead-letter, what they had not reached) and uses the high watermark
+    /// otherwise; the executed rebuild uses the ends it captures when it
+    /// starts.
     pub offsets: Vec<PlanRow>,
+    /// Partitions whose log start is above 0 (history deleted): an
+    /// executed reset or rebuild refuses unless `--allow-truncated-history`.
+    pub history_gaps: Vec<HistoryGap>,
 }
 
 /// Human rendering of a plan.
@@ -198,6 +205,13 @@ pub fn render_plan(plan: &ProjectionPlan) -> String {
         s.push_str(&format!("{:<40} {:>12}{note}\n", t.table, t.rows));
     }
     s.push_str(&groups::render_plan(&plan.offsets));
+    for g in &plan.history_gaps {
+        s.push_str(&format!(
+            "history incomplete: {}/{} starts at offset {} ({} records deleted); --execute needs \
+             --allow-truncated-history and the result lacks them\n",
+            g.topic, g.partition, g.low, g.low
+        ));
+    }
     s
 }
 
@@ -210,8 +224,15 @@ async fn plan_common(
     target: Target,
 ) -> anyhow::Result<ProjectionPlan> {
     let state = groups::describe(kafka, group).await?;
-    let offsets = groups::plan(kafka, group, &projection_topics(kafka), &target).await?;
+    let mut offsets = groups::plan(kafka, group, &projection_topics(kafka), &target).await?;
+    if action == "rebuild" {
+        for r in &mut offsets {
+            r.target = r.current.unwrap_or(r.low).min(r.high).max(r.low);
+        }
+    }
+    let history_gaps = gaps_of_plan(&offsets);
     Ok(ProjectionPlan {
+        history_gaps,
         action: action.to_owned(),
         projection: projection.as_str().to_owned(),
         group: state,
@@ -230,7 +251,8 @@ pub async fn plan_reset(
     plan_common(kafka, db, projection, group, "reset", Target::Earliest).await
 }
 
-/// The plan of a rebuild: replace the rows, offsets to the current ends.
+/// The plan of a rebuild: replace the rows; offsets to the current ends,
+/// or kept where the group lags behind them.
 pub async fn plan_rebuild(
     kafka: &KafkaConfig,
     db: &Db,
@@ -240,10 +262,118 @@ pub async fn plan_rebuild(
     plan_common(kafka, db, projection, group, "rebuild", Target::Latest).await
 }
 
-/// Executes a reset: refuses while the group is active; moves the group's
-/// offsets to the earliest first, then drops the projection's rows (its
-/// own tables emptied, its rows of the shared tables deleted; the chain
-/// head back to genesis) in one transaction.
+/// Options of an executed reset or rebuild.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunOptions {
+    /// Go ahead although some partitions' log start is above 0 (records
+    /// deleted by retention or DeleteRecords): the rebuilt (or, after a
+    /// reset, re-consumed) projection then lacks that history.
+    pub allow_truncated_history: bool,
+}
+
+/// A partition whose log no longer starts at offset 0.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HistoryGap {
+    pub topic: String,
+    pub partition: i32,
+    /// The log start: offsets `0..low` are gone.
+    pub low: i64,
+}
+
+/// The partitions among `parts` (topic, partition, log start) whose log
+/// start is above 0.
+pub fn history_gaps<'a>(parts: impl IntoIterator<Item = (&'a str, i32, i64)>) -> Vec<HistoryGap> {
+    parts
+        .into_iter()
+        .filter(|(_, _, low)| *low > 0)
+        .map(|(topic, partition, low)| HistoryGap {
+            topic: topic.to_owned(),
+            partition,
+            low,
+        })
+        .collect()
+}
+
+/// Refuses a reset or rebuild over topics whose history was partly
+/// deleted, unless `allow` (`--allow-truncated-history`), in which case it
+/// only warns on stderr.
+pub fn check_history(gaps: &[HistoryGap], allow: bool, what: &str) -> anyhow::Result<()> {
+    if gaps.is_empty() {
+        return Ok(());
+    }
+    let list = gaps
+        .iter()
+        .map(|g| {
+            format!(
+                "{}/{}: log starts at offset {} ({} records gone)",
+                g.topic, g.partition, g.low, g.low
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    let total: i64 = gaps.iter().map(|g| g.low).sum();
+    if allow {
+        eprintln!(
+            "warning: --allow-truncated-history: the {what} goes ahead without {total} deleted \
+             records ({list}); the projection will lack that history"
+        );
+        return Ok(());
+    }
+    anyhow::bail!(
+        "{what} refused: the topics no longer hold their full history ({total} records deleted \
+         by retention or DeleteRecords: {list}); the projection would silently lack those \
+         events. Pass --allow-truncated-history to go ahead anyway (the result then lacks \
+         that history)"
+    )
+}
+
+fn gaps_of_plan(rows: &[PlanRow]) -> Vec<HistoryGap> {
+    history_gaps(rows.iter().map(|r| (r.topic.as_str(), r.partition, r.low)))
+}
+
+/// Reads the group's committed offsets and fails unless every partition
+/// of `want` has the offset given there (`None`: nothing committed),
+/// naming each partition that differs. Reset and rebuild use it to notice
+/// a consumer that started meanwhile.
+pub async fn verify_committed(
+    kafka: &KafkaConfig,
+    group: &str,
+    topics: &[String],
+    want: &BTreeMap<(String, i32), Option<i64>>,
+) -> anyhow::Result<()> {
+    let now = groups::offsets(kafka, group, topics).await?;
+    let moved: Vec<String> = now
+        .iter()
+        .filter_map(|o| {
+            let w = want.get(&(o.topic.clone(), o.partition))?;
+            (*w != o.committed).then(|| {
+                format!(
+                    "{}/{}: expected {}, found {}",
+                    o.topic,
+                    o.partition,
+                    w.map_or_else(|| "-".to_owned(), |v| v.to_string()),
+                    o.committed
+                        .map_or_else(|| "-".to_owned(), |v| v.to_string())
+                )
+            })
+        })
+        .collect();
+    anyhow::ensure!(
+        moved.is_empty(),
+        "the committed offsets of group {group} moved (a consumer of the group started \
+         meanwhile?): {}",
+        moved.join("; ")
+    );
+    Ok(())
+}
+
+/// Executes a reset: takes the projection's run lock (one reset/rebuild
+/// of a projection at a time); refuses while the group is active and
+/// when the topics' history is incomplete (unless
+/// `opts.allow_truncated_history`); moves the group's offsets to the
+/// earliest first, then drops the projection's rows (its own tables
+/// emptied, its rows of the shared tables deleted; the chain head back to
+/// genesis) in one transaction; finally reads the offsets back.
 ///
 /// In this order a crash in between is harmless: the consumers re-read
 /// everything and drop what is already applied by event id. The other
@@ -254,15 +384,48 @@ pub async fn execute_reset(
     db: &Db,
     projection: Projection,
     group: &str,
+    opts: RunOptions,
+) -> anyhow::Result<Vec<PlanRow>> {
+    let lock = RunLock::acquire(db, db_url, projection).await?;
+    let result = reset_locked(kafka, db_url, db, projection, group, opts).await;
+    let released = lock.release().await;
+    let rows = result?;
+    released?;
+    Ok(rows)
+}
+
+async fn reset_locked(
+    kafka: &KafkaConfig,
+    db_url: &str,
+    db: &Db,
+    projection: Projection,
+    group: &str,
+    opts: RunOptions,
 ) -> anyhow::Result<Vec<PlanRow>> {
     groups::describe(kafka, group)
         .await?
         .ensure_inactive("resetting the projection")?;
-    let rows = groups::plan(kafka, group, &projection_topics(kafka), &Target::Earliest).await?;
+    let topics = projection_topics(kafka);
+    let rows = groups::plan(kafka, group, &topics, &Target::Earliest).await?;
+    check_history(&gaps_of_plan(&rows), opts.allow_truncated_history, "reset")?;
     groups::execute(kafka, group, &rows).await?;
     // An empty, migrated shadow is exactly a fresh projection.
     let shadow = Shadow::create(db, db_url, projection).await?;
     shadow.swap(db, projection).await?;
+    let want = rows
+        .iter()
+        .map(|r| ((r.topic.clone(), r.partition), Some(r.target)))
+        .collect();
+    verify_committed(kafka, group, &topics, &want)
+        .await
+        .with_context(|| {
+            format!(
+                "the {} projection was reset, but its group's offsets are no longer at the log \
+                 start: events a consumer read in between may be missing from it. Stop every \
+                 consumer of group {group} and run the reset again",
+                projection.as_str()
+            )
+        })?;
     Ok(rows)
 }
 
@@ -341,16 +504,23 @@ pub(crate) async fn apply_records(
     Ok(())
 }
 
-/// Executes a rebuild: refuses while the group is active; captures the
-/// high watermarks, reads both topics from the beginning up to them (no
-/// group), applies with the projection code into a shadow, checks the
-/// group is still inactive, swaps the shadow in (one transaction), then
-/// commits the group's offsets to the captured ends.
+/// Executes a rebuild: takes the projection's run lock; refuses while the
+/// group is active and when the topics' history is incomplete (unless
+/// `opts.allow_truncated_history`); notes the group's committed offsets,
+/// captures the high watermarks, reads both topics from the beginning up
+/// to them (no group), applies with the projection code into a shadow,
+/// checks the group is still inactive and its offsets did not move, swaps
+/// the shadow in (one transaction), then commits per partition the lower
+/// of the group's old offset and the captured end (the log start where it
+/// had none) and reads them back.
 ///
-/// A crash between the swap and the offset commit is harmless: the
-/// consumers then re-read from their old offsets, and every event up to
-/// the ends is already in `applied_events`, so it is a duplicate (or gets
-/// its stored rejection back).
+/// Keeping the old offsets where the group lagged behind makes the live
+/// consumers re-read what they had not reached: events the rebuild
+/// applied come back as duplicates, and the ones it rejected get their
+/// stored rejection (same position) and are dead-lettered by the live
+/// consumers as usual. A crash between the swap and the offset commit is
+/// harmless for the same reason: the old offsets are at or before the
+/// captured ends.
 pub async fn execute_rebuild(
     kafka: &KafkaConfig,
     db_url: &str,
@@ -358,16 +528,66 @@ pub async fn execute_rebuild(
     projection: Projection,
     group: &str,
     batch_size: usize,
+    opts: RunOptions,
+) -> anyhow::Result<RebuildSummary> {
+    let lock = RunLock::acquire(db, db_url, projection).await?;
+    let result = rebuild_locked(kafka, db_url, db, projection, group, batch_size, opts).await;
+    let released = lock.release().await;
+    let summary = result?;
+    released?;
+    Ok(summary)
+}
+
+async fn rebuild_locked(
+    kafka: &KafkaConfig,
+    db_url: &str,
+    db: &Db,
+    projection: Projection,
+    group: &str,
+    batch_size: usize,
+    opts: RunOptions,
 ) -> anyhow::Result<RebuildSummary> {
     groups::describe(kafka, group)
         .await?
         .ensure_inactive("rebuilding the projection")?;
     let topics = projection_topics(kafka);
+    let before = groups::offsets(kafka, group, &topics).await?;
+    let old: BTreeMap<(String, i32), Option<i64>> = before
+        .iter()
+        .map(|o| ((o.topic.clone(), o.partition), o.committed))
+        .collect();
     let mut reader = TopicReader::open(kafka, &topics, Start::Beginning, End::Latest, None).await?;
+    // The log starts the reader actually reads from (retention may have
+    // moved them since the lookup above).
+    let gaps = history_gaps(
+        reader
+            .ranges()
+            .iter()
+            .map(|r| (r.topic.as_str(), r.partition, r.start)),
+    );
+    check_history(&gaps, opts.allow_truncated_history, "rebuild")?;
     let ends: BTreeMap<(String, i32), i64> = reader
         .ranges()
         .iter()
         .map(|r| ((r.topic.clone(), r.partition), r.end))
+        .collect();
+    let starts: BTreeMap<(String, i32), i64> = reader
+        .ranges()
+        .iter()
+        .map(|r| ((r.topic.clone(), r.partition), r.start))
+        .collect();
+    // Per partition: the group's old offset where it is lower than the
+    // end, else the end; the log start where nothing was committed.
+    let targets: BTreeMap<(String, i32), i64> = ends
+        .iter()
+        .map(|(k, end)| {
+            let from = old
+                .get(k)
+                .copied()
+                .flatten()
+                .unwrap_or_else(|| starts.get(k).copied().unwrap_or(0));
+            (k.clone(), from.min(*end))
+        })
         .collect();
     let shadow = Shadow::create(db, db_url, projection).await?;
     tracing::info!(shadow = %shadow.describe(), "rebuilding into the shadow");
@@ -387,9 +607,16 @@ pub async fn execute_rebuild(
     .await;
     progress.finish();
     let checked = match read {
-        Ok(()) => groups::describe(kafka, group)
+        Ok(()) => match groups::describe(kafka, group)
             .await
-            .and_then(|g| g.ensure_inactive("swapping in the rebuilt projection")),
+            .and_then(|g| g.ensure_inactive("swapping in the rebuilt projection"))
+        {
+            Ok(()) => verify_committed(kafka, group, &topics, &old).await.context(
+                "the group's offsets changed while the rebuild ran; start it again once \
+                 its consumers are stopped",
+            ),
+            Err(e) => Err(e),
+        },
         Err(e) => Err(e),
     };
     if let Err(e) = checked {
@@ -398,11 +625,26 @@ pub async fn execute_rebuild(
     }
     let millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     shadow.swap(db, projection).await?;
-    let rows = groups::plan(kafka, group, &topics, &groups::Target::Exact(ends)).await?;
+    let rows = groups::plan(kafka, group, &topics, &groups::Target::Exact(targets)).await?;
     groups::execute(kafka, group, &rows).await.context(
         "the rebuilt projection is in place, but committing the group's offsets failed; \
-         starting the consumers is still safe (already applied events are duplicates)",
+         the group keeps its old offsets, so starting the consumers is still safe (already \
+         applied events are duplicates)",
     )?;
+    let want = rows
+        .iter()
+        .map(|r| ((r.topic.clone(), r.partition), Some(r.target)))
+        .collect();
+    verify_committed(kafka, group, &topics, &want)
+        .await
+        .with_context(|| {
+            format!(
+                "the rebuilt {} projection is in place and its offsets were committed, but \
+                 they moved right after: stop every consumer of group {group} and check \
+                 `paystream offsets show --group {group}`; if in doubt, rebuild again",
+                projection.as_str()
+            )
+        })?;
     let [events] = tally;
     let events_per_sec = events.read.saturating_mul(1000) / millis.max(1);
     Ok(RebuildSummary {

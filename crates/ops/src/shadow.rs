@@ -4,12 +4,14 @@
 //! - PostgreSQL: a schema `ops_shadow_<projection>` in the same database,
 //!   migrated like the live one; the rebuild's connections put it first on
 //!   their `search_path`, so the projection code runs unchanged. The swap
-//!   is one transaction on the live database: `TRUNCATE` the projection's
-//!   own tables (the ledger's immutability triggers are row triggers,
-//!   which `TRUNCATE` does not fire), delete its rows from the shared
-//!   tables, `INSERT ... SELECT` everything from the shadow. `TRUNCATE`
-//!   takes an exclusive lock, so readers wait for the commit and then see
-//!   the new contents; nobody sees a half-built projection.
+//!   is one transaction on the live database: disable the user triggers of
+//!   the projection's own tables (the ledger's immutability triggers refuse
+//!   `DELETE`), `DELETE` its rows (children first), `INSERT ... SELECT`
+//!   everything from the shadow, re-enable the triggers, commit. Trigger
+//!   enabling is transactional, so nobody else sees them disabled. `DELETE`
+//!   (unlike `TRUNCATE`) is MVCC-safe: readers see the old contents until
+//!   the commit, and a REPEATABLE READ reader with an older snapshot keeps
+//!   seeing them; nobody sees a half-built projection.
 //! - SQLite: a separate file next to the database
 //!   (`<db file>.ops-shadow-<projection>`), `ATTACH`ed to one connection
 //!   of the live database for the swap: `BEGIN IMMEDIATE`, save and drop
@@ -22,7 +24,8 @@
 //! SQLite `synchronous = OFF`): a crash during the rebuild only means
 //! running it again. The swap itself runs with the live database's full
 //! durability. The shadow is removed after the swap (and replaced if a
-//! previous rebuild left one behind).
+//! previous rebuild left one behind). Callers hold the projection's run
+//! lock (`crate::lock`), so two runs never share a shadow.
 
 use crate::tables::{OwnedTable, columns, present_tables_of};
 use anyhow::Context as _;
@@ -240,16 +243,27 @@ async fn swap_postgres(
         .filter(|t| !t.shared)
         .map(|t| t.name)
         .collect();
-    if !own.is_empty() {
-        sqlx::query(&format!("TRUNCATE {}", own.join(", ")))
+    // DELETE, not TRUNCATE: TRUNCATE is not MVCC-safe (a REPEATABLE READ
+    // reader with an older snapshot, e.g. `ledger verify`, would see the
+    // tables empty). The immutability triggers refuse DELETE, so they are
+    // disabled for this transaction only: ALTER TABLE ... DISABLE/ENABLE
+    // TRIGGER is transactional, nobody else ever sees them disabled, and a
+    // failure rolls it back with everything else.
+    for t in &own {
+        sqlx::query(&format!("ALTER TABLE {t} DISABLE TRIGGER USER"))
             .execute(&mut *tx)
             .await
-            .context("emptying the projection's own tables")?;
+            .with_context(|| format!("disabling the triggers of {t} for the swap"))?;
     }
-    for t in tables.iter().filter(|t| t.shared) {
-        sqlx::query(&format!("DELETE FROM {} WHERE projection = $1", t.name))
-            .bind(p)
-            .execute(&mut *tx)
+    for t in tables.iter().rev() {
+        let sql = if t.shared {
+            format!("DELETE FROM {} WHERE projection = $1", t.name)
+        } else {
+            format!("DELETE FROM {}", t.name)
+        };
+        let q = sqlx::query(&sql);
+        let q = if t.shared { q.bind(p) } else { q };
+        q.execute(&mut *tx)
             .await
             .with_context(|| format!("deleting {p} rows of {}", t.name))?;
     }
@@ -269,6 +283,12 @@ async fn swap_postgres(
         q.execute(&mut *tx)
             .await
             .with_context(|| format!("copying {} from the shadow", t.name))?;
+    }
+    for t in &own {
+        sqlx::query(&format!("ALTER TABLE {t} ENABLE TRIGGER USER"))
+            .execute(&mut *tx)
+            .await
+            .with_context(|| format!("re-enabling the triggers of {t}"))?;
     }
     tx.commit().await.context("committing the swap")?;
     Ok(())

@@ -416,3 +416,49 @@ pub async fn run_live_to_end(kafka: &KafkaConfig, db: &Db) {
     wait_inactive(kafka, &lg).await;
     wait_inactive(kafka, &wg).await;
 }
+
+/// Runs one statement on `db`.
+pub async fn exec(db: &Db, sql: &str) -> Result<(), sqlx::Error> {
+    match db {
+        Db::Postgres(p) => sqlx::query(sql).execute(p).await.map(drop),
+        Db::Sqlite(p) => sqlx::query(sql).execute(p).await.map(drop),
+    }
+}
+
+/// Rows a rebuild must remove: a bogus applied event of `p` and, for the
+/// wallet, a bogus balance.
+pub async fn tamper(db: &Db, p: Projection) {
+    exec(
+        db,
+        &format!(
+            "INSERT INTO applied_events (projection, event_id, applied_at, topic, kafka_partition, kafka_offset) \
+             VALUES ('{}', 'bogus-event', 1, 'bogus', 0, 0)",
+            p.as_str()
+        ),
+    )
+    .await
+    .expect("tamper applied_events");
+    if p == Projection::Wallet {
+        exec(
+            db,
+            "INSERT INTO wallet_balances (seller_id, currency, balance_minor) VALUES ('bogus-seller', 'EUR', 12345)",
+        )
+        .await
+        .expect("tamper wallet_balances");
+    }
+}
+
+/// The ledger's immutability triggers refuse UPDATE and DELETE of its
+/// (non-empty) tables.
+pub async fn assert_ledger_immutable(db: &Db) {
+    assert!(count(db, "SELECT COUNT(*) FROM ledger_entries").await > 0);
+    assert!(count(db, "SELECT COUNT(*) FROM ledger_transactions").await > 0);
+    for sql in [
+        "DELETE FROM ledger_entries",
+        "UPDATE ledger_entries SET amount_minor = amount_minor + 1",
+        "DELETE FROM ledger_transactions",
+        "UPDATE ledger_transactions SET kind = kind",
+    ] {
+        assert!(exec(db, sql).await.is_err(), "{sql} must be refused");
+    }
+}

@@ -6,6 +6,7 @@ mod harness;
 mod offsets;
 mod project;
 mod rebuild;
+mod safety;
 mod shadow;
 mod status;
 mod tables;

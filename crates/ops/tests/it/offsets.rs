@@ -87,8 +87,9 @@ async fn reset_targets() {
             .all(|r| r.target == r.high && r.current.is_some())
     );
 
-    // --to-datetime: per partition the first offset stamped at or after T.
-    let t = base_ms + 55;
+    // --to-datetime: per partition the first offset stamped at or after T,
+    // T exactly a record's timestamp (so ≥ versus > matters).
+    let t = base_ms + 50;
     let mut expected: BTreeMap<(String, i32), i64> = BTreeMap::new();
     for topic in &topics {
         let n = earliest

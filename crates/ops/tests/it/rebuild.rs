@@ -2,7 +2,7 @@
 //! group is active, and rebuilt == live.
 
 use crate::harness::*;
-use ops::projection::{execute_rebuild, execute_reset, plan_rebuild, plan_reset};
+use ops::projection::{RunOptions, execute_rebuild, execute_reset, plan_rebuild, plan_reset};
 use projections::Projection;
 use streaming::testing::TestKafka;
 
@@ -27,6 +27,16 @@ async fn rebuilt_equals_live(postgres: bool) {
     assert!(projections::verify(&db).await.is_ok());
 
     for p in [Projection::Ledger, Projection::Wallet] {
+        // Rows the live tables should not have: the rebuild must drop them.
+        tamper(&db, p).await;
+        assert_ne!(snapshot(&db, p).await["applied_events"], {
+            let l = if p == Projection::Ledger {
+                &live_ledger
+            } else {
+                &live_wallet
+            };
+            l["applied_events"].clone()
+        });
         let group = k.cfg.topology().group(p.as_str());
         let plan = plan_rebuild(&k.cfg, &db, p, &group).await.unwrap();
         assert!(
@@ -36,7 +46,7 @@ async fn rebuilt_equals_live(postgres: bool) {
             "{:?}",
             plan.offsets
         );
-        let s = execute_rebuild(&k.cfg, &url, &db, p, &group, 37)
+        let s = execute_rebuild(&k.cfg, &url, &db, p, &group, 37, RunOptions::default())
             .await
             .unwrap();
         assert_eq!(s.events.read, u64::try_from(h.envs.len()).unwrap());
@@ -58,6 +68,8 @@ async fn rebuilt_equals_live(postgres: bool) {
     }
     assert_eq!(snapshot(&db, Projection::Ledger).await, live_ledger);
     assert_eq!(snapshot(&db, Projection::Wallet).await, live_wallet);
+    assert_eq!(wallets(&db).await, h.wallets, "the bogus balance is gone");
+    assert_ledger_immutable(&db).await;
     let report = projections::verify(&db).await;
     assert!(report.is_ok(), "{report}");
     // The chain was rebuilt from genesis: one link per transaction.
@@ -138,9 +150,16 @@ async fn reset_then_replay(postgres: bool) {
         "{text}"
     );
 
-    execute_reset(&k.cfg, &url, &db, Projection::Ledger, &lg)
-        .await
-        .unwrap();
+    execute_reset(
+        &k.cfg,
+        &url,
+        &db,
+        Projection::Ledger,
+        &lg,
+        RunOptions::default(),
+    )
+    .await
+    .unwrap();
     let after = snapshot(&db, Projection::Ledger).await;
     assert!(after.values().all(Vec::is_empty), "{after:?}");
     assert_eq!(count(&db, "SELECT seq FROM ledger_chain_head").await, 0);
@@ -153,33 +172,12 @@ async fn reset_then_replay(postgres: bool) {
         .await
         .unwrap();
     assert!(offs.iter().all(|o| o.committed == Some(o.low)), "{offs:?}");
-    // The immutability triggers are still there after the swap.
-    let e = match &db {
-        storage::Db::Postgres(p) => sqlx::query("DELETE FROM ledger_transactions")
-            .execute(p)
-            .await
-            .map(drop),
-        storage::Db::Sqlite(p) => sqlx::query("DELETE FROM ledger_transactions")
-            .execute(p)
-            .await
-            .map(drop),
-    };
-    assert!(e.is_ok(), "an empty table deletes nothing either way");
-
     // The live consumer rebuilds it.
     run_live_to_end(&k.cfg, &db).await;
     assert_eq!(snapshot(&db, Projection::Ledger).await, live_ledger);
-    let e = match &db {
-        storage::Db::Postgres(p) => sqlx::query("DELETE FROM ledger_entries")
-            .execute(p)
-            .await
-            .map(drop),
-        storage::Db::Sqlite(p) => sqlx::query("DELETE FROM ledger_entries")
-            .execute(p)
-            .await
-            .map(drop),
-    };
-    assert!(e.is_err(), "ledger rows must stay immutable after a reset");
+    // The triggers the swap set aside are back: the refilled ledger refuses
+    // UPDATE and DELETE.
+    assert_ledger_immutable(&db).await;
     let report = projections::verify(&db).await;
     assert!(report.is_ok(), "{report}");
 }
@@ -207,16 +205,31 @@ async fn refused_while_active(postgres: bool) {
     assert!(g.is_active());
     let before = snapshot(&db, Projection::Ledger).await;
 
-    let e = execute_reset(&k.cfg, &url, &db, Projection::Ledger, &lg)
-        .await
-        .unwrap_err();
+    let e = execute_reset(
+        &k.cfg,
+        &url,
+        &db,
+        Projection::Ledger,
+        &lg,
+        RunOptions::default(),
+    )
+    .await
+    .unwrap_err();
     assert!(
         format!("{e:#}").contains("stop its consumers first"),
         "{e:#}"
     );
-    let e = execute_rebuild(&k.cfg, &url, &db, Projection::Ledger, &lg, 100)
-        .await
-        .unwrap_err();
+    let e = execute_rebuild(
+        &k.cfg,
+        &url,
+        &db,
+        Projection::Ledger,
+        &lg,
+        100,
+        RunOptions::default(),
+    )
+    .await
+    .unwrap_err();
     assert!(
         format!("{e:#}").contains("stop its consumers first"),
         "{e:#}"
@@ -238,9 +251,16 @@ async fn refused_while_active(postgres: bool) {
     live.stop().await;
     wait_inactive(&k.cfg, &lg).await;
     // Once stopped, the reset goes through.
-    execute_reset(&k.cfg, &url, &db, Projection::Ledger, &lg)
-        .await
-        .unwrap();
+    execute_reset(
+        &k.cfg,
+        &url,
+        &db,
+        Projection::Ledger,
+        &lg,
+        RunOptions::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!(
         count(&db, "SELECT COUNT(*) FROM ledger_transactions").await,
         0

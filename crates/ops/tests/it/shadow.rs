@@ -43,7 +43,39 @@ async fn swap_replaces_one_projection(postgres: bool) {
         count(&db, "SELECT COUNT(*) FROM ledger_transactions").await,
         i64::try_from(big.captures + big.refunds + big.adjustments).unwrap()
     );
+    // PostgreSQL: a REPEATABLE READ reader (like `ledger verify`) whose
+    // snapshot predates the swap keeps seeing the old ledger (TRUNCATE
+    // would show it empty tables).
+    let mut reader = match &db {
+        Db::Postgres(_) => {
+            use sqlx::Connection as _;
+            let mut c = sqlx::PgConnection::connect(&url).await.unwrap();
+            sqlx::query("BEGIN ISOLATION LEVEL REPEATABLE READ")
+                .execute(&mut c)
+                .await
+                .unwrap();
+            // Takes the snapshot without touching the ledger's tables.
+            let _: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM wallet_balances")
+                .fetch_one(&mut c)
+                .await
+                .unwrap();
+            Some(c)
+        }
+        Db::Sqlite(_) => None,
+    };
     shadow.swap(&db, Projection::Ledger).await.unwrap();
+    if let Some(c) = reader.as_mut() {
+        let old: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM ledger_transactions")
+            .fetch_one(&mut *c)
+            .await
+            .unwrap();
+        assert_eq!(
+            old,
+            i64::try_from(big.captures + big.refunds + big.adjustments).unwrap(),
+            "an older snapshot must still see the old ledger"
+        );
+        sqlx::query("COMMIT").execute(&mut *c).await.unwrap();
+    }
 
     assert_eq!(
         snapshot(&db, Projection::Ledger).await,
@@ -55,20 +87,7 @@ async fn swap_replaces_one_projection(postgres: bool) {
         i64::try_from(small.captures + small.refunds + small.adjustments).unwrap()
     );
     // The ledger is still immutable and still appends (chain continues).
-    let deleted = match &db {
-        Db::Postgres(p) => sqlx::query("DELETE FROM ledger_entries")
-            .execute(p)
-            .await
-            .map(drop),
-        Db::Sqlite(p) => sqlx::query("DELETE FROM ledger_entries")
-            .execute(p)
-            .await
-            .map(drop),
-    };
-    assert!(
-        deleted.is_err(),
-        "immutability triggers must survive the swap"
-    );
+    assert_ledger_immutable(&db).await;
     let more = history("shadow-more", 4, 1_700_000_000_000_000);
     apply(&db, Projection::Ledger, &more.envs).await;
     apply(&db, Projection::Wallet, &small.envs).await;
@@ -80,8 +99,19 @@ async fn swap_replaces_one_projection(postgres: bool) {
             assert_eq!(c.violations, 0, "{report}");
         }
     }
-    // A second shadow replaces leftovers; discard leaves the live tables.
+    // A shadow left behind with rows (a crashed rebuild) is replaced by
+    // an empty one; discard leaves the live tables.
+    let left = Shadow::create(&db, &url, Projection::Wallet).await.unwrap();
+    apply(&left.db, Projection::Wallet, &big.envs).await;
+    assert!(count(&left.db, "SELECT COUNT(*) FROM wallet_balances").await > 0);
+    left.db.close().await;
+    drop(left);
     let s = Shadow::create(&db, &url, Projection::Wallet).await.unwrap();
+    assert_eq!(
+        count(&s.db, "SELECT COUNT(*) FROM wallet_balances").await,
+        0
+    );
+    assert_eq!(count(&s.db, "SELECT COUNT(*) FROM applied_events").await, 0);
     s.discard(&db).await.unwrap();
     assert_ne!(count(&db, "SELECT COUNT(*) FROM wallet_balances").await, 0);
 }
