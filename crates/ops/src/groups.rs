@@ -134,22 +134,6 @@ impl PartitionOffsets {
     }
 }
 
-/// Partitions of `topic` (sorted).
-fn partitions(c: &BaseConsumer, topic: &str) -> anyhow::Result<Vec<i32>> {
-    let md = c
-        .fetch_metadata(Some(topic), LOOKUP_TIMEOUT)
-        .with_context(|| format!("cannot read the metadata of topic {topic}"))?;
-    let t = md
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic)
-        .with_context(|| format!("topic {topic} not in the broker's metadata"))?;
-    let mut ps: Vec<i32> = t.partitions().iter().map(|p| p.id()).collect();
-    anyhow::ensure!(!ps.is_empty(), "topic {topic} does not exist");
-    ps.sort_unstable();
-    Ok(ps)
-}
-
 fn committed_and_marks(
     c: &BaseConsumer,
     topics: &[String],
@@ -157,10 +141,7 @@ fn committed_and_marks(
     let mut tpl = TopicPartitionList::new();
     let mut rows = Vec::new();
     for topic in topics {
-        for p in partitions(c, topic)? {
-            let (low, high) = c
-                .fetch_watermarks(topic, p, LOOKUP_TIMEOUT)
-                .with_context(|| format!("cannot read the watermarks of {topic}/{p}"))?;
+        for (p, low, high) in streaming::reader::partition_watermarks(c, topic)? {
             tpl.add_partition(topic, p);
             rows.push(PartitionOffsets {
                 topic: topic.clone(),

@@ -257,18 +257,22 @@ pub async fn projection(
             allow_truncated_history,
             json,
         } => {
+            let Some(PlannedRun { p, group, db, plan }) = open_and_plan(
+                &kafka,
+                db_url,
+                name,
+                &groups,
+                RunKind::Reset,
+                mode.execute,
+                json,
+            )
+            .await?
+            else {
+                return Ok(ExitCode::SUCCESS);
+            };
             let opts = projection::RunOptions {
                 allow_truncated_history,
             };
-            let p = Projection::from(name);
-            let group = groups.group(&kafka, p);
-            let db = projection::open_live(db_url).await?;
-            let plan = projection::plan_reset(&kafka, &db, p, &group).await?;
-            show_plan(&plan, json)?;
-            if !mode.execute {
-                dry_run_note(&plan);
-                return Ok(ExitCode::SUCCESS);
-            }
             let rows = projection::execute_reset(&kafka, db_url, &db, p, &group, opts).await?;
             db.close().await;
             eprintln!(
@@ -291,18 +295,22 @@ pub async fn projection(
             allow_truncated_history,
             json,
         } => {
+            let Some(PlannedRun { p, group, db, .. }) = open_and_plan(
+                &kafka,
+                db_url,
+                name,
+                &groups,
+                RunKind::Rebuild,
+                mode.execute,
+                json,
+            )
+            .await?
+            else {
+                return Ok(ExitCode::SUCCESS);
+            };
             let opts = projection::RunOptions {
                 allow_truncated_history,
             };
-            let p = Projection::from(name);
-            let group = groups.group(&kafka, p);
-            let db = projection::open_live(db_url).await?;
-            let plan = projection::plan_rebuild(&kafka, &db, p, &group).await?;
-            show_plan(&plan, json)?;
-            if !mode.execute {
-                dry_run_note(&plan);
-                return Ok(ExitCode::SUCCESS);
-            }
             let s = projection::execute_rebuild(
                 &kafka,
                 db_url,
@@ -336,6 +344,49 @@ pub async fn projection(
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Which of `projection reset` / `projection rebuild` [`open_and_plan`] plans.
+#[derive(Debug, Clone, Copy)]
+enum RunKind {
+    Reset,
+    Rebuild,
+}
+
+/// A `projection reset|rebuild` run, planned and its plan shown.
+#[derive(Debug)]
+struct PlannedRun {
+    p: Projection,
+    group: String,
+    db: storage::Db,
+    plan: projection::ProjectionPlan,
+}
+
+/// What `projection reset` and `projection rebuild` do before executing:
+/// resolve the projection and its group, open the live database, plan,
+/// show the plan. `None` on a dry run (the note printed, nothing done).
+async fn open_and_plan(
+    kafka: &KafkaConfig,
+    db_url: &str,
+    name: ProjectionName,
+    groups: &GroupArgs,
+    kind: RunKind,
+    execute: bool,
+    json: bool,
+) -> anyhow::Result<Option<PlannedRun>> {
+    let p = Projection::from(name);
+    let group = groups.group(kafka, p);
+    let db = projection::open_live(db_url).await?;
+    let plan = match kind {
+        RunKind::Reset => projection::plan_reset(kafka, &db, p, &group).await?,
+        RunKind::Rebuild => projection::plan_rebuild(kafka, &db, p, &group).await?,
+    };
+    show_plan(&plan, json)?;
+    if !execute {
+        dry_run_note(&plan);
+        return Ok(None);
+    }
+    Ok(Some(PlannedRun { p, group, db, plan }))
 }
 
 fn show_plan(plan: &projection::ProjectionPlan, json: bool) -> anyhow::Result<()> {

@@ -331,6 +331,29 @@ fn gaps_of_plan(rows: &[PlanRow]) -> Vec<HistoryGap> {
     history_gaps(rows.iter().map(|r| (r.topic.as_str(), r.partition, r.low)))
 }
 
+/// Runs `run` (not started before) holding the projection's [`RunLock`],
+/// then releases the lock; the run's error comes first.
+async fn under_run_lock<T>(
+    db: &Db,
+    db_url: &str,
+    projection: Projection,
+    run: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    let lock = RunLock::acquire(db, db_url, projection).await?;
+    let result = run.await;
+    let released = lock.release().await;
+    let value = result?;
+    released?;
+    Ok(value)
+}
+
+/// The offsets a plan commits, as [`verify_committed`] wants them.
+fn planned_targets(rows: &[PlanRow]) -> BTreeMap<(String, i32), Option<i64>> {
+    rows.iter()
+        .map(|r| ((r.topic.clone(), r.partition), Some(r.target)))
+        .collect()
+}
+
 /// Reads the group's committed offsets and fails unless every partition
 /// of `want` has the offset given there (`None`: nothing committed),
 /// naming each partition that differs. Reset and rebuild use it to notice
@@ -386,12 +409,13 @@ pub async fn execute_reset(
     group: &str,
     opts: RunOptions,
 ) -> anyhow::Result<Vec<PlanRow>> {
-    let lock = RunLock::acquire(db, db_url, projection).await?;
-    let result = reset_locked(kafka, db_url, db, projection, group, opts).await;
-    let released = lock.release().await;
-    let rows = result?;
-    released?;
-    Ok(rows)
+    under_run_lock(
+        db,
+        db_url,
+        projection,
+        reset_locked(kafka, db_url, db, projection, group, opts),
+    )
+    .await
 }
 
 async fn reset_locked(
@@ -412,11 +436,7 @@ async fn reset_locked(
     // An empty, migrated shadow is exactly a fresh projection.
     let shadow = Shadow::create(db, db_url, projection).await?;
     shadow.swap(db, projection).await?;
-    let want = rows
-        .iter()
-        .map(|r| ((r.topic.clone(), r.partition), Some(r.target)))
-        .collect();
-    verify_committed(kafka, group, &topics, &want)
+    verify_committed(kafka, group, &topics, &planned_targets(&rows))
         .await
         .with_context(|| {
             format!(
@@ -530,12 +550,13 @@ pub async fn execute_rebuild(
     batch_size: usize,
     opts: RunOptions,
 ) -> anyhow::Result<RebuildSummary> {
-    let lock = RunLock::acquire(db, db_url, projection).await?;
-    let result = rebuild_locked(kafka, db_url, db, projection, group, batch_size, opts).await;
-    let released = lock.release().await;
-    let summary = result?;
-    released?;
-    Ok(summary)
+    under_run_lock(
+        db,
+        db_url,
+        projection,
+        rebuild_locked(kafka, db_url, db, projection, group, batch_size, opts),
+    )
+    .await
 }
 
 async fn rebuild_locked(
@@ -631,11 +652,7 @@ async fn rebuild_locked(
          the group keeps its old offsets, so starting the consumers is still safe (already \
          applied events are duplicates)",
     )?;
-    let want = rows
-        .iter()
-        .map(|r| ((r.topic.clone(), r.partition), Some(r.target)))
-        .collect();
-    verify_committed(kafka, group, &topics, &want)
+    verify_committed(kafka, group, &topics, &planned_targets(&rows))
         .await
         .with_context(|| {
             format!(

@@ -255,34 +255,12 @@ async fn swap_postgres(
             .await
             .with_context(|| format!("disabling the triggers of {t} for the swap"))?;
     }
-    for t in tables.iter().rev() {
-        let sql = if t.shared {
-            format!("DELETE FROM {} WHERE projection = $1", t.name)
-        } else {
-            format!("DELETE FROM {}", t.name)
-        };
-        let q = sqlx::query(&sql);
-        let q = if t.shared { q.bind(p) } else { q };
+    for step in swap_steps(p, tables, cols, "", &quote_ident(schema)) {
+        let q = sqlx::query(&step.sql);
+        let q = if step.binds_projection { q.bind(p) } else { q };
         q.execute(&mut *tx)
             .await
-            .with_context(|| format!("deleting {p} rows of {}", t.name))?;
-    }
-    for (t, c) in tables.iter().zip(cols) {
-        let filter = if t.shared {
-            " WHERE projection = $1"
-        } else {
-            ""
-        };
-        let sql = format!(
-            "INSERT INTO {name} ({c}) SELECT {c} FROM {schema}.{name}{filter}",
-            name = t.name,
-            schema = quote_ident(schema)
-        );
-        let q = sqlx::query(&sql);
-        let q = if t.shared { q.bind(p) } else { q };
-        q.execute(&mut *tx)
-            .await
-            .with_context(|| format!("copying {} from the shadow", t.name))?;
+            .with_context(|| step.what.clone())?;
     }
     for t in &own {
         sqlx::query(&format!("ALTER TABLE {t} ENABLE TRIGGER USER"))
@@ -292,6 +270,57 @@ async fn swap_postgres(
     }
     tx.commit().await.context("committing the swap")?;
     Ok(())
+}
+
+/// One statement of a swap: its SQL, whether it takes the projection as
+/// `$1`, and what it does (the error's context).
+#[derive(Debug)]
+struct SwapStep {
+    sql: String,
+    binds_projection: bool,
+    what: String,
+}
+
+/// The swap's statements, the same on both backends: the live tables'
+/// rows deleted (children first; of the shared tables only projection
+/// `p`'s), then copied from the shadow. `live` prefixes the live tables
+/// (`""` or `"main."`), `shadow` is the shadow's schema.
+fn swap_steps(
+    p: &str,
+    tables: &[OwnedTable],
+    cols: &[String],
+    live: &str,
+    shadow: &str,
+) -> Vec<SwapStep> {
+    let mut steps = Vec::new();
+    for t in tables.iter().rev() {
+        let sql = if t.shared {
+            format!("DELETE FROM {live}{} WHERE projection = $1", t.name)
+        } else {
+            format!("DELETE FROM {live}{}", t.name)
+        };
+        steps.push(SwapStep {
+            sql,
+            binds_projection: t.shared,
+            what: format!("deleting {p} rows of {}", t.name),
+        });
+    }
+    for (t, c) in tables.iter().zip(cols) {
+        let filter = if t.shared {
+            " WHERE projection = $1"
+        } else {
+            ""
+        };
+        steps.push(SwapStep {
+            sql: format!(
+                "INSERT INTO {live}{name} ({c}) SELECT {c} FROM {shadow}.{name}{filter}",
+                name = t.name
+            ),
+            binds_projection: t.shared,
+            what: format!("copying {} from the shadow", t.name),
+        });
+    }
+    steps
 }
 
 async fn swap_sqlite(
@@ -365,33 +394,12 @@ async fn swap_sqlite_body(
             .await
             .with_context(|| format!("dropping trigger {name} for the swap"))?;
     }
-    for t in tables.iter().rev() {
-        let sql = if t.shared {
-            format!("DELETE FROM main.{} WHERE projection = $1", t.name)
-        } else {
-            format!("DELETE FROM main.{}", t.name)
-        };
-        let q = sqlx::query(&sql);
-        let q = if t.shared { q.bind(p) } else { q };
+    for step in swap_steps(p, tables, cols, "main.", "ops_shadow") {
+        let q = sqlx::query(&step.sql);
+        let q = if step.binds_projection { q.bind(p) } else { q };
         q.execute(&mut *conn)
             .await
-            .with_context(|| format!("deleting {p} rows of {}", t.name))?;
-    }
-    for (t, c) in tables.iter().zip(cols) {
-        let filter = if t.shared {
-            " WHERE projection = $1"
-        } else {
-            ""
-        };
-        let sql = format!(
-            "INSERT INTO main.{name} ({c}) SELECT {c} FROM ops_shadow.{name}{filter}",
-            name = t.name
-        );
-        let q = sqlx::query(&sql);
-        let q = if t.shared { q.bind(p) } else { q };
-        q.execute(&mut *conn)
-            .await
-            .with_context(|| format!("copying {} from the shadow", t.name))?;
+            .with_context(|| step.what.clone())?;
     }
     for (name, sql) in &triggers {
         sqlx::query(sql)

@@ -250,6 +250,47 @@ fn split(m: &Option<(String, i64)>) -> (Option<String>, Option<i64>) {
     }
 }
 
+/// The INSERT of one discrepancy, `created_at` as given; nothing when its
+/// id exists (`rows_affected` 0). Shared by [`record_run`] and
+/// [`insert_discrepancy`].
+fn insert_discrepancy_query<'q, DB>(
+    d: &'q DiscrepancyRow,
+    created_at: i64,
+) -> sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>
+where
+    DB: sqlx::Database,
+    String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    Option<String>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    Option<i64>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    let (oc, om) = split(&d.ours);
+    let (tc, tm) = split(&d.theirs);
+    sqlx::query(
+        "INSERT INTO reconcile_discrepancies (discrepancy_id, settlement_date, run_id, class, psp_reference, order_ids, payment_id, \
+         ours_currency, ours_minor, theirs_currency, theirs_minor, detail, line, found_event_id, found_published, state, created_at, \
+         theirs_fee_minor) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, 0, 'open', $15, $16) \
+         ON CONFLICT (discrepancy_id) DO NOTHING",
+    )
+    .bind(&d.discrepancy_id)
+    .bind(&d.settlement_date)
+    .bind(&d.run_id)
+    .bind(&d.class)
+    .bind(&d.psp_reference)
+    .bind(&d.order_ids)
+    .bind(&d.payment_id)
+    .bind(oc)
+    .bind(om)
+    .bind(tc)
+    .bind(tm)
+    .bind(&d.detail)
+    .bind(d.line)
+    .bind(&d.found_event_id)
+    .bind(created_at)
+    .bind(d.theirs_fee_minor)
+}
+
 /// Ledger references among `refs` matched by a run of a settlement day other
 /// than `day` -> that day.
 pub async fn matched_elsewhere(
@@ -318,31 +359,7 @@ pub async fn record_run(
             return Ok(None);
         }
         for d in discrepancies {
-            let (oc, om) = split(&d.ours);
-            let (tc, tm) = split(&d.theirs);
-            let n = sqlx::query(
-                "INSERT INTO reconcile_discrepancies (discrepancy_id, settlement_date, run_id, class, psp_reference, order_ids, payment_id, \
-                 ours_currency, ours_minor, theirs_currency, theirs_minor, detail, line, found_event_id, found_published, state, created_at, \
-                 theirs_fee_minor) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, 0, 'open', $15, $16) \
-                 ON CONFLICT (discrepancy_id) DO NOTHING",
-            )
-            .bind(&d.discrepancy_id)
-            .bind(&d.settlement_date)
-            .bind(&d.run_id)
-            .bind(&d.class)
-            .bind(&d.psp_reference)
-            .bind(&d.order_ids)
-            .bind(&d.payment_id)
-            .bind(oc)
-            .bind(om)
-            .bind(tc)
-            .bind(tm)
-            .bind(&d.detail)
-            .bind(d.line)
-            .bind(&d.found_event_id)
-            .bind(now)
-            .bind(d.theirs_fee_minor)
+            let n = insert_discrepancy_query(d, now)
             .execute(&mut *tx)
             .await?
             .rows_affected();
@@ -489,32 +506,8 @@ pub async fn open_status_mismatches(db: &Db) -> Result<Vec<DiscrepancyRow>, sqlx
 /// Inserts one discrepancy found outside a file run (a re-check), unless
 /// its id exists. Returns whether it was inserted.
 pub async fn insert_discrepancy(db: &Db, d: &DiscrepancyRow) -> Result<bool, sqlx::Error> {
-    let (oc, om) = split(&d.ours);
-    let (tc, tm) = split(&d.theirs);
     let n = storage::with_pool!(db, p => {
-        sqlx::query(
-            "INSERT INTO reconcile_discrepancies (discrepancy_id, settlement_date, run_id, class, psp_reference, order_ids, payment_id, \
-             ours_currency, ours_minor, theirs_currency, theirs_minor, detail, line, found_event_id, found_published, state, created_at, \
-             theirs_fee_minor) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, 0, 'open', $15, $16) \
-             ON CONFLICT (discrepancy_id) DO NOTHING",
-        )
-        .bind(&d.discrepancy_id)
-        .bind(&d.settlement_date)
-        .bind(&d.run_id)
-        .bind(&d.class)
-        .bind(&d.psp_reference)
-        .bind(&d.order_ids)
-        .bind(&d.payment_id)
-        .bind(oc)
-        .bind(om)
-        .bind(tc)
-        .bind(tm)
-        .bind(&d.detail)
-        .bind(d.line)
-        .bind(&d.found_event_id)
-        .bind(d.created_at)
-        .bind(d.theirs_fee_minor)
+        insert_discrepancy_query(d, d.created_at)
         .execute(p)
         .await?
         .rows_affected()

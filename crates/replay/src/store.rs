@@ -117,6 +117,31 @@ pub async fn get(db: &Db, dlq_topic: &str, pos: (i64, i64)) -> sqlx::Result<Opti
     Ok(row.map(|r| from_row(r).1))
 }
 
+/// Binds `$1..$7` of a `replay_redrives` INSERT: the dead-lettered
+/// position and where the record came from.
+fn bind_origin<'q, DB>(
+    q: sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>,
+    dlq_topic: &'q str,
+    pos: (i64, i64),
+    origin: &'q Origin,
+) -> sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>
+where
+    DB: sqlx::Database,
+    &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    Option<i64>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    Option<&'q str>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    q.bind(dlq_topic)
+        .bind(pos.0)
+        .bind(pos.1)
+        .bind(&origin.topic)
+        .bind(origin.partition)
+        .bind(origin.offset)
+        .bind(origin.event_id.as_deref())
+}
+
 /// Claims a position never redriven: true if this call inserted the row
 /// (false: another redrive claimed it first).
 pub async fn claim_new(
@@ -129,14 +154,7 @@ pub async fn claim_new(
 ) -> sqlx::Result<bool> {
     let sql = "INSERT INTO replay_redrives (dlq_topic, dlq_partition, dlq_offset, original_topic, original_partition, original_offset, event_id, state, claim_token, redrives, claimed_at) \
                VALUES ($1, $2, $3, $4, $5, $6, $7, 'producing', $8, 0, $9) ON CONFLICT DO NOTHING";
-    let n = with_pool!(db, p => sqlx::query(sql)
-        .bind(dlq_topic)
-        .bind(pos.0)
-        .bind(pos.1)
-        .bind(&origin.topic)
-        .bind(origin.partition)
-        .bind(origin.offset)
-        .bind(origin.event_id.as_deref())
+    let n = with_pool!(db, p => bind_origin(sqlx::query(sql), dlq_topic, pos, origin)
         .bind(token)
         .bind(now)
         .execute(p)
@@ -174,17 +192,13 @@ pub async fn claim_forced(
                 }
             }
             Some(prev) => {
-                let n = with_pool!(db, p => sqlx::query(upd)
+                let n = with_pool!(db, p => bind_claim(sqlx::query(upd)
                     .bind(token)
                     .bind(now)
                     .bind(&origin.topic)
                     .bind(origin.partition)
                     .bind(origin.offset)
-                    .bind(origin.event_id.as_deref())
-                    .bind(dlq_topic)
-                    .bind(pos.0)
-                    .bind(pos.1)
-                    .bind(&prev.claim_token)
+                    .bind(origin.event_id.as_deref()), (dlq_topic, pos, prev.claim_token.as_str()))
                     .bind(&prev.state)
                     .execute(p)
                     .await
@@ -203,6 +217,21 @@ pub async fn claim_forced(
     )
 }
 
+/// Binds the last four parameters of a statement on a claimed position:
+/// `dlq_topic = $n AND dlq_partition = $n+1 AND dlq_offset = $n+2 AND
+/// claim_token = $n+3`.
+fn bind_claim<'q, DB>(
+    q: sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>,
+    (dlq_topic, pos, token): (&'q str, (i64, i64), &'q str),
+) -> sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>
+where
+    DB: sqlx::Database,
+    &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    q.bind(dlq_topic).bind(pos.0).bind(pos.1).bind(token)
+}
+
 /// Records the acknowledged produce of the claim holding `token`. Fails
 /// when the row no longer holds it (another redrive took the claim over
 /// meanwhile): the produce then is recorded nowhere, and the caller must
@@ -218,14 +247,10 @@ pub async fn mark_produced(
     let sql = "UPDATE replay_redrives SET state = 'produced', redrives = redrives + 1, produced_at = $1, \
                produced_partition = $2, produced_offset = $3 \
                WHERE dlq_topic = $4 AND dlq_partition = $5 AND dlq_offset = $6 AND claim_token = $7 AND state = 'producing'";
-    let n = with_pool!(db, p => sqlx::query(sql)
-        .bind(now)
-        .bind(produced.0)
-        .bind(produced.1)
-        .bind(dlq_topic)
-        .bind(pos.0)
-        .bind(pos.1)
-        .bind(token)
+    let n = with_pool!(db, p => bind_claim(
+            sqlx::query(sql).bind(now).bind(produced.0).bind(produced.1),
+            (dlq_topic, pos, token),
+        )
         .execute(p)
         .await
         .map(|r| r.rows_affected()))
@@ -256,11 +281,7 @@ pub async fn release(
         None => {
             let sql = "DELETE FROM replay_redrives WHERE dlq_topic = $1 AND dlq_partition = $2 AND dlq_offset = $3 \
                        AND claim_token = $4 AND state = 'producing'";
-            with_pool!(db, p => sqlx::query(sql)
-                .bind(dlq_topic)
-                .bind(pos.0)
-                .bind(pos.1)
-                .bind(token)
+            with_pool!(db, p => bind_claim(sqlx::query(sql), (dlq_topic, pos, token))
                 .execute(p)
                 .await
                 .map(|r| r.rows_affected()))?
@@ -270,7 +291,7 @@ pub async fn release(
                        event_id = $4, state = $5, claim_token = $6, redrives = $7, claimed_at = $8, produced_at = $9, \
                        produced_partition = $10, produced_offset = $11, same_as_partition = $12, same_as_offset = $13 \
                        WHERE dlq_topic = $14 AND dlq_partition = $15 AND dlq_offset = $16 AND claim_token = $17 AND state = 'producing'";
-            with_pool!(db, p => sqlx::query(sql)
+            with_pool!(db, p => bind_claim(sqlx::query(sql)
                 .bind(&r.original_topic)
                 .bind(r.original_partition)
                 .bind(r.original_offset)
@@ -283,11 +304,7 @@ pub async fn release(
                 .bind(r.produced_partition)
                 .bind(r.produced_offset)
                 .bind(r.same_as.map(|s| s.0))
-                .bind(r.same_as.map(|s| s.1))
-                .bind(dlq_topic)
-                .bind(pos.0)
-                .bind(pos.1)
-                .bind(token)
+                .bind(r.same_as.map(|s| s.1)), (dlq_topic, pos, token))
                 .execute(p)
                 .await
                 .map(|r| r.rows_affected()))?
@@ -312,14 +329,7 @@ pub async fn record_same_as(
     let sql = "INSERT INTO replay_redrives (dlq_topic, dlq_partition, dlq_offset, original_topic, original_partition, original_offset, event_id, \
                state, claim_token, redrives, claimed_at, produced_at, produced_partition, produced_offset, same_as_partition, same_as_offset) \
                VALUES ($1, $2, $3, $4, $5, $6, $7, 'produced', $8, 0, $9, $10, $11, $12, $13, $14) ON CONFLICT DO NOTHING";
-    let n = with_pool!(db, p => sqlx::query(sql)
-        .bind(dlq_topic)
-        .bind(pos.0)
-        .bind(pos.1)
-        .bind(&origin.topic)
-        .bind(origin.partition)
-        .bind(origin.offset)
-        .bind(origin.event_id.as_deref())
+    let n = with_pool!(db, p => bind_origin(sqlx::query(sql), dlq_topic, pos, origin)
         .bind(new_token())
         .bind(now)
         .bind(now)

@@ -116,8 +116,10 @@ fn plain_consumer(cfg: &KafkaConfig, client_id: &str) -> anyhow::Result<StreamCo
     c.create().context("cannot create a Kafka consumer")
 }
 
-fn partition_watermarks(
-    consumer: &StreamConsumer,
+/// Low and high watermark of every partition of `topic` (sorted by
+/// partition), read through `consumer`.
+pub fn partition_watermarks<C: Consumer>(
+    consumer: &C,
     topic: &str,
 ) -> anyhow::Result<Vec<(i32, i64, i64)>> {
     let md = consumer
