@@ -14,7 +14,10 @@ use sqlx::sqlite::{
 use std::str::FromStr;
 use std::time::Duration;
 
+mod classify;
 pub mod testing;
+
+pub use classify::{KIND_DATA, KIND_INTEGRITY, SqlErrorClass, deterministic_kind, sql_error_class};
 
 /// Runs the same code against whichever pool a [`Db`] holds. The body is
 /// type-checked once per backend, so one SQL string (written in the common

@@ -59,6 +59,16 @@ impl Delivered {
     pub fn payload(&self) -> &[u8] {
         &self.payload
     }
+
+    /// The message key as received (e.g. to verify a signature over it).
+    pub fn key(&self) -> Option<&[u8]> {
+        self.key.as_deref()
+    }
+
+    /// The message headers as received.
+    pub fn headers(&self) -> &[(String, Option<Vec<u8>>)] {
+        &self.headers
+    }
 }
 
 fn message_span(meta: &MessageMeta, env: Option<&Envelope>) -> tracing::Span {
@@ -98,12 +108,87 @@ impl Outcome {
     }
 }
 
-/// A failure of the whole batch that may go away (database down, PSP
-/// unreachable): nothing is committed and the batch is tried again after a
-/// back-off, until it succeeds or the loop is shut down.
+/// Whether a failed batch may succeed if tried again.
+///
+/// | class | examples | what the loop does |
+/// |---|---|---|
+/// | [`Transient`](FailureClass::Transient) | database or broker unreachable, pool timeout, serialization failure (40001), deadlock (40P01), lock timeout (55P03), `SQLITE_BUSY`/`SQLITE_LOCKED`, I/O errors, an idempotency key in flight elsewhere | retries the same batch with exponential back-off, forever (until shutdown); commits nothing past it |
+/// | [`Deterministic`](FailureClass::Deterministic) | SQL data exceptions (SQLSTATE class 22: NUL byte 22021, out of range 22003, ...) and integrity violations (class 23), their SQLite equivalents (`SQLITE_CONSTRAINT*`, `SQLITE_TOOBIG`, `SQLITE_MISMATCH`, "integer overflow"), values out of range in the handler's own arithmetic | the same input fails the same way every time: the loop narrows the batch down (bisection) to the message(s) that fail on their own, dead-letters exactly those with the error kind and message, and applies every other message of the batch |
+///
+/// Why: retrying a deterministic failure can never succeed, so retrying it
+/// stalls its partition (and, through `max.poll.interval.ms`, whoever takes
+/// it over) for good. Dead-lettering a transient failure would drop a valid
+/// event from the flow because of an outage. When in doubt a failure is
+/// transient: a stalled partition is visible (lag, `batch failed` errors)
+/// and recovers by itself once the cause is fixed, a wrongly dead-lettered
+/// event needs an operator's redrive. `storage::sql_error_class` classifies
+/// `sqlx` errors along these lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureClass {
+    Transient,
+    Deterministic,
+}
+
+/// A failure of a whole batch.
+///
+/// Transient: nothing is committed and the batch is tried again after a
+/// back-off, until it succeeds or the loop is shut down. Deterministic: the
+/// batch is split until the failing message(s) are found; those are
+/// dead-lettered with [`kind`](Self::kind) and [`message`](Self::message)
+/// as the reason, the rest is applied (see [`FailureClass`]).
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct HandlerError(pub String);
+#[error("{message}")]
+pub struct HandlerError {
+    pub class: FailureClass,
+    /// Stable, bounded code (the dead letter's `dlq.error_kind` when
+    /// deterministic), e.g. `sql_data_exception`, `sql_integrity_violation`.
+    pub kind: String,
+    pub message: String,
+}
+
+/// Shorthand for [`HandlerError::transient`], kept for the handlers written
+/// before failures were classified (`HandlerError(format!(..))`).
+#[allow(non_snake_case)]
+pub fn HandlerError(message: String) -> HandlerError {
+    HandlerError::transient(message)
+}
+
+impl HandlerError {
+    /// A failure that may go away (see [`FailureClass::Transient`]).
+    pub fn transient(message: impl Into<String>) -> HandlerError {
+        HandlerError {
+            class: FailureClass::Transient,
+            kind: "transient".to_owned(),
+            message: message.into(),
+        }
+    }
+
+    /// A failure the same input will always cause (see
+    /// [`FailureClass::Deterministic`]).
+    pub fn deterministic(kind: impl Into<String>, message: impl Into<String>) -> HandlerError {
+        HandlerError {
+            class: FailureClass::Deterministic,
+            kind: kind.into(),
+            message: message.into(),
+        }
+    }
+
+    /// Deterministic with `kind` if a classifier found one (e.g.
+    /// `storage::deterministic_kind`), transient otherwise.
+    pub fn classified(
+        deterministic_kind: Option<&str>,
+        message: impl Into<String>,
+    ) -> HandlerError {
+        match deterministic_kind {
+            Some(kind) => HandlerError::deterministic(kind, message),
+            None => HandlerError::transient(message),
+        }
+    }
+
+    pub fn is_deterministic(&self) -> bool {
+        self.class == FailureClass::Deterministic
+    }
+}
 
 /// Applies batches of events. Implementations must make the effects durable
 /// before returning, and must be idempotent per event id: after a crash the
@@ -460,33 +545,82 @@ fn drop_revoked(consumer: &LoopConsumer, epoch: u64, batch: Vec<RawMessage>) -> 
     kept
 }
 
+/// Hands `decoded` to the handler and returns one outcome per event.
+///
+/// Transient failures retry the same (sub-)batch with back-off.
+/// Deterministic failures split it in two halves, handled in order (left
+/// first, so a partition's order is kept and what the left half applied is
+/// durable before the right half runs), down to single messages: a message
+/// that fails deterministically on its own becomes `Outcome::Rejected` with
+/// the error's kind and message, i.e. a dead letter. Re-running the
+/// messages of a failed attempt is safe because handlers are idempotent per
+/// event id (an effect that did become durable comes back as `Duplicate`).
+/// `None`: shut down while retrying.
 async fn handle_with_retry<H: BatchHandler>(
     handler: &mut H,
     decoded: &[Delivered],
     settings: &ConsumerSettings,
     shutdown: &CancellationToken,
 ) -> Option<Vec<Outcome>> {
-    if decoded.is_empty() {
-        return Some(Vec::new());
+    let mut outcomes = Vec::with_capacity(decoded.len());
+    // (start, end) ranges still to handle; the last one is next (left
+    // halves on top).
+    let mut todo: Vec<(usize, usize)> = vec![(0, decoded.len())];
+    while let Some((start, end)) = todo.pop() {
+        if start == end {
+            continue;
+        }
+        let part = &decoded[start..end];
+        match handle_until_not_transient(handler, part, settings, shutdown).await? {
+            Ok(o) => outcomes.extend(o),
+            Err(e) if part.len() == 1 => {
+                let _g = part[0].span().entered();
+                tracing::warn!(group = %settings.group_id, error_kind = %e.kind, error = %e, "message fails deterministically");
+                outcomes.push(Outcome::Rejected {
+                    kind: e.kind,
+                    reason: e.message,
+                });
+            }
+            Err(e) => {
+                tracing::warn!(group = %settings.group_id, size = part.len(), error_kind = %e.kind, error = %e, "batch failed deterministically; narrowing it down");
+                let mid = start + part.len() / 2;
+                todo.push((mid, end));
+                todo.push((start, mid));
+            }
+        }
     }
+    Some(outcomes)
+}
+
+/// Retries `batch` while it fails transiently. `Some(Err)`: a
+/// deterministic failure; `None`: shut down while retrying.
+async fn handle_until_not_transient<H: BatchHandler>(
+    handler: &mut H,
+    batch: &[Delivered],
+    settings: &ConsumerSettings,
+    shutdown: &CancellationToken,
+) -> Option<Result<Vec<Outcome>, HandlerError>> {
     let mut backoff = settings.retry_backoff;
     let mut attempt = 1u32;
     loop {
         let span =
-            tracing::info_span!("batch", group = %settings.group_id, size = decoded.len(), attempt);
-        match handler.handle(decoded).instrument(span).await {
+            tracing::info_span!("batch", group = %settings.group_id, size = batch.len(), attempt);
+        match handler.handle(batch).instrument(span).await {
             Ok(outcomes) => {
                 // A handler that loses or invents outcomes is a bug; crash
                 // rather than commit offsets of unapplied events.
                 assert_eq!(
                     outcomes.len(),
-                    decoded.len(),
+                    batch.len(),
                     "handler must return one outcome per event"
                 );
-                return Some(outcomes);
+                return Some(Ok(outcomes));
             }
             Err(e) => {
                 metrics::counter!(crate::metrics::BATCH_FAILURES, "group" => settings.group_id.clone()).increment(1);
+                if e.is_deterministic() {
+                    return Some(Err(e));
+                }
                 tracing::error!(group = %settings.group_id, attempt, error = %e, retry_in_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX), "batch failed; will retry");
                 tokio::select! {
                     _ = shutdown.cancelled() => return None,
@@ -499,6 +633,14 @@ async fn handle_with_retry<H: BatchHandler>(
     }
 }
 
+/// Sends every dead letter and waits for its acknowledgement. Retryable
+/// produce errors (broker unavailable, queue full, timeouts) are retried
+/// with back-off; a dead letter the producer or broker refuses for good
+/// (too large, invalid record) is sent as a stub instead, and a stub that
+/// is refused as a minimal stub (only `dlq.*` headers; bounded, so a
+/// failure to produce it is the cluster's, not the message's, and is
+/// retried). So one message can never block its partition here. `false`:
+/// shut down before all were stored.
 async fn send_dead_letters(
     producer: &EventProducer,
     dead: &[DeadLetter],
@@ -507,14 +649,26 @@ async fn send_dead_letters(
 ) -> bool {
     for d in dead {
         let mut backoff = settings.retry_backoff;
+        let mut form = dlq::Form::Whole;
+        let mut cause = String::new();
         loop {
-            match d.send(producer).await {
+            match d.send_as(producer, form, &cause).await {
                 Ok(at) => {
-                    tracing::info!(dlq_partition = at.partition, dlq_offset = at.offset, original_topic = %d.origin.topic, original_partition = d.origin.partition, original_offset = d.origin.offset, "dead letter stored");
+                    tracing::info!(dlq_partition = at.partition, dlq_offset = at.offset, original_topic = %d.origin.topic, original_partition = d.origin.partition, original_offset = d.origin.offset, ?form, "dead letter stored");
                     break;
                 }
+                Err(e) if !e.is_retryable() && form != dlq::Form::Minimal => {
+                    let next = if form == dlq::Form::Whole {
+                        dlq::Form::Stub
+                    } else {
+                        dlq::Form::Minimal
+                    };
+                    tracing::warn!(error = %e, ?form, ?next, original_topic = %d.origin.topic, original_partition = d.origin.partition, original_offset = d.origin.offset, "dead letter refused for good; sending a stub");
+                    cause = e.to_string();
+                    form = next;
+                }
                 Err(e) => {
-                    tracing::error!(error = %e, "cannot store dead letter; will retry");
+                    tracing::error!(error = %e, ?form, "cannot store dead letter; will retry");
                     tokio::select! {
                         _ = shutdown.cancelled() => return false,
                         _ = tokio::time::sleep(backoff) => {}
