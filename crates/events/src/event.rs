@@ -49,10 +49,25 @@ impl Envelope {
 }
 
 /// UTC instant with microsecond precision (the wire's `timestamp-micros`).
+///
+/// Events only carry instants within the years 0000 to 9999
+/// ([`Timestamp::MIN`]..=[`Timestamp::MAX`], what RFC 3339 can write);
+/// decoding refuses others. Any `i64` is still representable, and
+/// formatting one outside the range never panics (see `Display`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Timestamp(i64);
 
 impl Timestamp {
+    /// 0000-01-01T00:00:00Z.
+    pub const MIN: Timestamp = Timestamp(-62_167_219_200_000_000);
+    /// 9999-12-31T23:59:59.999999Z.
+    pub const MAX: Timestamp = Timestamp(253_402_300_799_999_999);
+
+    /// Within [`Timestamp::MIN`]..=[`Timestamp::MAX`].
+    pub const fn is_in_range(&self) -> bool {
+        self.0 >= Timestamp::MIN.0 && self.0 <= Timestamp::MAX.0
+    }
+
     pub const fn from_micros(micros: i64) -> Timestamp {
         Timestamp(micros)
     }
@@ -67,9 +82,13 @@ impl Timestamp {
     pub fn now() -> Timestamp {
         Timestamp::from_datetime(OffsetDateTime::now_utc())
     }
-    pub fn to_datetime(&self) -> OffsetDateTime {
-        OffsetDateTime::from_unix_timestamp_nanos(i128::from(self.0) * 1_000)
-            .expect("any i64 of microseconds is a valid datetime")
+    /// The instant as a date and time; `None` outside the years 0000 to
+    /// 9999.
+    pub fn to_datetime(&self) -> Option<OffsetDateTime> {
+        if !self.is_in_range() {
+            return None;
+        }
+        OffsetDateTime::from_unix_timestamp_nanos(i128::from(self.0) * 1_000).ok()
     }
     /// Milliseconds, as Kafka record timestamps use.
     pub const fn as_millis(&self) -> i64 {
@@ -77,13 +96,20 @@ impl Timestamp {
     }
 }
 
+/// RFC 3339 (`2026-12-05T23:30:00.123456Z`). Outside the years 0000 to
+/// 9999, where RFC 3339 has no spelling, the raw value with a note
+/// (`@-9223372036854775808us (out of range)`), so printing a hostile event
+/// (`dlq show`, `replay`) never fails or panics.
 impl std::fmt::Display for Timestamp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let s = self
-            .to_datetime()
-            .format(&time::format_description::well_known::Rfc3339)
-            .map_err(|_| std::fmt::Error)?;
-        f.write_str(&s)
+        let formatted = self.to_datetime().and_then(|dt| {
+            dt.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        });
+        match formatted {
+            Some(s) => f.write_str(&s),
+            None => write!(f, "@{}us (out of range)", self.0),
+        }
     }
 }
 
@@ -366,4 +392,52 @@ pub struct ReconciliationRunCompleted {
     pub discrepancies: i64,
     /// Differences per class name (`DiscrepancyClass::as_str`).
     pub class_counts: BTreeMap<String, i64>,
+}
+
+#[cfg(test)]
+mod timestamp_tests {
+    use super::*;
+
+    #[test]
+    fn display_never_panics_and_marks_out_of_range_values() {
+        for micros in [
+            i64::MIN,
+            i64::MAX,
+            Timestamp::MIN.0 - 1,
+            Timestamp::MAX.0 + 1,
+        ] {
+            let t = Timestamp::from_micros(micros);
+            assert!(!t.is_in_range());
+            assert_eq!(t.to_string(), format!("@{micros}us (out of range)"));
+            assert_eq!(t.to_datetime(), None);
+        }
+        assert_eq!(Timestamp::MIN.to_string(), "0000-01-01T00:00:00Z");
+        assert_eq!(Timestamp::MAX.to_string(), "9999-12-31T23:59:59.999999Z");
+        assert!(Timestamp::MIN.is_in_range() && Timestamp::MAX.is_in_range());
+    }
+
+    #[test]
+    fn decoding_refuses_timestamps_outside_years_0_to_9999() {
+        let mut env = crate::samples::one_of_each("c1", "ts", Timestamp::now()).remove(0);
+        for micros in [
+            i64::MAX,
+            i64::MIN,
+            Timestamp::MAX.0 + 1,
+            Timestamp::MIN.0 - 1,
+        ] {
+            env.occurred_at = Timestamp::from_micros(micros);
+            let bytes = crate::avro::encode(&env).expect("encodes");
+            let err = crate::avro::decode(&bytes).expect_err("out of range");
+            assert_eq!(err.kind(), "invalid_field", "{err}");
+            assert!(err.to_string().contains("occurred_at"), "{err}");
+        }
+        for t in [Timestamp::MIN, Timestamp::MAX] {
+            env.occurred_at = t;
+            let bytes = crate::avro::encode(&env).expect("encodes");
+            assert_eq!(
+                crate::avro::decode(&bytes).expect("in range").occurred_at,
+                t
+            );
+        }
+    }
 }

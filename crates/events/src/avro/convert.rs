@@ -558,6 +558,18 @@ pub(super) fn from_value(v: Value) -> Result<Envelope, DecodeError> {
             ));
         }
     };
+    // Outside 0000..=9999 a timestamp cannot be written as RFC 3339 (nor
+    // stored by most databases): refuse it here, so it is dead-lettered
+    // instead of failing later stages.
+    if !occurred_at.is_in_range() {
+        return Err(invalid(
+            "Envelope.occurred_at",
+            format!(
+                "{} µs since the epoch is outside the years 0000 to 9999",
+                occurred_at.as_micros()
+            ),
+        ));
+    }
     Ok(Envelope {
         event_id: EventId::from_uuid(f.uuid("event_id")?),
         occurred_at,
