@@ -6,7 +6,7 @@ cd "$ROOT"
 trap stop_broker EXIT
 ensure_postgres
 ensure_python
-start_broker "memory://nisshi/"
+start_broker memory
 export PAYSTREAM_TEST_BROKERS="$BROKER_ADDR"
 export PAYSTREAM_TEST_DATABASE_URL="${PAYSTREAM_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 # Drop databases left behind by earlier runs (each test makes its own).

@@ -237,7 +237,14 @@ pub async fn projection(
 ) -> anyhow::Result<ExitCode> {
     match cmd {
         ProjectionCommand::Status { json, groups } => {
-            let db = storage::Db::connect(db_url).await?;
+            let db = storage::Db::open_existing(
+                db_url,
+                storage::Needs {
+                    what: "ledger or wallet projection",
+                    table: "applied_events",
+                },
+            )
+            .await?;
             let mut all = Vec::new();
             for p in [Projection::Ledger, Projection::Wallet] {
                 all.push(projection::status(&kafka, &db, p, &groups.group(&kafka, p)).await?);

@@ -33,16 +33,18 @@ pub struct UpArgs {
     timeout_secs: u64,
 }
 
-/// `sqlite://dir/x.db` → `sqlite://dir/x-<component>.db`, so components
-/// in one process do not contend for SQLite's single writer. Other URLs
-/// (PostgreSQL) are shared as they are.
-fn component_url(url: &str, component: &str) -> String {
+/// The PSP simulator plays an outside party, so it keeps its own state:
+/// `sqlite://dir/x.db` → `sqlite://dir/x-psp-sim.db` (any other URL: an
+/// SQLite file `paystream-psp-sim.db` in the current folder). Our own
+/// components share the one database the user named, so every `paystream`
+/// command pointed at it afterwards finds the demo's data.
+fn psp_sim_url(url: &str) -> String {
     match url
         .strip_prefix("sqlite://")
         .and_then(|p| p.strip_suffix(".db"))
     {
-        Some(stem) => format!("sqlite://{stem}-{component}.db"),
-        None => url.to_owned(),
+        Some(stem) => format!("sqlite://{stem}-psp-sim.db"),
+        None => "sqlite://paystream-psp-sim.db".to_owned(),
     }
 }
 
@@ -104,18 +106,17 @@ pub async fn run(kafka: KafkaConfig, database_url: &str, args: UpArgs) -> anyhow
     );
     let psp_url = format!("http://{psp_addr}");
 
-    let mut ex_args = executor::ExecutorArgs::for_tests(&psp_url);
+    // No built-in secrets: fresh ones for this run's simulator and executor.
+    let psp_key = streaming::secret::Secret::generate("sk_test_");
+    let webhook_secret = streaming::secret::Secret::generate("whsec_");
+    let mut ex_args =
+        executor::ExecutorArgs::for_tests(&psp_url, psp_key.clone(), webhook_secret.clone());
     ex_args.listen = executor_addr;
     // Demo: resolve pending orders by polling soon if a webhook is lost.
     ex_args.pending_poll_after_secs = 30;
-    let executor = executor::start(
-        kafka.clone(),
-        &component_url(database_url, "executor"),
-        ex_args,
-        stop.clone(),
-    )
-    .await
-    .context("starting the executor")?;
+    let executor = executor::start(kafka.clone(), database_url, ex_args, stop.clone())
+        .await
+        .context("starting the executor")?;
     let behaviour: psp_sim::config::Behaviour = serde_json::from_value(json!({
         "rules": [
             {"match": {"card_token": "tok_demo_pending"},
@@ -123,25 +124,27 @@ pub async fn run(kafka: KafkaConfig, database_url: &str, args: UpArgs) -> anyhow
             {"match": {"card_token": "tok_demo_pending_fail"},
              "outcome": {"type": "pending", "resolve_after_ms": 3000, "then": "fail"}}
         ],
-        "accounts": [{"id": "acct_default", "api_key": "sk_test_default", "webhook_secret": "whsec_default",
+        "accounts": [{"id": "acct_default", "api_key": psp_key.expose(), "webhook_secret": webhook_secret.expose(),
                       "webhook_url": format!("http://{}/v1/psp/webhooks", executor.addr)}],
         "webhooks": {"duplicate_percent": 10}
     }))
     .context("demo PSP behaviour")?;
     let psp = psp_sim::spawn(psp_sim::SimConfig {
         listen: psp_addr,
-        db_url: component_url(database_url, "psp-sim"),
+        db_url: psp_sim_url(database_url),
         behaviour,
+        api_key: psp_key.clone(),
+        webhook_secret,
     })
     .await
     .context("starting the PSP simulator")?;
     let mut h_args = payment_handler::HandlerArgs::for_tests();
     h_args.listen = handler_addr;
-    let handler_db = component_url(database_url, "handler");
+    let handler_db = database_url.to_owned();
     let handler = payment_handler::start(kafka.clone(), &handler_db, h_args, stop.clone())
         .await
         .context("starting the payment handler")?;
-    let projections_db_url = component_url(database_url, "projections");
+    let projections_db_url = database_url.to_owned();
     let projections = {
         let p_args = projections::ProjectionsArgs {
             listen: projections_addr,
@@ -166,17 +169,19 @@ pub async fn run(kafka: KafkaConfig, database_url: &str, args: UpArgs) -> anyhow
     }
 
     let mut ok = true;
+    let first_day = time::OffsetDateTime::now_utc().date();
+    let api_key = demo_client(&handler_db).await?;
     if args.payments > 0 {
-        let first_day = time::OffsetDateTime::now_utc().date();
         ok = demo(
-            &handler_db,
+            &api_key,
             &format!("http://{}", handler.addr),
             &projections_db_url,
             &args,
         )
         .await?;
-        ok &= reconcile_days(&kafka, &projections_db_url, &psp_url, first_day).await?;
+        ok &= reconcile_days(&kafka, &projections_db_url, &psp_url, &psp_key, first_day).await?;
     }
+    print_next_steps(&kafka, database_url, &urls, &api_key, args.keep_running);
     if args.keep_running {
         println!("running; Ctrl-C to stop");
         streaming::shutdown::on_signals().cancelled().await;
@@ -201,12 +206,13 @@ async fn reconcile_days(
     kafka: &KafkaConfig,
     projections_db_url: &str,
     psp_url: &str,
+    psp_key: &streaming::secret::Secret,
     first_day: time::Date,
 ) -> anyhow::Result<bool> {
     let db = storage::Db::connect(projections_db_url).await?;
     reconcile::migrate(&db).await?;
     let producer = streaming::EventProducer::new(kafka, "paystream-up-reconcile")?;
-    let psp = reconcile::PspSource::simulator(psp_url);
+    let psp = reconcile::PspSource::simulator(psp_url, psp_key.clone());
     let mut clean = true;
     let mut day = first_day;
     while day <= time::OffsetDateTime::now_utc().date() {
@@ -246,15 +252,73 @@ struct Submitted {
     key: String,
 }
 
+/// Registers the demo's API client (a new key each run) and returns its key.
+async fn demo_client(handler_db: &str) -> anyhow::Result<String> {
+    let db = storage::Db::connect(handler_db).await?;
+    let client = events::ClientId::parse("demo-shop")?;
+    Ok(payment_handler::store::create_client(&db, &client).await?)
+}
+
+/// The end of the summary: what a new user can try next, ready to paste.
+fn print_next_steps(
+    kafka: &KafkaConfig,
+    database_url: &str,
+    urls: &[(&str, String)],
+    api_key: &str,
+    keep_running: bool,
+) {
+    let bin_dir = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.display().to_string()));
+    let payment_api = urls
+        .iter()
+        .find(|(what, _)| *what == "payment API")
+        .map(|(_, u)| u.clone())
+        .unwrap_or_default();
+    println!();
+    println!("what to try next:");
+    if let Some(dir) = bin_dir {
+        println!("  export PATH=\"{dir}:$PATH\"   # `paystream` is the binary that just ran");
+    }
+    // Only what differs from the defaults, so the commands below find the
+    // demo's broker, topics and database as written in the README.
+    if database_url != DEFAULT_DATABASE_URL {
+        println!("  export PAYSTREAM_DATABASE_URL='{database_url}'");
+    }
+    if kafka.brokers != "localhost:9092" && kafka.brokers != "127.0.0.1:9092" {
+        println!("  export PAYSTREAM_BROKERS='{}'", kafka.brokers);
+    }
+    if kafka.topic_prefix != events::topics::DEFAULT_PREFIX {
+        println!("  export PAYSTREAM_TOPIC_PREFIX='{}'", kafka.topic_prefix);
+    }
+    println!("  paystream projection status      # groups, offsets, lag, rows, dead letters");
+    println!("  paystream ledger verify          # the ledger's invariants, exit 1 on a violation");
+    println!("  paystream replay --topic payments --format jsonl --out payments.jsonl");
+    println!("  paystream dlq list               # what was dead-lettered, and why");
+    if keep_running {
+        println!("  while this runs, the APIs answer with the demo client's key:");
+    } else {
+        println!(
+            "  the APIs answer while `paystream up --payments 0 --keep-running` runs; the demo client's key stays valid:"
+        );
+    }
+    println!(
+        "  curl -s {payment_api}/v1/payments -H 'Authorization: Bearer {api_key}' \\\n    \
+         -H 'Idempotency-Key: try-1' -H 'content-type: application/json' \\\n    \
+         -d '{{\"buyer_id\":\"b1\",\"orders\":[{{\"seller_id\":\"s1\",\"amount_minor\":1050,\"currency\":\"EUR\"}}],\"metadata\":{{\"card_token\":\"tok_visa\"}}}}'"
+    );
+}
+
+/// The CLI's default database (`--database-url`): the embedded default.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://paystream.db";
+
 async fn demo(
-    handler_db: &str,
+    api_key: &str,
     base: &str,
     projections_db_url: &str,
     args: &UpArgs,
 ) -> anyhow::Result<bool> {
-    let db = storage::Db::connect(handler_db).await?;
-    let client = events::ClientId::parse("demo-shop")?;
-    let api_key = payment_handler::store::create_client(&db, &client).await?;
+    let api_key = api_key.to_owned();
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
         .build()?;
@@ -430,7 +494,7 @@ async fn demo(
     let mut sellers = Vec::new();
     for n in 1..=20 {
         let seller = format!("seller-{n:02}");
-        let w = projections::query::wallet(&pdb, &seller).await?;
+        let w = projections::query::wallet(&pdb, "demo-shop", &seller).await?;
         let eur = w
             .balances
             .iter()

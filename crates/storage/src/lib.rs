@@ -15,9 +15,13 @@ use std::str::FromStr;
 use std::time::Duration;
 
 mod classify;
+mod existing;
 pub mod testing;
+mod write;
 
 pub use classify::{KIND_DATA, KIND_INTEGRITY, SqlErrorClass, deterministic_kind, sql_error_class};
+pub use existing::Needs;
+pub use write::BeginWrite;
 
 /// Runs the same code against whichever pool a [`Db`] holds. The body is
 /// type-checked once per backend, so one SQL string (written in the common
@@ -47,6 +51,10 @@ pub enum StorageError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error(transparent)]
     Sql(#[from] sqlx::Error),
+    /// A read-only command's database lacks what it reads; the message
+    /// says so in words and suggests where the data is.
+    #[error("{0}")]
+    Missing(String),
 }
 
 /// Which SQL dialect a [`Db`] speaks.
@@ -72,6 +80,11 @@ impl Db {
     /// Connects to `postgres://...` or `sqlite://path` (the file is created
     /// if missing).
     pub async fn connect(url: &str) -> Result<Db, StorageError> {
+        Db::connect_with_create(url, true).await
+    }
+
+    /// [`Db::connect`], creating a missing SQLite file only when `create`.
+    async fn connect_with_create(url: &str, create: bool) -> Result<Db, StorageError> {
         let err = |source| StorageError::Connect {
             url: redact(url),
             source,
@@ -88,7 +101,7 @@ impl Db {
         } else if url.starts_with("sqlite:") {
             let opts = SqliteConnectOptions::from_str(url)
                 .map_err(err)?
-                .create_if_missing(true)
+                .create_if_missing(create)
                 // Readers do not block the writer and vice versa.
                 .journal_mode(SqliteJournalMode::Wal)
                 // Money: a committed transaction survives a power cut.
