@@ -6,6 +6,7 @@
 //! migration versions are unique across components by convention:
 //! payment-handler 1xxx, executor 2xxx, projections 3xxx.
 
+use sqlx::ConnectOptions;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{
@@ -107,7 +108,11 @@ impl Db {
                 // Money: a committed transaction survives a power cut.
                 .synchronous(SqliteSynchronous::Full)
                 .busy_timeout(Duration::from_secs(10))
-                .foreign_keys(true);
+                .foreign_keys(true)
+                // One writer at a time: a statement that waited for the
+                // write lock is expected contention on the embedded
+                // default, not a warning (it is one at debug level).
+                .log_slow_statements(log::LevelFilter::Debug, Duration::from_secs(1));
             let pool = SqlitePoolOptions::new()
                 .max_connections(SQLITE_CONNECTIONS_MAX)
                 .acquire_timeout(Duration::from_secs(10))
