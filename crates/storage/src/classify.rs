@@ -86,13 +86,19 @@ fn database_error_class(db: &dyn DatabaseError) -> SqlErrorClass {
 pub fn deterministic_kind(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
     let mut cur = Some(e);
     while let Some(err) = cur {
-        if let Some(sql) = err.downcast_ref::<sqlx::Error>() {
-            return match sql_error_class(sql) {
-                SqlErrorClass::Deterministic(kind) => Some(kind),
-                SqlErrorClass::Transient => None,
-            };
+        // A `#[error(transparent)]` wrapper skips the `sqlx::Error` itself
+        // and goes straight to the driver's error: look for both.
+        let class = if let Some(sql) = err.downcast_ref::<sqlx::Error>() {
+            Some(sql_error_class(sql))
+        } else {
+            err.downcast_ref::<Box<dyn DatabaseError>>()
+                .map(|db| database_error_class(db.as_ref()))
+        };
+        match class {
+            Some(SqlErrorClass::Deterministic(kind)) => return Some(kind),
+            Some(SqlErrorClass::Transient) => return None,
+            None => cur = err.source(),
         }
-        cur = err.source();
     }
     None
 }

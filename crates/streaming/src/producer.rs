@@ -72,6 +72,9 @@ impl std::fmt::Debug for EventProducer {
     }
 }
 
+/// The producer's `message.max.bytes`: the largest message it sends.
+pub const MESSAGE_MAX_BYTES: usize = 1_000_000;
+
 /// How long an append may wait for the broker before it fails; the caller
 /// then decides (retry, or answer the client with an error). Bounded so a
 /// lost broker turns into an error instead of a hung request.
@@ -103,8 +106,11 @@ impl EventProducer {
         // instead of growing memory without limit.
         c.set("queue.buffering.max.messages", "100000");
         c.set("queue.buffering.max.kbytes", "262144");
-        // Kafka's default broker limit; larger events are a bug.
-        c.set("message.max.bytes", "1000000");
+        // Largest message (and request) we produce: Kafka's default broker
+        // limit; larger events are a bug, and a dead letter this large is
+        // sent as a bounded stub instead (`dlq`). Topics are created to
+        // accept it (`admin::TOPIC_MAX_MESSAGE_BYTES`).
+        c.set("message.max.bytes", MESSAGE_MAX_BYTES.to_string());
         // The Java client's partitioner, so a key maps to the same partition
         // whichever client (ours, or an upstream JVM service writing to the
         // inbound topic) produced it.

@@ -1,5 +1,7 @@
 //! Both backends connect, answer, and give each test its own database.
 
+mod classify;
+
 use storage::{Backend, Db, testing};
 
 #[tokio::test]
