@@ -17,6 +17,8 @@ pub enum MoneyError {
     Overflow,
     #[error("amount must be positive, got {0} minor units")]
     NotPositive(i64),
+    #[error("amount {0} is above the bound of {max} minor units", max = Money::MAX_MINOR)]
+    AboveBound(i64),
 }
 
 /// An ISO-4217 currency this system accepts, with its minor-unit exponent.
@@ -149,6 +151,16 @@ pub struct Money {
 }
 
 impl Money {
+    /// Largest amount (in minor units, either sign) one payment, order,
+    /// refund or ledger event may carry: 10^15, ten trillion in a
+    /// two-decimal currency. Far above any real payment, and far enough
+    /// below `i64::MAX` (~9.2 * 10^18) that running totals (wallets, buyer
+    /// totals, ledger sums, velocity windows) of thousands of maximal
+    /// amounts still fit. The handler, the executor's intake and the ledger
+    /// all enforce this one bound, so nothing is accepted at the edge that
+    /// a later stage refuses.
+    pub const MAX_MINOR: i64 = 1_000_000_000_000_000;
+
     pub fn new(amount_minor: i64, currency: Currency) -> Money {
         Money {
             amount_minor,
@@ -162,6 +174,23 @@ impl Money {
             return Err(MoneyError::NotPositive(amount_minor));
         }
         Ok(Money::new(amount_minor, currency))
+    }
+
+    /// A strictly positive amount no larger than [`Money::MAX_MINOR`]: what
+    /// a payment order, a payment total or a refund may be.
+    pub fn payable(amount_minor: i64, currency: Currency) -> Result<Money, MoneyError> {
+        let m = Money::positive(amount_minor, currency)?;
+        if !m.within_bound() {
+            return Err(MoneyError::AboveBound(amount_minor));
+        }
+        Ok(m)
+    }
+
+    /// Whether `|amount| <= MAX_MINOR`.
+    pub fn within_bound(&self) -> bool {
+        self.amount_minor
+            .checked_abs()
+            .is_some_and(|a| a <= Money::MAX_MINOR)
     }
 
     pub fn zero(currency: Currency) -> Money {
@@ -324,6 +353,22 @@ mod tests {
             Err(MoneyError::NotPositive(-3))
         );
         assert!(Money::positive(1, Currency::EUR).is_ok());
+    }
+
+    #[test]
+    fn payable_is_positive_and_within_the_bound() {
+        let m = Money::MAX_MINOR;
+        assert!(Money::payable(m, Currency::EUR).is_ok());
+        assert_eq!(
+            Money::payable(m + 1, Currency::EUR),
+            Err(MoneyError::AboveBound(m + 1))
+        );
+        assert_eq!(
+            Money::payable(0, Currency::EUR),
+            Err(MoneyError::NotPositive(0))
+        );
+        assert!(Money::new(-m, Currency::EUR).within_bound());
+        assert!(!Money::new(i64::MIN, Currency::EUR).within_bound());
     }
 
     #[test]

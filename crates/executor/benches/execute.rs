@@ -71,7 +71,7 @@ fn payment(i: usize) -> Vec<Envelope> {
                         Currency::from_code("EUR").expect("EUR"),
                     ),
                 }],
-                metadata: BTreeMap::new(),
+                metadata: BTreeMap::from([("card_token".to_owned(), "tok_visa".to_owned())]),
             }
             .into(),
         ),

@@ -4,11 +4,14 @@
 
 use crate::service::App;
 use crate::store::{self, IntakeOp, IntakeResult, NewOrder};
-use events::Event;
+use events::{Event, Money};
 use streaming::{BatchHandler, Delivered, HandlerError, Outcome};
 
-/// Card token used when a payment's metadata names none.
-pub const DEFAULT_CARD_TOKEN: &str = "tok_visa";
+/// The payment metadata key naming the payment method to charge. There is
+/// no default: a payment without one is dead-lettered, never charged.
+pub const CARD_TOKEN_KEY: &str = "card_token";
+/// Longest card token the PSP takes.
+pub const CARD_TOKEN_LEN_MAX: usize = 255;
 
 #[derive(Debug)]
 pub struct Intake {
@@ -45,6 +48,17 @@ fn op_for(d: &Delivered) -> Result<IntakeOp, Outcome> {
                         format!("order {} has a non-positive amount", o.order_id),
                     ));
                 }
+                if !o.amount.within_bound() {
+                    return Err(Outcome::rejected(
+                        "invalid_amount",
+                        format!(
+                            "order {} amount {} is above the bound of {} minor units",
+                            o.order_id,
+                            o.amount,
+                            Money::MAX_MINOR
+                        ),
+                    ));
+                }
                 orders.push(NewOrder {
                     order_id: o.order_id.to_string(),
                     seq,
@@ -53,14 +67,47 @@ fn op_for(d: &Delivered) -> Result<IntakeOp, Outcome> {
                     currency: o.amount.currency().code().to_owned(),
                 });
             }
+            // The payment total is bounded like each order (what the
+            // handler accepts), so no later sum overflows.
+            let total = r
+                .orders
+                .first()
+                .map(|o| o.amount.currency())
+                .and_then(|c| Money::checked_sum(c, r.orders.iter().map(|o| o.amount)).ok());
+            if !total.is_some_and(|t| t.within_bound()) {
+                return Err(Outcome::rejected(
+                    "invalid_amount",
+                    format!(
+                        "the orders' total is missing, mixes currencies or is above the bound of {} minor units",
+                        Money::MAX_MINOR
+                    ),
+                ));
+            }
+            let card_token = match r.metadata.get(CARD_TOKEN_KEY) {
+                None => {
+                    return Err(Outcome::rejected(
+                        "missing_payment_method",
+                        format!("payment without metadata.{CARD_TOKEN_KEY}: nothing to charge"),
+                    ));
+                }
+                Some(t)
+                    if t.is_empty()
+                        || t.len() > CARD_TOKEN_LEN_MAX
+                        || t.chars().any(char::is_control) =>
+                {
+                    return Err(Outcome::rejected(
+                        "invalid_payment_method",
+                        format!(
+                            "metadata.{CARD_TOKEN_KEY} must be 1 to {CARD_TOKEN_LEN_MAX} bytes without control characters"
+                        ),
+                    ));
+                }
+                Some(t) => t.clone(),
+            };
             Ok(IntakeOp::Requested {
                 payment_id: need_payment()?,
                 correlation_id: env.correlation_id.to_string(),
-                card_token: r
-                    .metadata
-                    .get("card_token")
-                    .cloned()
-                    .unwrap_or_else(|| DEFAULT_CARD_TOKEN.to_owned()),
+                card_token,
                 orders,
             })
         }
@@ -71,10 +118,13 @@ fn op_for(d: &Delivered) -> Result<IntakeOp, Outcome> {
             payment_id: need_payment()?,
         }),
         Event::RefundRequested(r) => {
-            if r.amount.amount_minor() <= 0 {
+            if r.amount.amount_minor() <= 0 || !r.amount.within_bound() {
                 return Err(Outcome::rejected(
                     "invalid_amount",
-                    format!("refund {} has a non-positive amount", r.refund_id),
+                    format!(
+                        "refund {} amount {} is not positive or above the bound",
+                        r.refund_id, r.amount
+                    ),
                 ));
             }
             Ok(IntakeOp::Refund {

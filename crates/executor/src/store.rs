@@ -127,7 +127,10 @@ pub async fn intake(db: &Db, ops: &[IntakeOp]) -> Result<Vec<IntakeResult>, sqlx
                          VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
                     ).bind(payment_id).bind(correlation_id).bind(card_token).bind(now)
                     .execute(&mut *tx).await?.rows_affected();
-                    for o in orders {
+                    // A payment already known keeps its orders: a second
+                    // PaymentRequested under the same ids (a key reused after
+                    // the handler's retention) never adds orders (H1).
+                    for o in orders.iter().filter(|_| n == 1) {
                         sqlx::query(
                             "INSERT INTO executor_orders (order_id, payment_id, seq, seller_id, amount_minor, currency, state, created_ms, updated_ms) \
                              VALUES ($1, $2, $3, $4, $5, $6, 'awaiting_risk', $7, $7) ON CONFLICT DO NOTHING",

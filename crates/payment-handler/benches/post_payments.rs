@@ -49,7 +49,7 @@ async fn run_http(
             while i < requests {
                 // Distinct buyers keep the velocity rule out of the way.
                 let body = format!(
-                    r#"{{"buyer_id":"buyer-{i}","orders":[{{"seller_id":"seller-{}","amount_minor":{},"currency":"EUR"}}]}}"#,
+                    r#"{{"buyer_id":"buyer-{i}","orders":[{{"seller_id":"seller-{}","amount_minor":{},"currency":"EUR"}}],"metadata":{{"card_token":"tok_visa"}}}}"#,
                     i % 50,
                     100 + i
                 );

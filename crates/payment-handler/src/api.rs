@@ -225,6 +225,19 @@ async fn idempotent(app: App, work: Work, req: Request) -> Result<Response, ApiE
                 .insert(REPLAY_HEADER, HeaderValue::from_static("true"));
             return Ok(r);
         }
+        Begin::Decided { kind, resource } => {
+            metrics::counter!(streaming::metrics::IDEMPOTENCY, "result" => "replay").increment(1);
+            let reply = service::decided_reply(&app, &client, &kind, &resource)
+                .await
+                .map_err(unavailable)?;
+            let mut r = json_response(
+                StatusCode::from_u16(reply.status).unwrap_or(StatusCode::OK),
+                reply.body,
+            );
+            r.headers_mut()
+                .insert(REPLAY_HEADER, HeaderValue::from_static("true"));
+            return Ok(r);
+        }
         Begin::Mismatch => {
             metrics::counter!(streaming::metrics::IDEMPOTENCY, "result" => "mismatch").increment(1);
             let mut e = ApiError::new(

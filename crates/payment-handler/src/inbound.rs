@@ -2,13 +2,119 @@
 //! requests get: the same validation (through `request::parse`), the same
 //! risk check, the same dedup. Invalid ones are dead-lettered with the
 //! reason.
+//!
+//! A message acts for a client only if it proves it: the header
+//! `paystream-signature: keyid=<key id>,v1=<hex>` carries an HMAC-SHA256
+//! over the message's key and bytes (see [`signed_bytes`]) keyed with the
+//! SHA-256 of the secret of one of the client's API keys (`psk_<key
+//! id>_<secret>`). The server keeps only that SHA-256, which is enough to
+//! verify, and an upstream producer can be given just the signing key
+//! ([`signing_key`]) without the API key itself. Unsigned messages, bad
+//! signatures, unknown or revoked keys and keys of another client than the
+//! payload's `client_id` are dead-lettered with kind `unauthenticated`.
 
 use crate::request;
 use crate::service::{App, run_owned_payment};
 use crate::store::Begin;
-use events::{Event, json};
-use streaming::{BatchHandler, Delivered, HandlerError, Outcome};
+use events::{Envelope, Event, json};
+use hmac::{Hmac, Mac};
+use rdkafka::message::{Header, OwnedHeaders};
+use sha2::{Digest, Sha256};
+use streaming::{Appended, BatchHandler, Delivered, EventProducer, HandlerError, Outcome};
 use tracing::Instrument;
+
+/// The header carrying an inbound message's signature.
+pub const SIGNATURE_HEADER: &str = "paystream-signature";
+const DOMAIN: &[u8] = b"paystream-inbound-v1\n";
+
+/// The bytes an inbound signature covers: `paystream-inbound-v1\n`, the
+/// key's length as 4 bytes big-endian, the key, then the payload. The key is
+/// covered so a signed message cannot be replayed under another key.
+pub fn signed_bytes(key: Option<&[u8]>, payload: &[u8]) -> Vec<u8> {
+    let key = key.unwrap_or_default();
+    let mut v = Vec::with_capacity(DOMAIN.len() + 4 + key.len() + payload.len());
+    v.extend_from_slice(DOMAIN);
+    v.extend_from_slice(&u32::try_from(key.len()).unwrap_or(u32::MAX).to_be_bytes());
+    v.extend_from_slice(key);
+    v.extend_from_slice(payload);
+    v
+}
+
+/// (key id, HMAC key) of an API key `psk_<key id>_<secret>`: the HMAC key is
+/// SHA-256 of the secret, which is what the server stores.
+pub fn signing_key(api_key: &str) -> Option<(String, [u8; 32])> {
+    let (key_id, secret) = api_key.strip_prefix("psk_")?.split_once('_')?;
+    Some((key_id.to_owned(), Sha256::digest(secret.as_bytes()).into()))
+}
+
+fn mac(signing_key: &[u8; 32], key: Option<&[u8]>, payload: &[u8]) -> Hmac<Sha256> {
+    let mut m = Hmac::<Sha256>::new_from_slice(signing_key).expect("HMAC takes any key size");
+    m.update(&signed_bytes(key, payload));
+    m
+}
+
+/// The `paystream-signature` header value for a message, signed with an
+/// API key; `None` if `api_key` is not of the form `psk_<key id>_<secret>`.
+pub fn sign(api_key: &str, key: Option<&[u8]>, payload: &[u8]) -> Option<String> {
+    let (key_id, signing) = signing_key(api_key)?;
+    let sig = hex::encode(mac(&signing, key, payload).finalize().into_bytes());
+    Some(format!("keyid={key_id},v1={sig}"))
+}
+
+/// Appends `env` to `topic` (the inbound topic) signed with `api_key`, with
+/// the headers `EventProducer::append_to` sets.
+pub async fn append_signed(
+    producer: &EventProducer,
+    topic: &str,
+    env: &Envelope,
+    api_key: &str,
+) -> anyhow::Result<Appended> {
+    let payload = events::avro::encode(env)?;
+    let key = env.partition_key();
+    let sig = sign(api_key, Some(key.as_bytes()), &payload)
+        .ok_or_else(|| anyhow::anyhow!("not an API key (psk_<key id>_<secret>)"))?;
+    let event_id = env.event_id.to_string();
+    let headers = OwnedHeaders::new()
+        .insert(Header {
+            key: streaming::producer::HEADER_EVENT_TYPE,
+            value: Some(env.event_type().as_str()),
+        })
+        .insert(Header {
+            key: streaming::producer::HEADER_EVENT_ID,
+            value: Some(event_id.as_str()),
+        })
+        .insert(Header {
+            key: streaming::producer::HEADER_CONTENT_TYPE,
+            value: Some(streaming::producer::CONTENT_TYPE_AVRO),
+        })
+        .insert(Header {
+            key: SIGNATURE_HEADER,
+            value: Some(sig.as_str()),
+        });
+    Ok(producer
+        .send_raw(
+            topic,
+            Some(key.as_bytes()),
+            Some(&payload),
+            headers,
+            Some(env.occurred_at.as_millis()),
+        )
+        .await?)
+}
+
+/// Parses `keyid=<id>,v1=<hex>`.
+fn parse_signature(v: &str) -> Option<(&str, Vec<u8>)> {
+    let mut key_id = None;
+    let mut sig = None;
+    for part in v.split(',') {
+        match part.trim().split_once('=')? {
+            ("keyid", k) => key_id = Some(k),
+            ("v1", s) => sig = Some(hex::decode(s).ok()?),
+            _ => {}
+        }
+    }
+    Some((key_id?, sig?))
+}
 
 #[derive(Debug)]
 pub struct Inbound {
@@ -31,14 +137,8 @@ impl Inbound {
                 ),
             ));
         };
-        if !crate::store::client_exists(&self.app.db, &p.client_id)
-            .await
-            .map_err(|e| unavailable(&e))?
-        {
-            return Ok(Outcome::rejected(
-                "unknown_client",
-                format!("client {} is not registered", p.client_id),
-            ));
+        if let Some(reason) = self.unauthenticated(d, p.client_id.as_str()).await? {
+            return Ok(Outcome::rejected("unauthenticated", reason));
         }
         // Inbound requests go through the same idempotency keys as HTTP
         // ones: the same (client, key) is one payment whichever path it
@@ -85,7 +185,7 @@ impl Inbound {
         .map_err(|e| unavailable(&e))?
         {
             Begin::Owned { token, pending } => (token, pending),
-            Begin::Replay { .. } => return Ok(Outcome::Duplicate),
+            Begin::Replay { .. } | Begin::Decided { .. } => return Ok(Outcome::Duplicate),
             Begin::Mismatch => {
                 return Ok(Outcome::rejected(
                     "idempotency_key_reused",
@@ -142,6 +242,49 @@ impl Inbound {
             });
         }
         Ok(Outcome::Applied)
+    }
+}
+
+impl Inbound {
+    /// Why the message does not prove it acts for `client`, if it does not.
+    async fn unauthenticated(
+        &self,
+        d: &Delivered,
+        client: &str,
+    ) -> Result<Option<String>, HandlerError> {
+        let header = d
+            .headers()
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(SIGNATURE_HEADER))
+            .and_then(|(_, v)| v.as_deref());
+        let Some(header) = header else {
+            return Ok(Some(format!(
+                "no {SIGNATURE_HEADER} header: inbound messages must be signed with one of client {client}'s API keys"
+            )));
+        };
+        let Some((key_id, sig)) = std::str::from_utf8(header).ok().and_then(parse_signature) else {
+            return Ok(Some(format!(
+                "malformed {SIGNATURE_HEADER} header (expected keyid=<key id>,v1=<hex HMAC-SHA256>)"
+            )));
+        };
+        let Some((owner, signing)) = crate::store::inbound_signing_key(&self.app.db, key_id)
+            .await
+            .map_err(|e| HandlerError(format!("inbound: {e}")))?
+        else {
+            return Ok(Some("unknown or revoked signing key".to_owned()));
+        };
+        if mac(&signing, d.key(), d.payload())
+            .verify_slice(&sig)
+            .is_err()
+        {
+            return Ok(Some("the signature does not match the message".to_owned()));
+        }
+        if owner != client {
+            return Ok(Some(format!(
+                "signed with a key of another client than the payload's client_id {client}"
+            )));
+        }
+        Ok(None)
     }
 }
 

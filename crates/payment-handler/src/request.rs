@@ -11,6 +11,34 @@ pub const ORDERS_MAX: usize = 100;
 pub const METADATA_ENTRIES_MAX: usize = 20;
 pub const METADATA_KEY_LEN_MAX: usize = 40;
 pub const METADATA_VALUE_LEN_MAX: usize = 500;
+/// The metadata key naming the payment method the executor charges.
+pub const CARD_TOKEN_KEY: &str = "card_token";
+/// Longest card token (the PSP's limit for `card_token`).
+pub const CARD_TOKEN_LEN_MAX: usize = 255;
+
+/// Free text (metadata keys and values, refund reasons) must be printable:
+/// no control characters (C0 including NUL, DEL, C1), which databases,
+/// terminals and CSV readers downstream refuse or misinterpret.
+pub fn check_text(path: &str, s: &str, max_chars: usize) -> Result<(), FieldError> {
+    if let Some(c) = s.chars().find(|c| c.is_control()) {
+        return Err(FieldError::new(
+            path,
+            "control_character",
+            format!(
+                "{path} must not contain control characters (found U+{:04X})",
+                u32::from(c)
+            ),
+        ));
+    }
+    if s.chars().count() > max_chars {
+        return Err(FieldError::new(
+            path,
+            "too_long",
+            format!("{path} is limited to {max_chars} characters"),
+        ));
+    }
+    Ok(())
+}
 
 /// A validated payment request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,7 +181,7 @@ pub fn parse(body: &[u8]) -> Result<PaymentRequest, FieldError> {
                 format!("{ap} must be an integer number of minor units (e.g. 1050 for 10.50 EUR), got {amount_v}"),
             )
         })?;
-        let amount = Money::positive(amount_minor, currency)
+        let amount = Money::payable(amount_minor, currency)
             .map_err(|e| FieldError::new(&ap, "invalid_amount", e.to_string()))?;
         if let Some(first) = orders.first().map(|o: &OrderRequest| o.amount.currency())
             && first != currency
@@ -186,7 +214,8 @@ pub fn parse(body: &[u8]) -> Result<PaymentRequest, FieldError> {
             ));
         }
         for (k, v) in m {
-            let p = format!("metadata.{k}");
+            // The key is named by its position until it is known printable.
+            let p = format!("metadata.{}", k.escape_debug());
             if k.is_empty() || k.chars().count() > METADATA_KEY_LEN_MAX {
                 return Err(FieldError::new(
                     &p,
@@ -194,6 +223,7 @@ pub fn parse(body: &[u8]) -> Result<PaymentRequest, FieldError> {
                     format!("metadata keys must be 1 to {METADATA_KEY_LEN_MAX} characters"),
                 ));
             }
+            check_text(&p, k, METADATA_KEY_LEN_MAX)?;
             let s = string(v, &p)?;
             if s.chars().count() > METADATA_VALUE_LEN_MAX {
                 return Err(FieldError::new(
@@ -202,15 +232,46 @@ pub fn parse(body: &[u8]) -> Result<PaymentRequest, FieldError> {
                     format!("metadata values must be at most {METADATA_VALUE_LEN_MAX} characters"),
                 ));
             }
+            check_text(&p, s, METADATA_VALUE_LEN_MAX)?;
             metadata.insert(k.clone(), s.to_owned());
         }
+    }
+    // The payment method: required, never defaulted downstream.
+    let card_path = format!("metadata.{CARD_TOKEN_KEY}");
+    match metadata.get(CARD_TOKEN_KEY) {
+        None => {
+            return Err(FieldError::new(
+                &card_path,
+                "missing_payment_method",
+                format!("{card_path} is required: the payment method to charge"),
+            ));
+        }
+        Some(t) if t.is_empty() || t.len() > CARD_TOKEN_LEN_MAX => {
+            return Err(FieldError::new(
+                &card_path,
+                "invalid_payment_method",
+                format!("{card_path} must be 1 to {CARD_TOKEN_LEN_MAX} bytes"),
+            ));
+        }
+        Some(_) => {}
     }
     let req = PaymentRequest {
         buyer_id,
         orders,
         metadata,
     };
-    req.total()?;
+    let total = req.total()?;
+    if !total.within_bound() {
+        return Err(FieldError::new(
+            "orders",
+            "invalid_amount",
+            format!(
+                "the orders' total {} is above the bound of {} minor units",
+                total.amount_minor(),
+                Money::MAX_MINOR
+            ),
+        ));
+    }
     Ok(req)
 }
 
@@ -246,12 +307,15 @@ pub fn parse_refund(body: &[u8]) -> Result<RefundRequest, FieldError> {
         None | Some(Value::Null) => None,
         Some(a) => Some(
             a.as_i64()
-                .filter(|n| *n > 0 && (a.is_i64() || a.is_u64()))
+                .filter(|n| *n > 0 && *n <= Money::MAX_MINOR && (a.is_i64() || a.is_u64()))
                 .ok_or_else(|| {
                     FieldError::new(
                         "amount_minor",
                         "invalid_amount",
-                        "amount_minor must be a positive integer number of minor units",
+                        format!(
+                            "amount_minor must be a positive integer number of minor units, at most {}",
+                            Money::MAX_MINOR
+                        ),
                     )
                 })?,
         ),
@@ -267,6 +331,7 @@ pub fn parse_refund(body: &[u8]) -> Result<RefundRequest, FieldError> {
             format!("reason is limited to {REFUND_REASON_LEN_MAX} characters"),
         ));
     }
+    check_text("reason", &reason, REFUND_REASON_LEN_MAX)?;
     Ok(RefundRequest {
         order_id,
         amount_minor,
@@ -306,7 +371,7 @@ mod tests {
 
     #[test]
     fn parses_a_valid_request() {
-        let r = parse(br#"{"buyer_id":"b1","orders":[{"seller_id":"s1","amount_minor":1050,"currency":"EUR"},{"seller_id":"s2","amount_minor":1,"currency":"EUR"}],"metadata":{"cart":"c1"}}"#).unwrap();
+        let r = parse(br#"{"buyer_id":"b1","orders":[{"seller_id":"s1","amount_minor":1050,"currency":"EUR"},{"seller_id":"s2","amount_minor":1,"currency":"EUR"}],"metadata":{"cart":"c1","card_token":"tok_visa"}}"#).unwrap();
         assert_eq!(r.orders.len(), 2);
         assert_eq!(r.total().unwrap(), Money::new(1051, Currency::EUR));
         assert_eq!(r.metadata["cart"], "c1");
@@ -363,6 +428,99 @@ mod tests {
             r#"{"buyer_id":"b","orders":[{"seller_id":"s","amount_minor":5,"currency":"EUR"}],"metadata":{"k":1}}"#,
         );
         assert_eq!(e.field, "metadata.k");
+    }
+
+    fn body(metadata: serde_json::Value, amounts: &[i64]) -> String {
+        let orders: Vec<_> = amounts
+            .iter()
+            .map(|a| serde_json::json!({"seller_id": "s", "amount_minor": a, "currency": "EUR"}))
+            .collect();
+        serde_json::json!({"buyer_id": "b", "orders": orders, "metadata": metadata}).to_string()
+    }
+
+    #[test]
+    fn control_characters_are_refused_in_every_free_text_field() {
+        for bad in ["\u{0}", "\u{7}", "\n", "\u{7f}", "\u{85}", "\u{9f}"] {
+            let e = err(&body(
+                serde_json::json!({"card_token": format!("tok{bad}visa")}),
+                &[5],
+            ));
+            assert_eq!(
+                (e.field.as_str(), e.code),
+                ("metadata.card_token", "control_character"),
+                "{bad:?}"
+            );
+            let e = err(&body(
+                serde_json::json!({"card_token": "t", "note": format!("a{bad}")}),
+                &[5],
+            ));
+            assert_eq!(
+                (e.field.as_str(), e.code),
+                ("metadata.note", "control_character")
+            );
+            let e = err(&body(
+                serde_json::json!({"card_token": "t", format!("k{bad}"): "v"}),
+                &[5],
+            ));
+            assert_eq!(e.code, "control_character");
+            let e = parse_refund(
+                serde_json::json!({"order_id": uuid::Uuid::nil().to_string(), "reason": format!("r{bad}")})
+                    .to_string()
+                    .as_bytes(),
+            )
+            .unwrap_err();
+            assert_eq!((e.field.as_str(), e.code), ("reason", "control_character"));
+        }
+        // Printable non-ASCII text is fine.
+        assert!(
+            parse(
+                body(
+                    serde_json::json!({"card_token": "t", "note": "ünïcode ✓"}),
+                    &[5]
+                )
+                .as_bytes()
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn amounts_above_the_shared_bound_are_refused() {
+        let max = Money::MAX_MINOR;
+        let card = || serde_json::json!({"card_token": "t"});
+        assert!(parse(body(card(), &[max]).as_bytes()).is_ok());
+        let e = err(&body(card(), &[max + 1]));
+        assert_eq!(
+            (e.field.as_str(), e.code),
+            ("orders[0].amount_minor", "invalid_amount")
+        );
+        let e = err(&body(card(), &[max, 1]));
+        assert_eq!((e.field.as_str(), e.code), ("orders", "invalid_amount"));
+        let e = parse_refund(
+            serde_json::json!({"order_id": uuid::Uuid::nil().to_string(), "amount_minor": max + 1})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "amount_minor");
+    }
+
+    #[test]
+    fn a_payment_without_a_payment_method_is_refused_naming_the_field() {
+        let e = err(
+            r#"{"buyer_id":"b","orders":[{"seller_id":"s","amount_minor":5,"currency":"EUR"}]}"#,
+        );
+        assert_eq!(
+            (e.field.as_str(), e.code),
+            ("metadata.card_token", "missing_payment_method")
+        );
+        let e = err(&body(serde_json::json!({"cart": "c"}), &[5]));
+        assert_eq!(e.field, "metadata.card_token");
+        let e = err(&body(serde_json::json!({"card_token": ""}), &[5]));
+        assert_eq!(
+            (e.field.as_str(), e.code),
+            ("metadata.card_token", "invalid_payment_method")
+        );
     }
 
     #[test]

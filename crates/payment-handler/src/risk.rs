@@ -118,15 +118,51 @@ impl RiskRules {
                     .iter()
                     .flat_map(|v| v.max_amount_minor.values()),
             );
-        if limits.into_iter().any(|l| *l <= 0) {
-            return Err(invalid("limits must be positive".into()));
+        if limits.into_iter().any(|l| *l <= 0 || *l > Money::MAX_MINOR) {
+            return Err(invalid(format!(
+                "limits must be positive and at most {} minor units (the amount bound)",
+                Money::MAX_MINOR
+            )));
         }
-        if rules.velocity.as_ref().is_some_and(|v| v.window_secs == 0) {
-            return Err(invalid("velocity.window_secs must be positive".into()));
+        // Every currency the rules accept has a per-order and a per-payment
+        // limit: a currency without one would be limited only by the
+        // amount bound.
+        let accepted: Vec<String> = match &rules.allowed_currencies {
+            Some(a) => a.iter().cloned().collect(),
+            None => Currency::all().map(|c| c.code().to_owned()).collect(),
+        };
+        let unlimited: Vec<&str> = accepted
+            .iter()
+            .filter(|c| {
+                !rules.max_order_minor.contains_key(*c) || !rules.max_payment_minor.contains_key(*c)
+            })
+            .map(String::as_str)
+            .collect();
+        if !unlimited.is_empty() {
+            return Err(invalid(format!(
+                "every accepted currency needs max_order_minor and max_payment_minor; missing for {} \
+                 (list the currencies you accept in allowed_currencies and give each a limit)",
+                unlimited.join(", ")
+            )));
+        }
+        if let Some(v) = &rules.velocity {
+            if v.window_secs == 0 {
+                return Err(invalid("velocity.window_secs must be positive".into()));
+            }
+            if v.max_count > VELOCITY_COUNT_MAX {
+                return Err(invalid(format!(
+                    "velocity.max_count must be at most {VELOCITY_COUNT_MAX}"
+                )));
+            }
         }
         Ok(rules)
     }
 }
+
+/// Largest `velocity.max_count`. The velocity sum is taken over at most this
+/// many payments of at most `Money::MAX_MINOR` each, so it always fits in
+/// 64 bits (9 * 10^18 < i64::MAX): a buyer's window can never overflow.
+pub const VELOCITY_COUNT_MAX: u32 = 9_000;
 
 impl RiskCheck for RiskRules {
     fn rule_set(&self) -> &str {
@@ -238,7 +274,7 @@ mod tests {
             .map(|(s, a, c)| serde_json::json!({"seller_id": s, "amount_minor": a, "currency": c}))
             .collect();
         parse(
-            serde_json::json!({"buyer_id": buyer, "orders": orders})
+            serde_json::json!({"buyer_id": buyer, "orders": orders, "metadata": {"card_token": "tok_visa"}})
                 .to_string()
                 .as_bytes(),
         )
@@ -254,6 +290,40 @@ mod tests {
 
     fn rules(extra: &str) -> RiskRules {
         RiskRules::parse(&format!("name = \"t@1\"\n{extra}"), "test").unwrap()
+    }
+
+    #[test]
+    fn every_accepted_currency_needs_limits() {
+        let e = RiskRules::parse(
+            "name = \"x\"\nallowed_currencies = [\"EUR\", \"CHF\"]\n[max_order_minor]\nEUR = 1\nCHF = 1\n[max_payment_minor]\nEUR = 1\n",
+            "f",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("missing for CHF"), "{e}");
+        // Accepting every currency means limiting every currency.
+        let e = RiskRules::parse("name = \"x\"\n[max_order_minor]\nEUR = 1\n", "f")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("USD"), "{e}");
+        // A limit above the amount bound is no limit.
+        assert!(
+            RiskRules::parse(
+                &format!(
+                    "name = \"x\"\nallowed_currencies = [\"EUR\"]\n[max_order_minor]\nEUR = {}\n[max_payment_minor]\nEUR = 1\n",
+                    Money::MAX_MINOR + 1
+                ),
+                "f"
+            )
+            .is_err()
+        );
+        assert!(
+            RiskRules::parse(
+                "name = \"x\"\nallowed_currencies = [\"EUR\"]\n[max_order_minor]\nEUR = 1\n[max_payment_minor]\nEUR = 1\n[velocity]\nwindow_secs = 1\nmax_count = 9001\n",
+                "f"
+            )
+            .is_err()
+        );
     }
 
     fn rule_of(d: RiskDecision) -> &'static str {
@@ -335,7 +405,15 @@ mod tests {
                 .to_string()
                 .contains("EURO")
         );
-        assert!(RiskRules::parse("name = \"x\"\n[max_order_minor]\nEUR = 0", "f").is_err());
+        assert!(
+            RiskRules::parse(
+                "name = \"x\"\nallowed_currencies = [\"EUR\"]\n[max_order_minor]\nEUR = 0\n[max_payment_minor]\nEUR = 1",
+                "f"
+            )
+            .unwrap_err()
+            .to_string()
+            .contains("positive")
+        );
         assert!(RiskRules::parse("name = \"x\"\nunknown = 1", "f").is_err());
     }
 }

@@ -42,6 +42,11 @@ pub struct HandlerArgs {
         default_value_t = 24
     )]
     pub idempotency_retention_hours: u64,
+    /// The retention in seconds, overriding the hours when set (tests and
+    /// short-lived setups). A decided request's fingerprint is kept beyond
+    /// the retention, for as long as its payment exists.
+    #[arg(long, env = "PAYSTREAM_IDEMPOTENCY_RETENTION_SECS")]
+    pub idempotency_retention_secs: Option<u64>,
     /// How long a request may hold its key before a retry may take it over
     /// (the holder is presumed crashed). Longer than any request takes.
     #[arg(long, env = "PAYSTREAM_IDEMPOTENCY_LEASE_SECS", default_value_t = 120)]
@@ -62,6 +67,7 @@ impl HandlerArgs {
             listen: "127.0.0.1:0".parse().expect("valid address"),
             risk_rules: None,
             idempotency_retention_hours: 24,
+            idempotency_retention_secs: None,
             idempotency_lease_secs: 120,
             body_limit_bytes: 65_536,
             fault_inject: None,
@@ -109,8 +115,11 @@ impl App {
             Some(path) => Arc::new(RiskRules::load(path)?),
             None => Arc::new(RiskRules::default_rules()),
         };
-        let hours_ms = i64::try_from(args.idempotency_retention_hours.saturating_mul(3_600_000))
-            .unwrap_or(i64::MAX);
+        let hours_ms = i64::try_from(match args.idempotency_retention_secs {
+            Some(secs) => secs.saturating_mul(1000),
+            None => args.idempotency_retention_hours.saturating_mul(3_600_000),
+        })
+        .unwrap_or(i64::MAX);
         let lease_ms =
             i64::try_from(args.idempotency_lease_secs.saturating_mul(1000)).unwrap_or(i64::MAX);
         Ok(App {
@@ -159,6 +168,7 @@ pub async fn decide_payment(
                 payment,
                 req.buyer_id.as_str(),
                 currency.code(),
+                client,
                 total.amount_minor(),
             )
             .await?;
@@ -168,6 +178,7 @@ pub async fn decide_payment(
                 req.buyer_id.as_str(),
                 currency.code(),
                 since,
+                client,
                 payment,
             )
             .await?;
@@ -354,8 +365,22 @@ pub async fn run_owned_payment(
                 }
             };
             let envs = decide_payment(app, client, payment, Some(key), &req).await?;
-            store::idem_store_pending(&app.db, client, key, token, &encode_pending(&envs))
+            store::idem_store_pending(&app.db, client, key, token, &encode_pending(&envs), payment)
                 .await
+            // A payment under this key exists but no fingerprint was kept
+            // (decided before fingerprints were kept for good): whatever
+            // this request holds, it must not be decided again.
+            if store::get_payment(&app.db, &payment.to_string(), client)
+                .await?
+                .is_some()
+            {
+                return Ok(Reply::refusal(
+                    422,
+                    "idempotency_key_reused",
+                    "a payment was already made under this Idempotency-Key",
+                    Some("Idempotency-Key"),
+                ));
+            }
                 .map_err(lost)?;
             envs
         }
@@ -373,6 +398,31 @@ pub async fn run_owned_payment(
 /// A refund request whose Idempotency-Key this request owns.
 pub async fn run_owned_refund(
     app: &App,
+/// The answer to a request decided under its key before the key's
+/// retention ran out ([`store::Begin::Decided`]): the current view of the
+/// payment or refund it created.
+pub async fn decided_reply(
+    app: &App,
+    client: &ClientId,
+    kind: &str,
+    resource: &str,
+) -> Result<Reply, Unavailable> {
+    let body = match kind {
+        "payment" => store::get_payment(&app.db, resource, client)
+            .await?
+            .map(|v| serde_json::to_string(&v).expect("views serialise")),
+        _ => store::get_refund(&app.db, resource)
+            .await?
+            .map(|v| serde_json::to_string(&v).expect("views serialise")),
+    };
+    let body = body.ok_or_else(|| {
+        Unavailable(format!(
+            "{kind} {resource} is not in the status projection yet"
+        ))
+    })?;
+    Ok(Reply::sticky(201, body))
+}
+
     client: &ClientId,
     key: &str,
     token: &str,

@@ -4,6 +4,7 @@
 
 use events::{ClientId, Envelope, Event, OrderId, PaymentId};
 use sha2::{Digest, Sha256};
+use storage::BeginWrite;
 use storage::{Db, with_pool};
 use streaming::Outcome;
 
@@ -33,7 +34,7 @@ pub async fn create_client(db: &Db, client: &ClientId) -> Result<String, sqlx::E
     let digest = hex::encode(Sha256::digest(secret.as_bytes()));
     let now = now_ms();
     with_pool!(db, p => {
-        let mut tx = p.begin().await?;
+        let mut tx = p.begin_write().await?;
         sqlx::query("INSERT INTO handler_clients (client_id, created_ms) VALUES ($1, $2) ON CONFLICT DO NOTHING")
             .bind(client.as_str()).bind(now).execute(&mut *tx).await?;
         sqlx::query("INSERT INTO handler_api_keys (key_id, client_id, secret_sha256, created_ms) VALUES ($1, $2, $3, $4)")
@@ -70,6 +71,22 @@ pub async fn authenticate(db: &Db, token: &str) -> Result<Option<ClientId>, sqlx
     } else {
         None
     })
+}
+
+/// The inbound signing key of an API key that is not revoked: (its client,
+/// the SHA-256 of its secret, which is the HMAC key of inbound messages
+/// signed with it; see `inbound::sign`).
+pub async fn inbound_signing_key(
+    db: &Db,
+    key_id: &str,
+) -> Result<Option<(String, [u8; 32])>, sqlx::Error> {
+    let row: Option<(String, String)> = with_pool!(db, p => sqlx::query_as(
+        "SELECT client_id, secret_sha256 FROM handler_api_keys WHERE key_id = $1 AND revoked_ms IS NULL",
+    ).bind(key_id).fetch_optional(p).await?);
+    Ok(row.and_then(|(client, digest)| {
+        let bytes: [u8; 32] = hex::decode(digest).ok()?.try_into().ok()?;
+        Some((client, bytes))
+    }))
 }
 
 pub async fn client_exists(db: &Db, client: &ClientId) -> Result<bool, sqlx::Error> {
@@ -145,10 +162,10 @@ pub async fn idem_begin(
             });
         }
         let row: Option<IdemRow> = with_pool!(db, p => sqlx::query_as(
-            "SELECT request_sha256, state, lease_until_ms, response_status, response_body, expires_ms, pending_events \
+            "SELECT request_sha256, state, lease_until_ms, response_status, response_body, expires_ms, pending_events, owner \
              FROM handler_idempotency_keys WHERE client_id = $1 AND idem_key = $2",
         ).bind(client.as_str()).bind(key).fetch_optional(p).await?);
-        let Some((fp, state, lease_until, status, body, expires, pending)) = row else {
+        let Some((fp, state, lease_until, status, body, expires, pending, old_owner)) = row else {
             continue; // reaped in between: insert again
         };
         if expires < now && (state == "done" || lease_until < now) {
@@ -179,12 +196,20 @@ pub async fn idem_begin(
             });
         }
         // The holder's lease ran out (it died, or gave up after appending):
-        // take the key over, once, with a new token.
+        // take the key over, once, with a new token. Only if nothing changed
+        // since the read (L1): the same holder, and the same decided events,
+        // or the old holder's late decision would be decided again.
         let took = with_pool!(db, p => sqlx::query(
             "UPDATE handler_idempotency_keys SET lease_until_ms = $1, owner = $2, expires_ms = $3 \
-             WHERE client_id = $4 AND idem_key = $5 AND state = 'in_flight' AND lease_until_ms = $6",
+             WHERE client_id = $4 AND idem_key = $5 AND state = 'in_flight' AND lease_until_ms = $6 \
+             AND owner IS NOT DISTINCT FROM $7 AND pending_events IS NOT DISTINCT FROM $8",
+    /// The key's idempotency row is gone (past its retention) but the same
+    /// request was decided under it before: answer with the current view of
+    /// what it created (`kind` "payment" or "refund", `resource` its id),
+    /// never decide again.
+    Decided { kind: String, resource: String },
         ).bind(now + policy.lease_ms).bind(&token).bind(now + policy.lease_ms + policy.retention_ms)
-        .bind(client.as_str()).bind(key).bind(lease_until).execute(p).await?.rows_affected());
+        .bind(client.as_str()).bind(key).bind(lease_until).bind(&old_owner).bind(&pending).execute(p).await?.rows_affected());
         if took == 1 {
             tracing::warn!(client = %client, "idempotency key taken over after its holder's lease expired");
             return Ok(Begin::Owned { token, pending });
@@ -204,6 +229,7 @@ pub enum IdemError {
 }
 
 fn owned(rows: u64) -> Result<(), IdemError> {
+    Option<String>,
     if rows == 1 {
         Ok(())
     } else {
@@ -211,7 +237,15 @@ fn owned(rows: u64) -> Result<(), IdemError> {
     }
 }
 
-/// Records the events the owner decided on, before it appends them.
+/// Keeps the request's fingerprint for good (`handler_request_fingerprints`)
+/// once it decided something under its key, in the caller's transaction.
+const KEEP_FINGERPRINT: &str = "INSERT INTO handler_request_fingerprints (client_id, idem_key, request_sha256, kind, resource_id, created_ms) \
+     SELECT client_id, idem_key, request_sha256, $1, $2, $3 FROM handler_idempotency_keys \
+     WHERE client_id = $4 AND idem_key = $5 AND owner = $6 AND state = 'in_flight' \
+     ON CONFLICT DO NOTHING";
+
+/// Records the events the owner decided on, before it appends them, and
+/// keeps the request's fingerprint for as long as the payment exists.
 pub async fn idem_store_pending(
     db: &Db,
     client: &ClientId,
@@ -219,14 +253,39 @@ pub async fn idem_store_pending(
     token: &str,
     events: &str,
 ) -> Result<(), IdemError> {
-    owned(with_pool!(db, p => sqlx::query(
-        "UPDATE handler_idempotency_keys SET pending_events = $1 \
-         WHERE client_id = $2 AND idem_key = $3 AND owner = $4 AND state = 'in_flight'",
-    ).bind(events).bind(client.as_str()).bind(key).bind(token).execute(p).await?.rows_affected()))
+    with_pool!(db, p => {
+        let mut tx = p.begin_write().await?;
+        let n = sqlx::query(
+            "UPDATE handler_idempotency_keys SET pending_events = $1 \
+             WHERE client_id = $2 AND idem_key = $3 AND owner = $4 AND state = 'in_flight'",
+        ).bind(events).bind(client.as_str()).bind(key).bind(token).execute(&mut *tx).await?.rows_affected();
+        owned(n)?;
+        sqlx::query(KEEP_FINGERPRINT).bind("payment").bind(payment.to_string()).bind(now_ms())
+            .bind(client.as_str()).bind(key).bind(token).execute(&mut *tx).await?;
+        tx.commit().await?;
+    });
+    Ok(())
 }
 
 /// Stores the final response; later requests with the key replay it.
 pub async fn idem_finish(
+            // A fresh row: the key is new, or its old row was reaped after
+            // the retention. In the second case a decision was made under it
+            // before and is kept for good: never decide again (H1).
+            let decided: Option<(String, String, String)> = with_pool!(db, p => sqlx::query_as(
+                "SELECT request_sha256, kind, resource_id FROM handler_request_fingerprints WHERE client_id = $1 AND idem_key = $2",
+            ).bind(client.as_str()).bind(key).fetch_optional(p).await?);
+            if let Some((fp, kind, resource)) = decided {
+                with_pool!(db, p => sqlx::query(
+                    "DELETE FROM handler_idempotency_keys WHERE client_id = $1 AND idem_key = $2 AND owner = $3 \
+                     AND state = 'in_flight' AND pending_events IS NULL",
+                ).bind(client.as_str()).bind(key).bind(&token).execute(p).await?.rows_affected());
+                return Ok(if fp == fingerprint {
+                    Begin::Decided { kind, resource }
+                } else {
+                    Begin::Mismatch
+                });
+            }
     db: &Db,
     client: &ClientId,
     key: &str,
@@ -278,7 +337,7 @@ pub async fn reserve_refund(
 ) -> Result<bool, IdemError> {
     let amount = refund.amount.amount_minor();
     with_pool!(db, p => {
-        let mut tx = p.begin().await.map_err(IdemError::Sql)?;
+        let mut tx = p.begin_write().await.map_err(IdemError::Sql)?;
         // One statement: on PostgreSQL the row lock makes a concurrent
         // reservation re-check the condition; SQLite runs writers one at a time.
         let reserved = sqlx::query(
@@ -306,6 +365,7 @@ pub async fn reserve_refund(
 /// finished nor was retried: (client, key, pending events). Their events
 /// are re-appended by the sweeper so nothing decided is ever lost.
 pub async fn idem_abandoned(
+    payment: PaymentId,
     db: &Db,
     limit: i64,
 ) -> Result<Vec<(String, String, i64, String)>, sqlx::Error> {
@@ -345,7 +405,8 @@ pub async fn idem_reap(db: &Db) -> Result<u64, sqlx::Error> {
 /// Counts a payment in its buyer's velocity window before its risk decision,
 /// so concurrent payments of one buyer see each other (the check fails
 /// closed: two racing payments at the limit may both be rejected, never
-/// both approved). Idempotent per payment.
+/// both approved). Idempotent per payment. Buyers are per client: the same
+/// buyer id of two clients is two buyers.
 pub async fn note_velocity(
     db: &Db,
     payment: PaymentId,
@@ -354,13 +415,16 @@ pub async fn note_velocity(
     amount_minor: i64,
 ) -> Result<(), sqlx::Error> {
     with_pool!(db, p => sqlx::query(
-        "INSERT INTO handler_risk_velocity (payment_id, buyer_id, currency, amount_minor, at_ms) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-    ).bind(payment.to_string()).bind(buyer).bind(currency).bind(amount_minor).bind(now_ms()).execute(p).await?.rows_affected());
+        "INSERT INTO handler_risk_velocity (payment_id, client_id, buyer_id, currency, amount_minor, at_ms) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+    ).bind(payment.to_string()).bind(client.as_str()).bind(buyer).bind(currency).bind(amount_minor).bind(now_ms()).execute(p).await?.rows_affected());
     Ok(())
 }
 
-/// (number of payments, sum in `currency`) of a buyer since `since_ms`,
-/// not counting `exclude` (the payment being decided, on a retry).
+/// (number of payments, sum in `currency`) of a client's buyer since
+/// `since_ms`, not counting `exclude` (the payment being decided, on a
+/// retry). The sum cannot overflow: it adds at most
+/// `risk::VELOCITY_COUNT_MAX` amounts of at most `Money::MAX_MINOR` each
+/// (the count rule, checked first, rejects any buyer with more payments).
 pub async fn recent_activity(
     db: &Db,
     buyer: &str,
@@ -369,9 +433,13 @@ pub async fn recent_activity(
     exclude: PaymentId,
 ) -> Result<(i64, i64), sqlx::Error> {
     Ok(with_pool!(db, p => sqlx::query_as(
-        "SELECT count(*), CAST(COALESCE(SUM(CASE WHEN currency = $2 THEN amount_minor ELSE 0 END), 0) AS BIGINT) \
-         FROM handler_risk_velocity WHERE buyer_id = $1 AND at_ms >= $3 AND payment_id <> $4",
-    ).bind(buyer).bind(currency).bind(since_ms).bind(exclude.to_string()).fetch_one(p).await?))
+        "SELECT (SELECT count(*) FROM handler_risk_velocity \
+                 WHERE client_id = $1 AND buyer_id = $2 AND at_ms >= $4 AND payment_id <> $5), \
+                (SELECT CAST(COALESCE(SUM(a), 0) AS BIGINT) FROM ( \
+                   SELECT CASE WHEN amount_minor > $6 THEN $6 ELSE amount_minor END AS a FROM handler_risk_velocity \
+                   WHERE client_id = $1 AND buyer_id = $2 AND currency = $3 AND at_ms >= $4 AND payment_id <> $5 LIMIT $7) v)",
+    ).bind(client.as_str()).bind(buyer).bind(currency).bind(since_ms).bind(exclude.to_string())
+    .bind(events::Money::MAX_MINOR).bind(i64::from(crate::risk::VELOCITY_COUNT_MAX)).fetch_one(p).await?))
 }
 
 // ------------------------------------------------------ status projection
@@ -385,7 +453,9 @@ pub async fn apply_status(db: &Db, events: &[&Envelope]) -> Result<Vec<Outcome>,
     let now = now_ms();
     let mut outcomes = Vec::with_capacity(events.len());
     with_pool!(db, p => {
-        let mut tx = p.begin().await?;
+        sqlx::query(KEEP_FINGERPRINT).bind("refund").bind(refund.refund_id.to_string()).bind(now_ms())
+            .bind(client.as_str()).bind(key).bind(token).execute(&mut *tx).await?;
+        let mut tx = p.begin_write().await?;
         for env in events {
             let relevant = !matches!(env.event, Event::ReconciliationDiscrepancyFound(_) | Event::ReconciliationDiscrepancyResolved(_) | Event::ReconciliationRunCompleted(_));
             if !relevant {
@@ -436,6 +506,7 @@ pub async fn apply_status(db: &Db, events: &[&Envelope]) -> Result<Vec<Outcome>,
                 Event::RiskApproved(_) => {
                     sqlx::query("UPDATE handler_payments SET status = 'processing', updated_us = $2 WHERE payment_id = $1 AND status = 'requested'")
                         .bind(&pid).bind(at).execute(&mut *tx).await?;
+    client: &ClientId,
                     sqlx::query("UPDATE handler_payment_orders SET status = 'pending' WHERE payment_id = $1 AND status = 'requested'")
                         .bind(&pid).execute(&mut *tx).await?;
                 }
@@ -451,6 +522,7 @@ pub async fn apply_status(db: &Db, events: &[&Envelope]) -> Result<Vec<Outcome>,
                     psp_ref = Some(e.psp_reference.clone());
                 }
                 Event::OrderFailed(e) => {
+    client: &ClientId,
                     order_change = Some(order_update(e.order_id, if e.retryable { "executing" } else { "failed" }));
                     failure = Some(format!("{}: {}", e.code, e.reason));
                 }

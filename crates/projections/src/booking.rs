@@ -199,7 +199,7 @@ pub enum Decision {
 /// decision, so a data problem never becomes a database error that blocks
 /// the partition (PostgreSQL `bigint out of range`) or a silent REAL
 /// (SQLite).
-pub const MAX_AMOUNT_MINOR: i64 = 1_000_000_000_000_000;
+pub const MAX_AMOUNT_MINOR: i64 = Money::MAX_MINOR;
 
 fn within_bound(m: Money) -> bool {
     m.amount_minor()

@@ -2,6 +2,7 @@
 //! simulator.
 
 mod harness;
+mod intake;
 mod store;
 
 use events::{Event, EventType};

@@ -160,5 +160,5 @@ pub fn payment(buyer: &str, orders: &[(&str, i64, &str)]) -> String {
         .iter()
         .map(|(s, a, c)| json!({"seller_id": s, "amount_minor": a, "currency": c}))
         .collect();
-    json!({"buyer_id": buyer, "orders": orders}).to_string()
+    json!({"buyer_id": buyer, "orders": orders, "metadata": {"card_token": "tok_visa"}}).to_string()
 }

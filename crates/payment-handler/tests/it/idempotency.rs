@@ -176,7 +176,7 @@ async fn risk_rejections_are_recorded_and_sticky() {
     let rules = dir.path().join("rules.toml");
     std::fs::write(
         &rules,
-        "name = \"test@1\"\nblocked_sellers = [\"bad-seller\"]\n[max_order_minor]\nEUR = 10000\n[velocity]\nwindow_secs = 3600\nmax_count = 2\n",
+        "name = \"test@1\"\nblocked_sellers = [\"bad-seller\"]\nallowed_currencies = [\"EUR\"]\n[max_order_minor]\nEUR = 10000\n[max_payment_minor]\nEUR = 100000\n[velocity]\nwindow_secs = 3600\nmax_count = 2\n",
     )
     .unwrap();
     args.risk_rules = Some(rules);

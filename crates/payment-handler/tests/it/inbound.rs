@@ -11,24 +11,35 @@ async fn inbound_requests_are_validated_risk_checked_and_deduplicated() {
     let producer = EventProducer::new(&h.kafka, "upstream").unwrap();
     let inbound = h.kafka.topology().name(TopicKind::Inbound);
 
-    // A valid request, produced twice (upstream retry).
-    let mut env =
-        events::samples::one_of_each("shop-in", "in-1", events::Timestamp::now()).remove(0);
-    producer.append_to(&inbound, &env).await.unwrap();
-    producer.append_to(&inbound, &env).await.unwrap();
-    // Poison: an unknown client, a zero amount, a wrong event type, garbage.
-    let mut unknown =
-        events::samples::one_of_each("shop-nobody", "in-2", events::Timestamp::now()).remove(0);
+    // A valid request, signed, produced twice (upstream retry).
+    let mut env = with_card(
+        events::samples::one_of_each("shop-in", "in-1", events::Timestamp::now()).remove(0),
+    );
+    let signed = |env: events::Envelope| {
+        let (producer, inbound, key) = (producer.clone(), inbound.clone(), key.clone());
+        async move {
+            payment_handler::inbound::append_signed(&producer, &inbound, &env, &key)
+                .await
+                .unwrap();
+        }
+    };
+    signed(env.clone()).await;
+    signed(env.clone()).await;
+    // Poison: a client the key does not belong to, a zero amount, a wrong
+    // event type, garbage.
+    let mut unknown = with_card(
+        events::samples::one_of_each("shop-nobody", "in-2", events::Timestamp::now()).remove(0),
+    );
     unknown.event_id = events::EventId::new_random();
-    producer.append_to(&inbound, &unknown).await.unwrap();
+    signed(unknown).await;
     if let events::Event::PaymentRequested(p) = &mut env.event {
         p.idempotency_key = Some("in-3".into());
         p.orders[0].amount = events::Money::new(0, events::Currency::EUR);
     }
-    producer.append_to(&inbound, &env).await.unwrap();
+    signed(env.clone()).await;
     let wrong_type =
         events::samples::one_of_each("shop-in", "in-4", events::Timestamp::now()).remove(1);
-    producer.append_to(&inbound, &wrong_type).await.unwrap();
+    signed(wrong_type).await;
     producer
         .send_raw(
             &inbound,
@@ -71,8 +82,8 @@ async fn inbound_requests_are_validated_risk_checked_and_deduplicated() {
         [
             "invalid_amount",
             "not_single_object",
+            "unauthenticated",
             "unexpected_event_type",
-            "unknown_client"
         ]
     );
 
@@ -83,4 +94,13 @@ async fn inbound_requests_are_validated_risk_checked_and_deduplicated() {
         "the duplicate inbound request made no second payment"
     );
     assert_eq!(count_type(&evs, EventType::RiskApproved), 1);
+}
+
+/// The sample request with a payment method, as every payment needs.
+pub fn with_card(mut env: events::Envelope) -> events::Envelope {
+    if let events::Event::PaymentRequested(p) = &mut env.event {
+        p.metadata
+            .insert("card_token".to_owned(), "tok_visa".to_owned());
+    }
+    env
 }

@@ -21,7 +21,7 @@ async fn a_retry_keeps_the_first_risk_decision() {
     let rules = dir.path().join("rules.toml");
     std::fs::write(
         &rules,
-        "name = \"t@1\"\n[velocity]\nwindow_secs = 3600\nmax_count = 1\n",
+        "name = \"t@1\"\nallowed_currencies = [\"EUR\"]\n[max_order_minor]\nEUR = 100000\n[max_payment_minor]\nEUR = 100000\n[velocity]\nwindow_secs = 3600\nmax_count = 1\n",
     )
     .unwrap();
     let h = start_with(Backend::Postgres, faulty(Some(&rules))).await;
@@ -248,7 +248,7 @@ async fn concurrent_payments_cannot_slip_past_the_velocity_limit() {
     let rules = dir.path().join("rules.toml");
     std::fs::write(
         &rules,
-        "name = \"t@1\"\n[velocity]\nwindow_secs = 3600\nmax_count = 2\n",
+        "name = \"t@1\"\nallowed_currencies = [\"EUR\"]\n[max_order_minor]\nEUR = 100000\n[max_payment_minor]\nEUR = 100000\n[velocity]\nwindow_secs = 3600\nmax_count = 2\n",
     )
     .unwrap();
     let mut args = HandlerArgs::for_tests();

@@ -67,7 +67,7 @@ async fn a_handler_killed_after_appending_makes_no_second_payment_on_retry() {
     assert!(api_key.starts_with("psk_"));
 
     let http = reqwest::Client::new();
-    let body = r#"{"buyer_id":"b-crash","orders":[{"seller_id":"s1","amount_minor":4200,"currency":"EUR"}]}"#;
+    let body = r#"{"buyer_id":"b-crash","orders":[{"seller_id":"s1","amount_minor":4200,"currency":"EUR"}],"metadata":{"card_token":"tok_visa"}}"#;
     let post = |base: String| {
         let (http, key) = (http.clone(), api_key.clone());
         async move {
