@@ -172,16 +172,48 @@ pub fn component_migrator(mut m: Migrator) -> Migrator {
 
 /// The URL without its password, for messages and logs.
 pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.find('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let creds = &url[s + 3..at];
+    // The authority ends at the first '/', '?' or '#' after "://"; its
+    // userinfo at the LAST '@' in it (a password may contain '@').
+    let (head, rest) = match url.find("://") {
+        Some(s) => (&url[..s + 3], &url[s + 3..]),
+        None => return redact_query(url),
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let authority = match authority.rfind('@') {
+        Some(at) => {
+            let (creds, host) = authority.split_at(at);
             match creds.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
-                None => url.to_owned(),
+                Some((user, _)) => format!("{user}:***{host}"),
+                None => authority.to_owned(),
             }
         }
-        _ => url.to_owned(),
-    }
+        None => authority.to_owned(),
+    };
+    redact_query(&format!("{head}{authority}{tail}"))
+}
+
+/// Blanks the values of query parameters that carry secrets
+/// (`password`, `sslpassword`, anything ending in `password` or `secret`).
+fn redact_query(url: &str) -> String {
+    let Some((base, query)) = url.split_once('?') else {
+        return url.to_owned();
+    };
+    let params: Vec<String> = query
+        .split('&')
+        .map(|p| match p.split_once('=') {
+            Some((k, _))
+                if {
+                    let k = k.to_ascii_lowercase();
+                    k.ends_with("password") || k.ends_with("secret")
+                } =>
+            {
+                format!("{k}=***")
+            }
+            _ => p.to_owned(),
+        })
+        .collect();
+    format!("{base}?{}", params.join("&"))
 }
 
 #[cfg(test)]
@@ -193,5 +225,18 @@ mod tests {
         assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
         assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact("sqlite://x.db"), "sqlite://x.db");
+        // A password with '@' in it is hidden whole (review L5).
+        assert_eq!(redact("postgres://u:p@ss@h/db"), "postgres://u:***@h/db");
+        // Passwords in the query string too.
+        assert_eq!(
+            redact("postgres://h/db?user=u&password=secret&sslmode=require"),
+            "postgres://h/db?user=u&password=***&sslmode=require"
+        );
+        assert_eq!(
+            redact("postgres://u@h/db?sslpassword=x"),
+            "postgres://u@h/db?sslpassword=***"
+        );
+        // An '@' after the authority is not userinfo.
+        assert_eq!(redact("sqlite://dir/a@b.db"), "sqlite://dir/a@b.db");
     }
 }
