@@ -185,10 +185,12 @@ pub async fn list(
             i.origin(),
             i.failed_at.as_deref().unwrap_or("-"),
             i.event(),
-            i.reason
-                .as_deref()
-                .unwrap_or("-")
-                .replace(['\n', '\t'], " ")
+            printable(
+                &i.reason
+                    .as_deref()
+                    .unwrap_or("-")
+                    .replace(['\n', '\t'], " ")
+            )
         )?;
     }
     writeln!(out)?;
@@ -316,17 +318,17 @@ pub async fn show(
     match rec.key.as_deref() {
         None => writeln!(out, "key: (none)")?,
         Some(k) => match std::str::from_utf8(k) {
-            Ok(t) => writeln!(out, "key: {t}")?,
+            Ok(t) => writeln!(out, "key: {}", printable(t))?,
             Err(_) => writeln!(out, "key (hex): {}", to_hex(k))?,
         },
     }
     writeln!(out, "headers:")?;
     for (k, v) in &rec.headers {
         match v.as_deref() {
-            None => writeln!(out, "  {k}: (null)")?,
+            None => writeln!(out, "  {}: (null)", printable(k))?,
             Some(b) => match std::str::from_utf8(b) {
-                Ok(t) => writeln!(out, "  {k}: {t}")?,
-                Err(_) => writeln!(out, "  {k} (hex): {}", to_hex(b))?,
+                Ok(t) => writeln!(out, "  {}: {}", printable(k), printable(t))?,
+                Err(_) => writeln!(out, "  {} (hex): {}", printable(k), to_hex(b))?,
             },
         }
     }
@@ -1119,5 +1121,33 @@ mod tests {
         assert!(lines[0].ends_with("|hello, not avro.|"), "{d}");
         assert!(lines[1].starts_with("00000010  01 21"), "{d}");
         assert!(lines[1].ends_with("|.!|"), "{d}");
+    }
+}
+
+/// Text from a dead letter (its key, headers and reason come from whoever
+/// produced the original) made safe for a terminal: control characters,
+/// escape sequences included, are shown escaped instead of interpreted
+/// (review L3).
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod printable_tests {
+    use super::printable;
+
+    #[test]
+    fn control_characters_are_shown_escaped() {
+        assert_eq!(printable("ok"), "ok");
+        assert_eq!(printable("a\u{1b}[2Jb\u{7}"), "a\\u{1b}[2Jb\\u{7}");
+        assert_eq!(printable("é"), "é");
     }
 }

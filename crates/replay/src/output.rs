@@ -98,7 +98,7 @@ impl Sink<'_> {
                     env.occurred_at.to_string(),
                     env.correlation_id.to_string(),
                     env.causation_id.map(|c| c.to_string()).unwrap_or_default(),
-                    env.producer.clone(),
+                    csv_text(&env.producer),
                     env.schema_version.to_string(),
                     order,
                     amount,
@@ -286,10 +286,30 @@ pub async fn run(
     Ok(s)
 }
 
+/// A free-text CSV cell that a spreadsheet will not run as a formula: the
+/// `producer` field comes from whoever produced to the inbound topic
+/// (review L3). A leading `=`, `+`, `-`, `@`, tab or CR gets a `'` in front
+/// (OWASP's CSV-injection rule); other text is unchanged.
+fn csv_text(s: &str) -> String {
+    if s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{s}")
+    } else {
+        s.to_owned()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn csv_text_cannot_start_a_formula() {
+        assert_eq!(super::csv_text("order-service"), "order-service");
+        for evil in ["=HYPERLINK(\"x\")", "+1", "-1+1", "@SUM(A1)", "\tx", "\rx"] {
+            assert_eq!(super::csv_text(evil), format!("'{evil}"), "{evil}");
+        }
+    }
 
     #[test]
     fn csv_order_and_amount_columns() {
