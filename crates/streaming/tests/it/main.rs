@@ -6,5 +6,6 @@ mod admin;
 mod harness;
 mod interop;
 mod loop_tests;
+mod poison;
 mod reader;
 mod roundtrip;
