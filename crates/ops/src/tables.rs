@@ -30,6 +30,7 @@ pub const TABLES: &[(&str, Owner)] = &[
     ("applied_events", Owner::Shared),
     ("projection_orders", Owner::Shared),
     ("projection_bookings", Owner::Shared),
+    ("projection_totals", Owner::Shared),
     ("ledger_transactions", Owner::Ledger),
     ("ledger_entries", Owner::Ledger),
     ("ledger_chain_head", Owner::Ledger),

@@ -95,6 +95,94 @@ pub async fn client_exists(db: &Db, client: &ClientId) -> Result<bool, sqlx::Err
     Ok(n > 0)
 }
 
+/// What an API key may do (column `handler_api_keys.role`, migration 1020).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyRole {
+    /// Acts for its client; reads only that client's data.
+    Client,
+    /// Ledger-wide reads and `/v1/ledger/verify` on the projections' API.
+    Operator,
+}
+
+impl KeyRole {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            KeyRole::Client => "client",
+            KeyRole::Operator => "operator",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<KeyRole> {
+        match s {
+            "client" => Some(KeyRole::Client),
+            "operator" => Some(KeyRole::Operator),
+            _ => None,
+        }
+    }
+}
+
+/// Like [`create_client`], with the new key's role.
+pub async fn create_client_with_role(
+    db: &Db,
+    client: &ClientId,
+    role: KeyRole,
+) -> Result<String, sqlx::Error> {
+    let key = create_client(db, client).await?;
+    let key_id = key
+        .strip_prefix("psk_")
+        .and_then(|r| r.split_once('_'))
+        .map(|(id, _)| id.to_owned())
+        .expect("create_client returns psk_<key id>_<secret>");
+    with_pool!(db, p => sqlx::query("UPDATE handler_api_keys SET role = $1 WHERE key_id = $2")
+        .bind(role.as_str()).bind(&key_id).execute(p).await.map(drop)?);
+    Ok(key)
+}
+
+/// One API key as `paystream clients list` shows it (never the secret).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyInfo {
+    pub key_id: String,
+    pub client_id: String,
+    pub role: String,
+    pub created_ms: i64,
+    pub revoked_ms: Option<i64>,
+}
+
+/// Every API key, by client then creation.
+pub async fn list_keys(db: &Db) -> Result<Vec<KeyInfo>, sqlx::Error> {
+    let rows: Vec<(String, String, String, i64, Option<i64>)> = with_pool!(db, p => sqlx::query_as(
+        "SELECT key_id, client_id, role, created_ms, revoked_ms FROM handler_api_keys ORDER BY client_id, created_ms, key_id",
+    ).fetch_all(p).await?);
+    Ok(rows
+        .into_iter()
+        .map(
+            |(key_id, client_id, role, created_ms, revoked_ms)| KeyInfo {
+                key_id,
+                client_id,
+                role,
+                created_ms,
+                revoked_ms,
+            },
+        )
+        .collect())
+}
+
+/// Revokes one key (by its id, the part after `psk_`); returns whether a
+/// key that was not yet revoked is revoked now.
+pub async fn revoke_key(db: &Db, key_id: &str) -> Result<bool, sqlx::Error> {
+    let n = with_pool!(db, p => sqlx::query("UPDATE handler_api_keys SET revoked_ms = $1 WHERE key_id = $2 AND revoked_ms IS NULL")
+        .bind(now_ms()).bind(key_id).execute(p).await?.rows_affected());
+    Ok(n > 0)
+}
+
+/// Revokes every key of `client` not yet revoked; returns how many.
+pub async fn revoke_client_keys(db: &Db, client: &ClientId) -> Result<u64, sqlx::Error> {
+    Ok(
+        with_pool!(db, p => sqlx::query("UPDATE handler_api_keys SET revoked_ms = $1 WHERE client_id = $2 AND revoked_ms IS NULL")
+        .bind(now_ms()).bind(client.as_str()).execute(p).await?.rows_affected()),
+    )
+}
+
 // ------------------------------------------------------------ idempotency
 
 /// What a new request with an Idempotency-Key may do.

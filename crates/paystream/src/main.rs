@@ -112,7 +112,24 @@ enum ClientsCommand {
     Create {
         /// Client id: letters, digits and . _ : - (e.g. the order service's name).
         name: String,
+        /// What the key may do: `client` (act for the client, read only its
+        /// data) or `operator` (ledger-wide reads and `/v1/ledger/verify`).
+        #[arg(long, default_value = "client", value_parser = ["client", "operator"])]
+        role: String,
     },
+    /// Revoke an API key (by key id: the part between `psk_` and the next
+    /// `_`), or every key of a client (`--client NAME`). Revoked keys are
+    /// refused at once by the handler and the projections' API.
+    Revoke {
+        /// Key id as `clients list` shows it.
+        #[arg(required_unless_present = "client", conflicts_with = "client")]
+        key_id: Option<String>,
+        /// Revoke all keys of this client instead.
+        #[arg(long)]
+        client: Option<String>,
+    },
+    /// List API keys: key id, client, role, created, revoked (never secrets).
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -201,9 +218,13 @@ async fn main() -> ExitCode {
         Command::Dlq(cmd) => replay::dlq(cli.kafka, &cli.database_url, cmd).await,
         Command::Reconcile(args) => reconcile::run(cli.kafka, &cli.database_url, args).await,
         Command::Ledger(cmd) => projections::run_ledger_command(&cli.database_url, cmd).await,
-        Command::Clients(ClientsCommand::Create { name }) => {
-            clients_create(&cli.database_url, &name).await
+        Command::Clients(ClientsCommand::Create { name, role }) => {
+            clients_create(&cli.database_url, &name, &role).await
         }
+        Command::Clients(ClientsCommand::Revoke { key_id, client }) => {
+            clients_revoke(&cli.database_url, key_id, client).await
+        }
+        Command::Clients(ClientsCommand::List) => clients_list(&cli.database_url).await,
     };
     match result {
         Ok(code) => code,
@@ -248,13 +269,74 @@ fn print_env(cmd: &clap::Command, path: &str) {
     walk(cmd, path, &mut std::collections::BTreeSet::new());
 }
 
-async fn clients_create(database_url: &str, name: &str) -> anyhow::Result<ExitCode> {
+async fn clients_create(database_url: &str, name: &str, role: &str) -> anyhow::Result<ExitCode> {
+    use payment_handler::store::{self, KeyRole};
     let client = events::ClientId::parse(name)?;
+    let role = KeyRole::parse(role)
+        .ok_or_else(|| anyhow::anyhow!("--role must be client or operator, got {role:?}"))?;
     let db = storage::Db::connect(database_url).await?;
-    payment_handler::store::migrate(&db).await?;
-    let key = payment_handler::store::create_client(&db, &client).await?;
-    eprintln!("created an API key for client {client}; it is shown only now:");
+    store::migrate(&db).await?;
+    let key = store::create_client_with_role(&db, &client, role).await?;
+    eprintln!(
+        "created a {} API key for client {client}; it is shown only now:",
+        role.as_str()
+    );
     println!("{key}");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn clients_revoke(
+    database_url: &str,
+    key_id: Option<String>,
+    client: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    use payment_handler::store;
+    let db = storage::Db::connect(database_url).await?;
+    store::migrate(&db).await?;
+    match (key_id, client) {
+        (Some(key_id), _) => {
+            // Accept a whole key too, so a leaked key can be pasted as is.
+            let id = key_id
+                .strip_prefix("psk_")
+                .map_or(key_id.as_str(), |r| r.split('_').next().unwrap_or(r));
+            if store::revoke_key(&db, id).await? {
+                println!("revoked key {id}");
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprintln!("error: no active key with id {id} (see `paystream clients list`)");
+                Ok(ExitCode::FAILURE)
+            }
+        }
+        (None, Some(name)) => {
+            let client = events::ClientId::parse(&name)?;
+            let n = store::revoke_client_keys(&db, &client).await?;
+            println!("revoked {n} key(s) of client {client}");
+            Ok(if n > 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        (None, None) => anyhow::bail!("give a key id or --client NAME"),
+    }
+}
+
+async fn clients_list(database_url: &str) -> anyhow::Result<ExitCode> {
+    use payment_handler::store;
+    let db = storage::Db::connect(database_url).await?;
+    store::migrate(&db).await?;
+    let ms = |v: i64| events::Timestamp::from_micros(v.saturating_mul(1000)).to_string();
+    println!("{:<18} {:<24} {:<9} {:<32} revoked", "key_id", "client", "role", "created");
+    for k in store::list_keys(&db).await? {
+        println!(
+            "{:<18} {:<24} {:<9} {:<32} {}",
+            k.key_id,
+            k.client_id,
+            k.role,
+            ms(k.created_ms),
+            k.revoked_ms.map(ms).unwrap_or_else(|| "-".into())
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

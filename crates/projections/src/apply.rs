@@ -22,7 +22,7 @@
 //!
 //! The caller commits the Kafka offset only after this returns.
 
-use crate::booking::{self, BookState, Booking, Decision, OrderState};
+use crate::booking::{self, BookState, Booking, Decision, OrderState, TotalKey, TotalKind};
 use crate::sql::{Tx, Ty, V, in_clause, insert_many};
 use events::{Currency, Envelope};
 use sha2::{Digest, Sha256};
@@ -234,6 +234,24 @@ pub async fn apply_batch(
     let mut state = BookState::default();
     load_orders(&mut tx, p, &order_ids, &mut state).await?;
     load_bookings(&mut tx, p, &keys, &mut state).await?;
+    // Running totals of every seller and buyer the new events may touch:
+    // of the orders known, and of the orders announced in this batch.
+    let mut parties: Vec<String> = state
+        .orders
+        .values()
+        .flat_map(|o| [o.seller_id.clone(), o.buyer_id.clone()])
+        .collect();
+    for &i in &fresh {
+        if let events::Event::PaymentRequested(r) = &batch[i].envelope.event {
+            parties.push(r.buyer_id.to_string());
+            parties.extend(r.orders.iter().map(|o| o.seller_id.to_string()));
+        }
+    }
+    parties.sort();
+    parties.dedup();
+    let mut totals = load_totals(&mut tx, p, &parties).await?;
+    // Deltas of the accepted events, written in step 4.
+    let mut total_deltas: BTreeMap<TotalKey, i64> = BTreeMap::new();
 
     // 3. Decide in memory.
     let mut dirty_orders: BTreeMap<String, OrderState> = BTreeMap::new();
@@ -263,14 +281,24 @@ pub async fn apply_batch(
                         ));
                         Outcome::rejected("unbalanced", reason)
                     }
-                    None => {
-                        state.absorb(&fx);
-                        for (id, o) in fx.orders {
-                            dirty_orders.insert(id, o);
+                    None => match within_totals(&fx, &mut totals, &mut total_deltas) {
+                        Err(reason) => {
+                            rejected.push((
+                                env.event_id.to_string(),
+                                "total_overflow".to_owned(),
+                                reason.clone(),
+                            ));
+                            Outcome::rejected("total_overflow", reason)
                         }
-                        bookings.extend(fx.bookings.into_iter().map(|b| (i, b)));
-                        Outcome::Applied
-                    }
+                        Ok(()) => {
+                            state.absorb(&fx);
+                            for (id, o) in fx.orders {
+                                dirty_orders.insert(id, o);
+                            }
+                            bookings.extend(fx.bookings.into_iter().map(|b| (i, b)));
+                            Outcome::Applied
+                        }
+                    },
                 }
             }
         };
@@ -299,6 +327,7 @@ pub async fn apply_batch(
         }
     }
     write_orders(&mut tx, p, &dirty_orders).await?;
+    write_totals(&mut tx, p, &total_deltas).await?;
     let booking_rows: Vec<Vec<V>> = bookings
         .iter()
         .map(|(i, b)| {
@@ -416,17 +445,28 @@ async fn load_orders(
     for chunk in ids.chunks(crate::sql::ROWS_PER_STATEMENT) {
         let (clause, list) = in_clause(tx, "order_id", chunk, 2);
         let sql = format!(
-            "SELECT order_id, payment_id, buyer_id, seller_id, currency, amount_minor, captured_minor, refunded_minor FROM projection_orders WHERE projection = $1 AND {clause}"
+            "SELECT order_id, payment_id, buyer_id, seller_id, currency, amount_minor, captured_minor, refunded_minor, client_id FROM projection_orders WHERE projection = $1 AND {clause}"
         );
         let mut vals = vec![V::T(p.to_owned())];
         vals.extend(list);
-        let cols = [Ty::T, Ty::T, Ty::T, Ty::T, Ty::T, Ty::I, Ty::I, Ty::I];
+        let cols = [
+            Ty::T,
+            Ty::T,
+            Ty::T,
+            Ty::T,
+            Ty::T,
+            Ty::I,
+            Ty::I,
+            Ty::I,
+            Ty::T,
+        ];
         for r in tx.rows(&sql, &vals, &cols).await? {
             let currency =
                 Currency::from_code(&r[4].text()).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
             state.orders.insert(
                 r[0].text(),
                 OrderState {
+                    client_id: r[8].text(),
                     payment_id: r[1].text(),
                     buyer_id: r[2].text(),
                     seller_id: r[3].text(),
@@ -479,6 +519,7 @@ async fn write_orders(
                 V::I(o.amount_minor),
                 V::I(o.captured_minor),
                 V::I(o.refunded_minor),
+                V::T(o.client_id.clone()),
             ]
         })
         .collect();
@@ -495,6 +536,7 @@ async fn write_orders(
             "amount_minor",
             "captured_minor",
             "refunded_minor",
+            "client_id",
         ],
         &rows,
         "ON CONFLICT (projection, order_id) DO UPDATE SET captured_minor = excluded.captured_minor, refunded_minor = excluded.refunded_minor",
@@ -664,53 +706,181 @@ async fn write_ledger(
     Ok(())
 }
 
+/// Checks that the accepted effects `fx` keep every running total they
+/// change within `[-MAX_TOTAL_MINOR, MAX_TOTAL_MINOR]` (`totals` holds the
+/// stored values plus this batch's accepted deltas); if so, adds their
+/// deltas to `totals` and `deltas`, else changes nothing and says why.
+fn within_totals(
+    fx: &booking::Effects,
+    totals: &mut HashMap<TotalKey, i64>,
+    deltas: &mut BTreeMap<TotalKey, i64>,
+) -> Result<(), String> {
+    let mut next: HashMap<TotalKey, i64> = HashMap::new();
+    let mut own: Vec<(TotalKey, i64)> = Vec::new();
+    for b in &fx.bookings {
+        for (key, d) in b.total_deltas() {
+            let cur = next
+                .get(&key)
+                .or_else(|| totals.get(&key))
+                .copied()
+                .unwrap_or(0);
+            // Within ±MAX_TOTAL_MINOR (= i64::MAX): no overflow, not i64::MIN.
+            let new = cur.checked_add(d).filter(|n| n.checked_abs().is_some());
+            let Some(new) = new else {
+                return Err(format!(
+                    "the {} of {} {:?} (client {:?}) would leave the range of \
+                     ±{} minor units: stored {cur}, change {d}",
+                    key.kind.as_str(),
+                    key.currency,
+                    key.party,
+                    key.client,
+                    booking::MAX_TOTAL_MINOR
+                ));
+            };
+            next.insert(key.clone(), new);
+            own.push((key, d));
+        }
+    }
+    totals.extend(next);
+    for (key, d) in own {
+        // Cannot overflow: the running total it is part of did not.
+        let e = deltas.entry(key).or_default();
+        *e = e.saturating_add(d);
+    }
+    Ok(())
+}
+
+/// The stored running totals (`projection_totals`) of these sellers and
+/// buyers (all clients, kinds and currencies).
+async fn load_totals(
+    tx: &mut Tx,
+    p: &str,
+    parties: &[String],
+) -> Result<HashMap<TotalKey, i64>, sqlx::Error> {
+    let mut out = HashMap::new();
+    for chunk in parties.chunks(crate::sql::ROWS_PER_STATEMENT) {
+        let (clause, list) = in_clause(tx, "party_id", chunk, 2);
+        let sql = format!(
+            "SELECT kind, client_id, party_id, currency, total_minor FROM projection_totals \
+             WHERE projection = $1 AND {clause}"
+        );
+        let mut vals = vec![V::T(p.to_owned())];
+        vals.extend(list);
+        let cols = [Ty::T, Ty::T, Ty::T, Ty::T, Ty::I];
+        for r in tx.rows(&sql, &vals, &cols).await? {
+            let bad = |what: String| sqlx::Error::Decode(what.into());
+            let kind = TotalKind::parse(&r[0].text())
+                .ok_or_else(|| bad(format!("unknown total kind {:?}", r[0].text())))?;
+            let currency =
+                Currency::from_code(&r[3].text()).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+            out.insert(
+                TotalKey {
+                    kind,
+                    client: r[1].text(),
+                    party: r[2].text(),
+                    currency,
+                },
+                r[4].int(),
+            );
+        }
+    }
+    Ok(out)
+}
+
+async fn write_totals(
+    tx: &mut Tx,
+    p: &str,
+    deltas: &BTreeMap<TotalKey, i64>,
+) -> Result<(), sqlx::Error> {
+    let rows: Vec<Vec<V>> = deltas
+        .iter()
+        .filter(|(_, d)| **d != 0)
+        .map(|(k, d)| {
+            vec![
+                V::T(p.to_owned()),
+                V::T(k.party.clone()),
+                V::T(k.client.clone()),
+                V::T(k.kind.as_str().to_owned()),
+                V::T(k.currency.code().to_owned()),
+                V::I(*d),
+            ]
+        })
+        .collect();
+    insert_many(
+        tx,
+        "projection_totals",
+        &[
+            "projection",
+            "party_id",
+            "client_id",
+            "kind",
+            "currency",
+            "total_minor",
+        ],
+        &rows,
+        "ON CONFLICT (projection, party_id, client_id, kind, currency) DO UPDATE \
+         SET total_minor = projection_totals.total_minor + excluded.total_minor",
+        &[],
+    )
+    .await?;
+    Ok(())
+}
+
 async fn write_wallet(tx: &mut Tx, bookings: &[(usize, Booking)]) -> Result<(), sqlx::Error> {
-    let mut sellers: BTreeMap<(String, String), i64> = BTreeMap::new();
-    let mut buyers: BTreeMap<(String, String), (i64, i64)> = BTreeMap::new();
-    // Unreachable for batches of fewer than ~9,000 events: `decide` rejects
-    // amounts above `booking::MAX_AMOUNT_MINOR` (10^15) as `overflow`.
-    // Kept checked so that an impossible sum fails loudly, never wraps.
+    // (client, seller, currency) -> delta; (client, buyer, currency) ->
+    // (paid, refunded). The sums were checked against the stored totals
+    // (`within_totals`), so neither these nor the stored sums overflow.
+    let mut sellers: BTreeMap<(String, String, String), i64> = BTreeMap::new();
+    let mut buyers: BTreeMap<(String, String, String), (i64, i64)> = BTreeMap::new();
     let overflow = || sqlx::Error::Protocol("wallet delta overflows i64".into());
     for (_, b) in bookings {
-        for (seller, m) in b.wallet_deltas() {
+        for ((client, seller), m) in b.wallet_deltas() {
             let e = sellers
-                .entry((seller, m.currency().code().to_owned()))
+                .entry((client, seller, m.currency().code().to_owned()))
                 .or_default();
             *e = e.checked_add(m.amount_minor()).ok_or_else(overflow)?;
         }
-        if let Some((buyer, paid, refunded)) = &b.buyer {
+        if let Some(d) = &b.buyer {
             let e = buyers
-                .entry((buyer.clone(), paid.currency().code().to_owned()))
+                .entry((
+                    d.client.clone(),
+                    d.buyer.clone(),
+                    d.paid.currency().code().to_owned(),
+                ))
                 .or_default();
-            e.0 = e.0.checked_add(paid.amount_minor()).ok_or_else(overflow)?;
+            e.0 =
+                e.0.checked_add(d.paid.amount_minor())
+                    .ok_or_else(overflow)?;
             e.1 =
-                e.1.checked_add(refunded.amount_minor())
+                e.1.checked_add(d.refunded.amount_minor())
                     .ok_or_else(overflow)?;
         }
     }
     let rows: Vec<Vec<V>> = sellers
         .into_iter()
-        .map(|((s, c), d)| vec![V::T(s), V::T(c), V::I(d)])
+        .map(|((cl, s, c), d)| vec![V::T(cl), V::T(s), V::T(c), V::I(d)])
         .collect();
     insert_many(
         tx,
         "wallet_balances",
-        &["seller_id", "currency", "balance_minor"],
+        &["client_id", "seller_id", "currency", "balance_minor"],
         &rows,
-        "ON CONFLICT (seller_id, currency) DO UPDATE SET balance_minor = wallet_balances.balance_minor + excluded.balance_minor",
+        "ON CONFLICT (client_id, seller_id, currency) DO UPDATE SET balance_minor = wallet_balances.balance_minor + excluded.balance_minor",
         &[],
     )
     .await?;
     let rows: Vec<Vec<V>> = buyers
         .into_iter()
-        .map(|((b, c), (paid, refunded))| vec![V::T(b), V::T(c), V::I(paid), V::I(refunded)])
+        .map(|((cl, b, c), (paid, refunded))| {
+            vec![V::T(cl), V::T(b), V::T(c), V::I(paid), V::I(refunded)]
+        })
         .collect();
     insert_many(
         tx,
         "buyer_totals",
-        &["buyer_id", "currency", "paid_minor", "refunded_minor"],
+        &["client_id", "buyer_id", "currency", "paid_minor", "refunded_minor"],
         &rows,
-        "ON CONFLICT (buyer_id, currency) DO UPDATE SET paid_minor = buyer_totals.paid_minor + excluded.paid_minor, refunded_minor = buyer_totals.refunded_minor + excluded.refunded_minor",
+        "ON CONFLICT (client_id, buyer_id, currency) DO UPDATE SET paid_minor = buyer_totals.paid_minor + excluded.paid_minor, refunded_minor = buyer_totals.refunded_minor + excluded.refunded_minor",
         &[],
     )
     .await?;

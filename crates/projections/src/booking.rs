@@ -15,13 +15,37 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 pub const PSP_RECEIVABLE: &str = "psp_receivable";
 /// Fees the PSP charged on captures (expense).
 pub const PSP_FEES: &str = "psp_fees";
-/// What we owe a seller (liability); the seller id follows the colon.
+/// What we owe a seller of a client (liability):
+/// `merchant_payable:<client>/<seller>`. Sellers are scoped by client
+/// (issue 12, M2): two clients' seller `s1` are two accounts.
 pub const MERCHANT_PAYABLE_PREFIX: &str = "merchant_payable:";
 /// Differences accepted in reconciliation (gain/loss).
 pub const RECONCILIATION_ADJUSTMENTS: &str = "reconciliation_adjustments";
 
-pub fn merchant_payable(seller: &str) -> String {
-    format!("{MERCHANT_PAYABLE_PREFIX}{seller}")
+/// Separates client and seller in a merchant account. Ids never contain
+/// it (`[A-Za-z0-9._:-]`), so the split is unambiguous.
+pub const CLIENT_SEPARATOR: char = '/';
+
+/// The seller's account. `client` is empty only for orders booked before
+/// sellers were scoped by client (migration 3004): those keep their
+/// unscoped account `merchant_payable:<seller>` until a rebuild.
+pub fn merchant_payable(client: &str, seller: &str) -> String {
+    if client.is_empty() {
+        format!("{MERCHANT_PAYABLE_PREFIX}{seller}")
+    } else {
+        format!("{MERCHANT_PAYABLE_PREFIX}{client}{CLIENT_SEPARATOR}{seller}")
+    }
+}
+
+/// (client, seller) of a `merchant_payable` account; the client is empty
+/// for an unscoped (pre-3004) account. `None` for other accounts.
+pub fn merchant_of(account: &str) -> Option<(&str, &str)> {
+    let rest = account.strip_prefix(MERCHANT_PAYABLE_PREFIX)?;
+    let (client, seller) = rest.split_once(CLIENT_SEPARATOR).unwrap_or(("", rest));
+    (!seller.is_empty()
+        && !seller.contains(CLIENT_SEPARATOR)
+        && client.is_empty() != rest.contains(CLIENT_SEPARATOR))
+    .then_some((client, seller))
 }
 
 /// True for the account names the chart defines.
@@ -29,9 +53,7 @@ pub fn is_known_account(account: &str) -> bool {
     matches!(
         account,
         PSP_RECEIVABLE | PSP_FEES | RECONCILIATION_ADJUSTMENTS
-    ) || account
-        .strip_prefix(MERCHANT_PAYABLE_PREFIX)
-        .is_some_and(|s| !s.is_empty())
+    ) || merchant_of(account).is_some()
 }
 
 /// Which business fact a ledger transaction records.
@@ -67,8 +89,18 @@ pub struct Booking {
     pub key: String,
     pub kind: BookingKind,
     pub entries: Vec<Entry>,
-    /// Buyer whose totals change: (buyer, paid delta, refunded delta).
-    pub buyer: Option<(String, Money, Money)>,
+    /// Buyer whose totals change.
+    pub buyer: Option<BuyerDelta>,
+}
+
+/// What one booking changes in a buyer's totals (wallet projection).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuyerDelta {
+    /// The client whose buyer it is (empty for pre-3004 orders).
+    pub client: String,
+    pub buyer: String,
+    pub paid: Money,
+    pub refunded: Money,
 }
 
 impl Booking {
@@ -79,7 +111,7 @@ impl Booking {
         key: String,
         kind: BookingKind,
         entries: Vec<Entry>,
-        buyer: Option<(String, Money, Money)>,
+        buyer: Option<BuyerDelta>,
     ) -> Booking {
         let b = Booking {
             key,
@@ -106,19 +138,61 @@ impl Booking {
         }
     }
 
-    /// Changes to `merchant_payable:*` as wallet deltas (credit balance:
-    /// what we owe the seller).
-    pub fn wallet_deltas(&self) -> Vec<(String, Money)> {
+    /// Changes to `merchant_payable:*` as wallet deltas ((client, seller),
+    /// credit balance: what we owe the seller).
+    pub fn wallet_deltas(&self) -> Vec<((String, String), Money)> {
         self.entries
             .iter()
             .filter_map(|e| {
-                let seller = e.account.strip_prefix(MERCHANT_PAYABLE_PREFIX)?;
+                let (client, seller) = merchant_of(&e.account)?;
                 // Credit balance = -(signed sum); amounts came from checked
                 // arithmetic, and i64::MIN is rejected before building.
                 let m = e.amount.checked_neg().ok()?;
-                Some((seller.to_owned(), m))
+                Some(((client.to_owned(), seller.to_owned()), m))
             })
             .collect()
+    }
+
+    /// Every running total this booking changes, with its delta: the
+    /// seller's balance and the buyer's paid and refunded totals. Both
+    /// projections keep these (`projection_totals`) and refuse an event
+    /// that would take one beyond [`MAX_TOTAL_MINOR`], so the ledger and
+    /// the wallet decide alike and a sum never overflows in the database.
+    pub fn total_deltas(&self) -> Vec<(TotalKey, i64)> {
+        let mut v: Vec<(TotalKey, i64)> = self
+            .wallet_deltas()
+            .into_iter()
+            .map(|((client, seller), m)| {
+                (
+                    TotalKey {
+                        kind: TotalKind::SellerBalance,
+                        client,
+                        party: seller,
+                        currency: m.currency(),
+                    },
+                    m.amount_minor(),
+                )
+            })
+            .collect();
+        if let Some(b) = &self.buyer {
+            for (kind, m) in [
+                (TotalKind::BuyerPaid, b.paid),
+                (TotalKind::BuyerRefunded, b.refunded),
+            ] {
+                if !m.is_zero() {
+                    v.push((
+                        TotalKey {
+                            kind,
+                            client: b.client.clone(),
+                            party: b.buyer.clone(),
+                            currency: m.currency(),
+                        },
+                        m.amount_minor(),
+                    ));
+                }
+            }
+        }
+        v
     }
 }
 
@@ -150,9 +224,60 @@ pub fn check_balanced(entries: &[Entry]) -> Result<(), String> {
     }
 }
 
+/// Which running total a [`TotalKey`] names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TotalKind {
+    /// What we owe the seller (= its wallet balance).
+    SellerBalance,
+    /// What the buyer paid (captures).
+    BuyerPaid,
+    /// What the buyer got back (refunds).
+    BuyerRefunded,
+}
+
+impl TotalKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            TotalKind::SellerBalance => "seller_balance",
+            TotalKind::BuyerPaid => "buyer_paid",
+            TotalKind::BuyerRefunded => "buyer_refunded",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<TotalKind> {
+        [
+            TotalKind::SellerBalance,
+            TotalKind::BuyerPaid,
+            TotalKind::BuyerRefunded,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+    }
+}
+
+/// One running total: a seller's balance or a buyer's paid / refunded
+/// total, per client and currency.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TotalKey {
+    pub kind: TotalKind,
+    pub client: String,
+    /// Seller or buyer id.
+    pub party: String,
+    pub currency: Currency,
+}
+
+/// Largest magnitude a running total (wallet balance, buyer total, hence
+/// a merchant account's balance) may reach: `i64::MAX`. An event that
+/// would take one beyond it is rejected as `total_overflow` (dead-lettered)
+/// instead of failing in the database and stalling the partition.
+pub const MAX_TOTAL_MINOR: i64 = i64::MAX;
+
 /// An order as the projection knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OrderState {
+    /// The client that requested the payment (empty for orders learnt
+    /// before migration 3004).
+    pub client_id: String,
     pub payment_id: String,
     pub buyer_id: String,
     pub seller_id: String,
@@ -272,6 +397,7 @@ pub fn decide(env: &Envelope, state: &BookState) -> Decision {
                     return too_large(&format!("order {} amount", o.order_id), o.amount);
                 }
                 let new = OrderState {
+                    client_id: p.client_id.to_string(),
                     payment_id: payment.to_string(),
                     buyer_id: p.buyer_id.to_string(),
                     seller_id: o.seller_id.to_string(),
@@ -294,8 +420,11 @@ pub fn decide(env: &Envelope, state: &BookState) -> Decision {
                 }
                 match state.orders.get(&id) {
                     // A repeated request (new event id, same facts) changes nothing.
+                    // An order learnt before orders recorded their client
+                    // (empty) matches any client.
                     Some(old)
-                        if old.payment_id == new.payment_id
+                        if (old.client_id == new.client_id || old.client_id.is_empty())
+                            && old.payment_id == new.payment_id
                             && old.seller_id == new.seller_id
                             && old.buyer_id == new.buyer_id
                             && old.currency == new.currency
@@ -391,7 +520,7 @@ pub fn decide(env: &Envelope, state: &BookState) -> Decision {
                 BookingKind::Refund,
                 vec![
                     Entry {
-                        account: merchant_payable(&order.seller_id),
+                        account: merchant_payable(&order.client_id, &order.seller_id),
                         amount: e.amount,
                     },
                     Entry {
@@ -399,11 +528,12 @@ pub fn decide(env: &Envelope, state: &BookState) -> Decision {
                         amount: credit,
                     },
                 ],
-                Some((
-                    order.buyer_id.clone(),
-                    Money::zero(order.currency),
-                    e.amount,
-                )),
+                Some(BuyerDelta {
+                    client: order.client_id.clone(),
+                    buyer: order.buyer_id.clone(),
+                    paid: Money::zero(order.currency),
+                    refunded: e.amount,
+                }),
             );
             Decision::Apply(Effects {
                 orders: vec![(id, updated)],
@@ -548,7 +678,7 @@ fn capture(
         });
     }
     entries.push(Entry {
-        account: merchant_payable(&order.seller_id),
+        account: merchant_payable(&order.client_id, &order.seller_id),
         amount: credit,
     });
     // A fee equal to the amount leaves a zero receivable leg: drop it.
@@ -559,11 +689,12 @@ fn capture(
         key,
         BookingKind::Capture,
         entries,
-        Some((
-            order.buyer_id.clone(),
-            amount,
-            Money::zero(amount.currency()),
-        )),
+        Some(BuyerDelta {
+            client: order.client_id.clone(),
+            buyer: order.buyer_id.clone(),
+            paid: amount,
+            refunded: Money::zero(amount.currency()),
+        }),
     );
     Decision::Apply(Effects {
         orders: vec![(order_id.to_owned(), updated)],
@@ -738,5 +869,21 @@ mod tests {
         ];
         assert!(check_balanced(&mixed).is_err());
         assert!(check_balanced(&[e(PSP_RECEIVABLE, 5), e("merchant_payable:s", -5)]).is_ok());
+        assert!(check_balanced(&[e(PSP_RECEIVABLE, 5), e("merchant_payable:c/s", -5)]).is_ok());
+        assert!(check_balanced(&[e(PSP_RECEIVABLE, 5), e("merchant_payable:c/", -5)]).is_err());
+        assert!(check_balanced(&[e(PSP_RECEIVABLE, 5), e("merchant_payable:/s", -5)]).is_err());
+    }
+
+    #[test]
+    fn merchant_accounts_are_scoped_by_client_unambiguously() {
+        // Ids may contain ':' but never '/': "a:b"/"c" and "a"/"b:c" differ.
+        let x = merchant_payable("a:b", "c");
+        let y = merchant_payable("a", "b:c");
+        assert_ne!(x, y);
+        assert_eq!(merchant_of(&x), Some(("a:b", "c")));
+        assert_eq!(merchant_of(&y), Some(("a", "b:c")));
+        assert_eq!(merchant_of("merchant_payable:s1"), Some(("", "s1")));
+        assert_eq!(merchant_of("merchant_payable:a/b/c"), None);
+        assert_eq!(merchant_of(PSP_FEES), None);
     }
 }

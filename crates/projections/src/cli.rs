@@ -41,6 +41,48 @@ pub async fn open(db_url: &str) -> anyhow::Result<Db> {
     Ok(db)
 }
 
+/// Connections of the query API's own pool: queries can never take the
+/// consumers' connections, however many arrive.
+pub const QUERY_CONNECTIONS: u32 = 4;
+
+/// A small pool for the query API, separate from the consumers' pool.
+/// On PostgreSQL its transactions are read-only (the API never writes).
+pub async fn open_query_pool(db_url: &str) -> anyhow::Result<Db> {
+    use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+    use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
+    use std::str::FromStr as _;
+    use std::time::Duration;
+    let redacted = storage::redact(db_url);
+    let db = if db_url.starts_with("postgres://") || db_url.starts_with("postgresql://") {
+        let opts = PgConnectOptions::from_str(db_url)
+            .with_context(|| format!("query pool for {redacted}"))?
+            .options([("default_transaction_read_only", "on")]);
+        Db::Postgres(
+            PgPoolOptions::new()
+                .max_connections(QUERY_CONNECTIONS)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect_with(opts)
+                .await
+                .with_context(|| format!("query pool for {redacted}"))?,
+        )
+    } else {
+        // The consumers' pool created the file and set WAL mode (which
+        // persists in the file), so readers never block the writer.
+        let opts = SqliteConnectOptions::from_str(db_url)
+            .with_context(|| format!("query pool for {redacted}"))?
+            .busy_timeout(Duration::from_secs(10));
+        Db::Sqlite(
+            SqlitePoolOptions::new()
+                .max_connections(QUERY_CONNECTIONS)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect_with(opts)
+                .await
+                .with_context(|| format!("query pool for {redacted}"))?,
+        )
+    };
+    Ok(db)
+}
+
 /// Consumer settings of one projection's group.
 pub fn consumer_settings(kafka: &KafkaConfig, group: &str, batch: u32) -> ConsumerSettings {
     let topology = kafka.topology();
@@ -101,7 +143,10 @@ pub async fn serve(
             r
         });
     }
-    let app = crate::router(db.clone());
+    // The query API gets its own small pool (and a concurrency limit in
+    // the router), so queries cannot starve the consumers.
+    let query_db = open_query_pool(db_url).await?;
+    let app = crate::router(query_db.clone());
     let s = stop.clone();
     tasks.spawn(async move {
         let r = axum::serve(listener, app)
@@ -130,6 +175,7 @@ pub async fn serve(
             }
         }
     }
+    query_db.close().await;
     db.close().await;
     result
 }
@@ -147,7 +193,7 @@ pub enum LedgerCommand {
     },
     /// An account's balance per currency, now or as of an instant.
     Balance {
-        /// e.g. psp_receivable, psp_fees, reconciliation_adjustments, merchant_payable:<seller>
+        /// e.g. psp_receivable, psp_fees, reconciliation_adjustments, merchant_payable:<client>/<seller>
         account: String,
         /// RFC 3339 instant; entries that occurred after it are left out.
         #[arg(long)]
@@ -167,15 +213,35 @@ pub enum LedgerCommand {
         #[arg(long)]
         after: Option<i64>,
     },
-    /// A seller's wallet balances.
-    Wallet { seller: String },
-    /// What a buyer paid and got refunded, per currency.
-    Buyer { buyer: String },
+    /// A client's seller's wallet balances.
+    Wallet {
+        seller: String,
+        /// The client whose seller it is (sellers are scoped by client;
+        /// `""` for what was booked before that, migration 3004).
+        #[arg(long)]
+        client: String,
+    },
+    /// What a client's buyer paid and got refunded, per currency.
+    Buyer {
+        buyer: String,
+        /// The client whose buyer it is.
+        #[arg(long)]
+        client: String,
+    },
 }
+
+/// What the read-only `ledger` commands need to find in the database.
+pub const LEDGER_NEEDS: storage::Needs = storage::Needs {
+    what: "ledger projection",
+    table: "ledger_entries",
+};
 
 /// Runs a `ledger` subcommand, printing JSON (or the verify report) to stdout.
 pub async fn run_ledger_command(db_url: &str, cmd: LedgerCommand) -> anyhow::Result<ExitCode> {
-    let db = open(db_url).await?;
+    // Read-only: a database without the ledger is named as such, and
+    // nothing is created in it.
+    let db = Db::open_existing(db_url, LEDGER_NEEDS).await?;
+    crate::migrate(&db).await?;
     let print = |v: serde_json::Value| -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         Ok(())
@@ -229,15 +295,15 @@ pub async fn run_ledger_command(db_url: &str, cmd: LedgerCommand) -> anyhow::Res
             )?)?;
             ExitCode::SUCCESS
         }
-        LedgerCommand::Wallet { seller } => {
+        LedgerCommand::Wallet { seller, client } => {
             print(serde_json::to_value(
-                crate::query::wallet(&db, &seller).await?,
+                crate::query::wallet(&db, &client, &seller).await?,
             )?)?;
             ExitCode::SUCCESS
         }
-        LedgerCommand::Buyer { buyer } => {
-            let totals = crate::query::buyer_totals(&db, &buyer).await?;
-            print(serde_json::json!({"buyer_id": buyer, "totals": totals}))?;
+        LedgerCommand::Buyer { buyer, client } => {
+            let totals = crate::query::buyer_totals(&db, &client, &buyer).await?;
+            print(serde_json::json!({"client_id": client, "buyer_id": buyer, "totals": totals}))?;
             ExitCode::SUCCESS
         }
     };

@@ -8,6 +8,7 @@
 //! this crate's README.md.
 
 pub mod apply;
+pub mod auth;
 pub mod booking;
 pub mod cli;
 pub mod http;
@@ -17,7 +18,7 @@ pub mod verify;
 
 pub use apply::{Incoming, Projection, ProjectionHandler, apply_batch};
 pub use cli::{LedgerCommand, ProjectionsArgs, run_ledger_command, serve};
-pub use http::router;
+pub use http::{QueryLimits, router, router_with};
 pub use verify::{VerifyReport, verify};
 
 /// Applies the projections' migrations (versions 3xxx) for `db`'s backend.

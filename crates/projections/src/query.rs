@@ -54,6 +54,8 @@ pub struct WalletBalance {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Wallet {
+    /// The client whose seller it is (sellers are scoped by client).
+    pub client_id: String,
     pub seller_id: String,
     pub balances: Vec<WalletBalance>,
 }
@@ -76,7 +78,7 @@ pub async fn account_balance(
     account: &str,
     as_of_micros: Option<i64>,
 ) -> Result<AccountBalance, sqlx::Error> {
-    let mut tx = Tx::begin(db).await?;
+    let mut tx = Tx::begin_read(db).await?;
     let rows = tx
         .rows(
             "SELECT currency, CAST(SUM(amount_minor) AS BIGINT) FROM ledger_entries \
@@ -133,7 +135,7 @@ fn entry_row(r: &[V]) -> EntryRow {
 
 /// Every entry booked for a payment, in booking order.
 pub async fn payment_entries(db: &Db, payment_id: &str) -> Result<Vec<EntryRow>, sqlx::Error> {
-    let mut tx = Tx::begin(db).await?;
+    let mut tx = Tx::begin_read(db).await?;
     let sql = format!(
         "SELECT {ENTRY_COLUMNS} FROM ledger_transactions t JOIN ledger_entries e ON e.transaction_id = t.id \
          WHERE t.payment_id = $1 ORDER BY t.seq, e.line"
@@ -154,7 +156,7 @@ pub async fn account_history(
     limit: i64,
 ) -> Result<HistoryPage, sqlx::Error> {
     let limit = limit.clamp(1, HISTORY_LIMIT_MAX);
-    let mut tx = Tx::begin(db).await?;
+    let mut tx = Tx::begin_read(db).await?;
     let sql = format!(
         "SELECT {ENTRY_COLUMNS} FROM ledger_entries e JOIN ledger_transactions t ON t.id = e.transaction_id \
          WHERE e.account = $1 AND e.seq > $2 ORDER BY e.seq, e.line LIMIT $3"
@@ -186,18 +188,20 @@ pub async fn account_history(
     })
 }
 
-/// A seller's wallet: balance per currency.
-pub async fn wallet(db: &Db, seller_id: &str) -> Result<Wallet, sqlx::Error> {
-    let mut tx = Tx::begin(db).await?;
+/// A client's seller's wallet: balance per currency. Client `""` reads
+/// what was booked before sellers were scoped by client (migration 3004).
+pub async fn wallet(db: &Db, client_id: &str, seller_id: &str) -> Result<Wallet, sqlx::Error> {
+    let mut tx = Tx::begin_read(db).await?;
     let rows = tx
         .rows(
-            "SELECT currency, balance_minor FROM wallet_balances WHERE seller_id = $1 ORDER BY currency",
-            &[V::T(seller_id.to_owned())],
+            "SELECT currency, balance_minor FROM wallet_balances WHERE client_id = $1 AND seller_id = $2 ORDER BY currency",
+            &[V::T(client_id.to_owned()), V::T(seller_id.to_owned())],
             &[Ty::T, Ty::I],
         )
         .await?;
     tx.commit().await?;
     Ok(Wallet {
+        client_id: client_id.to_owned(),
         seller_id: seller_id.to_owned(),
         balances: rows
             .into_iter()
@@ -209,13 +213,17 @@ pub async fn wallet(db: &Db, seller_id: &str) -> Result<Wallet, sqlx::Error> {
     })
 }
 
-/// What a buyer paid and got refunded, per currency.
-pub async fn buyer_totals(db: &Db, buyer_id: &str) -> Result<Vec<BuyerTotal>, sqlx::Error> {
-    let mut tx = Tx::begin(db).await?;
+/// What a client's buyer paid and got refunded, per currency.
+pub async fn buyer_totals(
+    db: &Db,
+    client_id: &str,
+    buyer_id: &str,
+) -> Result<Vec<BuyerTotal>, sqlx::Error> {
+    let mut tx = Tx::begin_read(db).await?;
     let rows = tx
         .rows(
-            "SELECT currency, paid_minor, refunded_minor FROM buyer_totals WHERE buyer_id = $1 ORDER BY currency",
-            &[V::T(buyer_id.to_owned())],
+            "SELECT currency, paid_minor, refunded_minor FROM buyer_totals WHERE client_id = $1 AND buyer_id = $2 ORDER BY currency",
+            &[V::T(client_id.to_owned()), V::T(buyer_id.to_owned())],
             &[Ty::T, Ty::I, Ty::I],
         )
         .await?;
@@ -228,4 +236,20 @@ pub async fn buyer_totals(db: &Db, buyer_id: &str) -> Result<Vec<BuyerTotal>, sq
             refunded_minor: r[2].int(),
         })
         .collect())
+}
+
+/// The client that requested a payment, as the ledger projection learnt it
+/// from its `PaymentRequested` (`None`: the ledger does not know the
+/// payment; `Some("")`: learnt before orders recorded their client).
+pub async fn payment_client(db: &Db, payment_id: &str) -> Result<Option<String>, sqlx::Error> {
+    let mut tx = Tx::begin_read(db).await?;
+    let rows = tx
+        .rows(
+            "SELECT client_id FROM projection_orders WHERE projection = 'ledger' AND payment_id = $1 LIMIT 1",
+            &[V::T(payment_id.to_owned())],
+            &[Ty::T],
+        )
+        .await?;
+    tx.commit().await?;
+    Ok(rows.first().map(|r| r[0].text()))
 }

@@ -108,6 +108,17 @@ impl Tx {
     pub(crate) async fn begin(db: &Db) -> Result<Tx, sqlx::Error> {
         Ok(match db {
             Db::Postgres(p) => Tx::Pg(p.begin().await?),
+            Db::Sqlite(p) => Tx::Lite(storage::BeginWrite::begin_write(p).await?),
+        })
+    }
+
+    /// A transaction that only reads (queries, verify): a plain deferred
+    /// `BEGIN` on SQLite, so readers never take the write lock and never
+    /// hold up the projections' writers (WAL: one snapshot from the first
+    /// read on).
+    pub(crate) async fn begin_read(db: &Db) -> Result<Tx, sqlx::Error> {
+        Ok(match db {
+            Db::Postgres(p) => Tx::Pg(p.begin().await?),
             Db::Sqlite(p) => Tx::Lite(p.begin().await?),
         })
     }

@@ -112,7 +112,7 @@ pub async fn verify(db: &Db) -> VerifyReport {
 
 /// Opens the read transaction every check runs in: one snapshot.
 async fn begin_snapshot(db: &Db) -> Result<Tx, sqlx::Error> {
-    let mut tx = Tx::begin(db).await?;
+    let mut tx = Tx::begin_read(db).await?;
     if tx.is_postgres() {
         // It must be the transaction's first statement. Under the default
         // READ COMMITTED each statement sees newer commits, so a running
@@ -179,7 +179,7 @@ async fn run(db: &Db) -> Result<VerifyReport, sqlx::Error> {
 
     let mut wallets = Check::new(
         "wallets_match_ledger",
-        "each wallet balance equals the credit balance of merchant_payable:<seller>",
+        "each wallet balance equals the credit balance of merchant_payable:<client>/<seller>",
     );
     let mut ledger: BTreeMap<(String, String), i64> = BTreeMap::new();
     // Not LIKE: it is case-insensitive on SQLite and `_` is a wildcard.
@@ -194,30 +194,32 @@ async fn run(db: &Db) -> Result<VerifyReport, sqlx::Error> {
         )
         .await?
     {
-        let seller = r[0]
-            .text()
-            .strip_prefix(MERCHANT_PAYABLE_PREFIX)
-            .unwrap_or_default()
-            .to_owned();
-        ledger.insert((seller, r[1].text()), r[2].int().saturating_neg());
+        ledger.insert((r[0].text(), r[1].text()), r[2].int().saturating_neg());
     }
     let mut wallet: BTreeMap<(String, String), i64> = BTreeMap::new();
     for r in tx
         .rows(
-            "SELECT seller_id, currency, balance_minor FROM wallet_balances",
+            "SELECT client_id, seller_id, currency, balance_minor FROM wallet_balances",
             &[],
-            &[Ty::T, Ty::T, Ty::I],
+            &[Ty::T, Ty::T, Ty::T, Ty::I],
         )
         .await?
     {
-        wallet.insert((r[0].text(), r[1].text()), r[2].int());
+        // Keyed by the account the wallet mirrors: client and seller.
+        wallet.insert(
+            (
+                crate::booking::merchant_payable(&r[0].text(), &r[1].text()),
+                r[2].text(),
+            ),
+            r[3].int(),
+        );
     }
     let keys: std::collections::BTreeSet<_> = ledger.keys().chain(wallet.keys()).cloned().collect();
     for k in keys {
         let l = ledger.get(&k).copied().unwrap_or(0);
         let w = wallet.get(&k).copied().unwrap_or(0);
         if l != w {
-            wallets.fail(format!("seller {} {}: wallet {w}, ledger {l}", k.0, k.1));
+            wallets.fail(format!("{} {}: wallet {w}, ledger {l}", k.0, k.1));
         }
     }
 

@@ -38,9 +38,11 @@ async fn ledger_commands(postgres: bool) {
         },
         LedgerCommand::Wallet {
             seller: "seller-a".into(),
+            client: "c1".into(),
         },
         LedgerCommand::Buyer {
             buyer: "buyer-7".into(),
+            client: "c1".into(),
         },
     ] {
         assert!(ok(run_ledger_command(&url, cmd).await.unwrap()));

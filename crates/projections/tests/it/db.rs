@@ -36,18 +36,24 @@ async fn sample_story_books_expected_balances(db: Db) {
     // PaymentRequested, two captures, one refund, one adjustment.
     assert_eq!(applied, 5, "{outcomes:?}");
     let e = |m| vec![("EUR".to_owned(), m)];
-    assert_eq!(bal(&db, "merchant_payable:seller-a", None).await, e(-550));
-    assert_eq!(bal(&db, "merchant_payable:seller-b", None).await, e(-2500));
+    assert_eq!(
+        bal(&db, "merchant_payable:c1/seller-a", None).await,
+        e(-550)
+    );
+    assert_eq!(
+        bal(&db, "merchant_payable:c1/seller-b", None).await,
+        e(-2500)
+    );
     assert_eq!(bal(&db, "psp_fees", None).await, e(107));
     assert_eq!(
         bal(&db, "psp_receivable", None).await,
         e(1018 + 2425 - 500 - 3)
     );
     assert_eq!(bal(&db, "reconciliation_adjustments", None).await, e(3));
-    let w = query::wallet(&db, "seller-a").await.unwrap();
+    let w = query::wallet(&db, "c1", "seller-a").await.unwrap();
     assert_eq!(w.balances.len(), 1);
     assert_eq!(w.balances[0].balance_minor, 550);
-    let b = query::buyer_totals(&db, "buyer-7").await.unwrap();
+    let b = query::buyer_totals(&db, "c1", "buyer-7").await.unwrap();
     assert_eq!((b[0].paid_minor, b[0].refunded_minor), (3550, 500));
     let payment = evs[0].payment_id.unwrap().to_string();
     let entries = query::payment_entries(&db, &payment).await.unwrap();
@@ -177,7 +183,7 @@ async fn rejected_events_leave_no_partial_write(db: Db) {
     assert!(matches!(&again[0], Outcome::Rejected { kind, .. } if kind == "unknown_order"));
     assert_eq!(snapshot(&db).await, snap);
     assert_eq!(
-        bal(&db, "merchant_payable:seller-1", None).await,
+        bal(&db, "merchant_payable:test-client/seller-1", None).await,
         vec![("EUR".into(), -600)]
     );
     assert!(verify(&db).await.is_ok());
@@ -221,7 +227,7 @@ async fn capture_is_booked_once_per_order(db: Db) {
             "batch {batch}"
         );
         assert_eq!(
-            bal(&db, &format!("merchant_payable:{seller}"), None).await,
+            bal(&db, &format!("merchant_payable:test-client/{seller}"), None).await,
             vec![("EUR".into(), -500)]
         );
     }
@@ -256,7 +262,7 @@ async fn as_of_balances_match_recomputation(db: Db) {
         for account in [
             "psp_receivable",
             "psp_fees",
-            "merchant_payable:seller-a",
+            "merchant_payable:test-client/seller-a",
             "reconciliation_adjustments",
         ] {
             let got: i64 = bal(&db, account, Some(t)).await.iter().map(|b| b.1).sum();
@@ -320,7 +326,7 @@ async fn verify_detects_tampering(db: Db) {
             .await
             .unwrap(),
     }
-    exec(&db, "UPDATE ledger_entries SET amount_minor = amount_minor - 1 WHERE account = 'merchant_payable:seller-a' AND line = 2").await.unwrap();
+    exec(&db, "UPDATE ledger_entries SET amount_minor = amount_minor - 1 WHERE account = 'merchant_payable:c1/seller-a' AND line = 2").await.unwrap();
     let report = verify(&db).await;
     assert!(!report.is_ok());
     let failed: Vec<&str> = report
@@ -417,7 +423,7 @@ async fn redelivered_rejection_is_not_redecided(db: Db) {
     assert_eq!(again[0], first[0]);
     assert_eq!(snapshot(&db).await, snap);
     assert_eq!(
-        bal(&db, "merchant_payable:seller-3", None).await,
+        bal(&db, "merchant_payable:test-client/seller-3", None).await,
         vec![("EUR".into(), -1000)]
     );
     let report = verify(&db).await;
@@ -471,7 +477,7 @@ async fn huge_amounts_are_rejected_as_overflow(db: Db) {
     assert_eq!(snap["ledger_transactions"].len(), 3, "{snap:?}");
     assert_eq!(snap["projection_orders"].len(), 2, "{snap:?}");
     assert_eq!(
-        bal(&db, "merchant_payable:seller-4", None).await,
+        bal(&db, "merchant_payable:test-client/seller-4", None).await,
         vec![("EUR".into(), -900)]
     );
     assert_eq!(
@@ -512,7 +518,7 @@ async fn captures_and_refunds_must_match_their_order(db: Db) {
         ]
     );
     assert_eq!(
-        bal(&db, "merchant_payable:seller-5", None).await,
+        bal(&db, "merchant_payable:test-client/seller-5", None).await,
         vec![("EUR".into(), -900)]
     );
     let report = verify(&db).await;
@@ -565,9 +571,9 @@ async fn verify_detects_inserted_entries(db: Db) {
     let refund = &refund[0];
     exec(&db, &format!(
         "INSERT INTO ledger_entries (transaction_id, line, account, currency, amount_minor, occurred_at, seq) VALUES \
-         ('{refund}', 10, 'merchant_payable:seller-a', 'EUR', -100, 0, 1000000), \
+         ('{refund}', 10, 'merchant_payable:c1/seller-a', 'EUR', -100, 0, 1000000), \
          ('{refund}', 11, 'psp_receivable', 'EUR', 100, 0, 1000000), \
-         ('{refund}', 12, 'MERCHANT_PAYABLE:seller-a', 'EUR', -7, 0, 1000000), \
+         ('{refund}', 12, 'MERCHANT_PAYABLE:c1/seller-a', 'EUR', -7, 0, 1000000), \
          ('{refund}', 13, 'psp_receivable', 'EUR', 7, 0, 1000000)"
     ))
     .await

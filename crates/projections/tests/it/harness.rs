@@ -151,7 +151,19 @@ pub fn request(
     amount: Money,
     at: i64,
 ) -> (Envelope, PaymentId, OrderId) {
-    let client = ClientId::parse("test-client").unwrap();
+    request_for("test-client", key, buyer, seller, amount, at)
+}
+
+/// [`request`] by another client.
+pub fn request_for(
+    client: &str,
+    key: &str,
+    buyer: &str,
+    seller: &str,
+    amount: Money,
+    at: i64,
+) -> (Envelope, PaymentId, OrderId) {
+    let client = ClientId::parse(client).unwrap();
     let payment = PaymentId::derive(&client, key);
     let order = OrderId::derive(payment, 0);
     let env = envelope(

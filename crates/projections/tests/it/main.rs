@@ -10,3 +10,4 @@ mod http;
 mod prop;
 mod psp_refs;
 mod redrive;
+mod scope;
