@@ -382,3 +382,40 @@ async fn one_clients_velocity_does_not_reject_another_clients_buyer_of_the_same_
         assert_eq!(v["status"], "processing", "{backend:?} {body}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_velocity_window_whose_sum_exceeds_64_bits_still_gets_an_answer() {
+    for backend in BOTH {
+        let h = start(backend).await;
+        let key = h.client("shop-huge").await;
+        // Two amounts a buyer's window may hold from before the bound (or a
+        // rule file without one): their SUM does not fit in 64 bits.
+        let db = storage::Db::connect(&h.db_url).await.unwrap();
+        let client = events::ClientId::parse("shop-huge").unwrap();
+        for _ in 0..2 {
+            payment_handler::store::note_velocity(
+                &db,
+                &client,
+                events::PaymentId::new_random(),
+                "whale",
+                "EUR",
+                i64::MAX - 1,
+            )
+            .await
+            .unwrap();
+        }
+        // A decision (the default rules' velocity amount rejects it), not a
+        // 503 for as long as the window lasts.
+        let (s, _, b) = h
+            .post(
+                Some(&key),
+                Some("huge-1"),
+                &payment("whale", &[("s1", 100, "EUR")]),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{backend:?} {b}");
+        let v: Value = serde_json::from_str(&b).unwrap();
+        assert_eq!(v["status"], "rejected", "{b}");
+        assert_eq!(v["rejection"]["rule"], "velocity_amount", "{b}");
+    }
+}
