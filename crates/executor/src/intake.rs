@@ -157,9 +157,9 @@ impl BatchHandler for Intake {
         let results = if ops.is_empty() {
             Vec::new()
         } else {
-            store::intake(&self.app.db, &ops)
-                .await
-                .map_err(|e| HandlerError(format!("database: {e}")))?
+            store::intake(&self.app.db, &ops).await.map_err(|e| {
+                HandlerError::classified(storage::deterministic_kind(&e), format!("database: {e}"))
+            })?
         };
         assert_eq!(results.len(), ops.len(), "one result per operation");
         let mut results = results.into_iter().zip(ops.iter());

@@ -23,6 +23,11 @@ impl BatchHandler for StatusProjection {
         let envs: Vec<_> = batch.iter().map(|d| &d.envelope).collect();
         crate::store::apply_status(&self.db, &envs)
             .await
-            .map_err(|e| HandlerError(format!("payment-status projection: {e}")))
+            .map_err(|e| {
+                HandlerError::classified(
+                    storage::deterministic_kind(&e),
+                    format!("payment-status projection: {e}"),
+                )
+            })
     }
 }

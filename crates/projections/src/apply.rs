@@ -911,7 +911,12 @@ impl BatchHandler for ProjectionHandler {
             .collect();
         apply_batch(&self.db, self.projection, &incoming)
             .await
-            .map_err(|e| HandlerError(format!("{} projection: {e}", self.projection.as_str())))
+            .map_err(|e| {
+                HandlerError::classified(
+                    storage::deterministic_kind(&e),
+                    format!("{} projection: {e}", self.projection.as_str()),
+                )
+            })
     }
 }
 
