@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod producer;
 pub mod progress;
 pub mod reader;
+pub mod secret;
 pub mod shutdown;
 pub mod telemetry;
 pub mod testing;
