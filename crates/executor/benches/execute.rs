@@ -149,7 +149,11 @@ async fn executor_rate(n: usize, latency_ms: u64) -> f64 {
     let running = executor::start(
         kafka.clone(),
         &db,
-        executor::ExecutorArgs::for_tests(&sim.base_url()),
+        executor::ExecutorArgs::for_tests(
+            &sim.base_url(),
+            sim.api_key.clone(),
+            sim.webhook_secret.clone(),
+        ),
         stop.clone(),
     )
     .await
@@ -193,14 +197,15 @@ async fn sim_rate(n: usize) -> f64 {
     .expect("sim");
     let http = reqwest::Client::new();
     let base = sim.base_url();
+    let key = sim.api_key.clone();
     let start = Instant::now();
     let ok = futures::stream::iter(0..n)
         .map(|i| {
-            let (http, base) = (http.clone(), base.clone());
+            let (http, base, api_key) = (http.clone(), base.clone(), key.clone());
             async move {
                 let key = uuid::Uuid::now_v7().to_string();
                 http.post(format!("{base}/v1/charges"))
-                    .bearer_auth("sk_test_default")
+                    .bearer_auth(api_key.expose())
                     .header("Idempotency-Key", &key)
                     .json(
                         &serde_json::json!({"amount_minor": 1000 + i, "currency": "EUR",

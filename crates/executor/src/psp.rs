@@ -4,6 +4,11 @@
 
 use serde::Deserialize;
 use std::time::Duration;
+use streaming::secret::Secret;
+
+/// Largest PSP answer read; a longer one is not read further and counts as
+/// unreadable (a PSP's JSON answers are a few KiB).
+pub const MAX_ANSWER_BYTES: usize = 1024 * 1024;
 
 /// A charge as the PSP reports it.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -115,11 +120,11 @@ pub struct ChargeAnswer {
 pub struct PspClient {
     http: reqwest::Client,
     base: String,
-    api_key: String,
+    api_key: Secret,
 }
 
 impl PspClient {
-    pub fn new(base: &str, api_key: &str, timeout: Duration) -> anyhow::Result<PspClient> {
+    pub fn new(base: &str, api_key: Secret, timeout: Duration) -> anyhow::Result<PspClient> {
         assert!(!timeout.is_zero(), "a PSP call needs a positive timeout");
         let http = reqwest::Client::builder()
             .timeout(timeout)
@@ -129,7 +134,7 @@ impl PspClient {
         Ok(PspClient {
             http,
             base: base.trim_end_matches('/').to_owned(),
-            api_key: api_key.to_owned(),
+            api_key,
         })
     }
 
@@ -151,7 +156,7 @@ impl PspClient {
             let resp = self
                 .http
                 .post(format!("{}/v1/charges", self.base))
-                .bearer_auth(&self.api_key)
+                .bearer_auth(self.api_key.expose())
                 .header("Idempotency-Key", order_id)
                 .json(&body)
                 .send()
@@ -173,7 +178,7 @@ impl PspClient {
             let resp = self
                 .http
                 .get(format!("{}/v1/charges/{id}", self.base))
-                .bearer_auth(&self.api_key)
+                .bearer_auth(self.api_key.expose())
                 .send()
                 .await
                 .map_err(transport)?;
@@ -190,7 +195,7 @@ impl PspClient {
                 .http
                 .get(format!("{}/v1/charges", self.base))
                 .query(&[("reference", order_id)])
-                .bearer_auth(&self.api_key)
+                .bearer_auth(self.api_key.expose())
                 .send()
                 .await
                 .map_err(transport)?;
@@ -213,7 +218,7 @@ impl PspClient {
             let resp = self
                 .http
                 .post(format!("{}/v1/charges/{charge_id}/refunds", self.base))
-                .bearer_auth(&self.api_key)
+                .bearer_auth(self.api_key.expose())
                 .header("Idempotency-Key", refund_id)
                 .json(&serde_json::json!({ "amount_minor": amount_minor }))
                 .send()
@@ -267,7 +272,19 @@ async fn read<T: serde::de::DeserializeOwned>(resp: reqwest::Response) -> Result
         .and_then(|v| v.to_str().ok())
         .and_then(|s| s.trim().parse::<u64>().ok())
         .map(Duration::from_secs);
-    let bytes = resp.bytes().await.map_err(transport)?;
+    let bytes = match read_limited(resp, MAX_ANSWER_BYTES).await? {
+        Some(b) => b,
+        None => {
+            return Err(PspError::Transient {
+                code: "psp_bad_answer".into(),
+                reason: format!("{status} answer longer than {MAX_ANSWER_BYTES} bytes; not read"),
+                retry_after: None,
+                // A 2xx may stand for a charge made; an error answer we
+                // cannot read may come from a proxy in front of one.
+                outcome_unknown: true,
+            });
+        }
+    };
     if status.is_success() {
         return serde_json::from_slice(&bytes).map_err(|e| PspError::Transient {
             code: "psp_bad_answer".into(),
@@ -311,4 +328,26 @@ async fn read<T: serde::de::DeserializeOwned>(resp: reqwest::Response) -> Result
             validation: status == reqwest::StatusCode::BAD_REQUEST,
         })
     }
+}
+
+/// The body, or `None` when it is longer than `limit` (announced or
+/// actual): never more than `limit` bytes are held.
+async fn read_limited(
+    mut resp: reqwest::Response,
+    limit: usize,
+) -> Result<Option<Vec<u8>>, PspError> {
+    if resp
+        .content_length()
+        .is_some_and(|n| n > u64::try_from(limit).unwrap_or(u64::MAX))
+    {
+        return Ok(None);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(transport)? {
+        if body.len().saturating_add(chunk.len()) > limit {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body))
 }

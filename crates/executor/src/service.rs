@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use storage::Db;
+use streaming::secret::{self, Secret};
 use streaming::{ConsumerSettings, EventProducer, KafkaConfig};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -30,16 +31,15 @@ pub struct ExecutorArgs {
         default_value = "http://127.0.0.1:8090"
     )]
     pub psp_url: String,
-    /// API key for the PSP (sent as a bearer token).
-    #[arg(long, env = "PAYSTREAM_PSP_API_KEY", default_value = "sk_test_default")]
-    pub psp_api_key: String,
-    /// Secret the PSP signs its webhooks with.
-    #[arg(
-        long,
-        env = "PAYSTREAM_PSP_WEBHOOK_SECRET",
-        default_value = "whsec_default"
-    )]
-    pub psp_webhook_secret: String,
+    /// API key for the PSP (sent as a bearer token). Required, at least 32
+    /// characters, no well-known value: generate one with
+    /// `openssl rand -hex 32`.
+    #[arg(long, env = "PAYSTREAM_PSP_API_KEY", hide_env_values = true)]
+    pub psp_api_key: Option<Secret>,
+    /// Secret the PSP signs its webhooks with. Required, same rules as the
+    /// API key.
+    #[arg(long, env = "PAYSTREAM_PSP_WEBHOOK_SECRET", hide_env_values = true)]
+    pub psp_webhook_secret: Option<Secret>,
     /// Timeout of one PSP request.
     #[arg(long, env = "PAYSTREAM_PSP_TIMEOUT_MS", default_value_t = 10_000)]
     pub psp_timeout_ms: u64,
@@ -96,13 +96,18 @@ pub struct ExecutorArgs {
 }
 
 impl ExecutorArgs {
-    /// Defaults with a random port and a given PSP.
-    pub fn for_tests(psp_url: &str) -> ExecutorArgs {
+    /// Defaults with a random port and a given PSP, its API key and its
+    /// webhook secret.
+    pub fn for_tests(
+        psp_url: &str,
+        psp_api_key: Secret,
+        psp_webhook_secret: Secret,
+    ) -> ExecutorArgs {
         ExecutorArgs {
             listen: "127.0.0.1:0".parse().expect("valid address"),
             psp_url: psp_url.to_owned(),
-            psp_api_key: "sk_test_default".into(),
-            psp_webhook_secret: "whsec_default".into(),
+            psp_api_key: Some(psp_api_key),
+            psp_webhook_secret: Some(psp_webhook_secret),
             psp_timeout_ms: 10_000,
             max_in_flight: 64,
             max_attempts: 8,
@@ -179,10 +184,12 @@ pub struct App {
     pub producer: EventProducer,
     pub psp: PspClient,
     pub policy: Policy,
-    pub webhook_secret: Arc<[u8]>,
+    pub webhook_secret: Secret,
     pub max_in_flight: usize,
     /// Wakes the dispatcher when the intake recorded new work.
     pub work: Arc<Notify>,
+    /// False once a part of the executor ended early (`/healthz` says so).
+    pub health: streaming::supervise::Health,
 }
 
 /// A started executor.
@@ -220,6 +227,16 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> anyhow::Result<Running> {
     assert!(args.max_in_flight > 0, "max_in_flight must be positive");
+    // No built-in secrets: refuse to start without good ones, before
+    // touching the database or the broker.
+    let psp_api_key = secret::require(
+        args.psp_api_key.as_ref(),
+        "--psp-api-key / PAYSTREAM_PSP_API_KEY",
+    )?;
+    let webhook_secret = secret::require(
+        args.psp_webhook_secret.as_ref(),
+        "--psp-webhook-secret / PAYSTREAM_PSP_WEBHOOK_SECRET",
+    )?;
     let db = Db::connect(db_url).await?;
     store::migrate(&db)
         .await
@@ -242,7 +259,7 @@ pub async fn start(
     }
     let psp = PspClient::new(
         &args.psp_url,
-        &args.psp_api_key,
+        psp_api_key,
         Duration::from_millis(args.psp_timeout_ms.max(1)),
     )?;
     let app = App {
@@ -250,9 +267,10 @@ pub async fn start(
         producer: producer.clone(),
         psp,
         policy: Policy::from_args(&args),
-        webhook_secret: Arc::from(args.psp_webhook_secret.as_bytes()),
+        webhook_secret,
         max_in_flight: args.max_in_flight,
         work: Arc::new(Notify::new()),
+        health: streaming::supervise::Health::new(),
     };
 
     // Events recorded by a previous run but never acknowledged go out first.
@@ -278,13 +296,27 @@ pub async fn start(
         shutdown.clone(),
     ));
     let dispatcher = tokio::spawn(crate::dispatch::run(app.clone(), shutdown.clone()));
-    let task = tokio::spawn(async move {
+    // An executor is alive only while all of its parts are: the first to
+    // end early marks it unhealthy (`/healthz`), stops the rest and fails
+    // the process, so an orchestrator restarts it.
+    let mut parts = streaming::supervise::Supervisor::new(shutdown.clone(), app.health.clone());
+    parts.spawn("HTTP server", async move {
         http.await??;
+        anyhow::Ok(())
+    });
+    parts.spawn("intake consumer", async move {
         intake.await??;
+        anyhow::Ok(())
+    });
+    parts.spawn("dispatcher", async move {
         dispatcher.await?;
+        anyhow::Ok(())
+    });
+    let task = tokio::spawn(async move {
+        let result = parts.wait().await;
         producer.flush(Duration::from_secs(10))?;
         db.close().await;
-        Ok(())
+        result
     });
     Ok(Running { addr, app, task })
 }

@@ -2,9 +2,15 @@
 //!
 //! A webhook is trusted only with a valid `Psp-Signature` (HMAC-SHA256 of
 //! `"<t>.<raw body>"`, compared in constant time) whose time is within the
-//! tolerance; anything else gets 401 and appends nothing. Deliveries are
-//! deduplicated by the PSP's event id, and the order's state guard makes the
-//! settlement event happen once however often (or late) a webhook comes.
+//! tolerance; anything else gets 401 and causes no database work at all.
+//! A signed charge webhook settles a pending order only if its charge id,
+//! amount and currency are the order's; otherwise it changes nothing, is
+//! logged and counted (`paystream_webhook_mismatches_total{field}`), and
+//! the order is polled from the PSP at once instead. Refund webhooks are
+//! acknowledged and change nothing (the refund call's own answer decides).
+//! Deliveries are deduplicated by the PSP's event id, and the order's state
+//! guard makes the settlement event happen once however often (or late) a
+//! webhook comes.
 
 use crate::dispatch;
 use crate::psp::Charge;
@@ -36,14 +42,27 @@ pub fn router(app: App) -> Router {
 }
 
 async fn healthz(State(app): State<App>) -> Response {
-    match app.db.ping().await {
-        Ok(()) => (StatusCode::OK, "ok").into_response(),
-        Err(e) => error(
+    if !app.health.is_alive() {
+        // A part (intake, dispatcher) ended: the process is stopping.
+        return error(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
-            &e.to_string(),
+            "a part of the executor stopped",
             None,
-        ),
+        );
+    }
+    match app.db.ping().await {
+        Ok(()) => (StatusCode::OK, "ok").into_response(),
+        Err(e) => {
+            // The cause is for the operator's log, not for whoever asks.
+            tracing::warn!(error = %e, "health check: database unavailable");
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "database unavailable",
+                None,
+            )
+        }
     }
 }
 
@@ -118,27 +137,16 @@ async fn webhook(State(app): State<App>, headers: HeaderMap, body: Bytes) -> Res
     let sig = headers.get("Psp-Signature").and_then(|v| v.to_str().ok());
     let now_s = store::now_ms().div_euclid(1000);
     if let Err(e) = verify(
-        &app.webhook_secret,
+        app.webhook_secret.expose().as_bytes(),
         sig,
         &body,
         now_s,
         app.policy.webhook_tolerance_s,
     ) {
+        // Nothing an unauthenticated caller sends is read further or causes
+        // any database work: a genuine PSP delivers again, and the poll
+        // fallback resolves pending orders without it.
         tracing::warn!(error = %e, "webhook refused");
-        // Do not trust it, but do not wait either: if it names a pending
-        // order of ours, ask the PSP about that order now.
-        if let Some(reference) = serde_json::from_slice::<WebhookEvent>(&body)
-            .ok()
-            .and_then(|w| {
-                w.data
-                    .get("reference")
-                    .and_then(|r| r.as_str())
-                    .map(str::to_owned)
-            })
-            && let Err(e) = store::poll_now(&app.db, &reference).await
-        {
-            tracing::warn!(error = %e, "scheduling a status poll failed");
-        }
         return error(
             StatusCode::UNAUTHORIZED,
             "invalid_signature",
@@ -202,6 +210,21 @@ async fn handle(app: &App, event: &WebhookEvent) -> anyhow::Result<Response> {
     };
     match order.state.as_str() {
         "pending" => {
+            if let Some(field) = mismatch(&order, &charge) {
+                // Signed, but not about the charge we made: settle nothing
+                // from it; ask the PSP itself (the poll fallback) instead.
+                tracing::warn!(
+                    order_id = %order.order_id,
+                    field,
+                    psp_event = %event.id,
+                    "webhook does not match the order; ignored, polling the PSP instead"
+                );
+                metrics::counter!(streaming::metrics::WEBHOOK_MISMATCHES, "field" => field)
+                    .increment(1);
+                store::poll_now(&app.db, &order.order_id).await?;
+                app.work.notify_one();
+                return Ok(ok("mismatch"));
+            }
             let Some(pay) = store::payment(&app.db, &order.payment_id).await? else {
                 anyhow::bail!("order {} without its payment", order.order_id);
             };
@@ -236,6 +259,21 @@ async fn handle(app: &App, event: &WebhookEvent) -> anyhow::Result<Response> {
             "the order's execution is still being recorded; retry later",
             None,
         )),
+    }
+}
+
+/// The first field in which a charge webhook differs from what we know
+/// of the order: the charge id our own call got (a pending order always
+/// has one), the amount and the currency.
+fn mismatch(order: &store::OrderRow, charge: &Charge) -> Option<&'static str> {
+    if order.psp_charge_id.as_deref() != Some(charge.id.as_str()) {
+        Some("charge_id")
+    } else if charge.amount_minor != order.amount_minor {
+        Some("amount")
+    } else if charge.currency != order.currency {
+        Some("currency")
+    } else {
+        None
     }
 }
 

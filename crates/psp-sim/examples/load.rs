@@ -15,12 +15,13 @@ async fn main() -> anyhow::Result<()> {
     let url = format!("sqlite://{}", dir.path().join("load.db").display());
     let sim = psp_sim::spawn(psp_sim::SimConfig::for_tests(url)).await?;
     let base = Arc::new(sim.base_url());
+    let api_key = sim.api_key.clone();
     let http = reqwest::Client::new();
     for phase in ["create", "replay"] {
         let started = Instant::now();
         let mut tasks = Vec::new();
         for worker in 0..concurrency {
-            let (http, base) = (http.clone(), base.clone());
+            let (http, base, api_key) = (http.clone(), base.clone(), api_key.clone());
             tasks.push(tokio::spawn(async move {
                 let mut i = worker;
                 while i < total {
@@ -29,7 +30,7 @@ async fn main() -> anyhow::Result<()> {
                         "card_token": "tok_visa", "reference": key});
                     let r = http
                         .post(format!("{base}/v1/charges"))
-                        .bearer_auth("sk_test_default")
+                        .bearer_auth(api_key.expose())
                         .header("Idempotency-Key", &key)
                         .json(&body)
                         .send()

@@ -128,10 +128,17 @@ fn authenticate<'a>(st: &'a AppState, headers: &HeaderMap) -> Result<&'a Account
         .and_then(|v| v.to_str().ok())
         .ok_or_else(unauthorized)?;
     let key = value.strip_prefix("Bearer ").ok_or_else(unauthorized)?;
-    st.accounts
-        .iter()
-        .find(|a| a.api_key == key)
-        .ok_or_else(unauthorized)
+    // Compared in constant time, over digests (so the key's length does not
+    // show either) and over every account (so which one matched does not).
+    let presented = Sha256::digest(key.as_bytes());
+    let mut found = None;
+    for a in &st.accounts {
+        let stored = Sha256::digest(a.api_key.expose().as_bytes());
+        if streaming::secret::constant_time_eq(&stored, &presented) && found.is_none() {
+            found = Some(a);
+        }
+    }
+    found.ok_or_else(unauthorized)
 }
 
 /// Idempotency keys: 1..=255 visible characters.

@@ -4,11 +4,12 @@
 
 use serde::{Deserialize, Serialize};
 use std::path::Path;
+use streaming::secret::Secret;
 
-/// The account every simulator has, so tests and demos need no config file.
+/// The account every simulator has; its API key and webhook secret come
+/// from the flags (`--api-key`, `--webhook-secret`) or, in tests, from
+/// [`crate::SimConfig`]: there are no built-in ones.
 pub const DEFAULT_ACCOUNT: &str = "acct_default";
-pub const DEFAULT_API_KEY: &str = "sk_test_default";
-pub const DEFAULT_WEBHOOK_SECRET: &str = "whsec_default";
 
 /// Upper bound of any configured delay (latency, hold, pending resolution):
 /// 400 days. Larger values are configuration mistakes.
@@ -34,7 +35,7 @@ pub enum ConfigError {
 }
 
 /// Everything configurable per run.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Behaviour {
     /// Global latency, uniform in `[min, max]` ms; rules may override it.
@@ -134,13 +135,13 @@ pub enum Resolution {
     Fail,
 }
 
-/// A merchant account at the PSP.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// A merchant account at the PSP. Its key and secret never show in `Debug`.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Account {
     pub id: String,
-    pub api_key: String,
-    pub webhook_secret: String,
+    pub api_key: Secret,
+    pub webhook_secret: Secret,
     /// Where webhooks go; none means this account gets no webhooks.
     #[serde(default)]
     pub webhook_url: Option<String>,
@@ -159,11 +160,12 @@ fn default_fee_fixed() -> i64 {
 }
 
 impl Account {
-    pub fn default_account() -> Account {
+    /// An account with the default fees and no webhooks.
+    pub fn new(id: &str, api_key: Secret, webhook_secret: Secret) -> Account {
         Account {
-            id: DEFAULT_ACCOUNT.into(),
-            api_key: DEFAULT_API_KEY.into(),
-            webhook_secret: DEFAULT_WEBHOOK_SECRET.into(),
+            id: id.into(),
+            api_key,
+            webhook_secret,
             webhook_url: None,
             fee_bps: default_fee_bps(),
             fee_fixed_minor: default_fee_fixed(),
@@ -261,7 +263,10 @@ impl Behaviour {
             }
         }
         for a in &self.accounts {
-            if a.id.is_empty() || a.api_key.is_empty() || a.webhook_secret.is_empty() {
+            if a.id.is_empty()
+                || a.api_key.expose().is_empty()
+                || a.webhook_secret.expose().is_empty()
+            {
                 return bad("accounts need a non-empty id, api_key and webhook_secret".into());
             }
             if a.fee_fixed_minor < 0 || a.fee_bps > 10_000 {
@@ -282,11 +287,15 @@ impl Behaviour {
     }
 
     /// The accounts in effect: the configured ones, plus `acct_default`
-    /// unless configured.
-    pub fn effective_accounts(&self) -> Vec<Account> {
+    /// with the given key and secret unless configured.
+    pub fn effective_accounts(&self, api_key: &Secret, webhook_secret: &Secret) -> Vec<Account> {
         let mut accounts = self.accounts.clone();
         if !accounts.iter().any(|a| a.id == DEFAULT_ACCOUNT) {
-            accounts.push(Account::default_account());
+            accounts.push(Account::new(
+                DEFAULT_ACCOUNT,
+                api_key.clone(),
+                webhook_secret.clone(),
+            ));
         }
         accounts
     }
@@ -376,9 +385,17 @@ pub fn magic_token(card_token: &str) -> Option<Outcome> {
 mod tests {
     use super::*;
 
+    fn test_account() -> Account {
+        Account::new(
+            DEFAULT_ACCOUNT,
+            Secret::generate("sk_test_"),
+            Secret::generate("whsec_"),
+        )
+    }
+
     #[test]
     fn fee_rounds_half_up() {
-        let a = Account::default_account();
+        let a = test_account();
         // 1050 * 290 / 10000 = 30.45 -> 30, + 30
         assert_eq!(a.fee_for(1050), Some(60));
         // 50 * 290 / 10000 = 1.45 -> 1; 1000 * 290 / 10000 = 29
@@ -386,7 +403,7 @@ mod tests {
         let half = Account {
             fee_bps: 5_000,
             fee_fixed_minor: 0,
-            ..Account::default_account()
+            ..test_account()
         };
         assert_eq!(half.fee_for(1), Some(1)); // 0.5 -> 1
         assert_eq!(half.fee_for(3), Some(2)); // 1.5 -> 2
@@ -394,7 +411,7 @@ mod tests {
         assert_eq!(a.fee_for(i64::MAX), Some(267_477_789_068_788_498 + 30));
         let greedy = Account {
             fee_fixed_minor: i64::MAX,
-            ..Account::default_account()
+            ..test_account()
         };
         assert_eq!(greedy.fee_for(10_000), None);
     }

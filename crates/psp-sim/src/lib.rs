@@ -24,6 +24,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
+use streaming::secret::{self, Secret};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -42,14 +43,15 @@ pub struct PspSimArgs {
     /// Webhook URL of the default account (`acct_default`); none = no webhooks.
     #[arg(long, env = "PAYSTREAM_PSP_WEBHOOK_URL")]
     pub webhook_url: Option<String>,
-    /// Webhook signing secret of the default account.
-    #[arg(
-        long,
-        env = "PAYSTREAM_PSP_WEBHOOK_SECRET",
-        default_value = config::DEFAULT_WEBHOOK_SECRET,
-        hide_env_values = true
-    )]
-    pub webhook_secret: String,
+    /// API key of the default account (clients send it as
+    /// `Authorization: Bearer`). Required, at least 32 characters, no
+    /// well-known value: generate one with `openssl rand -hex 32`.
+    #[arg(long, env = "PAYSTREAM_PSP_API_KEY", hide_env_values = true)]
+    pub api_key: Option<Secret>,
+    /// Webhook signing secret of the default account. Required, same rules
+    /// as the API key.
+    #[arg(long, env = "PAYSTREAM_PSP_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<Secret>,
 }
 
 /// Everything one simulator run needs.
@@ -58,31 +60,55 @@ pub struct SimConfig {
     pub listen: SocketAddr,
     pub db_url: String,
     pub behaviour: Behaviour,
+    /// Key and webhook secret of `acct_default`, unless the behaviour
+    /// configures that account itself.
+    pub api_key: Secret,
+    pub webhook_secret: Secret,
 }
 
 impl SimConfig {
-    /// Random local port, default behaviour, the given database.
+    /// Random local port, default behaviour, the given database, and a
+    /// freshly generated key and webhook secret for `acct_default`.
     pub fn for_tests(db_url: impl Into<String>) -> SimConfig {
         SimConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             db_url: db_url.into(),
             behaviour: Behaviour::default(),
+            api_key: Secret::generate("sk_test_"),
+            webhook_secret: Secret::generate("whsec_"),
         }
     }
 
+    /// `serve psp-sim`'s configuration: refuses a missing, short or
+    /// well-known key or secret, on the flags and on every account of the
+    /// behaviour file.
     pub fn from_args(args: &PspSimArgs) -> anyhow::Result<SimConfig> {
+        let api_key = secret::require(args.api_key.as_ref(), "--api-key / PAYSTREAM_PSP_API_KEY")?;
+        let webhook_secret = secret::require(
+            args.webhook_secret.as_ref(),
+            "--webhook-secret / PAYSTREAM_PSP_WEBHOOK_SECRET",
+        )?;
         let mut behaviour = match &args.behaviour {
             Some(path) => Behaviour::load(path)?,
             None => Behaviour::default(),
         };
-        let mut accounts = behaviour.effective_accounts();
+        let mut accounts = behaviour.effective_accounts(&api_key, &webhook_secret);
         for a in &mut accounts {
             if a.id == config::DEFAULT_ACCOUNT {
-                a.webhook_secret.clone_from(&args.webhook_secret);
+                a.api_key = api_key.clone();
+                a.webhook_secret = webhook_secret.clone();
                 if args.webhook_url.is_some() {
                     a.webhook_url.clone_from(&args.webhook_url);
                 }
             }
+            secret::require(
+                Some(&a.api_key),
+                &format!("the api_key of account {:?}", a.id),
+            )?;
+            secret::require(
+                Some(&a.webhook_secret),
+                &format!("the webhook_secret of account {:?}", a.id),
+            )?;
         }
         behaviour.accounts = accounts;
         behaviour.validate()?;
@@ -90,6 +116,8 @@ impl SimConfig {
             listen: args.listen,
             db_url: args.db.clone(),
             behaviour,
+            api_key,
+            webhook_secret,
         })
     }
 }
@@ -106,6 +134,9 @@ pub async fn serve(args: PspSimArgs, shutdown: CancellationToken) -> anyhow::Res
 #[derive(Debug)]
 pub struct RunningSim {
     pub addr: SocketAddr,
+    /// The API key and webhook secret of `acct_default`.
+    pub api_key: Secret,
+    pub webhook_secret: Secret,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -127,10 +158,18 @@ impl RunningSim {
 /// Starts a simulator (bound before this returns, so `addr` is usable).
 pub async fn spawn(config: SimConfig) -> anyhow::Result<RunningSim> {
     let shutdown = CancellationToken::new();
+    let default = config
+        .behaviour
+        .effective_accounts(&config.api_key, &config.webhook_secret)
+        .into_iter()
+        .find(|a| a.id == config::DEFAULT_ACCOUNT)
+        .expect("acct_default is always in effect");
     let (addr, run) = start(config, shutdown.clone()).await?;
     let task = tokio::spawn(run);
     Ok(RunningSim {
         addr,
+        api_key: default.api_key,
+        webhook_secret: default.webhook_secret,
         shutdown,
         task,
     })
@@ -217,7 +256,9 @@ async fn start(
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
-    let accounts = config.behaviour.effective_accounts();
+    let accounts = config
+        .behaviour
+        .effective_accounts(&config.api_key, &config.webhook_secret);
     let state = Arc::new(AppState {
         db: pool,
         behaviour: config.behaviour,
@@ -312,13 +353,25 @@ mod tests {
         psp: PspSimArgs,
     }
 
+    const KEY: &str = "sk_test_4f1c2a9be07d35e8a6b1c9d0e2f3a4b5c6d7e8f9";
+    const WHSEC: &str = "whsec_0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d";
+
     #[test]
     fn cli_flags_configure_the_default_account() {
-        let cli = Cli::try_parse_from(["x", "--webhook-url", "http://127.0.0.1:1/wh"]).unwrap();
+        let cli = Cli::try_parse_from([
+            "x",
+            "--webhook-url",
+            "http://127.0.0.1:1/wh",
+            "--api-key",
+            KEY,
+            "--webhook-secret",
+            WHSEC,
+        ])
+        .unwrap();
         assert_eq!(cli.psp.listen, SocketAddr::from(([127, 0, 0, 1], 8090)));
         assert_eq!(cli.psp.db, "sqlite://psp-sim.db");
         let config = SimConfig::from_args(&cli.psp).unwrap();
-        let accounts = config.behaviour.effective_accounts();
+        let accounts = &config.behaviour.accounts;
         let default = accounts
             .iter()
             .find(|a| a.id == config::DEFAULT_ACCOUNT)
@@ -327,17 +380,64 @@ mod tests {
             default.webhook_url.as_deref(),
             Some("http://127.0.0.1:1/wh")
         );
-        assert_eq!(default.webhook_secret, "whsec_default");
-        assert_eq!(default.api_key, "sk_test_default");
+        assert_eq!(default.webhook_secret.expose(), WHSEC);
+        assert_eq!(default.api_key.expose(), KEY);
+        // Neither shows in the configuration's Debug output.
+        let shown = format!("{config:?}");
+        assert!(!shown.contains(KEY) && !shown.contains(WHSEC), "{shown}");
+    }
+
+    #[test]
+    fn missing_short_or_well_known_secrets_are_refused() {
+        let refused = |args: &[&str]| {
+            let mut all = vec!["x"];
+            all.extend_from_slice(args);
+            let cli = Cli::try_parse_from(all).unwrap();
+            SimConfig::from_args(&cli.psp).unwrap_err().to_string()
+        };
+        let e = refused(&["--webhook-secret", WHSEC]);
+        assert!(
+            e.contains("PAYSTREAM_PSP_API_KEY") && e.contains("openssl rand"),
+            "{e}"
+        );
+        let e = refused(&["--api-key", KEY]);
+        assert!(e.contains("PAYSTREAM_PSP_WEBHOOK_SECRET"), "{e}");
+        let e = refused(&["--api-key", "sk_test_default", "--webhook-secret", WHSEC]);
+        assert!(e.contains("well-known") && !e.contains(WHSEC), "{e}");
+        let e = refused(&["--api-key", KEY, "--webhook-secret", "whsec_default"]);
+        assert!(e.contains("well-known"), "{e}");
+        let e = refused(&["--api-key", KEY, "--webhook-secret", "tooshort123"]);
+        assert!(
+            e.contains("at least 32") && !e.contains("tooshort123"),
+            "{e}"
+        );
+        // A behaviour file's accounts are held to the same rules.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("b.json");
+        std::fs::write(
+            &file,
+            r#"{"accounts":[{"id":"acct_b","api_key":"sk_test_b","webhook_secret":"whsec_b"}]}"#,
+        )
+        .unwrap();
+        let path = file.to_str().unwrap();
+        let e = refused(&[
+            "--api-key",
+            KEY,
+            "--webhook-secret",
+            WHSEC,
+            "--behaviour",
+            path,
+        ]);
+        assert!(e.contains("acct_b"), "{e}");
     }
 
     #[test]
     fn signature_matches_a_known_vector() {
-        // printf '1700000000.{"a":1}' | openssl dgst -sha256 -hmac whsec_default
-        let s = sign(b"whsec_default", 1_700_000_000, br#"{"a":1}"#);
+        // printf '1700000000.{"a":1}' | openssl dgst -sha256 -hmac test_vector_key
+        let s = sign(b"test_vector_key", 1_700_000_000, br#"{"a":1}"#);
         assert_eq!(
             s,
-            "t=1700000000,v1=221e66160038711db4155b7a8ea5043bd6318e185b1378d78248b12d8f3586c1"
+            "t=1700000000,v1=918aec12949218c8a1190280eecdd59d44f1fda47f5ac7c8e20ced9458f7d1cc"
         );
         assert_ne!(s, sign(b"whsec_other", 1_700_000_000, br#"{"a":1}"#));
     }

@@ -116,7 +116,11 @@ async fn deliver_one(st: &AppState, client: &reqwest::Client, d: store::Delivery
         None => Err(format!("account {} is no longer configured", d.account)),
         Some(account) => {
             let t = wall_ms().div_euclid(1000);
-            let signature = sign(account.webhook_secret.as_bytes(), t, d.body.as_bytes());
+            let signature = sign(
+                account.webhook_secret.expose().as_bytes(),
+                t,
+                d.body.as_bytes(),
+            );
             client
                 .post(&d.url)
                 .header("content-type", "application/json")

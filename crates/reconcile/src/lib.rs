@@ -29,6 +29,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use storage::Db;
+use streaming::secret::Secret;
 use streaming::{EventProducer, KafkaConfig};
 use time::Date;
 use tokio_util::sync::CancellationToken;
@@ -133,14 +134,11 @@ pub struct ReconcilerArgs {
         default_value = "http://127.0.0.1:8090"
     )]
     pub psp_url: String,
-    /// API key for the PSP (sent as a bearer token).
-    #[arg(
-        long,
-        env = "PAYSTREAM_PSP_API_KEY",
-        default_value = "sk_test_default",
-        hide_env_values = true
-    )]
-    pub psp_api_key: String,
+    /// API key for the PSP (sent as a bearer token). Required, at least 32
+    /// characters, no well-known value: generate one with
+    /// `openssl rand -hex 32`.
+    #[arg(long, env = "PAYSTREAM_PSP_API_KEY", hide_env_values = true)]
+    pub psp_api_key: Option<Secret>,
     /// Timeout of one PSP request.
     #[arg(long, env = "PAYSTREAM_PSP_TIMEOUT_MS", default_value_t = 10_000)]
     pub psp_timeout_ms: u64,
@@ -178,24 +176,31 @@ pub struct ReconcilerArgs {
 pub struct PspSource {
     /// e.g. `http://127.0.0.1:8090`
     pub base_url: String,
-    pub api_key: String,
+    pub api_key: Secret,
     /// Extra query string appended to the file's URL (the simulator's
     /// `inject=...&seed=...`), without `?`.
     pub query: Option<String>,
     pub timeout: Duration,
     /// Attempts before giving up (at least 1).
     pub attempts: u32,
+    /// Longest wait a PSP's `Retry-After` may ask for between attempts
+    /// (longer requests are cut to this).
+    pub max_retry_after: Duration,
 }
 
+/// Default cap of a PSP's `Retry-After` between fetch attempts.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
 impl PspSource {
-    /// The simulator's default account at `base_url`.
-    pub fn simulator(base_url: &str) -> PspSource {
+    /// A simulator's (or PSP's) account at `base_url` with its API key.
+    pub fn simulator(base_url: &str, api_key: Secret) -> PspSource {
         PspSource {
             base_url: base_url.trim_end_matches('/').to_owned(),
-            api_key: "sk_test_default".to_owned(),
+            api_key,
             query: None,
             timeout: Duration::from_secs(30),
             attempts: 5,
+            max_retry_after: MAX_RETRY_AFTER,
         }
     }
 
@@ -732,7 +737,7 @@ async fn publish_run(db: &Db, producer: &EventProducer, report: &Report) -> anyh
 
 /// Fetches a day's settlement file, retrying transient failures
 /// (connection errors, timeouts, 5xx, 429) with exponential back-off and
-/// honouring `Retry-After`.
+/// honouring `Retry-After` up to `psp.max_retry_after`.
 pub async fn fetch_settlement(psp: &PspSource, date: Date) -> anyhow::Result<Vec<u8>> {
     let client = reqwest::Client::builder().timeout(psp.timeout).build()?;
     let url = psp.url(date);
@@ -740,7 +745,11 @@ pub async fn fetch_settlement(psp: &PspSource, date: Date) -> anyhow::Result<Vec
     let mut delay = Duration::from_millis(250);
     let mut last = String::new();
     for attempt in 1..=attempts {
-        let res = client.get(&url).bearer_auth(&psp.api_key).send().await;
+        let res = client
+            .get(&url)
+            .bearer_auth(psp.api_key.expose())
+            .send()
+            .await;
         let wait = match res {
             Ok(r) if r.status().is_success() => {
                 let body = r.bytes().await.with_context(|| format!("reading {url}"));
@@ -777,7 +786,12 @@ pub async fn fetch_settlement(psp: &PspSource, date: Date) -> anyhow::Result<Vec
             }
         };
         if attempt < attempts {
-            let d = wait.unwrap_or(delay).max(delay);
+            // A PSP (or whoever answers in its name) cannot park the
+            // reconciler for hours.
+            let d = wait
+                .map(|w| w.min(psp.max_retry_after))
+                .unwrap_or(delay)
+                .max(delay);
             tracing::warn!(%url, attempt, error = %last, wait_ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX), "settlement fetch failed; retrying");
             tokio::time::sleep(d).await;
             delay = (delay * 2).min(Duration::from_secs(60));
@@ -1216,12 +1230,17 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let (h, m) = parse_at(&args.at)?;
     let tolerance = args.options.tolerance()?;
+    let api_key = streaming::secret::require(
+        args.psp_api_key.as_ref(),
+        "--psp-api-key / PAYSTREAM_PSP_API_KEY",
+    )?;
     let psp = PspSource {
         base_url: args.psp_url.trim_end_matches('/').to_owned(),
-        api_key: args.psp_api_key.clone(),
+        api_key,
         query: None,
         timeout: Duration::from_millis(args.psp_timeout_ms),
         attempts: args.fetch_attempts,
+        max_retry_after: MAX_RETRY_AFTER,
     };
     let (db, producer) = open(&kafka, db_url).await?;
     if args.once {

@@ -31,6 +31,9 @@ pub const PSP_REQUESTS: &str = "paystream_psp_requests_total";
 pub const PSP_DURATION: &str = "paystream_psp_request_duration_seconds";
 /// Orders parked for a retry (transient PSP failures).
 pub const PSP_RETRIES: &str = "paystream_psp_retries_total";
+/// Correctly signed PSP webhooks refused because their charge id, amount or
+/// currency differ from the order's, by field (charge_id, amount, currency).
+pub const WEBHOOK_MISMATCHES: &str = "paystream_webhook_mismatches_total";
 
 /// Webhook delivery attempts of the PSP simulator, by result (delivered, failed).
 pub const PSP_SIM_WEBHOOKS: &str = "paystream_psp_sim_webhook_deliveries_total";
@@ -49,6 +52,7 @@ pub const NAMES: &[&str] = &[
     PSP_REQUESTS,
     PSP_DURATION,
     PSP_RETRIES,
+    WEBHOOK_MISMATCHES,
     PSP_SIM_WEBHOOKS,
     PSP_SIM_CHARGES,
 ];

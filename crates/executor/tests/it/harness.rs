@@ -15,6 +15,7 @@ use rdkafka::message::Message;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use streaming::secret::Secret;
 use streaming::{EventProducer, KafkaConfig};
 use tokio_util::sync::CancellationToken;
 
@@ -40,6 +41,10 @@ pub struct Env {
     pub producer: EventProducer,
     _sim: RunningSim,
     pub sim_url: String,
+    /// The PSP's API key and webhook secret (generated per test).
+    pub psp_key: Secret,
+    pub webhook_secret: Secret,
+    pub db_url: String,
     pub exec_base: String,
     pub http: reqwest::Client,
     pub stop: CancellationToken,
@@ -80,9 +85,11 @@ pub async fn start(setup: Setup) -> Env {
     dirs.push(sim_dir);
     let port = free_port();
     let mut behaviour = setup.behaviour;
+    let psp_key = Secret::generate("sk_test_");
+    let webhook_secret = Secret::generate("whsec_");
     if setup.webhooks {
         behaviour["accounts"] = serde_json::json!([{
-            "id": "acct_default", "api_key": "sk_test_default", "webhook_secret": "whsec_default",
+            "id": "acct_default", "api_key": psp_key.expose(), "webhook_secret": webhook_secret.expose(),
             "webhook_url": format!("http://127.0.0.1:{port}/v1/psp/webhooks")
         }]);
         if behaviour.get("webhooks").is_none() {
@@ -93,6 +100,8 @@ pub async fn start(setup: Setup) -> Env {
     let behaviour: Behaviour = serde_json::from_value(behaviour).unwrap();
     let sim = psp_sim::spawn(SimConfig {
         behaviour,
+        api_key: psp_key.clone(),
+        webhook_secret: webhook_secret.clone(),
         ..SimConfig::for_tests(sim_db)
     })
     .await
@@ -115,7 +124,7 @@ pub async fn start(setup: Setup) -> Env {
     );
     let producer = EventProducer::new(&kafka, "test-producer").unwrap();
     let stop = CancellationToken::new();
-    let mut args = ExecutorArgs::for_tests(&sim_url);
+    let mut args = ExecutorArgs::for_tests(&sim_url, psp_key.clone(), webhook_secret.clone());
     args.listen = format!("127.0.0.1:{port}").parse().unwrap();
     (setup.args)(&mut args);
     let running = executor::start(kafka.clone(), &db_url, args, stop.clone())
@@ -130,6 +139,9 @@ pub async fn start(setup: Setup) -> Env {
         producer,
         _sim: sim,
         sim_url,
+        psp_key,
+        webhook_secret,
+        db_url,
         exec_base,
         http: reqwest::Client::new(),
         stop,
@@ -305,6 +317,11 @@ impl Env {
             .await
             .unwrap();
         assert!(r.status().is_success());
+    }
+
+    /// A `Psp-Signature` for `body` at time `t`, with the PSP's secret.
+    pub fn sign(&self, t: i64, body: &str) -> String {
+        psp_sim::sign(self.webhook_secret.expose().as_bytes(), t, body.as_bytes())
     }
 
     pub async fn post_webhook(

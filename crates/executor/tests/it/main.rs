@@ -4,6 +4,7 @@
 mod harness;
 mod intake;
 mod store;
+mod webhooks;
 
 use events::{Event, EventType};
 use harness::{Backend, Setup, distinct, is_final, of_order, start};
@@ -247,10 +248,10 @@ async fn forged_stale_and_duplicate_webhooks_change_nothing() {
     let (s, v) = env.post_webhook(None, &b).await;
     assert_eq!(s, 401);
     assert_eq!(v["error"]["code"], "invalid_signature");
-    let stale = psp_sim::sign(b"whsec_default", now - 3_600, b.as_bytes());
+    let stale = env.sign(now - 3_600, &b);
     assert_eq!(env.post_webhook(Some(&stale), &b).await.0, 401);
-    // A forged webhook makes the executor ask the PSP, which still says
-    // pending: nothing is settled.
+    // Nothing is settled (and the order was not even looked at:
+    // `webhooks::a_forged_webhook_does_no_database_work`).
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(count(&env.events(), EventType::OrderSettledByWebhook), 0);
 
@@ -259,12 +260,12 @@ async fn forged_stale_and_duplicate_webhooks_change_nothing() {
     env.advance_sim_clock(61_000).await;
     let good = body("evt_good", "succeeded");
     for _ in 0..3 {
-        let sig = psp_sim::sign(b"whsec_default", now, good.as_bytes());
+        let sig = env.sign(now, &good);
         assert_eq!(env.post_webhook(Some(&sig), &good).await.0, 200);
     }
     // Another genuine event id for the same, already settled order.
     let again = body("evt_other", "succeeded");
-    let sig = psp_sim::sign(b"whsec_default", now, again.as_bytes());
+    let sig = env.sign(now, &again);
     let (s, v) = env.post_webhook(Some(&sig), &again).await;
     assert_eq!((s, v["status"].as_str()), (200, Some("duplicate")));
     env.wait_for(15, "settled", |evs| is_final(evs, o[0])).await;
@@ -415,7 +416,7 @@ async fn unknown_outcomes_are_looked_up_until_the_psp_answers() {
         .http
         .get(format!("{}/v1/charges", env.sim_url))
         .query(&[("reference", o[0].to_string())])
-        .bearer_auth("sk_test_default")
+        .bearer_auth(env.psp_key.expose())
         .send()
         .await
         .unwrap()
@@ -442,7 +443,7 @@ async fn a_success_webhook_for_a_failed_order_is_a_discrepancy() {
         "settled_at": "2026-11-25T14:20:01.123Z", "decline_code": null, "refunded_minor": 0}})
     .to_string();
     let now = events::Timestamp::now().as_millis() / 1000;
-    let sig = psp_sim::sign(b"whsec_default", now, body.as_bytes());
+    let sig = env.sign(now, &body);
     let (s, v) = env.post_webhook(Some(&sig), &body).await;
     assert_eq!((s, v["status"].as_str()), (200, Some("discrepancy")));
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -470,7 +471,7 @@ async fn a_reused_key_is_resolved_from_the_charge_it_names() {
     let earlier: serde_json::Value = env
         .http
         .post(format!("{}/v1/charges", env.sim_url))
-        .bearer_auth("sk_test_default")
+        .bearer_auth(env.psp_key.expose())
         .header("Idempotency-Key", order.to_string())
         .json(&serde_json::json!({"amount_minor": 999, "currency": "EUR",
             "card_token": "tok_visa", "reference": order.to_string()}))
@@ -534,7 +535,7 @@ async fn only_known_final_4xx_are_final() {
     ] {
         let psp = PspClient::new(
             &format!("http://{addr}/{status}"),
-            "sk",
+            streaming::secret::Secret::new("sk"),
             Duration::from_secs(5),
         )
         .unwrap();
@@ -673,7 +674,7 @@ async fn a_refund_with_a_lost_answer_is_not_given_up() {
     let charge: serde_json::Value = env
         .http
         .get(format!("{}/v1/charges/{charge_id}", env.sim_url))
-        .bearer_auth("sk_test_default")
+        .bearer_auth(env.psp_key.expose())
         .send()
         .await
         .unwrap()

@@ -263,3 +263,254 @@ fn deploy_files_pass_the_compose_and_kubernetes_schemas() {
     let (ok, text) = validate(&bad);
     assert!(!ok && text.contains("replicas"), "{text}");
 }
+
+/// Values that were once defaults or are placeholders; none may appear in
+/// deploy/ (compared ignoring case).
+const WELL_KNOWN: &[&str] = &["sk_test_default", "whsec_default", "change-me", "changeme"];
+
+/// Environment settings that hold secrets.
+fn is_secret_setting(name: &str) -> bool {
+    let n = name.to_ascii_uppercase();
+    ["PASSWORD", "SECRET", "API_KEY", "TOKEN"]
+        .iter()
+        .any(|w| n.contains(w))
+}
+
+/// Where a compose file or a Kubernetes manifest writes a secret itself:
+/// a secret setting whose value is not a required variable
+/// (`${VAR:?message}`), a database URL with a literal password, a
+/// Kubernetes Secret with data, an env entry of a secret setting with a
+/// literal `value`, and any well-known default anywhere.
+fn literal_secrets(text: &str) -> BTreeSet<String> {
+    let mut found = BTreeSet::new();
+    let lower = text.to_ascii_lowercase();
+    for w in WELL_KNOWN {
+        if lower.contains(w) {
+            found.insert(format!("well-known value {w:?}"));
+        }
+    }
+    let required = |v: &str| v.starts_with("${") && v.contains(":?") && v.ends_with('}');
+    fn walk(v: &serde_yaml::Value, out: &mut Vec<(String, serde_yaml::Value)>) {
+        match v {
+            serde_yaml::Value::Mapping(m) => {
+                for (k, v) in m {
+                    if let Some(k) = k.as_str() {
+                        out.push((k.to_owned(), v.clone()));
+                    }
+                    walk(v, out);
+                }
+            }
+            serde_yaml::Value::Sequence(s) => s.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    for d in serde_yaml::Deserializer::from_str(text) {
+        let mut doc: serde_yaml::Value = serde::Deserialize::deserialize(d).unwrap();
+        doc.apply_merge().unwrap();
+        if doc["kind"].as_str() == Some("Secret")
+            && (!doc["data"].is_null() || !doc["stringData"].is_null())
+        {
+            found.insert(format!("a Secret with data: {:?}", doc["metadata"]["name"]));
+        }
+        let mut pairs = Vec::new();
+        walk(&doc, &mut pairs);
+        for (k, v) in &pairs {
+            let Some(value) = v.as_str() else { continue };
+            if is_secret_setting(k) && !required(value) {
+                found.insert(format!("{k} is written as a literal"));
+            }
+            if let Some(rest) = value
+                .strip_prefix("postgres://")
+                .or_else(|| value.strip_prefix("postgresql://"))
+                && let Some((auth, _)) = rest.split_once('@')
+                && let Some((_, password)) = auth.split_once(':')
+                && !required(password)
+            {
+                found.insert(format!("{k} has a literal password"));
+            }
+        }
+        // Kubernetes env entries: {name: SECRET_SETTING, value: "..."}.
+        fn env_entries(v: &serde_yaml::Value, found: &mut BTreeSet<String>) {
+            match v {
+                serde_yaml::Value::Mapping(m) => {
+                    if let (Some(name), Some(_)) =
+                        (m.get("name").and_then(|n| n.as_str()), m.get("value"))
+                        && is_secret_setting(name)
+                    {
+                        found.insert(format!("env {name} has a literal value"));
+                    }
+                    m.values().for_each(|v| env_entries(v, found));
+                }
+                serde_yaml::Value::Sequence(s) => s.iter().for_each(|v| env_entries(v, found)),
+                _ => {}
+            }
+        }
+        env_entries(&doc, &mut found);
+    }
+    found
+}
+
+#[test]
+fn no_secret_is_written_in_deploy() {
+    // Every file, not only the manifests: no well-known default anywhere.
+    fn files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                files(&p, out);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    let mut all = Vec::new();
+    files(&root().join("deploy"), &mut all);
+    assert!(all.len() > 5, "{all:?}");
+    for f in &all {
+        // The operator's own .env (ignored by git), and the guide, which
+        // names the values that are refused.
+        if f.file_name().is_some_and(|n| n == ".env") || f.extension().is_some_and(|e| e == "md") {
+            continue;
+        }
+        let text = std::fs::read_to_string(f).unwrap();
+        let lower = text.to_ascii_lowercase();
+        for w in WELL_KNOWN {
+            assert!(!lower.contains(w), "{} contains {w:?}", f.display());
+        }
+    }
+    for path in ["deploy/compose.yaml", "deploy/k8s/paystream.yaml"] {
+        let text = std::fs::read_to_string(root().join(path)).unwrap();
+        let found = literal_secrets(&text);
+        assert!(found.is_empty(), "{path}: {found:?}");
+    }
+    // The secret settings come from somewhere: required variables in
+    // compose, secretKeyRefs in Kubernetes.
+    let compose = std::fs::read_to_string(root().join("deploy/compose.yaml")).unwrap();
+    for v in [
+        "PAYSTREAM_PSP_API_KEY",
+        "PAYSTREAM_PSP_WEBHOOK_SECRET",
+        "POSTGRES_PASSWORD",
+    ] {
+        assert!(compose.contains(&format!("${{{v}:?")), "{v}");
+    }
+    let k8s = std::fs::read_to_string(root().join("deploy/k8s/paystream.yaml")).unwrap();
+    assert_eq!(k8s.matches("secretKeyRef").count(), 3, "{k8s}");
+
+    // The check does catch literals: the old defaults put back, a password
+    // in the database URL, a Secret with data, a literal env value.
+    let bad = compose.replacen(
+        "${PAYSTREAM_PSP_API_KEY:?set PAYSTREAM_PSP_API_KEY (see deploy/README.md, Secrets)}",
+        "0123456789abcdef0123456789abcdef",
+        1,
+    );
+    let set = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<BTreeSet<_>>();
+    assert_eq!(
+        literal_secrets(&bad),
+        set(&["PAYSTREAM_PSP_API_KEY is written as a literal"])
+    );
+    let bad = compose.replacen(
+        "paystream:${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD (see deploy/README.md, Secrets)}@",
+        "paystream:hunter2@",
+        1,
+    );
+    assert_eq!(
+        literal_secrets(&bad),
+        set(&["PAYSTREAM_DATABASE_URL has a literal password"])
+    );
+    let bad = format!(
+        "{k8s}---\napiVersion: v1\nkind: Secret\nmetadata: {{name: x}}\nstringData: {{a: b}}\n"
+    );
+    assert_eq!(
+        literal_secrets(&bad),
+        set(&["a Secret with data: String(\"x\")"])
+    );
+    let bad = k8s.replacen(
+        "              valueFrom:\n                secretKeyRef: {name: paystream-psp, key: api-key}",
+        "              value: \"whsec_default\"",
+        1,
+    );
+    assert_eq!(
+        literal_secrets(&bad),
+        set(&[
+            "well-known value \"whsec_default\"",
+            "env PAYSTREAM_PSP_API_KEY has a literal value"
+        ])
+    );
+}
+
+/// `serve executor`, `serve reconciler` and `serve psp-sim` refuse to start
+/// without a PSP key and webhook secret, or with a short or well-known one,
+/// and say how to make one (before touching a database or a broker).
+#[test]
+fn components_refuse_missing_or_weak_secrets() {
+    let good = "4f1c2a9be07d35e8a6b1c9d0e2f3a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5";
+    let run = |args: &[&str], key: Option<&str>, secret: Option<&str>| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_paystream"));
+        c.args(args)
+            .env_remove("PAYSTREAM_PSP_API_KEY")
+            .env_remove("PAYSTREAM_PSP_WEBHOOK_SECRET")
+            // Nothing listens here: reaching it would hang or fail otherwise.
+            .env("PAYSTREAM_BROKERS", "127.0.0.1:1")
+            .env(
+                "PAYSTREAM_DATABASE_URL",
+                "postgres://nobody@127.0.0.1:1/none",
+            );
+        if let Some(k) = key {
+            c.env("PAYSTREAM_PSP_API_KEY", k);
+        }
+        if let Some(s) = secret {
+            c.env("PAYSTREAM_PSP_WEBHOOK_SECRET", s);
+        }
+        let out = c.output().unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let sim_db = format!("sqlite://{}", dir.path().join("psp.db").display());
+    let components: [&[&str]; 3] = [
+        &["serve", "executor", "--listen", "127.0.0.1:0"],
+        &["serve", "reconciler", "--once"],
+        &[
+            "serve",
+            "psp-sim",
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+            &sim_db,
+        ],
+    ];
+    for args in components {
+        let needs_secret = args[1] != "reconciler";
+        for (key, secret, expect) in [
+            (None, Some(good), "PAYSTREAM_PSP_API_KEY is required"),
+            (Some(""), Some(good), "PAYSTREAM_PSP_API_KEY"),
+            (Some("sk_test_default"), Some(good), "well-known"),
+            (Some("k3y-0123456789"), Some(good), "at least 32"),
+        ] {
+            let (ok, text) = run(args, key, secret);
+            assert!(!ok, "{args:?} started with key {key:?}");
+            assert!(text.contains(expect), "{args:?} {key:?}: {text}");
+            assert!(text.contains("openssl rand -hex 32"), "{args:?}: {text}");
+            if let Some(k) = key.filter(|k| !k.is_empty()) {
+                assert!(!text.contains(k), "{args:?} printed the key: {text}");
+            }
+        }
+        if needs_secret {
+            for (secret, expect) in [
+                (None, "PAYSTREAM_PSP_WEBHOOK_SECRET is required"),
+                (Some("whsec_default"), "well-known"),
+                (Some("change-me"), "well-known"),
+            ] {
+                let (ok, text) = run(args, Some(good), secret);
+                assert!(!ok, "{args:?} started with secret {secret:?}");
+                assert!(text.contains(expect), "{args:?} {secret:?}: {text}");
+            }
+        }
+    }
+}

@@ -127,6 +127,11 @@ async fn an_executor_killed_repeatedly_charges_every_order_exactly_once() {
         ("PAYSTREAM_PARTITIONS", "4".to_owned()),
         ("PAYSTREAM_DATABASE_URL", db.clone()),
         ("PAYSTREAM_PSP_URL", sim.base_url()),
+        ("PAYSTREAM_PSP_API_KEY", sim.api_key.expose().to_owned()),
+        (
+            "PAYSTREAM_PSP_WEBHOOK_SECRET",
+            sim.webhook_secret.expose().to_owned(),
+        ),
     ];
 
     // Everything the executors append, read back as it comes.
@@ -234,7 +239,7 @@ async fn an_executor_killed_repeatedly_charges_every_order_exactly_once() {
         let listed: serde_json::Value = http
             .get(format!("{}/v1/charges", sim.base_url()))
             .query(&[("reference", o.to_string())])
-            .bearer_auth("sk_test_default")
+            .bearer_auth(sim.api_key.expose())
             .send()
             .await
             .unwrap()

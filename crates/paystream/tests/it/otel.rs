@@ -80,6 +80,14 @@ fn spans_are_exported_over_otlp_when_an_endpoint_is_set() {
             .arg("--db")
             .arg(format!("sqlite://{}", dir.path().join("psp.db").display()))
             .env("PAYSTREAM_OTLP_ENDPOINT", &endpoint)
+            .env(
+                "PAYSTREAM_PSP_API_KEY",
+                streaming::secret::Secret::generate("sk_test_").expose(),
+            )
+            .env(
+                "PAYSTREAM_PSP_WEBHOOK_SECRET",
+                streaming::secret::Secret::generate("whsec_").expose(),
+            )
             // Export batches quickly (the SDK's standard setting).
             .env("OTEL_BSP_SCHEDULE_DELAY", "200")
             .stdout(Stdio::null())

@@ -7,8 +7,20 @@ use serde_json::{Value, json};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use streaming::secret::Secret;
 
-const KEY: &str = "sk_test_default";
+/// The default account's API key: generated once per test run (there is
+/// no built-in one).
+static KEY: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| Secret::generate("sk_test_").expose().to_owned());
+
+/// A test configuration whose default account has [`KEY`].
+fn config(db_url: impl Into<String>) -> SimConfig {
+    SimConfig {
+        api_key: Secret::new(KEY.as_str()),
+        ..SimConfig::for_tests(db_url)
+    }
+}
 
 struct Sim {
     sim: RunningSim,
@@ -29,7 +41,7 @@ impl Sim {
         let (db_url, dir) = sqlite_url().await;
         let sim = psp_sim::spawn(SimConfig {
             behaviour,
-            ..SimConfig::for_tests(db_url.clone())
+            ..config(db_url.clone())
         })
         .await
         .unwrap();
@@ -48,7 +60,7 @@ impl Sim {
     async fn charge(&self, key: &str, body: &Value) -> reqwest::Result<reqwest::Response> {
         self.http
             .post(self.url("/v1/charges"))
-            .bearer_auth(KEY)
+            .bearer_auth(KEY.as_str())
             .header("Idempotency-Key", key)
             .json(body)
             .send()
@@ -58,7 +70,7 @@ impl Sim {
     async fn get(&self, path: &str) -> reqwest::Response {
         self.http
             .get(self.url(path))
-            .bearer_auth(KEY)
+            .bearer_auth(KEY.as_str())
             .send()
             .await
             .unwrap()
@@ -68,7 +80,7 @@ impl Sim {
         let req = self
             .http
             .post(self.url(&format!("/v1/charges/{charge}/refunds")))
-            .bearer_auth(KEY)
+            .bearer_auth(KEY.as_str())
             .header("Idempotency-Key", key);
         let req = match body {
             Some(b) => req.json(&b),
@@ -213,8 +225,11 @@ fn with_webhooks(url: &str) -> Behaviour {
     }));
     b.accounts = vec![Account {
         webhook_url: Some(url.to_owned()),
-        webhook_secret: SECRET.into(),
-        ..Account::default_account()
+        ..Account::new(
+            psp_sim::config::DEFAULT_ACCOUNT,
+            Secret::new(KEY.as_str()),
+            Secret::new(SECRET),
+        )
     }];
     b
 }
@@ -765,9 +780,7 @@ async fn state_survives_a_restart_on_the_same_file() {
     } = s;
     sim.stop().await.unwrap();
 
-    let sim = psp_sim::spawn(SimConfig::for_tests(db_url.clone()))
-        .await
-        .unwrap();
+    let sim = psp_sim::spawn(config(db_url.clone())).await.unwrap();
     let s = Sim {
         sim,
         db_url,
@@ -794,7 +807,7 @@ async fn bad_requests_get_stable_error_codes() {
     let no_key = s
         .http
         .post(s.url("/v1/charges"))
-        .bearer_auth(KEY)
+        .bearer_auth(KEY.as_str())
         .json(&body(&ord, 100, "tok_visa"))
         .send()
         .await
@@ -879,7 +892,7 @@ async fn a_restarted_simulator_keeps_retrying_undelivered_webhooks() {
     let before = rx.got.lock().unwrap().len();
     let sim = psp_sim::spawn(SimConfig {
         behaviour: with_webhooks(&rx.url),
-        ..SimConfig::for_tests(db_url)
+        ..config(db_url)
     })
     .await
     .unwrap();

@@ -18,12 +18,18 @@ use serde_json::{Value, json};
 use std::collections::BTreeSet;
 use storage::Db;
 
-const KEY: &str = "sk_test_default";
+/// The simulator's API key: generated once per test run (there is no
+/// built-in one).
+static KEY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    streaming::secret::Secret::generate("sk_test_")
+        .expose()
+        .to_owned()
+});
 
 async fn post(http: &reqwest::Client, url: String, key: &str, body: Value) -> Value {
     let r = http
         .post(url)
-        .bearer_auth(KEY)
+        .bearer_auth(KEY.as_str())
         .header("Idempotency-Key", key)
         .json(&body)
         .send()
@@ -44,10 +50,10 @@ async fn psp_receivable(db: &Db) -> i64 {
 async fn body(db: Db) {
     let k = streaming::testing::TestKafka::new(1).await;
     let dir = tempfile::tempdir().unwrap();
-    let sim = psp_sim::spawn(psp_sim::SimConfig::for_tests(format!(
-        "sqlite://{}",
-        dir.path().join("sim.db").display()
-    )))
+    let sim = psp_sim::spawn(psp_sim::SimConfig {
+        api_key: streaming::secret::Secret::new(KEY.as_str()),
+        ..psp_sim::SimConfig::for_tests(format!("sqlite://{}", dir.path().join("sim.db").display()))
+    })
     .await
     .unwrap();
     let http = reqwest::Client::new();
@@ -138,12 +144,12 @@ async fn body(db: Db) {
     let query = "inject=missing:2,extra:1,wrong_amount:1,wrong_fee:1&seed=42";
     let psp = PspSource {
         query: Some(query.into()),
-        ..PspSource::simulator(&base)
+        ..PspSource::simulator(&base, sim.api_key.clone())
     };
     let original = fetch_settlement(&psp, date).await.unwrap();
     let injected: Value = http
         .get(format!("{base}/v1/settlements/{day}/injected.json?{query}"))
-        .bearer_auth(KEY)
+        .bearer_auth(KEY.as_str())
         .send()
         .await
         .unwrap()

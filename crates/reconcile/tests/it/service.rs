@@ -26,7 +26,7 @@ async fn once(db_url: String) {
     for i in 0..2 {
         let r = http
             .post(format!("{}/v1/charges", sim.base_url()))
-            .bearer_auth("sk_test_default")
+            .bearer_auth(sim.api_key.expose())
             .header("Idempotency-Key", format!("{}-{i}", k.unique))
             .json(&json!({"amount_minor": 1000 + i, "currency": "EUR", "card_token": "tok_visa", "reference": format!("o-{}-{i}", k.unique)}))
             .send()
@@ -39,6 +39,8 @@ async fn once(db_url: String) {
         "reconciler",
         "--psp-url",
         &sim.base_url(),
+        "--psp-api-key",
+        sim.api_key.expose(),
         "--once",
         "--date",
         &today,
@@ -58,13 +60,35 @@ async fn once(db_url: String) {
     assert_eq!(classes, ["missing_in_ledger", "missing_in_ledger"]);
     let db = storage::Db::connect(&db_url).await.unwrap();
     assert_eq!(count(&db, "SELECT COUNT(*) FROM reconcile_runs").await, 1);
-    // A bad API key is a clear, final error (no retries on 401).
+    // A missing, short or well-known API key is refused before any work,
+    // with how to make one.
+    for bad in [None, Some("sk_wrong"), Some("sk_test_default")] {
+        let mut argv = vec!["reconciler", "--psp-url", "http://127.0.0.1:1", "--once"];
+        if let Some(key) = bad {
+            argv.extend(["--psp-api-key", key]);
+        }
+        let e = reconcile::serve(
+            k.cfg.clone(),
+            &db_url,
+            Cli::parse_from(argv).args,
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap_err();
+        let e = format!("{e:#}");
+        assert!(
+            e.contains("PAYSTREAM_PSP_API_KEY") && e.contains("openssl rand -hex 32"),
+            "{e}"
+        );
+    }
+    // A wrong API key is a clear, final error (no retries on 401).
+    let wrong = streaming::secret::Secret::generate("sk_test_");
     let cli = Cli::parse_from([
         "reconciler",
         "--psp-url",
         &sim.base_url(),
         "--psp-api-key",
-        "sk_wrong",
+        wrong.expose(),
         "--once",
     ]);
     let e = reconcile::serve(k.cfg.clone(), &db_url, cli.args, CancellationToken::new())
@@ -83,7 +107,17 @@ async fn once(db_url: String) {
             time::OffsetDateTime::now_utc().date() - time::Duration::days(n),
         )
     };
-    let scheduled = || Cli::parse_from(["reconciler", "--psp-url", &sim.base_url(), "--once"]).args;
+    let scheduled = || {
+        Cli::parse_from([
+            "reconciler",
+            "--psp-url",
+            &sim.base_url(),
+            "--psp-api-key",
+            sim.api_key.expose(),
+            "--once",
+        ])
+        .args
+    };
     reconcile::serve(
         k.cfg.clone(),
         &db_url,
@@ -152,4 +186,52 @@ async fn serve_once_fetches_and_reconciles_postgres() {
 async fn serve_once_fetches_and_reconciles_sqlite() {
     let dir = tempfile::tempdir().unwrap();
     once(format!("sqlite://{}", dir.path().join("r.db").display())).await;
+}
+
+/// A PSP answering 503 with `Retry-After: 86400` cannot park the fetch for
+/// a day: the wait is capped (`PspSource::max_retry_after`, 60 s by
+/// default; 100 ms here), and the next attempt gets the file.
+#[tokio::test]
+async fn retry_after_is_capped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        for n in 0.. {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 1024];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                let got = sock.read(&mut chunk).await.unwrap();
+                if got == 0 {
+                    break;
+                }
+                buf.extend_from_slice(&chunk[..got]);
+            }
+            let answer = if n == 0 {
+                "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 86400\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_owned()
+            } else {
+                "HTTP/1.1 200 OK\r\nContent-Length: 4\r\nConnection: close\r\n\r\nfile".to_owned()
+            };
+            sock.write_all(answer.as_bytes()).await.unwrap();
+            sock.shutdown().await.unwrap();
+        }
+    });
+    let psp = reconcile::PspSource {
+        max_retry_after: std::time::Duration::from_millis(100),
+        ..reconcile::PspSource::simulator(
+            &format!("http://{addr}"),
+            streaming::secret::Secret::generate("sk_test_"),
+        )
+    };
+    let date = time::OffsetDateTime::now_utc().date();
+    let got = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        reconcile::fetch_settlement(&psp, date),
+    )
+    .await
+    .expect("the fetch waited as long as Retry-After asked")
+    .unwrap();
+    assert_eq!(got, b"file");
+    server.abort();
 }
