@@ -365,3 +365,65 @@ async fn kill_9_mid_run_postgres() {
 async fn kill_9_mid_run_sqlite() {
     kill_9_mid_run(false).await;
 }
+
+/// M4 through the broker: a capture that would take a seller's stored
+/// balance beyond i64 is dead-lettered (total_overflow) by both groups and
+/// the payment behind it in the same partition is booked. Without the
+/// check the wallet's UPSERT fails in the database and the consumer
+/// retries the batch forever (the groups never catch up).
+async fn total_overflow_is_dead_lettered(postgres: bool) {
+    let (cfg, unique) = test_kafka(1).await;
+    let producer = EventProducer::new(&cfg, "test").unwrap();
+    let (r1, p1, o1) = request(&format!("{unique}-1"), "b1", "seller-big", eur(1000), 10);
+    let c1 = succeeded(p1, o1, "captured", eur(1000), eur(0), 11);
+    produce_all(&producer, &[r1, c1]).await;
+    let (url, _dir) = fresh_url(postgres).await;
+    let db = projections::cli::open(&url).await.unwrap();
+    run_groups(&cfg, &db, &unique, "overflow").await;
+    // As after ~9,000 maximal payments to this seller.
+    let near = i64::MAX - 500;
+    exec(
+        &db,
+        &format!("UPDATE projection_totals SET total_minor = {near} WHERE party_id = 'seller-big' AND kind = 'seller_balance'"),
+    )
+    .await
+    .unwrap();
+    exec(
+        &db,
+        &format!(
+            "UPDATE wallet_balances SET balance_minor = {near} WHERE seller_id = 'seller-big'"
+        ),
+    )
+    .await
+    .unwrap();
+    let (r2, p2, o2) = request(&format!("{unique}-2"), "b2", "seller-big", eur(1000), 20);
+    let c2 = succeeded(p2, o2, "captured", eur(1000), eur(0), 21);
+    let (r3, p3, o3) = request(&format!("{unique}-3"), "b3", "seller-ok", eur(400), 30);
+    let c3 = succeeded(p3, o3, "captured", eur(400), eur(0), 31);
+    produce_all(&producer, &[r2, c2, r3, c3]).await;
+    run_groups(&cfg, &db, &unique, "overflow").await;
+
+    let ok = projections::query::wallet(&db, "test-client", "seller-ok")
+        .await
+        .unwrap();
+    assert_eq!(ok.balances[0].balance_minor, 400);
+    let big = projections::query::wallet(&db, "test-client", "seller-big")
+        .await
+        .unwrap();
+    assert_eq!(big.balances[0].balance_minor, near);
+    let dead = read_dlq(&cfg, 2).await;
+    assert!(
+        dead.iter()
+            .all(|(k, r)| k == "total_overflow" && r.contains("seller-big")),
+        "{dead:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn total_overflow_dlq_postgres() {
+    total_overflow_is_dead_lettered(true).await;
+}
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn total_overflow_dlq_sqlite() {
+    total_overflow_is_dead_lettered(false).await;
+}
