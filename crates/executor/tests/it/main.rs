@@ -3,6 +3,7 @@
 
 mod harness;
 mod intake;
+mod poison;
 mod store;
 mod webhooks;
 
