@@ -8,6 +8,7 @@
 //! written to the outbox in the same transaction as the state change it
 //! reports, so a crash never loses it.
 
+use storage::BeginWrite;
 use events::Envelope;
 use storage::{Db, with_pool};
 
@@ -118,7 +119,7 @@ pub async fn intake(db: &Db, ops: &[IntakeOp]) -> Result<Vec<IntakeResult>, sqlx
     let now = now_ms();
     let mut results = Vec::with_capacity(ops.len());
     with_pool!(db, p => {
-        let mut tx = p.begin().await?;
+        let mut tx = p.begin_write().await?;
         for op in ops {
             let r = match op {
                 IntakeOp::Requested { payment_id, correlation_id, card_token, orders } => {
@@ -350,7 +351,7 @@ pub async fn begin_attempt(
         owned("executor_orders", 7)
     );
     with_pool!(db, p => {
-        let mut tx = p.begin().await?;
+        let mut tx = p.begin_write().await?;
         let n = sqlx::query(&sql).bind(attempt).bind(now + lease_ms).bind(now.saturating_add(max_total_ms)).bind(now)
         .bind(order_id).bind(attempt - 1).bind(owner)
         .execute(&mut *tx).await?.rows_affected();
@@ -473,7 +474,7 @@ pub async fn record_attempt(
         owned("executor_orders", 12)
     );
     with_pool!(db, p => {
-        let mut tx = p.begin().await?;
+        let mut tx = p.begin_write().await?;
         let n = sqlx::query(&sql).bind(state).bind(next).bind(charge).bind(fee).bind(err).bind(pending_since).bind(now)
         .bind(order_id).bind(attempt).bind(unknown_at).bind(lookup_since).bind(owner)
         .execute(&mut *tx).await?.rows_affected();
@@ -509,7 +510,7 @@ pub async fn resolve_pending(
     let now = now_ms();
     let state = if succeeded { "succeeded" } else { "failed" };
     with_pool!(db, p => {
-        let mut tx = p.begin().await?;
+        let mut tx = p.begin_write().await?;
         let n = sqlx::query(
             "UPDATE executor_orders SET state = $1, next_attempt_ms = NULL, fee_minor = $2, last_error = $3, updated_ms = $4 \
              WHERE order_id = $5 AND state = 'pending'",
@@ -674,7 +675,7 @@ pub async fn record_refund(
         owned("executor_refunds", 8)
     );
     with_pool!(db, p => {
-        let mut tx = p.begin().await?;
+        let mut tx = p.begin_write().await?;
         let n = sqlx::query(&sql).bind(state).bind(next).bind(psp).bind(err).bind(now).bind(refund_id).bind(attempt).bind(owner).bind(unknown_at)
         .execute(&mut *tx).await?.rows_affected();
         if n != 1 {

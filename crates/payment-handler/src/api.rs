@@ -345,17 +345,28 @@ async fn get_payment(
 }
 
 async fn readyz(State(app): State<App>) -> Response {
-    let db = app.db.ping().await.map_err(|e| e.to_string());
+    // A part of the handler (consumer, sweeper, server) ended: not ready,
+    // whatever the database and broker say; the process is stopping.
+    let parts = app.health.is_alive();
+    let db = app.db.ping().await.map_err(|e| {
+        tracing::warn!(error = %e, "readiness: database unavailable");
+        "unavailable"
+    });
     let broker = app
         .producer
         .check_broker(std::time::Duration::from_secs(3))
         .await
-        .map_err(|e| e.to_string());
-    let ok = db.is_ok() && broker.is_ok();
+        .map_err(|e| {
+            tracing::warn!(error = %e, "readiness: broker unavailable");
+            "unavailable"
+        });
+    let ok = parts && db.is_ok() && broker.is_ok();
+    // Fixed words only: the causes are in the log, not in the answer.
     let body = json!({
         "status": if ok { "ready" } else { "not_ready" },
-        "database": db.err().unwrap_or_else(|| "ok".into()),
-        "broker": broker.err().unwrap_or_else(|| "ok".into()),
+        "parts": if parts { "running" } else { "stopped" },
+        "database": db.err().unwrap_or("ok"),
+        "broker": broker.err().unwrap_or("ok"),
     });
     json_response(
         if ok {

@@ -107,6 +107,8 @@ pub struct App {
     pub body_limit: usize,
     pub fault: Fault,
     fault_fired: Arc<std::sync::atomic::AtomicBool>,
+    /// False once a part of the handler ended early (`/readyz` says so).
+    pub health: streaming::supervise::Health,
 }
 
 impl App {
@@ -133,6 +135,7 @@ impl App {
             body_limit: args.body_limit_bytes,
             fault: Fault::parse(args.fault_inject.as_deref())?,
             fault_fired: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            health: streaming::supervise::Health::new(),
         })
     }
 }
@@ -666,14 +669,31 @@ pub async fn start(
             }
         })
     };
-    let task = tokio::spawn(async move {
+    // A handler is alive only while all of its parts are: the first to end
+    // early marks it not ready (`/readyz`), stops the rest and fails the
+    // process.
+    let mut parts = streaming::supervise::Supervisor::new(shutdown.clone(), app.health.clone());
+    parts.spawn("HTTP server", async move {
         http.await??;
+        anyhow::Ok(())
+    });
+    parts.spawn("payment-status consumer", async move {
         status.await??;
+        anyhow::Ok(())
+    });
+    parts.spawn("inbound consumer", async move {
         inbound.await??;
+        anyhow::Ok(())
+    });
+    parts.spawn("idempotency sweeper", async move {
         reaper.await?;
+        anyhow::Ok(())
+    });
+    let task = tokio::spawn(async move {
+        let result = parts.wait().await;
         producer.flush(Duration::from_secs(10))?;
         db.close().await;
-        Ok(())
+        result
     });
     Ok(Running { addr, app, task })
 }

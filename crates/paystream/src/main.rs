@@ -24,7 +24,7 @@ struct Cli {
     #[arg(
         long,
         env = "PAYSTREAM_DATABASE_URL",
-        default_value = "sqlite://paystream.db",
+        default_value = up::DEFAULT_DATABASE_URL,
         global = true
     )]
     database_url: String,

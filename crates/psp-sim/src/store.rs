@@ -4,6 +4,7 @@
 
 use serde::Serialize;
 use sqlx::{Sqlite, SqlitePool, Transaction};
+use storage::BeginWrite;
 
 /// Renders epoch milliseconds as RFC 3339 UTC.
 pub(crate) fn rfc3339(ms: i64) -> String {
@@ -134,7 +135,7 @@ pub(crate) async fn claim(
     now_ms: i64,
     count_reference: Option<&str>,
 ) -> Result<Claim, sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    let mut tx = pool.begin_write().await?;
     if let Some(reference) = count_reference {
         sqlx::query(
             "INSERT INTO psp_create_requests (reference, requests) VALUES (?, 1)
@@ -247,7 +248,7 @@ pub(crate) async fn create_charge(
     owner: &str,
 ) -> Result<String, sqlx::Error> {
     let body = serde_json::to_string(&c.row.json()).expect("charges serialise");
-    let mut tx = pool.begin().await?;
+    let mut tx = pool.begin_write().await?;
     sqlx::query(
         "INSERT INTO psp_charges (id, account, idempotency_key, reference, amount_minor,
              currency, card_token, description, status, fee_minor, decline_code,
@@ -368,7 +369,7 @@ pub(crate) async fn create_refund(
     now_ms: i64,
     webhook: Option<&WebhookPlan>,
 ) -> Result<String, RefundRefused> {
-    let mut tx = pool.begin().await?;
+    let mut tx = pool.begin_write().await?;
     // Write first (see the module doc); the amount is resolved inside SQL.
     let updated: Option<(i64, String)> = sqlx::query_as(
         "UPDATE psp_charges
@@ -504,7 +505,7 @@ pub(crate) async fn resolve_charge(
     sim_now_ms: i64,
     webhook: Option<&WebhookPlan>,
 ) -> Result<(), sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    let mut tx = pool.begin_write().await?;
     let updated: Option<ChargeRow> = if succeed {
         sqlx::query_as(&format!(
             "UPDATE psp_charges SET status = 'succeeded', settled_at_ms = ?

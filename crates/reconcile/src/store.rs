@@ -1,6 +1,7 @@
 //! SQL: the ledger's PSP references (read) and the reconciliation tables
 //! (`reconcile_runs`, `reconcile_discrepancies`), on both backends.
 
+use storage::BeginWrite;
 use crate::matching::LedgerRef;
 use events::Currency;
 use sqlx::Row as _;
@@ -338,7 +339,7 @@ pub async fn record_run(
 ) -> Result<Option<Vec<String>>, sqlx::Error> {
     let mut new_ids = Vec::new();
     storage::with_pool!(db, p => {
-        let mut tx = p.begin().await?;
+        let mut tx = p.begin_write().await?;
         let inserted = sqlx::query(
             "INSERT INTO reconcile_runs (run_id, settlement_date, source, file_sha256, row_count, matched, report, state, created_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, 'recorded', $8) ON CONFLICT (run_id) DO NOTHING",

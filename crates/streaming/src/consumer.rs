@@ -311,7 +311,13 @@ fn create_consumer(
     // Rebalances move only the partitions that must move; the others keep
     // flowing while members join or leave.
     c.set("partition.assignment.strategy", "cooperative-sticky");
-    // A member that died (kill -9) loses its partitions after 10 s.
+    // A member that died (kill -9) loses its partitions after 10 s; with a
+    // stable instance id (static membership) its restart takes them back at
+    // once. The id is per group member, so one process's consumers of
+    // different groups can share it.
+    if let Some(id) = cfg.instance_id.as_deref().filter(|id| !id.is_empty()) {
+        c.set("group.instance.id", id);
+    }
     c.set("session.timeout.ms", "10000");
     c.set("heartbeat.interval.ms", "1000");
     // The longest a batch may take (handler retries included) before the

@@ -16,6 +16,7 @@ pub mod progress;
 pub mod reader;
 pub mod secret;
 pub mod shutdown;
+pub mod supervise;
 pub mod telemetry;
 pub mod testing;
 
