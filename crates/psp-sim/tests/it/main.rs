@@ -905,3 +905,54 @@ async fn a_restarted_simulator_keeps_retrying_undelivered_webhooks() {
     assert_eq!(rx.got.lock().unwrap().len(), before + 1);
     sim.stop().await.unwrap();
 }
+
+/// The API key selects the account and must match exactly (compared in
+/// constant time): a missing key, another scheme, a key differing in its
+/// last character, a prefix of it or a longer one get 401; a second
+/// account's key sees only that account's charges.
+#[tokio::test]
+async fn api_keys_must_match_exactly_and_select_the_account() {
+    let other_key = Secret::generate("sk_test_");
+    let mut b = Behaviour::default();
+    b.accounts = vec![Account::new(
+        "acct_other",
+        other_key.clone(),
+        Secret::generate("whsec_"),
+    )];
+    let s = Sim::start(b).await;
+    let ord = order();
+    let created = s.charge(&ord, &body(&ord, 500, "tok_visa")).await.unwrap();
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let c: Value = created.json().await.unwrap();
+    let path = format!("/v1/charges/{}", c["id"].as_str().unwrap());
+    let key = KEY.as_str();
+    let mut last_changed = key.to_owned();
+    let last = last_changed.pop().unwrap();
+    last_changed.push(if last == '0' { '1' } else { '0' });
+    let get = |auth: Option<String>| {
+        let mut req = s.http.get(s.url(&path));
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        req.send()
+    };
+    for auth in [
+        None,
+        Some(format!("Basic {key}")),
+        Some(format!("Bearer {last_changed}")),
+        Some(format!("Bearer {}", &key[..key.len() - 1])),
+        Some(format!("Bearer {key}0")),
+        Some("Bearer ".to_owned()),
+    ] {
+        let r = get(auth.clone()).await.unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{auth:?}");
+        assert_eq!(error_code(r).await, "unauthorized");
+    }
+    let r = get(Some(format!("Bearer {key}"))).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    // The other account does not see the default account's charge.
+    let r = get(Some(format!("Bearer {}", other_key.expose())))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+}
