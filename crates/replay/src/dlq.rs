@@ -41,13 +41,28 @@ pub struct DeadLetterInfo {
     pub payment_id: Option<String>,
     /// Why the payload does not decode, when it does not.
     pub decode_error: Option<String>,
+    /// A stub (`dlq.truncated`): the payload is only a prefix of the
+    /// original, which stays at its origin; never redriven.
+    pub truncated: bool,
 }
 
 impl DeadLetterInfo {
     pub fn of(rec: &Record) -> DeadLetterInfo {
         let s = |name: &str| rec.header(name).map(str::to_owned);
+        let truncated = rec.header(h::H_TRUNCATED) == Some("true");
         let decoded = avro::decode(&rec.payload);
         let (event_id, event_type, payment_id, decode_error) = match &decoded {
+            _ if truncated => (
+                None,
+                None,
+                None,
+                Some(format!(
+                    "stub: the first {} of {} bytes (sha256 {})",
+                    rec.payload.len(),
+                    rec.header(h::H_ORIGINAL_SIZE).unwrap_or("?"),
+                    rec.header(h::H_ORIGINAL_SHA256).unwrap_or("?")
+                )),
+            ),
             Ok(env) => (
                 Some(env.event_id.to_string()),
                 Some(env.event_type().as_str().to_owned()),
@@ -76,6 +91,7 @@ impl DeadLetterInfo {
             event_type,
             payment_id,
             decode_error,
+            truncated,
         }
     }
 
@@ -527,6 +543,12 @@ fn plan_one(
     records: &HashMap<(i64, i64), Redrive>,
     by_origin: &HashMap<OriginKey, Vec<(i64, i64)>>,
 ) -> Plan {
+    if info.truncated {
+        return Plan::Invalid(
+            "a stub (dlq.truncated) holds only a prefix of the original message, which is at its original position"
+                .into(),
+        );
+    }
     let Some(o) = origin(info) else {
         return Plan::Invalid(format!("no {} header", h::H_ORIGINAL_TOPIC));
     };
@@ -1020,6 +1042,28 @@ mod tests {
             produced_offset: Some(9),
             same_as: None,
         }
+    }
+
+    #[test]
+    fn stubs_are_shown_as_such_and_never_redriven() {
+        let mut stub = dead_letter(0, 0, "handler-inbound", 5, None);
+        stub.headers.extend([
+            (h::H_TRUNCATED.to_owned(), Some(b"true".to_vec())),
+            (h::H_ORIGINAL_SIZE.to_owned(), Some(b"2000000".to_vec())),
+            (h::H_ORIGINAL_SHA256.to_owned(), Some(b"ab12".to_vec())),
+        ]);
+        let info = DeadLetterInfo::of(&stub);
+        assert!(info.truncated);
+        assert_eq!(
+            info.decode_error.as_deref(),
+            Some("stub: the first 6 of 2000000 bytes (sha256 ab12)")
+        );
+        let p = plan_all("x.dlq", vec![(&stub, true)], &HashMap::new(), false);
+        assert_eq!(statuses(&p), ["invalid"]);
+        // The same dead letter without the stub header is redriven.
+        let whole = dead_letter(0, 0, "handler-inbound", 5, None);
+        let p = plan_all("x.dlq", vec![(&whole, true)], &HashMap::new(), false);
+        assert_eq!(statuses(&p), ["produce"]);
     }
 
     fn statuses(p: &[Planned<'_>]) -> Vec<&'static str> {
