@@ -913,12 +913,14 @@ async fn a_restarted_simulator_keeps_retrying_undelivered_webhooks() {
 #[tokio::test]
 async fn api_keys_must_match_exactly_and_select_the_account() {
     let other_key = Secret::generate("sk_test_");
-    let mut b = Behaviour::default();
-    b.accounts = vec![Account::new(
-        "acct_other",
-        other_key.clone(),
-        Secret::generate("whsec_"),
-    )];
+    let b = Behaviour {
+        accounts: vec![Account::new(
+            "acct_other",
+            other_key.clone(),
+            Secret::generate("whsec_"),
+        )],
+        ..Behaviour::default()
+    };
     let s = Sim::start(b).await;
     let ord = order();
     let created = s.charge(&ord, &body(&ord, 500, "tok_visa")).await.unwrap();
