@@ -185,6 +185,10 @@ impl Inbound {
         .map_err(|e| unavailable(&e))?
         {
             Begin::Owned { token, pending } => (token, pending),
+            // Refused by an earlier delivery of this message (e.g. in a
+            // batch that then failed and is run again): dead-letter it
+            // again, or its dead letter would be lost.
+            Begin::Replay { status, body } if status >= 400 => return Ok(stored_rejection(&body)),
             Begin::Replay { .. } | Begin::Decided { .. } => return Ok(Outcome::Duplicate),
             Begin::Mismatch => {
                 return Ok(Outcome::rejected(
@@ -227,21 +231,26 @@ impl Inbound {
         )
         .await;
         if reply.status >= 400 {
-            let v: serde_json::Value = serde_json::from_str(&reply.body).unwrap_or_default();
-            let code = v["error"]["code"]
-                .as_str()
-                .unwrap_or("invalid_request")
-                .to_owned();
-            let field = v["error"]["field"]
-                .as_str()
-                .map(|f| format!(" ({f})"))
-                .unwrap_or_default();
-            return Ok(Outcome::Rejected {
-                kind: code,
-                reason: format!("{}{field}", v["error"]["message"].as_str().unwrap_or("")),
-            });
+            return Ok(stored_rejection(&reply.body));
         }
         Ok(Outcome::Applied)
+    }
+}
+
+/// The dead letter's kind and reason from an error response body.
+fn stored_rejection(body: &str) -> Outcome {
+    let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+    let code = v["error"]["code"]
+        .as_str()
+        .unwrap_or("invalid_request")
+        .to_owned();
+    let field = v["error"]["field"]
+        .as_str()
+        .map(|f| format!(" ({f})"))
+        .unwrap_or_default();
+    Outcome::Rejected {
+        kind: code,
+        reason: format!("{}{field}", v["error"]["message"].as_str().unwrap_or("")),
     }
 }
 

@@ -5,6 +5,7 @@ mod hardening;
 mod harness;
 mod idempotency;
 mod inbound;
+mod inbound_again;
 mod refunds;
 mod retries;
 mod routes;

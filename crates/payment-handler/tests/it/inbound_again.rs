@@ -1,0 +1,37 @@
+//! An inbound message refused once is dead-lettered every time it is
+//! delivered: when the consumer loop runs a batch again (after a failure
+//! further on, or to narrow a deterministic failure down), the messages it
+//! already refused must not turn into silent duplicates.
+
+use crate::harness::*;
+use crate::inbound::with_card;
+use events::TopicKind;
+use streaming::EventProducer;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_inbound_message_delivered_again_is_dead_lettered_again() {
+    let h = start(Backend::Postgres).await;
+    let key = h.client("shop-again").await;
+    let producer = EventProducer::new(&h.kafka, "upstream").unwrap();
+    let inbound = h.kafka.topology().name(TopicKind::Inbound);
+    let mut env = with_card(
+        events::samples::one_of_each("shop-again", "again-1", events::Timestamp::now()).remove(0),
+    );
+    if let events::Event::PaymentRequested(p) = &mut env.event {
+        p.orders[0].amount = events::Money::new(0, events::Currency::EUR);
+    }
+    // The same refused message twice (as a re-run batch delivers it).
+    for _ in 0..2 {
+        payment_handler::inbound::append_signed(&producer, &inbound, &env, &key)
+            .await
+            .unwrap();
+    }
+    let dlq = read_quiet(&h.kafka, &h.kafka.topology().name(TopicKind::DeadLetter)).await;
+    let kinds: Vec<&str> = dlq
+        .iter()
+        .map(|(hs, _)| streaming::dlq::header_str(hs, "dlq.error_kind").unwrap())
+        .collect();
+    assert_eq!(kinds.len(), 2, "{kinds:?}");
+    assert_eq!(kinds[0], kinds[1], "{kinds:?}");
+    assert_ne!(kinds[0], "unauthenticated");
+}
