@@ -149,8 +149,10 @@ pub async fn serve(
     let app = crate::router(query_db.clone());
     let s = stop.clone();
     tasks.spawn(async move {
-        let r = axum::serve(listener, app)
-            .with_graceful_shutdown(s.clone().cancelled_owned())
+        // Header/body read timeouts and a global concurrency limit (503 +
+        // Retry-After when saturated), as for every paystream server.
+        let limits = streaming::http::HttpLimits::default();
+        let r = streaming::http::serve(listener, app, limits, s.clone())
             .await
             .context("query HTTP server");
         s.cancel();

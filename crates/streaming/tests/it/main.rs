@@ -4,6 +4,7 @@
 
 mod admin;
 mod harness;
+mod http;
 mod interop;
 mod loop_tests;
 mod poison;
