@@ -4,6 +4,7 @@ mod clients;
 mod crash;
 mod deploy;
 mod executor_crash;
+mod key_reuse;
 mod liveness;
 mod otel;
 mod support;
