@@ -5,8 +5,12 @@
 //! 2. Decode each message; undecodable ones become dead letters.
 //! 3. Hand the decoded events to the [`BatchHandler`], which makes its
 //!    effects durable (deduplicating by event id) before it returns. Events
-//!    it rejects become dead letters.
-//! 4. Send the dead letters and wait for their acknowledgements.
+//!    it rejects become dead letters. A failed batch is retried with
+//!    back-off if the failure is transient, or narrowed down to the
+//!    message(s) that fail on their own if it is deterministic; those
+//!    become dead letters too ([`FailureClass`]).
+//! 4. Send the dead letters and wait for their acknowledgements (one the
+//!    broker refuses for good is sent as a bounded stub, [`dlq::Form`]).
 //! 5. Only then commit, per partition, the offset after the batch's last
 //!    message, for partitions this member still owns.
 //!
