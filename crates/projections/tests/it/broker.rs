@@ -427,3 +427,93 @@ async fn total_overflow_dlq_postgres() {
 async fn total_overflow_dlq_sqlite() {
     total_overflow_is_dead_lettered(false).await;
 }
+
+/// H5: the query API has its own small pool. Queries stuck behind a lock
+/// on the ledger (an exclusive lock taken in another session, standing in
+/// for slow queries) hold every query connection, yet the wallet group
+/// keeps applying events. With one pool shared by queries and consumers,
+/// the stuck queries would hold all its connections and the wallet
+/// consumer could not get one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_cannot_starve_consumers_postgres() {
+    let (cfg, unique) = test_kafka(1).await;
+    let (url, _dir) = fresh_url(true).await;
+    let db = projections::cli::open(&url).await.unwrap();
+    payment_handler::store::migrate(&db).await.unwrap();
+    let ops = payment_handler::store::create_client_with_role(
+        &db,
+        &events::ClientId::parse("ops").unwrap(),
+        payment_handler::store::KeyRole::Operator,
+    )
+    .await
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut a = args(&unique, "starve");
+    a.listen = format!("127.0.0.1:{port}").parse().unwrap();
+    let stop = CancellationToken::new();
+    let server = {
+        let (cfg, url, a, stop) = (cfg.clone(), url.clone(), a.clone(), stop.clone());
+        tokio::spawn(async move { projections::serve(cfg, &url, a, stop).await })
+    };
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    for i in 0.. {
+        if http
+            .get(format!("{base}/healthz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            break;
+        }
+        assert!(i < 300, "the query API did not come up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let Db::Postgres(pool) = &db else {
+        unreachable!()
+    };
+    let mut locker = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE ledger_transactions IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *locker)
+        .await
+        .unwrap();
+    // More stuck queries than the consumers' pool has connections (16).
+    let stuck: Vec<_> = (0..40)
+        .map(|_| {
+            let (http, base, ops) = (http.clone(), base.clone(), ops.clone());
+            tokio::spawn(async move {
+                http.get(format!("{base}/v1/ledger/accounts/psp_receivable/entries"))
+                    .bearer_auth(&ops)
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let producer = EventProducer::new(&cfg, "test").unwrap();
+    produce_all(&producer, &stories(&unique, 10)).await;
+    // The wallet does not touch the locked ledger table: it catches up.
+    wait_caught_up(&cfg, a.wallet_group.as_deref().unwrap(), &topics(&cfg)).await;
+    let w = projections::query::wallet(&db, "test-client", "seller-a")
+        .await
+        .unwrap();
+    assert!(!w.balances.is_empty());
+
+    locker.rollback().await.unwrap();
+    wait_caught_up(&cfg, a.ledger_group.as_deref().unwrap(), &topics(&cfg)).await;
+    for s in stuck {
+        let status = s.await.unwrap().unwrap();
+        // Served once the lock went, or refused while saturated.
+        assert!(status == 200 || status == 503, "{status}");
+    }
+    assert!(projections::verify(&db).await.is_ok());
+    stop.cancel();
+    server.await.unwrap().expect("serve ends cleanly");
+}
