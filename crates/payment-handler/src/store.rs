@@ -200,6 +200,11 @@ pub enum Begin {
     Replay { status: u16, body: String },
     /// The key was used with a different request.
     Mismatch,
+    /// The key's idempotency row is gone (past its retention) but the same
+    /// request was decided under it before: answer with the current view of
+    /// what it created (`kind` "payment" or "refund", `resource` its id),
+    /// never decide again.
+    Decided { kind: String, resource: String },
     /// Another request with this key is being processed right now.
     InFlight { retry_after_s: u64 },
 }
@@ -220,6 +225,7 @@ type IdemRow = (
     Option<i32>,
     Option<String>,
     i64,
+    Option<String>,
     Option<String>,
 );
 
@@ -244,6 +250,23 @@ pub async fn idem_begin(
         .bind(client.as_str()).bind(key).bind(fingerprint).bind(now + policy.lease_ms).bind(now).bind(now + policy.retention_ms).bind(&token)
         .execute(p).await?.rows_affected());
         if inserted == 1 {
+            // A fresh row: the key is new, or its old row was reaped after
+            // the retention. In the second case a decision was made under it
+            // before and is kept for good: never decide again (H1).
+            let decided: Option<(String, String, String)> = with_pool!(db, p => sqlx::query_as(
+                "SELECT request_sha256, kind, resource_id FROM handler_request_fingerprints WHERE client_id = $1 AND idem_key = $2",
+            ).bind(client.as_str()).bind(key).fetch_optional(p).await?);
+            if let Some((fp, kind, resource)) = decided {
+                with_pool!(db, p => sqlx::query(
+                    "DELETE FROM handler_idempotency_keys WHERE client_id = $1 AND idem_key = $2 AND owner = $3 \
+                     AND state = 'in_flight' AND pending_events IS NULL",
+                ).bind(client.as_str()).bind(key).bind(&token).execute(p).await?.rows_affected());
+                return Ok(if fp == fingerprint {
+                    Begin::Decided { kind, resource }
+                } else {
+                    Begin::Mismatch
+                });
+            }
             return Ok(Begin::Owned {
                 token,
                 pending: None,
@@ -284,27 +307,69 @@ pub async fn idem_begin(
             });
         }
         // The holder's lease ran out (it died, or gave up after appending):
-        // take the key over, once, with a new token. Only if nothing changed
-        // since the read (L1): the same holder, and the same decided events,
-        // or the old holder's late decision would be decided again.
-        let took = with_pool!(db, p => sqlx::query(
-            "UPDATE handler_idempotency_keys SET lease_until_ms = $1, owner = $2, expires_ms = $3 \
-             WHERE client_id = $4 AND idem_key = $5 AND state = 'in_flight' AND lease_until_ms = $6 \
-             AND owner IS NOT DISTINCT FROM $7 AND pending_events IS NOT DISTINCT FROM $8",
-    /// The key's idempotency row is gone (past its retention) but the same
-    /// request was decided under it before: answer with the current view of
-    /// what it created (`kind` "payment" or "refund", `resource` its id),
-    /// never decide again.
-    Decided { kind: String, resource: String },
-        ).bind(now + policy.lease_ms).bind(&token).bind(now + policy.lease_ms + policy.retention_ms)
-        .bind(client.as_str()).bind(key).bind(lease_until).bind(&old_owner).bind(&pending).execute(p).await?.rows_affected());
-        if took == 1 {
-            tracing::warn!(client = %client, "idempotency key taken over after its holder's lease expired");
-            return Ok(Begin::Owned { token, pending });
-        }
-        return Ok(Begin::InFlight { retry_after_s: 1 });
+        // take the key over, once, with a new token.
+        let seen = Seen {
+            lease_until,
+            owner: old_owner,
+            pending,
+        };
+        return Ok(
+            match idem_take_over(db, client, key, policy, &seen).await? {
+                Some(token) => {
+                    tracing::warn!(client = %client, "idempotency key taken over after its holder's lease expired");
+                    Begin::Owned {
+                        token,
+                        pending: seen.pending,
+                    }
+                }
+                None => Begin::InFlight { retry_after_s: 1 },
+            },
+        );
     }
     Ok(Begin::InFlight { retry_after_s: 1 })
+}
+
+/// What a request read of a key row it may take over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    pub lease_until: i64,
+    pub owner: Option<String>,
+    pub pending: Option<String>,
+}
+
+/// The (lease, owner, decided events) of a key row, if it exists.
+pub async fn idem_seen(db: &Db, client: &ClientId, key: &str) -> Result<Option<Seen>, sqlx::Error> {
+    let row: Option<(i64, Option<String>, Option<String>)> = with_pool!(db, p => sqlx::query_as(
+        "SELECT lease_until_ms, owner, pending_events FROM handler_idempotency_keys WHERE client_id = $1 AND idem_key = $2",
+    ).bind(client.as_str()).bind(key).fetch_optional(p).await?);
+    Ok(row.map(|(lease_until, owner, pending)| Seen {
+        lease_until,
+        owner,
+        pending,
+    }))
+}
+
+/// Takes an in-flight key over with a new token, only if the row is still
+/// what `seen` read (L1): the same lease, the same holder and the same
+/// decided events. Otherwise the old holder stored its decision in between,
+/// and taking over with the stale `pending = None` would decide again.
+/// Returns the new owner token if taken.
+pub async fn idem_take_over(
+    db: &Db,
+    client: &ClientId,
+    key: &str,
+    policy: IdempotencyPolicy,
+    seen: &Seen,
+) -> Result<Option<String>, sqlx::Error> {
+    let now = now_ms();
+    let token = new_token();
+    let took = with_pool!(db, p => sqlx::query(
+        "UPDATE handler_idempotency_keys SET lease_until_ms = $1, owner = $2, expires_ms = $3 \
+         WHERE client_id = $4 AND idem_key = $5 AND state = 'in_flight' AND lease_until_ms = $6 \
+         AND owner IS NOT DISTINCT FROM $7 AND pending_events IS NOT DISTINCT FROM $8",
+    ).bind(now + policy.lease_ms).bind(&token).bind(now + policy.lease_ms + policy.retention_ms)
+    .bind(client.as_str()).bind(key).bind(seen.lease_until).bind(&seen.owner).bind(&seen.pending).execute(p).await?.rows_affected());
+    Ok((took == 1).then_some(token))
 }
 
 /// The owner lost the key (its lease ran out and another request took it).
@@ -317,7 +382,6 @@ pub enum IdemError {
 }
 
 fn owned(rows: u64) -> Result<(), IdemError> {
-    Option<String>,
     if rows == 1 {
         Ok(())
     } else {
@@ -340,6 +404,7 @@ pub async fn idem_store_pending(
     key: &str,
     token: &str,
     events: &str,
+    payment: PaymentId,
 ) -> Result<(), IdemError> {
     with_pool!(db, p => {
         let mut tx = p.begin_write().await?;
@@ -357,23 +422,6 @@ pub async fn idem_store_pending(
 
 /// Stores the final response; later requests with the key replay it.
 pub async fn idem_finish(
-            // A fresh row: the key is new, or its old row was reaped after
-            // the retention. In the second case a decision was made under it
-            // before and is kept for good: never decide again (H1).
-            let decided: Option<(String, String, String)> = with_pool!(db, p => sqlx::query_as(
-                "SELECT request_sha256, kind, resource_id FROM handler_request_fingerprints WHERE client_id = $1 AND idem_key = $2",
-            ).bind(client.as_str()).bind(key).fetch_optional(p).await?);
-            if let Some((fp, kind, resource)) = decided {
-                with_pool!(db, p => sqlx::query(
-                    "DELETE FROM handler_idempotency_keys WHERE client_id = $1 AND idem_key = $2 AND owner = $3 \
-                     AND state = 'in_flight' AND pending_events IS NULL",
-                ).bind(client.as_str()).bind(key).bind(&token).execute(p).await?.rows_affected());
-                return Ok(if fp == fingerprint {
-                    Begin::Decided { kind, resource }
-                } else {
-                    Begin::Mismatch
-                });
-            }
     db: &Db,
     client: &ClientId,
     key: &str,
@@ -444,6 +492,8 @@ pub async fn reserve_refund(
             "UPDATE handler_idempotency_keys SET pending_events = $1 WHERE client_id = $2 AND idem_key = $3 AND owner = $4 AND state = 'in_flight'",
         ).bind(pending_events).bind(client.as_str()).bind(key).bind(token).execute(&mut *tx).await?.rows_affected();
         owned(stored)?;
+        sqlx::query(KEEP_FINGERPRINT).bind("refund").bind(refund.refund_id.to_string()).bind(now_ms())
+            .bind(client.as_str()).bind(key).bind(token).execute(&mut *tx).await?;
         tx.commit().await?;
     });
     Ok(true)
@@ -453,7 +503,6 @@ pub async fn reserve_refund(
 /// finished nor was retried: (client, key, pending events). Their events
 /// are re-appended by the sweeper so nothing decided is ever lost.
 pub async fn idem_abandoned(
-    payment: PaymentId,
     db: &Db,
     limit: i64,
 ) -> Result<Vec<(String, String, i64, String)>, sqlx::Error> {
@@ -497,6 +546,7 @@ pub async fn idem_reap(db: &Db) -> Result<u64, sqlx::Error> {
 /// buyer id of two clients is two buyers.
 pub async fn note_velocity(
     db: &Db,
+    client: &ClientId,
     payment: PaymentId,
     buyer: &str,
     currency: &str,
@@ -515,6 +565,7 @@ pub async fn note_velocity(
 /// (the count rule, checked first, rejects any buyer with more payments).
 pub async fn recent_activity(
     db: &Db,
+    client: &ClientId,
     buyer: &str,
     currency: &str,
     since_ms: i64,
@@ -541,8 +592,6 @@ pub async fn apply_status(db: &Db, events: &[&Envelope]) -> Result<Vec<Outcome>,
     let now = now_ms();
     let mut outcomes = Vec::with_capacity(events.len());
     with_pool!(db, p => {
-        sqlx::query(KEEP_FINGERPRINT).bind("refund").bind(refund.refund_id.to_string()).bind(now_ms())
-            .bind(client.as_str()).bind(key).bind(token).execute(&mut *tx).await?;
         let mut tx = p.begin_write().await?;
         for env in events {
             let relevant = !matches!(env.event, Event::ReconciliationDiscrepancyFound(_) | Event::ReconciliationDiscrepancyResolved(_) | Event::ReconciliationRunCompleted(_));
@@ -594,7 +643,6 @@ pub async fn apply_status(db: &Db, events: &[&Envelope]) -> Result<Vec<Outcome>,
                 Event::RiskApproved(_) => {
                     sqlx::query("UPDATE handler_payments SET status = 'processing', updated_us = $2 WHERE payment_id = $1 AND status = 'requested'")
                         .bind(&pid).bind(at).execute(&mut *tx).await?;
-    client: &ClientId,
                     sqlx::query("UPDATE handler_payment_orders SET status = 'pending' WHERE payment_id = $1 AND status = 'requested'")
                         .bind(&pid).execute(&mut *tx).await?;
                 }
@@ -610,7 +658,6 @@ pub async fn apply_status(db: &Db, events: &[&Envelope]) -> Result<Vec<Outcome>,
                     psp_ref = Some(e.psp_reference.clone());
                 }
                 Event::OrderFailed(e) => {
-    client: &ClientId,
                     order_change = Some(order_update(e.order_id, if e.retryable { "executing" } else { "failed" }));
                     failure = Some(format!("{}: {}", e.code, e.reason));
                 }
