@@ -168,20 +168,20 @@ pub async fn decide_payment(
             let total = req.total().map_err(|e| Unavailable(e.message))?;
             store::note_velocity(
                 &app.db,
+                client,
                 payment,
                 req.buyer_id.as_str(),
                 currency.code(),
-                client,
                 total.amount_minor(),
             )
             .await?;
             let since = store::now_ms().saturating_sub(window);
             let (count, sum) = store::recent_activity(
                 &app.db,
+                client,
                 req.buyer_id.as_str(),
                 currency.code(),
                 since,
-                client,
                 payment,
             )
             .await?;
@@ -367,9 +367,6 @@ pub async fn run_owned_payment(
                     ));
                 }
             };
-            let envs = decide_payment(app, client, payment, Some(key), &req).await?;
-            store::idem_store_pending(&app.db, client, key, token, &encode_pending(&envs), payment)
-                .await
             // A payment under this key exists but no fingerprint was kept
             // (decided before fingerprints were kept for good): whatever
             // this request holds, it must not be decided again.
@@ -384,6 +381,9 @@ pub async fn run_owned_payment(
                     Some("Idempotency-Key"),
                 ));
             }
+            let envs = decide_payment(app, client, payment, Some(key), &req).await?;
+            store::idem_store_pending(&app.db, client, key, token, &encode_pending(&envs), payment)
+                .await
                 .map_err(lost)?;
             envs
         }
@@ -398,9 +398,6 @@ pub async fn run_owned_payment(
     ))
 }
 
-/// A refund request whose Idempotency-Key this request owns.
-pub async fn run_owned_refund(
-    app: &App,
 /// The answer to a request decided under its key before the key's
 /// retention ran out ([`store::Begin::Decided`]): the current view of the
 /// payment or refund it created.
@@ -426,6 +423,9 @@ pub async fn decided_reply(
     Ok(Reply::sticky(201, body))
 }
 
+/// A refund request whose Idempotency-Key this request owns.
+pub async fn run_owned_refund(
+    app: &App,
     client: &ClientId,
     key: &str,
     token: &str,
