@@ -45,6 +45,7 @@ impl ProduceError {
                 error.rdkafka_error_code(),
                 Some(
                     RDKafkaErrorCode::MessageSizeTooLarge
+                        | RDKafkaErrorCode::MessageBatchTooLarge
                         | RDKafkaErrorCode::InvalidMessageSize
                         | RDKafkaErrorCode::TopicAuthorizationFailed
                         | RDKafkaErrorCode::ClusterAuthorizationFailed
