@@ -13,6 +13,7 @@
 
 pub mod api;
 pub mod inbound;
+pub mod instances;
 pub mod request;
 pub mod risk;
 pub mod service;

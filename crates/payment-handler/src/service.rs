@@ -618,6 +618,10 @@ pub async fn start(
         .context("creating topics")?;
     let producer = EventProducer::new(&kafka, "paystream-payment-handler")?;
     let app = App::new(db.clone(), producer.clone(), &args)?;
+    // Alive before the first key is claimed (see `instances`).
+    crate::instances::heartbeat(&db)
+        .await
+        .context("writing the instance heartbeat")?;
 
     let (addr, http) = streaming::http::spawn_server(
         args.listen,
@@ -689,6 +693,13 @@ pub async fn start(
         reaper.await?;
         anyhow::Ok(())
     });
+    {
+        let (db, shutdown) = (db.clone(), shutdown.clone());
+        parts.spawn("instance heartbeat", async move {
+            crate::instances::run_heartbeat(db, shutdown).await;
+            anyhow::Ok(())
+        });
+    }
     let task = tokio::spawn(async move {
         let result = parts.wait().await;
         producer.flush(Duration::from_secs(10))?;

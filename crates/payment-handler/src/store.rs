@@ -230,7 +230,8 @@ type IdemRow = (
 );
 
 fn new_token() -> String {
-    uuid::Uuid::new_v4().simple().to_string()
+    // `<instance>.<random>`: a retry can tell whether the holder is alive.
+    crate::instances::new_owner_token()
 }
 
 pub async fn idem_begin(
@@ -298,10 +299,14 @@ pub async fn idem_begin(
                 body: body.unwrap_or_default(),
             });
         }
-        if lease_until > now {
+        // A live holder keeps its key until the lease ends; a dead one
+        // (killed: its instance's heartbeat stopped) loses it at once, so
+        // its keys are answered within seconds of a restart.
+        if lease_until > now && !crate::instances::holder_is_dead(db, old_owner.as_deref()).await? {
+            // The holder is alive and heartbeating: come back soon.
             let secs = u64::try_from((lease_until - now + 999) / 1000)
                 .unwrap_or(1)
-                .clamp(1, 60);
+                .clamp(1, 2);
             return Ok(Begin::InFlight {
                 retry_after_s: secs,
             });
@@ -316,7 +321,7 @@ pub async fn idem_begin(
         return Ok(
             match idem_take_over(db, client, key, policy, &seen).await? {
                 Some(token) => {
-                    tracing::warn!(client = %client, "idempotency key taken over after its holder's lease expired");
+                    tracing::warn!(client = %client, "idempotency key taken over: its holder's lease expired or the holder died");
                     Begin::Owned {
                         token,
                         pending: seen.pending,

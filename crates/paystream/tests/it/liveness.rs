@@ -181,3 +181,108 @@ fn a_consumer_restarted_after_kill_9_with_its_instance_id_resumes_within_10_s() 
         "partitions processed again {resumed:?} after the restart (target: within 10 s)"
     );
 }
+
+/// Issue 16's availability target for the handler: a key held by a handler
+/// that died (here: aborted right after appending, before answering) is
+/// answered within 10 s of the restart, with the default 120 s lease: the
+/// restarted instance sees that the holder's heartbeat stopped instead of
+/// waiting the lease out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_of_a_dead_handler_are_answered_within_10_s_of_its_restart() {
+    let brokers =
+        std::env::var("PAYSTREAM_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let db = storage::testing::fresh_postgres_url().await.unwrap();
+    let env = [
+        ("PAYSTREAM_BROKERS", brokers),
+        (
+            "PAYSTREAM_TOPIC_PREFIX",
+            format!("t{}.", uuid::Uuid::now_v7().simple()),
+        ),
+        ("PAYSTREAM_PARTITIONS", "2".to_owned()),
+        ("PAYSTREAM_DATABASE_URL", db),
+    ];
+    let out = Command::new(env!("CARGO_BIN_EXE_paystream"))
+        .args(["clients", "create", "shop-takeover"])
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let api_key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let handler = |port: u16, fault: bool| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_paystream"));
+        c.args(["serve", "handler", "--listen", &format!("127.0.0.1:{port}")])
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if fault {
+            c.env("PAYSTREAM_FAULT_INJECT", "crash_after_append");
+        }
+        Proc(c.spawn().unwrap())
+    };
+    let http = reqwest::Client::new();
+    let healthy = |base: String| {
+        let http = http.clone();
+        async move {
+            for _ in 0..300 {
+                if http
+                    .get(format!("{base}/healthz"))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            panic!("handler did not come up at {base}");
+        }
+    };
+    let body = r#"{"buyer_id":"b-takeover","orders":[{"seller_id":"s1","amount_minor":4200,"currency":"EUR"}],"metadata":{"card_token":"tok_visa"}}"#;
+    let post = |base: &str| {
+        http.post(format!("{base}/v1/payments"))
+            .bearer_auth(&api_key)
+            .header("Idempotency-Key", "takeover-key")
+            .body(body)
+            .send()
+    };
+
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut dying = handler(port, true);
+    healthy(base.clone()).await;
+    assert!(
+        post(&base).await.is_err(),
+        "the dying handler must not answer"
+    );
+    assert!(!dying.0.wait().unwrap().success());
+
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let restarted = Instant::now();
+    let _alive = handler(port, false);
+    healthy(base.clone()).await;
+    let answered = loop {
+        let r = post(&base).await.unwrap();
+        match r.status().as_u16() {
+            201 => break restarted.elapsed(),
+            429 => {
+                assert!(
+                    restarted.elapsed() < Duration::from_secs(30),
+                    "still 429 after 30 s: the dead holder's key waits out its lease"
+                );
+                let wait = r
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(1);
+                tokio::time::sleep(Duration::from_secs(wait)).await;
+            }
+            other => panic!("unexpected {other}: {}", r.text().await.unwrap()),
+        }
+    };
+    assert!(
+        answered < Duration::from_secs(10),
+        "the key was answered {answered:?} after the restart (target: within 10 s)"
+    );
+}
