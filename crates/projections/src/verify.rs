@@ -223,6 +223,69 @@ async fn run(db: &Db) -> Result<VerifyReport, sqlx::Error> {
         }
     }
 
+    // The running totals the overflow check relies on (projection_totals)
+    // must equal what they stand for, per projection: the ledger's seller
+    // totals its merchant accounts, the wallet's its wallets and buyer
+    // totals. Each projection against its own tables, so lag between the
+    // two groups is no violation.
+    let mut totals = Check::new(
+        "totals_match",
+        "each projection's running totals equal its own sums: the ledger's seller totals its merchant_payable accounts, the wallet's seller totals its wallets and its buyer totals buyer_totals",
+    );
+    let mut stored: BTreeMap<(String, String, String), i64> = BTreeMap::new();
+    for r in tx
+        .rows(
+            "SELECT projection, kind, client_id, party_id, currency, total_minor FROM projection_totals",
+            &[],
+            &[Ty::T, Ty::T, Ty::T, Ty::T, Ty::T, Ty::I],
+        )
+        .await?
+    {
+        let (projection, kind) = (r[0].text(), r[1].text());
+        let seller = kind == crate::booking::TotalKind::SellerBalance.as_str();
+        // The ledger keeps no buyer tables to compare its buyer totals with
+        // (they are checked against the wallet's, which decide alike).
+        if projection == Projection::Ledger.as_str() && !seller {
+            continue;
+        }
+        let name = if seller {
+            crate::booking::merchant_payable(&r[2].text(), &r[3].text())
+        } else {
+            format!("{kind} of {}/{}", r[2].text(), r[3].text())
+        };
+        stored.insert((projection, name, r[4].text()), r[5].int());
+    }
+    let mut sums: BTreeMap<(String, String, String), i64> = BTreeMap::new();
+    for ((account, currency), v) in &ledger {
+        sums.insert(("ledger".into(), account.clone(), currency.clone()), *v);
+    }
+    for ((account, currency), v) in &wallet {
+        sums.insert(("wallet".into(), account.clone(), currency.clone()), *v);
+    }
+    for r in tx
+        .rows(
+            "SELECT client_id, buyer_id, currency, paid_minor, refunded_minor FROM buyer_totals",
+            &[],
+            &[Ty::T, Ty::T, Ty::T, Ty::I, Ty::I],
+        )
+        .await?
+    {
+        for (kind, v) in [("buyer_paid", r[3].int()), ("buyer_refunded", r[4].int())] {
+            let name = format!("{kind} of {}/{}", r[0].text(), r[1].text());
+            sums.insert(("wallet".into(), name, r[2].text()), v);
+        }
+    }
+    let keys: std::collections::BTreeSet<_> = stored.keys().chain(sums.keys()).cloned().collect();
+    for k in keys {
+        let (t, v) = (
+            stored.get(&k).copied().unwrap_or(0),
+            sums.get(&k).copied().unwrap_or(0),
+        );
+        if t != v {
+            totals.fail(format!("{} {} {}: total {t}, sum {v}", k.0, k.1, k.2));
+        }
+    }
+
     let mut once = Check::new(
         "events_applied_once",
         "no event id applied twice: one applied_events row per projection and event, one transaction per event and kind, every transaction's event recorded as applied, one capture booking per captured order matching it, refunds within captures",
@@ -341,7 +404,7 @@ async fn run(db: &Db) -> Result<VerifyReport, sqlx::Error> {
     Ok(VerifyReport {
         transactions,
         entries,
-        checks: vec![balanced, zero, wallets, once, chain],
+        checks: vec![balanced, zero, wallets, totals, once, chain],
         error: None,
     })
 }

@@ -75,6 +75,29 @@ async fn same_seller_of_two_clients(db: Db) {
     assert_eq!(paid("shop-b").await, vec![2500]);
     let report = verify(&db).await;
     assert!(report.is_ok(), "{report}");
+    // Running totals that drifted from what they sum are caught (the
+    // overflow check would compare against a wrong stored value).
+    exec(
+        &db,
+        "UPDATE projection_totals SET total_minor = total_minor + 1 WHERE projection = 'wallet' AND kind = 'buyer_paid' AND client_id = 'shop-a'",
+    )
+    .await
+    .unwrap();
+    let report = verify(&db).await;
+    let failed: Vec<&str> = report
+        .checks
+        .iter()
+        .filter(|c| c.violations > 0)
+        .map(|c| c.name)
+        .collect();
+    assert_eq!(failed, vec!["totals_match"], "{report}");
+    exec(
+        &db,
+        "UPDATE projection_totals SET total_minor = total_minor - 1 WHERE projection = 'wallet' AND kind = 'buyer_paid' AND client_id = 'shop-a'",
+    )
+    .await
+    .unwrap();
+    assert!(verify(&db).await.is_ok());
     // A wallet moved to another client is caught.
     exec(
         &db,
