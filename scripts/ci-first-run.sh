@@ -61,6 +61,6 @@ path_line=$(grep -m1 '^  export PATH=' "$out" | sed 's/^  //; s/ *#.*$//')
   test -s day.avro
   paystream project --into sqlite://analysis.db --as-of 2099-01-01T00:00:00Z
   paystream projection rebuild ledger
-  paystream ledger balance merchant_payable:seller-01 --as-of 2026-11-25T12:00:00Z
+  paystream ledger balance merchant_payable:demo-shop/seller-01 --as-of 2026-11-25T12:00:00Z
 ) >>"$out" 2>&1 || fail "a README command failed on the demo's data"
 log "first run passed"
