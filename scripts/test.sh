@@ -14,3 +14,13 @@ psql "$PAYSTREAM_TEST_DATABASE_URL" -Atc "SELECT datname FROM pg_database WHERE 
   while read -r db; do psql "$PAYSTREAM_TEST_DATABASE_URL" -qc "DROP DATABASE IF EXISTS \"$db\"" >/dev/null 2>&1 || true; done
 log "running the tests"
 cargo test --workspace --locked "$@"
+
+# The fault suite, short and seeded (a few hundred payments, every fault kind
+# at least once), on PostgreSQL, with the machine to itself: the whole system
+# as separate processes, checked from the outside (crates/chaos). The same
+# seed reproduces a run; `paystream chaos --duration 30m` is the soak and
+# `--backend sqlite` the embedded variant.
+log "fault suite: paystream chaos (seed ${PAYSTREAM_CHAOS_SEED:-20261206})"
+"${CARGO_TARGET_DIR:-$ROOT/target}/debug/paystream" chaos \
+  --seed "${PAYSTREAM_CHAOS_SEED:-20261206}" --payments 200 \
+  --postgres-url "$PAYSTREAM_TEST_DATABASE_URL"

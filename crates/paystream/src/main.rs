@@ -83,6 +83,10 @@ enum Command {
     /// Reconcile a PSP settlement file against the ledger; resolve
     /// discrepancies.
     Reconcile(reconcile::ReconcileArgs),
+    /// The fault suite: the whole system as separate processes under load
+    /// while components, the broker and the database fail around it and
+    /// the PSP misbehaves; then the money is checked from the outside.
+    Chaos(chaos::ChaosArgs),
     /// Every environment variable paystream reads, with its flag, command
     /// and default (deploy/ is checked against this list).
     Env,
@@ -152,7 +156,8 @@ async fn main() -> ExitCode {
         | Command::Offsets(_)
         | Command::Replay(_)
         | Command::Dlq(_)
-        | Command::Reconcile(_) => "warn",
+        | Command::Reconcile(_)
+        | Command::Chaos(_) => "warn",
         _ => "info",
     };
     let service = match &cli.command {
@@ -217,6 +222,7 @@ async fn main() -> ExitCode {
         Command::Replay(args) => replay::replay(cli.kafka, args).await,
         Command::Dlq(cmd) => replay::dlq(cli.kafka, &cli.database_url, cmd).await,
         Command::Reconcile(args) => reconcile::run(cli.kafka, &cli.database_url, args).await,
+        Command::Chaos(args) => chaos::run(args).await,
         Command::Ledger(cmd) => projections::run_ledger_command(&cli.database_url, cmd).await,
         Command::Clients(ClientsCommand::Create { name, role }) => {
             clients_create(&cli.database_url, &name, &role).await
@@ -326,7 +332,10 @@ async fn clients_list(database_url: &str) -> anyhow::Result<ExitCode> {
     let db = storage::Db::connect(database_url).await?;
     store::migrate(&db).await?;
     let ms = |v: i64| events::Timestamp::from_micros(v.saturating_mul(1000)).to_string();
-    println!("{:<18} {:<24} {:<9} {:<32} revoked", "key_id", "client", "role", "created");
+    println!(
+        "{:<18} {:<24} {:<9} {:<32} revoked",
+        "key_id", "client", "role", "created"
+    );
     for k in store::list_keys(&db).await? {
         println!(
             "{:<18} {:<24} {:<9} {:<32} {}",

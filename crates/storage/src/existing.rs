@@ -20,18 +20,18 @@ impl Db {
     /// Connects to an existing database that holds `needs.table`; never
     /// creates a file or a table.
     pub async fn open_existing(url: &str, needs: Needs) -> Result<Db, StorageError> {
-        if let Some(path) = sqlite_path(url) {
-            if !path.exists() {
-                return Err(StorageError::Missing(format!(
-                    "no {} in {}: the file {} does not exist (nothing was created).{} \
-                     Run `paystream up` (or scripts/demo.sh) first, or point --database-url \
-                     (PAYSTREAM_DATABASE_URL) at the database the components use.",
-                    needs.what,
-                    redact(url),
-                    path.display(),
-                    did_you_mean(&path, needs.table).await
-                )));
-            }
+        if let Some(path) = sqlite_path(url)
+            && !path.exists()
+        {
+            return Err(StorageError::Missing(format!(
+                "no {} in {}: the file {} does not exist (nothing was created).{} \
+                 Run `paystream up` (or scripts/demo.sh) first, or point --database-url \
+                 (PAYSTREAM_DATABASE_URL) at the database the components use.",
+                needs.what,
+                redact(url),
+                path.display(),
+                did_you_mean(&path, needs.table).await
+            )));
         }
         let db = Db::connect_with_create(url, false).await?;
         if !db.has_table(needs.table).await? {
