@@ -565,10 +565,22 @@ pub async fn run_owned_refund(
 pub async fn sweep_abandoned(app: &App) -> Result<usize, Unavailable> {
     let mut swept = 0;
     for (client, key, lease_until, pending) in store::idem_abandoned(&app.db, 100).await? {
-        let envs = decode_pending(&pending)?;
-        commit_events(app, &envs).await?;
-        if store::idem_mark_swept(&app.db, &client, &key, lease_until).await? {
-            swept += 1;
+        // One key that cannot be swept (its stored events do not decode,
+        // or their append fails) is logged and left for the next round;
+        // it never stops the keys after it (review M4).
+        let one = async {
+            let envs = decode_pending(&pending)?;
+            commit_events(app, &envs).await?;
+            Ok::<bool, Unavailable>(
+                store::idem_mark_swept(&app.db, &client, &key, lease_until).await?,
+            )
+        };
+        match one.await {
+            Ok(true) => swept += 1,
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(client = %client, error = %e, "sweeping an abandoned request failed; going on with the others")
+            }
         }
     }
     Ok(swept)

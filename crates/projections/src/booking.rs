@@ -374,6 +374,16 @@ pub fn booking_key(env: &Envelope) -> Option<String> {
 /// state: call [`BookState::absorb`] with the effects once they are
 /// accepted.
 pub fn decide(env: &Envelope, state: &BookState) -> Decision {
+    // The ledger stores the PSP reference (`ledger_psp_references`), the
+    // wallet does not: a reference the database would refuse (a NUL byte
+    // on PostgreSQL) must be refused here, by the rules both projections
+    // share, or the ledger would dead-let an event the wallet applies and
+    // the two would disagree.
+    if let Some(reference) = psp_reference_text(env)
+        && let Err(why) = valid_psp_reference(reference)
+    {
+        return reject("invalid_psp_reference", why);
+    }
     match &env.event {
         Event::PaymentRequested(p) => {
             let Some(payment) = env.payment_id else {
@@ -715,6 +725,39 @@ impl BookState {
     }
 }
 
+/// Longest PSP reference booked (the simulator's and real PSPs' ids are
+/// far shorter).
+pub const PSP_REFERENCE_LEN_MAX: usize = 255;
+
+/// The PSP reference text an event carries, if any.
+fn psp_reference_text(env: &Envelope) -> Option<&str> {
+    match &env.event {
+        Event::OrderPending(e) => Some(&e.psp_reference),
+        Event::OrderSucceeded(e) => Some(&e.psp_reference),
+        Event::OrderSettledByWebhook(e) => Some(&e.psp_reference),
+        Event::RefundSucceeded(e) => Some(&e.psp_reference),
+        _ => None,
+    }
+}
+
+/// A PSP reference both backends store as it is: 1..=255 characters, no
+/// control characters.
+pub fn valid_psp_reference(r: &str) -> Result<(), String> {
+    if r.is_empty() || r.chars().count() > PSP_REFERENCE_LEN_MAX {
+        return Err(format!(
+            "PSP reference of {} characters (1..={PSP_REFERENCE_LEN_MAX})",
+            r.chars().count()
+        ));
+    }
+    if r.chars().any(char::is_control) {
+        return Err(format!(
+            "PSP reference {:?} contains a control character",
+            r.escape_debug().to_string()
+        ));
+    }
+    Ok(())
+}
+
 /// What the ledger knows about one PSP reference (table
 /// `ledger_psp_references`), for reconciliation against settlement files.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -872,6 +915,47 @@ mod tests {
         assert!(check_balanced(&[e(PSP_RECEIVABLE, 5), e("merchant_payable:c/s", -5)]).is_ok());
         assert!(check_balanced(&[e(PSP_RECEIVABLE, 5), e("merchant_payable:c/", -5)]).is_err());
         assert!(check_balanced(&[e(PSP_RECEIVABLE, 5), e("merchant_payable:/s", -5)]).is_err());
+    }
+
+    /// Sets the event's PSP reference; false if it carries none.
+    fn set_reference(env: &mut Envelope, r: &str) -> bool {
+        let slot = match &mut env.event {
+            Event::OrderPending(x) => &mut x.psp_reference,
+            Event::OrderSucceeded(x) => &mut x.psp_reference,
+            Event::OrderSettledByWebhook(x) => &mut x.psp_reference,
+            Event::RefundSucceeded(x) => &mut x.psp_reference,
+            _ => return false,
+        };
+        *slot = r.to_owned();
+        true
+    }
+
+    #[test]
+    fn a_psp_reference_the_database_would_refuse_is_refused_by_the_shared_rules() {
+        // Both projections call `decide`: a NUL byte in a capture's PSP
+        // reference (which PostgreSQL cannot store in the ledger's
+        // ledger_psp_references) is rejected for both, never applied by
+        // the wallet while the ledger dead-letters it.
+        let evs = samples::one_of_each("c1", "k1", Timestamp::from_micros(0));
+        let mut st = BookState::default();
+        let mut checked = 0;
+        for e in &evs {
+            for poison in ["ch\u{0}1".to_owned(), String::new(), "x".repeat(256)] {
+                let mut bad = e.clone();
+                if !set_reference(&mut bad, &poison) {
+                    break;
+                }
+                checked += 1;
+                match decide(&bad, &st) {
+                    Decision::Reject { kind, .. } => assert_eq!(kind, "invalid_psp_reference"),
+                    other => panic!("{:?} accepted a bad reference: {other:?}", e.event_type()),
+                }
+            }
+            if let Decision::Apply(fx) = decide(e, &st) {
+                st.absorb(&fx);
+            }
+        }
+        assert!(checked >= 9, "the sample story carries PSP references");
     }
 
     #[test]

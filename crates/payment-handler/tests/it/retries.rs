@@ -284,3 +284,34 @@ async fn concurrent_payments_cannot_slip_past_the_velocity_limit() {
         "{approved} payments approved with a limit of 2 per window"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_key_that_cannot_be_swept_does_not_stop_the_others() {
+    let h = start_with(Backend::Sqlite, faulty(None)).await;
+    let key = h.client("shop-sweep-poison").await;
+    let (s, _, _) = h
+        .post(
+            Some(&key),
+            Some("gone"),
+            &payment("b", &[("s", 100, "EUR")]),
+        )
+        .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    // An older abandoned key whose stored events are corrupt: the sweeper
+    // takes it first (oldest lease first) and cannot decode it.
+    let far = i64::MAX / 2;
+    storage::with_pool!(&h.app.db, p => sqlx::query(
+        "INSERT INTO handler_idempotency_keys (client_id, idem_key, request_sha256, state, lease_until_ms, created_ms, expires_ms, owner, pending_events) \
+         VALUES ('shop-sweep-poison', 'corrupt', 'x', 'in_flight', 1, 0, $1, 'o', 'not stored events')",
+    ).bind(far).execute(p).await.unwrap().rows_affected());
+    assert_eq!(
+        payment_handler::service::sweep_abandoned(&h.app)
+            .await
+            .unwrap(),
+        1,
+        "the valid abandoned key behind the corrupt one is swept"
+    );
+    let client = events::ClientId::parse("shop-sweep-poison").unwrap();
+    let id = events::PaymentId::derive(&client, "gone").to_string();
+    assert_eq!(h.get_payment(&key, &id).await.0, StatusCode::OK);
+}
