@@ -8,8 +8,8 @@
 //! written to the outbox in the same transaction as the state change it
 //! reports, so a crash never loses it.
 
-use storage::BeginWrite;
 use events::Envelope;
+use storage::BeginWrite;
 use storage::{Db, with_pool};
 
 pub async fn migrate(db: &Db) -> Result<(), storage::StorageError> {

@@ -1,11 +1,11 @@
 //! SQL: the ledger's PSP references (read) and the reconciliation tables
 //! (`reconcile_runs`, `reconcile_discrepancies`), on both backends.
 
-use storage::BeginWrite;
 use crate::matching::LedgerRef;
 use events::Currency;
 use sqlx::Row as _;
 use std::collections::HashMap;
+use storage::BeginWrite;
 use storage::Db;
 
 /// References per SQLite `IN (...)` list; PostgreSQL gets `= ANY($1)`.
