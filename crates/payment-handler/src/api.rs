@@ -143,7 +143,8 @@ async fn authenticate(app: &App, headers: &HeaderMap) -> Result<ClientId, ApiErr
                 .map(|(_, t)| t)
         })
         .ok_or_else(unauthorized)?;
-    store::authenticate(&app.db, token.trim())
+    app.keys
+        .authenticate(&app.db, token.trim())
         .await
         .map_err(unavailable)?
         .ok_or_else(unauthorized)

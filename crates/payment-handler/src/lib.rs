@@ -14,6 +14,7 @@
 pub mod api;
 pub mod inbound;
 pub mod instances;
+pub mod keys;
 pub mod request;
 pub mod risk;
 pub mod service;

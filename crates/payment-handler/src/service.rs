@@ -109,6 +109,8 @@ pub struct App {
     fault_fired: Arc<std::sync::atomic::AtomicBool>,
     /// False once a part of the handler ended early (`/readyz` says so).
     pub health: streaming::supervise::Health,
+    /// The API keys in memory (`keys`): no database work per request.
+    pub keys: Arc<crate::keys::KeyDirectory>,
 }
 
 impl App {
@@ -136,6 +138,7 @@ impl App {
             fault: Fault::parse(args.fault_inject.as_deref())?,
             fault_fired: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             health: streaming::supervise::Health::new(),
+            keys: Arc::default(),
         })
     }
 }

@@ -6,6 +6,7 @@ mod harness;
 mod idempotency;
 mod inbound;
 mod inbound_again;
+mod keys;
 mod refunds;
 mod retries;
 mod routes;
