@@ -1,36 +1,42 @@
-//! The API keys in memory: authenticating a request costs no database work.
+//! The API keys in memory: authenticating a request costs no query of its
+//! own.
 //!
 //! The handler keeps a copy of every key that is not revoked (key id →
-//! client and SHA-256 of the secret; never the secret), reloaded when it is
-//! older than [`REFRESH`] (so a revocation is honoured within seconds) and,
-//! for a key id it does not know, at most once per [`MISS_RELOAD_MIN`] (so a
-//! key created a moment ago works at once, while a flood of made-up keys
-//! costs at most a few reloads per second instead of a query per request).
-//! The copy is as large as the key table (clients × their keys).
+//! client and SHA-256 of the secret; never the secret). A request whose key
+//! id is in the copy is decided from memory. The copy is reloaded when it is
+//! older than [`REFRESH`] (a revocation takes effect within seconds), and
+//! when a request names a key id it does not hold: then the request waits
+//! for a reload that starts after it arrived (so a key created a moment
+//! before works), and reloads are at least [`MISS_RELOAD_MIN`] apart and
+//! shared by every request waiting for one (so a flood of made-up keys costs
+//! at most a few queries per second, and each such request waits). The
+//! copy is as large as the key table (clients × their keys).
 
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use storage::{Db, with_pool};
-use tokio::sync::Mutex;
 
 /// Reload the copy when it is older than this (revocations take effect).
 pub const REFRESH: Duration = Duration::from_secs(2);
-/// An unknown key id reloads the copy at most this often.
+/// Reloads for unknown key ids are at least this far apart.
 pub const MISS_RELOAD_MIN: Duration = Duration::from_millis(250);
 
 #[derive(Debug, Default)]
 struct Copy {
     /// key id → (client id, hex SHA-256 of the secret).
     keys: HashMap<String, (String, String)>,
-    loaded_at: Option<Instant>,
+    /// When the query that made this copy started.
+    started: Option<Instant>,
 }
 
 /// The handler's copy of the API keys.
 #[derive(Debug, Default)]
 pub struct KeyDirectory {
-    copy: Mutex<Copy>,
+    copy: RwLock<Arc<Copy>>,
+    reload: tokio::sync::Mutex<()>,
     reloads: AtomicU64,
 }
 
@@ -41,16 +47,39 @@ impl KeyDirectory {
         self.reloads.load(Ordering::Relaxed)
     }
 
-    async fn reload(&self, copy: &mut Copy, db: &Db) -> Result<(), sqlx::Error> {
+    fn snapshot(&self) -> Arc<Copy> {
+        self.copy.read().map(|c| Arc::clone(&c)).unwrap_or_default()
+    }
+
+    /// Makes sure the copy was loaded by a query that started after
+    /// `arrived` (one query for everybody waiting, spaced out).
+    async fn reload_after(&self, db: &Db, arrived: Instant) -> Result<(), sqlx::Error> {
+        let _one_at_a_time = self.reload.lock().await;
+        let last = self.snapshot().started;
+        if last.is_some_and(|t| t >= arrived) {
+            return Ok(()); // somebody reloaded for us meanwhile
+        }
+        if let Some(t) = last {
+            let since = t.elapsed();
+            if since < MISS_RELOAD_MIN {
+                tokio::time::sleep(MISS_RELOAD_MIN - since).await;
+            }
+        }
+        let started = Instant::now();
         self.reloads.fetch_add(1, Ordering::Relaxed);
         let rows: Vec<(String, String, String)> = with_pool!(db, p => sqlx::query_as(
             "SELECT key_id, client_id, secret_sha256 FROM handler_api_keys WHERE revoked_ms IS NULL",
         ).fetch_all(p).await?);
-        copy.keys = rows
-            .into_iter()
-            .map(|(id, client, digest)| (id, (client, digest)))
-            .collect();
-        copy.loaded_at = Some(Instant::now());
+        let copy = Copy {
+            keys: rows
+                .into_iter()
+                .map(|(id, client, digest)| (id, (client, digest)))
+                .collect(),
+            started: Some(started),
+        };
+        if let Ok(mut c) = self.copy.write() {
+            *c = Arc::new(copy);
+        }
         Ok(())
     }
 
@@ -68,14 +97,11 @@ impl KeyDirectory {
         else {
             return Ok(None);
         };
-        let mut copy = self.copy.lock().await;
-        if copy.loaded_at.is_none_or(|t| t.elapsed() > REFRESH) {
-            self.reload(&mut copy, db).await?;
-        }
-        if !copy.keys.contains_key(key_id)
-            && copy.loaded_at.is_none_or(|t| t.elapsed() > MISS_RELOAD_MIN)
-        {
-            self.reload(&mut copy, db).await?;
+        let arrived = Instant::now();
+        let mut copy = self.snapshot();
+        if copy.started.is_none_or(|t| t.elapsed() > REFRESH) || !copy.keys.contains_key(key_id) {
+            self.reload_after(db, arrived).await?;
+            copy = self.snapshot();
         }
         let Some((client, stored)) = copy.keys.get(key_id) else {
             return Ok(None);

@@ -141,3 +141,26 @@ async fn expired_idempotency_keys_are_reaped() {
         .await
         .unwrap();
 }
+
+/// Found by the fault suite (issue 16): a key taken over after its handler
+/// died answers 201 with the payment's current view, whatever its status
+/// (e.g. `succeeded`); the document must say so for every status.
+#[test]
+fn the_201_of_a_payment_describes_every_status_it_can_carry() {
+    let doc: serde_json::Value = serde_json::from_str(payment_handler::api::OPENAPI_JSON).unwrap();
+    let statuses = doc["components"]["schemas"]["Payment"]["properties"]["status"]["enum"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert!(statuses.len() >= 6);
+    let described = doc["paths"]["/v1/payments"]["post"]["responses"]["201"]["description"]
+        .as_str()
+        .unwrap();
+    for s in statuses {
+        let s = s.as_str().unwrap();
+        assert!(
+            described.contains(s),
+            "201 does not describe status {s}: {described}"
+        );
+    }
+}
