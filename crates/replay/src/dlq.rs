@@ -558,6 +558,24 @@ fn plan_one(
             o.topic
         ));
     }
+    // Only back to a topic this deployment's consumers read (its headers
+    // come from whoever produced the dead letter; review L9).
+    let prefix = dlq_topic
+        .strip_suffix(events::TopicKind::DeadLetter.suffix())
+        .unwrap_or("");
+    let allowed = [
+        events::TopicKind::Inbound,
+        events::TopicKind::Payments,
+        events::TopicKind::Reconciliation,
+    ]
+    .map(|k| format!("{prefix}{}", k.suffix()));
+    if !allowed.contains(&o.topic) {
+        return Plan::Invalid(format!(
+            "original topic {:?} is not one of this deployment's consumed topics ({})",
+            o.topic,
+            allowed.join(", ")
+        ));
+    }
     let pos = (i64::from(info.partition), info.offset);
     if let Some(r) = records.get(&pos) {
         return if r.original_topic != o.topic
@@ -1064,6 +1082,25 @@ mod tests {
         let whole = dead_letter(0, 0, "handler-inbound", 5, None);
         let p = plan_all("x.dlq", vec![(&whole, true)], &HashMap::new(), false);
         assert_eq!(statuses(&p), ["produce"]);
+    }
+
+    #[test]
+    fn dead_letters_go_back_only_to_this_deployments_consumed_topics() {
+        // Headers come from whoever produced the dead letter (review L9).
+        for (target, want) in [
+            ("x.payments", "produce"),
+            ("x.payments.inbound", "produce"),
+            ("x.reconciliation", "produce"),
+            ("x.dlq", "invalid"),
+            ("y.payments", "invalid"),
+            ("x.audit", "invalid"),
+            ("__consumer_offsets", "invalid"),
+        ] {
+            let mut rec = dead_letter(0, 0, "ledger", 5, None);
+            rec.headers[0].1 = Some(target.as_bytes().to_vec());
+            let p = plan_all("x.dlq", vec![(&rec, true)], &HashMap::new(), false);
+            assert_eq!(statuses(&p), [want], "{target}");
+        }
     }
 
     fn statuses(p: &[Planned<'_>]) -> Vec<&'static str> {

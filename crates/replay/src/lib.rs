@@ -159,8 +159,7 @@ pub async fn replay(kafka: KafkaConfig, args: ReplayArgs) -> anyhow::Result<Exit
             // Written next to the target and renamed once complete, so a
             // failed replay never leaves a truncated file under its name.
             let partial = partial_path(path);
-            let file = std::fs::File::create(&partial)
-                .with_context(|| format!("cannot create {}", partial.display()))?;
+            let file = create_partial(&partial)?;
             let mut w = std::io::BufWriter::new(file);
             let result = replay_to(&kafka, &args, &mut w).await;
             let result = result.and_then(|code| {
@@ -187,6 +186,21 @@ pub async fn replay(kafka: KafkaConfig, args: ReplayArgs) -> anyhow::Result<Exit
             Ok(code)
         }
     }
+}
+
+/// Creates the `.partial` file afresh. A stale one (a regular file, from
+/// a run that died) is replaced; anything else there, such as a symlink
+/// planted in a shared folder, is refused, never followed (review L10).
+fn create_partial(partial: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    if std::fs::symlink_metadata(partial).is_ok_and(|m| m.file_type().is_file()) {
+        std::fs::remove_file(partial)
+            .with_context(|| format!("removing the stale {}", partial.display()))?;
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(partial)
+        .with_context(|| format!("cannot create {}", partial.display()))
 }
 
 fn partial_path(path: &std::path::Path) -> PathBuf {
@@ -308,6 +322,23 @@ mod tests {
         assert!(parse(&["dlq", "redrive", "--all", "--execute", "--force"]).is_ok());
         assert!(parse(&["dlq", "show", "0:5", "--json"]).is_ok());
         assert!(parse(&["dlq", "list", "--group", "g", "--kind", "k", "--json"]).is_ok());
+    }
+
+    #[test]
+    fn a_symlink_at_the_partial_path_is_refused_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "keep me").unwrap();
+        let partial = dir.path().join("out.avro.partial");
+        std::os::unix::fs::symlink(&victim, &partial).unwrap();
+        assert!(super::create_partial(&partial).is_err());
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me");
+        // A stale regular .partial is replaced.
+        std::fs::remove_file(&partial).unwrap();
+        std::fs::write(&partial, "stale").unwrap();
+        let f = super::create_partial(&partial).unwrap();
+        drop(f);
+        assert_eq!(std::fs::read_to_string(&partial).unwrap(), "");
     }
 
     #[test]
