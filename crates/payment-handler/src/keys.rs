@@ -107,13 +107,8 @@ impl KeyDirectory {
             return Ok(None);
         };
         let given = hex::encode(Sha256::digest(secret.as_bytes()));
-        // Constant-time comparison: no early exit on the first differing byte.
-        let same = given.len() == stored.len()
-            && given
-                .bytes()
-                .zip(stored.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0;
+        // Constant time: no early exit on the first differing byte.
+        let same = streaming::secret::constant_time_eq(given.as_bytes(), stored.as_bytes());
         Ok(if same {
             events::ClientId::parse(client).ok()
         } else {

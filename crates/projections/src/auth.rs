@@ -88,12 +88,7 @@ pub async fn authenticate(
     };
     let given = hex::encode(Sha256::digest(secret.as_bytes()));
     // Constant time: no early exit on the first differing byte.
-    let same = given.len() == stored.len()
-        && given
-            .bytes()
-            .zip(stored.bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0;
+    let same = streaming::secret::constant_time_eq(given.as_bytes(), stored.as_bytes());
     if !same || client_id.is_empty() {
         return Ok(None);
     }
