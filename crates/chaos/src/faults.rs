@@ -97,7 +97,14 @@ pub fn random(rng: &mut StdRng, postgres: bool) -> Fault {
             5 => Fault::KillBroker,
             6 => Fault::CutDatabase,
             7 => Fault::Rebalance,
-            8 => Fault::Poison(POISONED[rng.random_range(0..POISONED.len())]),
+            8 => {
+                let topic = POISONED[rng.random_range(0..POISONED.len())];
+                if rng.random_range(0..2) == 0 {
+                    Fault::Poison(topic)
+                } else {
+                    Fault::Oversized(topic)
+                }
+            }
             _ => Fault::ForgedWebhook,
         };
         if f != Fault::CutDatabase || postgres {
