@@ -681,6 +681,16 @@ pub async fn start(
                     Ok(n) => tracing::info!(reaped = n, "expired idempotency keys deleted"),
                     Err(e) => tracing::warn!(error = %e, "reaping idempotency keys failed"),
                 }
+                if let Some(window) = sweeper.risk.velocity_window_ms() {
+                    match store::velocity_prune(&db, store::now_ms().saturating_sub(window)).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::debug!(
+                            pruned = n,
+                            "velocity rows older than the window deleted"
+                        ),
+                        Err(e) => tracing::warn!(error = %e, "pruning velocity rows failed"),
+                    }
+                }
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tokio::time::sleep(SWEEP_INTERVAL) => {}

@@ -558,6 +558,17 @@ pub async fn note_velocity(
     Ok(())
 }
 
+/// Deletes the velocity rows older than `before_ms` (review L8): the
+/// reaper passes now minus the risk rules' velocity window, so the table
+/// holds one window of payments instead of growing forever. (A window made
+/// longer at a restart counts only what is left until it fills again.)
+pub async fn velocity_prune(db: &Db, before_ms: i64) -> Result<u64, sqlx::Error> {
+    Ok(
+        with_pool!(db, p => sqlx::query("DELETE FROM handler_risk_velocity WHERE at_ms < $1")
+        .bind(before_ms).execute(p).await?.rows_affected()),
+    )
+}
+
 /// (number of payments, sum in `currency`) of a client's buyer since
 /// `since_ms`, not counting `exclude` (the payment being decided, on a
 /// retry). The sum cannot overflow: it adds at most

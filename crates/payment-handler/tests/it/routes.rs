@@ -164,3 +164,33 @@ fn the_201_of_a_payment_describes_every_status_it_can_carry() {
         );
     }
 }
+
+/// Review L8: the velocity table holds one window, not all history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn velocity_rows_older_than_the_window_are_pruned() {
+    use payment_handler::store::{migrate, note_velocity, now_ms, recent_activity, velocity_prune};
+    let db = storage::testing::fresh_postgres().await.unwrap();
+    migrate(&db).await.unwrap();
+    let c = events::ClientId::parse("c").unwrap();
+    let old = events::PaymentId::derive(&c, "old");
+    let new = events::PaymentId::derive(&c, "new");
+    note_velocity(&db, &c, old, "b", "EUR", 100).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    let cut = now_ms();
+    note_velocity(&db, &c, new, "b", "EUR", 200).await.unwrap();
+    let other = events::PaymentId::derive(&c, "x");
+    assert_eq!(
+        recent_activity(&db, &c, "b", "EUR", 0, other)
+            .await
+            .unwrap(),
+        (2, 300)
+    );
+    assert_eq!(velocity_prune(&db, cut).await.unwrap(), 1);
+    assert_eq!(
+        recent_activity(&db, &c, "b", "EUR", 0, other)
+            .await
+            .unwrap(),
+        (1, 200)
+    );
+    assert_eq!(velocity_prune(&db, cut).await.unwrap(), 0);
+}
