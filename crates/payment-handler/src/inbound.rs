@@ -43,7 +43,7 @@ pub fn signed_bytes(key: Option<&[u8]>, payload: &[u8]) -> Vec<u8> {
 /// (key id, HMAC key) of an API key `psk_<key id>_<secret>`: the HMAC key is
 /// SHA-256 of the secret, which is what the server stores.
 pub fn signing_key(api_key: &str) -> Option<(String, [u8; 32])> {
-    let (key_id, secret) = api_key.strip_prefix("psk_")?.split_once('_')?;
+    let (key_id, secret) = crate::store::split_api_key(api_key)?;
     Some((key_id.to_owned(), Sha256::digest(secret.as_bytes()).into()))
 }
 

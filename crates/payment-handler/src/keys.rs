@@ -12,7 +12,6 @@
 //! at most a few queries per second, and each such request waits). The
 //! copy is as large as the key table (clients × their keys).
 
-use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -91,10 +90,7 @@ impl KeyDirectory {
         db: &Db,
         token: &str,
     ) -> Result<Option<events::ClientId>, sqlx::Error> {
-        let Some((key_id, secret)) = token
-            .strip_prefix("psk_")
-            .and_then(|rest| rest.split_once('_'))
-        else {
+        let Some((key_id, secret)) = crate::store::split_api_key(token) else {
             return Ok(None);
         };
         let arrived = Instant::now();
@@ -106,10 +102,7 @@ impl KeyDirectory {
         let Some((client, stored)) = copy.keys.get(key_id) else {
             return Ok(None);
         };
-        let given = hex::encode(Sha256::digest(secret.as_bytes()));
-        // Constant time: no early exit on the first differing byte.
-        let same = streaming::secret::constant_time_eq(given.as_bytes(), stored.as_bytes());
-        Ok(if same {
+        Ok(if crate::store::secret_matches(secret, stored) {
             events::ClientId::parse(client).ok()
         } else {
             None

@@ -44,12 +44,21 @@ pub async fn create_client(db: &Db, client: &ClientId) -> Result<String, sqlx::E
     Ok(format!("psk_{key_id}_{secret}"))
 }
 
+/// `psk_<key id>_<secret>` → (key id, secret); `None` for anything else.
+pub fn split_api_key(token: &str) -> Option<(&str, &str)> {
+    token.strip_prefix("psk_")?.split_once('_')
+}
+
+/// Whether `secret` is the one whose SHA-256 (hex) is stored, compared in
+/// constant time (no early exit on the first differing byte).
+pub fn secret_matches(secret: &str, stored_sha256_hex: &str) -> bool {
+    let given = hex::encode(Sha256::digest(secret.as_bytes()));
+    streaming::secret::constant_time_eq(given.as_bytes(), stored_sha256_hex.as_bytes())
+}
+
 /// The client an API key belongs to, if the key is valid and not revoked.
 pub async fn authenticate(db: &Db, token: &str) -> Result<Option<ClientId>, sqlx::Error> {
-    let Some(rest) = token.strip_prefix("psk_") else {
-        return Ok(None);
-    };
-    let Some((key_id, secret)) = rest.split_once('_') else {
+    let Some((key_id, secret)) = split_api_key(token) else {
         return Ok(None);
     };
     let row: Option<(String, String)> = with_pool!(db, p => sqlx::query_as(
@@ -58,10 +67,7 @@ pub async fn authenticate(db: &Db, token: &str) -> Result<Option<ClientId>, sqlx
     let Some((client, stored)) = row else {
         return Ok(None);
     };
-    let given = hex::encode(Sha256::digest(secret.as_bytes()));
-    // Constant time: no early exit on the first differing byte.
-    let same = streaming::secret::constant_time_eq(given.as_bytes(), stored.as_bytes());
-    Ok(if same {
+    Ok(if secret_matches(secret, &stored) {
         ClientId::parse(&client).ok()
     } else {
         None
@@ -123,9 +129,7 @@ pub async fn create_client_with_role(
     role: KeyRole,
 ) -> Result<String, sqlx::Error> {
     let key = create_client(db, client).await?;
-    let key_id = key
-        .strip_prefix("psk_")
-        .and_then(|r| r.split_once('_'))
+    let key_id = split_api_key(&key)
         .map(|(id, _)| id.to_owned())
         .expect("create_client returns psk_<key id>_<secret>");
     with_pool!(db, p => sqlx::query("UPDATE handler_api_keys SET role = $1 WHERE key_id = $2")
