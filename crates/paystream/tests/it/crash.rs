@@ -2,43 +2,14 @@
 //! appended a payment's events but before it stored the response must not
 //! create a second payment when the client retries.
 
-use crate::support::{Proc, free_port};
+use crate::support::{free_port, handler, wait_healthy};
 use events::{EventType, TopicKind, avro};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use std::collections::BTreeSet;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
-
-fn handler(env: &[(&str, String)], port: u16, fault: bool) -> Proc {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_paystream"));
-    c.args(["serve", "handler", "--listen", &format!("127.0.0.1:{port}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    if fault {
-        c.env("PAYSTREAM_FAULT_INJECT", "crash_after_append");
-    }
-    Proc(c.spawn().unwrap())
-}
-
-async fn wait_healthy(http: &reqwest::Client, base: &str) {
-    for _ in 0..300 {
-        if http
-            .get(format!("{base}/healthz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("handler did not come up at {base}");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_killed_after_appending_makes_no_second_payment_on_retry() {

@@ -3,7 +3,7 @@
 //! HTTP and looking healthy; it exits non-zero so an orchestrator restarts
 //! it.
 
-use crate::support::{Proc, free_port};
+use crate::support::{Proc, free_port, handler, wait_healthy};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -208,35 +208,7 @@ async fn keys_of_a_dead_handler_are_answered_within_10_s_of_its_restart() {
         .unwrap();
     assert!(out.status.success());
     let api_key = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    let handler = |port: u16, fault: bool| {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_paystream"));
-        c.args(["serve", "handler", "--listen", &format!("127.0.0.1:{port}")])
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        if fault {
-            c.env("PAYSTREAM_FAULT_INJECT", "crash_after_append");
-        }
-        Proc(c.spawn().unwrap())
-    };
     let http = reqwest::Client::new();
-    let healthy = |base: String| {
-        let http = http.clone();
-        async move {
-            for _ in 0..300 {
-                if http
-                    .get(format!("{base}/healthz"))
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status().is_success())
-                {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            panic!("handler did not come up at {base}");
-        }
-    };
     let body = r#"{"buyer_id":"b-takeover","orders":[{"seller_id":"s1","amount_minor":4200,"currency":"EUR"}],"metadata":{"card_token":"tok_visa"}}"#;
     let post = |base: &str| {
         http.post(format!("{base}/v1/payments"))
@@ -248,8 +220,8 @@ async fn keys_of_a_dead_handler_are_answered_within_10_s_of_its_restart() {
 
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
-    let mut dying = handler(port, true);
-    healthy(base.clone()).await;
+    let mut dying = handler(&env, port, true);
+    wait_healthy(&http, &base).await;
     assert!(
         post(&base).await.is_err(),
         "the dying handler must not answer"
@@ -259,8 +231,8 @@ async fn keys_of_a_dead_handler_are_answered_within_10_s_of_its_restart() {
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
     let restarted = Instant::now();
-    let _alive = handler(port, false);
-    healthy(base.clone()).await;
+    let _alive = handler(&env, port, false);
+    wait_healthy(&http, &base).await;
     let answered = loop {
         let r = post(&base).await.unwrap();
         match r.status().as_u16() {
