@@ -12,6 +12,17 @@ CHECK_JSONSCHEMA_VERSION="0.39.0"
 KUBERNETES_VALIDATE_VERSION="1.37.0"
 mkdir -p "$LOCAL"
 
+# librdkafka's bundled configure script (mklove) fails when the folder it
+# builds in has a space in its path ("ambiguous redirect"), and cargo builds
+# it under the target dir. So a checkout whose path has a space builds in a
+# space-free target dir of its own (one per checkout), unless the user chose
+# one.
+if [ -z "${CARGO_TARGET_DIR:-}" ] && [[ "$ROOT" == *" "* ]]; then
+  CARGO_TARGET_DIR="${XDG_CACHE_HOME:-$HOME/.cache}/paystream/target-$(printf '%s' "$ROOT" | sha256sum | cut -c1-12)"
+  export CARGO_TARGET_DIR
+  mkdir -p "$CARGO_TARGET_DIR"
+fi
+
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
 # The Kafka-protocol broker for development and tests (see DESIGN.md). It
