@@ -1,0 +1,1 @@
+//! The order state machine (being written).

@@ -1,0 +1,1 @@
+//! The payment state machine (being written).

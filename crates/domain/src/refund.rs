@@ -1,0 +1,1 @@
+//! The refund state machine (being written).
