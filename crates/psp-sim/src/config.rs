@@ -46,6 +46,28 @@ pub struct Behaviour {
     /// Merchant accounts besides (or overriding) `acct_default`.
     pub accounts: Vec<Account>,
     pub webhooks: WebhookBehaviour,
+    /// `"full"` (default) or `"relaxed"` (benchmarks); `--durability
+    /// relaxed` sets it too.
+    pub durability: Durability,
+}
+
+/// How the simulator's commits reach the disk.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// `synchronous=FULL`: each commit (two per new charge) is an fsync, so
+    /// a committed charge survives a power cut. The default.
+    #[default]
+    Full,
+    /// `synchronous=NORMAL` in WAL mode: a commit is a write to the WAL
+    /// without an fsync; the WAL is fsynced when it is checkpointed, so
+    /// many commits share one fsync. The same SQL, the same unique
+    /// (account, key) constraint and the same answers: idempotency and
+    /// behaviour are unchanged, and a killed process loses nothing (the
+    /// WAL is in the OS's cache). Only a power cut or kernel crash may
+    /// lose the last commits. For benchmarks, where the simulator's fsyncs
+    /// would otherwise be what is measured.
+    Relaxed,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

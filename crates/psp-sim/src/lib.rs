@@ -13,7 +13,7 @@ mod settlement;
 mod store;
 mod workers;
 
-pub use config::{Account, Behaviour, LatencyMs, Matcher, Outcome, Resolution, Rule};
+pub use config::{Account, Behaviour, Durability, LatencyMs, Matcher, Outcome, Resolution, Rule};
 pub use settlement::{Injected, InjectionSpec};
 
 use anyhow::Context as _;
@@ -52,6 +52,17 @@ pub struct PspSimArgs {
     /// as the API key.
     #[arg(long, env = "PAYSTREAM_PSP_WEBHOOK_SECRET", hide_env_values = true)]
     pub webhook_secret: Option<Secret>,
+    /// `full` (default): every commit is fsynced, as a PSP's records must
+    /// be. `relaxed`, for benchmarks: commits are not fsynced (the WAL is,
+    /// at checkpoints); same idempotency and behaviour, survives a killed
+    /// process but not a power cut.
+    #[arg(
+        long,
+        env = "PAYSTREAM_PSP_DURABILITY",
+        value_enum,
+        default_value_t = Durability::Full
+    )]
+    pub durability: Durability,
 }
 
 /// Everything one simulator run needs.
@@ -111,6 +122,9 @@ impl SimConfig {
             )?;
         }
         behaviour.accounts = accounts;
+        if args.durability == Durability::Relaxed {
+            behaviour.durability = Durability::Relaxed;
+        }
         behaviour.validate()?;
         Ok(SimConfig {
             listen: args.listen,
@@ -237,7 +251,7 @@ async fn start(
     shutdown: CancellationToken,
 ) -> anyhow::Result<(SocketAddr, impl Future<Output = anyhow::Result<()>>)> {
     config.behaviour.validate()?;
-    let pool = match storage::Db::connect(&config.db_url).await? {
+    let mut pool = match storage::Db::connect(&config.db_url).await? {
         storage::Db::Sqlite(pool) => pool,
         storage::Db::Postgres(p) => {
             p.close().await;
@@ -251,6 +265,13 @@ async fn start(
     // A previous process died while handling these keys; nobody works on
     // them any more, so later requests may retry them.
     store::release_all_in_flight(&pool).await?;
+    if config.behaviour.durability == Durability::Relaxed {
+        // `synchronous` is per connection: reopen the pool with it (the
+        // file and its migrations are the same).
+        pool.close().await;
+        pool = relaxed_pool(&config.db_url).await?;
+        tracing::info!("psp simulator: relaxed durability (commits are not fsynced)");
+    }
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -281,6 +302,27 @@ async fn start(
         Ok(())
     };
     Ok((addr, run))
+}
+
+/// The simulator's pool with `synchronous=NORMAL` (see
+/// [`Durability::Relaxed`]); otherwise as `storage::Db::connect` opens it.
+async fn relaxed_pool(db_url: &str) -> anyhow::Result<sqlx::SqlitePool> {
+    use sqlx::sqlite::{
+        SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
+    };
+    use std::str::FromStr as _;
+    let opts = SqliteConnectOptions::from_str(db_url)
+        .context("parsing the simulator's database URL")?
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Normal)
+        .busy_timeout(Duration::from_secs(10))
+        .foreign_keys(true);
+    SqlitePoolOptions::new()
+        .max_connections(storage::SQLITE_CONNECTIONS_MAX)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(opts)
+        .await
+        .context("opening the simulator's database")
 }
 
 /// Closes the connection it is attached to without an answer: the

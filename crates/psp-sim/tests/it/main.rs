@@ -1,7 +1,7 @@
 //! The simulator over real HTTP on a random port, with its own SQLite file;
 //! webhooks go to a small axum receiver that verifies signatures.
 
-use psp_sim::{Account, Behaviour, RunningSim, SimConfig};
+use psp_sim::{Account, Behaviour, Durability, RunningSim, SimConfig};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -38,9 +38,16 @@ async fn sqlite_url() -> (String, tempfile::TempDir) {
 
 impl Sim {
     async fn start(behaviour: Behaviour) -> Sim {
+        Sim::start_with(behaviour, Durability::Full).await
+    }
+
+    async fn start_with(behaviour: Behaviour, durability: Durability) -> Sim {
         let (db_url, dir) = sqlite_url().await;
         let sim = psp_sim::spawn(SimConfig {
-            behaviour,
+            behaviour: Behaviour {
+                durability,
+                ..behaviour
+            },
             ..config(db_url.clone())
         })
         .await
@@ -957,4 +964,113 @@ async fn api_keys_must_match_exactly_and_select_the_account() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
+}
+
+/// The benchmark mode (`--durability relaxed`) changes only how commits
+/// reach the disk: one key still makes one charge under concurrency, a
+/// replay is byte-identical, many keys at once each make exactly one
+/// charge, and the state is still there after a restart on the same file.
+#[tokio::test]
+async fn relaxed_durability_keeps_idempotency() {
+    let s = Arc::new(
+        Sim::start_with(
+            behaviour(json!({"latency_ms": {"min": 300, "max": 300}})),
+            Durability::Relaxed,
+        )
+        .await,
+    );
+    let ord = order();
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let s = s.clone();
+        let ord = ord.clone();
+        tasks.push(tokio::spawn(async move {
+            s.charge(&ord, &body(&ord, 500, "tok_visa"))
+                .await
+                .unwrap()
+                .status()
+        }));
+    }
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap());
+    }
+    let created = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::CREATED)
+        .count();
+    assert_eq!(created, 1, "{statuses:?}");
+    assert_eq!(s.stats(&ord).await, (1, 20));
+
+    // 100 keys at once, each sent twice concurrently: one charge per key.
+    let keys: Vec<String> = (0..100).map(|_| order()).collect();
+    let answers = futures::future::join_all(keys.iter().flat_map(|k| {
+        let s = s.clone();
+        let s2 = s.clone();
+        [
+            tokio::spawn({
+                let k = k.clone();
+                async move {
+                    s.charge(&k, &body(&k, 700, "tok_visa"))
+                        .await
+                        .unwrap()
+                        .status()
+                }
+            }),
+            tokio::spawn({
+                let k = k.clone();
+                async move {
+                    s2.charge(&k, &body(&k, 700, "tok_visa"))
+                        .await
+                        .unwrap()
+                        .status()
+                }
+            }),
+        ]
+    }))
+    .await;
+    let created = answers
+        .iter()
+        .filter(|a| *a.as_ref().unwrap() == StatusCode::CREATED)
+        .count();
+    assert_eq!(created, 100, "one 201 per key");
+    for k in &keys {
+        assert_eq!(s.stats(k).await.0, 1, "one charge for {k}");
+    }
+
+    // A replay after a restart (relaxed again) is the first answer.
+    let first = s.charge(&ord, &body(&ord, 500, "tok_visa")).await.unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    let first = first.bytes().await.unwrap();
+    let Ok(Sim {
+        sim,
+        db_url,
+        _dir,
+        http,
+    }) = Arc::try_unwrap(s)
+    else {
+        panic!("every task is done");
+    };
+    sim.stop().await.unwrap();
+    let sim = psp_sim::spawn(SimConfig {
+        behaviour: Behaviour {
+            durability: Durability::Relaxed,
+            ..Behaviour::default()
+        },
+        ..config(db_url.clone())
+    })
+    .await
+    .unwrap();
+    let s = Sim {
+        sim,
+        db_url,
+        _dir,
+        http,
+    };
+    let replay = s.charge(&ord, &body(&ord, 500, "tok_visa")).await.unwrap();
+    assert_eq!(replay.status(), StatusCode::OK);
+    assert_eq!(replay.bytes().await.unwrap(), first);
+    assert_eq!(s.stats(&ord).await, (1, 22));
+    let other = s.charge(&ord, &body(&ord, 501, "tok_visa")).await.unwrap();
+    assert_eq!(other.status(), StatusCode::UNPROCESSABLE_ENTITY);
 }
