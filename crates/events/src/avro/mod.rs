@@ -11,10 +11,11 @@
 mod canonical;
 pub mod compat;
 mod convert;
+mod direct;
 
 pub use canonical::{SchemaError, crc64_avro, fingerprint, parsing_canonical_form};
 
-use crate::event::Envelope;
+use crate::event::{Envelope, EventType};
 use apache_avro::Schema;
 use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::writer::datum::GenericDatumWriter;
@@ -76,6 +77,16 @@ struct Codec {
     /// One reader per known writer fingerprint, each resolving to the
     /// current schema.
     readers: HashMap<u64, GenericDatumReader<'static>>,
+    /// Writer fingerprints the direct decoder reads -> the number of
+    /// payload union branches that version has. Those are the current
+    /// schema (when `direct` is written for it) and history versions that
+    /// only lack branches at the union's end; any other version (none
+    /// today) needs resolution and stays on the generic path.
+    direct: HashMap<u64, usize>,
+    /// Whether `encode` writes with the direct writer.
+    direct_encode: bool,
+    /// apache-avro's allocation limit, which the direct decoder honours too.
+    max_alloc: usize,
 }
 
 fn leak_schema(json: &str, what: &str) -> &'static Schema {
@@ -89,6 +100,14 @@ static CODEC: LazyLock<Codec> = LazyLock::new(|| {
     let writer = GenericDatumWriter::builder(current)
         .build()
         .expect("current schema resolves");
+    // The direct codec mirrors one schema; for any other current schema
+    // everything stays on the generic path (and the events tests fail until
+    // `direct.rs` follows the schema).
+    let direct_current = fp == direct::WRITTEN_FOR;
+    let mut direct = HashMap::new();
+    if direct_current {
+        direct.insert(fp, EventType::ALL.len());
+    }
     let mut readers = HashMap::new();
     readers.insert(
         fp,
@@ -106,7 +125,12 @@ static CODEC: LazyLock<Codec> = LazyLock::new(|| {
         // exactly as the current schema would write them, so they are read
         // with the old schema itself; otherwise resolution is needed, and
         // events' tests check every history version decodes correctly.
-        let reader = if only_appended_branches(json, ENVELOPE_SCHEMA_JSON) {
+        let appended = only_appended_branches(json, ENVELOPE_SCHEMA_JSON);
+        if appended && direct_current {
+            let branches = payload_branches(json).expect("history schema has a payload union");
+            direct.insert(old_fp, branches);
+        }
+        let reader = if appended {
             GenericDatumReader::builder(old).build()
         } else {
             GenericDatumReader::builder(old)
@@ -120,26 +144,32 @@ static CODEC: LazyLock<Codec> = LazyLock::new(|| {
         fingerprint: fp,
         writer,
         readers,
+        direct,
+        direct_encode: direct_current,
+        max_alloc: apache_avro::util::max_allocation_bytes(
+            apache_avro::util::DEFAULT_MAX_ALLOCATION_BYTES,
+        ),
     }
 });
+
+/// The number of branches of a schema's `payload` union.
+fn payload_branches(json: &str) -> Option<usize> {
+    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    v["fields"]
+        .as_array()?
+        .iter()
+        .find(|f| f["name"] == "payload")?["type"]
+        .as_array()
+        .map(Vec::len)
+}
 
 /// True when `new` is `old` with branches appended to the envelope's
 /// `payload` union and nothing else changed.
 fn only_appended_branches(old: &str, new: &str) -> bool {
-    let (Ok(o), Ok(mut n)) = (
-        serde_json::from_str::<serde_json::Value>(old),
-        serde_json::from_str::<serde_json::Value>(new),
-    ) else {
+    let Ok(mut n) = serde_json::from_str::<serde_json::Value>(new) else {
         return false;
     };
-    let union_len = |v: &serde_json::Value| {
-        v["fields"]
-            .as_array()
-            .and_then(|f| f.iter().find(|f| f["name"] == "payload"))
-            .and_then(|f| f["type"].as_array())
-            .map(Vec::len)
-    };
-    let (Some(old_len), Some(new_len)) = (union_len(&o), union_len(&n)) else {
+    let (Some(old_len), Some(new_len)) = (payload_branches(old), payload_branches(new)) else {
         return false;
     };
     if new_len < old_len {
@@ -176,15 +206,98 @@ pub fn header(fingerprint: u64) -> [u8; HEADER_LEN] {
 
 /// Encodes with the current schema.
 pub fn encode(envelope: &Envelope) -> Result<Vec<u8>, EncodeError> {
-    let value = convert::to_value(envelope);
-    let body = CODEC
-        .writer
-        .write_value_to_vec(value)
-        .map_err(|e| EncodeError(e.to_string()))?;
-    let mut out = Vec::with_capacity(HEADER_LEN + body.len());
-    out.extend_from_slice(&header(CODEC.fingerprint));
-    out.extend_from_slice(&body);
-    Ok(out)
+    if CODEC.direct_encode {
+        return Ok(paths::encode_direct(envelope));
+    }
+    paths::encode_generic(envelope)
+}
+
+/// Decodes a single-object datum written with any known schema version.
+///
+/// The direct decoder reads every version it knows; when it refuses the
+/// bytes, the generic path decides, so every result (value or error,
+/// message included: dead-letter headers carry it) is exactly what the
+/// generic path alone gives. Only malformed input pays for both.
+pub fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
+    let fp = read_header(bytes)?;
+    if let Some(&branches) = CODEC.direct.get(&fp)
+        && let Ok(env) = direct::decode_body(&bytes[HEADER_LEN..], branches, CODEC.max_alloc)
+    {
+        return Ok(env);
+    }
+    paths::decode_generic(bytes)
+}
+
+/// The two implementations behind [`encode`] and [`decode`], each on its
+/// own, for the tests that prove them equal and the benchmark that compares
+/// them. Not for production use: call [`encode`] and [`decode`].
+#[doc(hidden)]
+pub mod paths {
+    use super::*;
+
+    /// The direct writer, whatever the current schema (check
+    /// [`direct_enabled`] first).
+    pub fn encode_direct(envelope: &Envelope) -> Vec<u8> {
+        let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(&header(CODEC.fingerprint));
+        direct::encode_body(envelope, &mut out);
+        out
+    }
+
+    /// Whether the direct codec is written for the current schema, so
+    /// [`encode`] and [`decode`] use it.
+    pub fn direct_enabled() -> bool {
+        CODEC.direct_encode
+    }
+
+    /// The direct decoder alone, without the generic fallback; `None` for
+    /// a fingerprint it does not read.
+    pub fn decode_direct(bytes: &[u8]) -> Option<Result<Envelope, DecodeError>> {
+        let fp = match read_header(bytes) {
+            Ok(fp) => fp,
+            Err(e) => return Some(Err(e)),
+        };
+        let branches = *CODEC.direct.get(&fp)?;
+        Some(direct::decode_body(
+            &bytes[HEADER_LEN..],
+            branches,
+            CODEC.max_alloc,
+        ))
+    }
+
+    /// The generic writer: an `apache_avro::Value` tree, then its bytes.
+    pub fn encode_generic(envelope: &Envelope) -> Result<Vec<u8>, EncodeError> {
+        let value = convert::to_value(envelope);
+        let body = CODEC
+            .writer
+            .write_value_to_vec(value)
+            .map_err(|e| EncodeError(e.to_string()))?;
+        let mut out = Vec::with_capacity(HEADER_LEN + body.len());
+        out.extend_from_slice(&header(CODEC.fingerprint));
+        out.extend_from_slice(&body);
+        Ok(out)
+    }
+
+    /// The generic reader: an `apache_avro::Value` tree read with the
+    /// writer's schema, then converted field by field.
+    pub fn decode_generic(bytes: &[u8]) -> Result<Envelope, DecodeError> {
+        let fp = read_header(bytes)?;
+        let reader = CODEC
+            .readers
+            .get(&fp)
+            .ok_or(DecodeError::UnknownSchema { fingerprint: fp })?;
+        let mut body = &bytes[HEADER_LEN..];
+        let value = reader
+            .read_value(&mut body)
+            .map_err(|e| DecodeError::Body(e.to_string()))?;
+        if !body.is_empty() {
+            return Err(DecodeError::Body(format!(
+                "{} trailing bytes after the datum",
+                body.len()
+            )));
+        }
+        convert::from_value(value)
+    }
 }
 
 /// Reads the fingerprint from a single-object header.
@@ -206,26 +319,6 @@ pub fn read_header(bytes: &[u8]) -> Result<u64, DecodeError> {
     Ok(u64::from_le_bytes(fp))
 }
 
-/// Decodes a single-object datum written with any known schema version.
-pub fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
-    let fp = read_header(bytes)?;
-    let reader = CODEC
-        .readers
-        .get(&fp)
-        .ok_or(DecodeError::UnknownSchema { fingerprint: fp })?;
-    let mut body = &bytes[HEADER_LEN..];
-    let value = reader
-        .read_value(&mut body)
-        .map_err(|e| DecodeError::Body(e.to_string()))?;
-    if !body.is_empty() {
-        return Err(DecodeError::Body(format!(
-            "{} trailing bytes after the datum",
-            body.len()
-        )));
-    }
-    convert::from_value(value)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,6 +330,21 @@ mod tests {
             fingerprint(ENVELOPE_SCHEMA_JSON).unwrap()
         );
         assert_eq!(header(current_fingerprint())[..2], MAGIC);
+    }
+
+    #[test]
+    fn the_direct_codec_is_written_for_the_current_schema() {
+        // On a schema change, follow it in direct.rs, then update
+        // WRITTEN_FOR to the new fingerprint.
+        assert_eq!(
+            direct::WRITTEN_FOR,
+            current_fingerprint(),
+            "direct.rs mirrors another schema: current fingerprint {:#018x}",
+            current_fingerprint()
+        );
+        assert!(paths::direct_enabled());
+        // And it reads every history version (all only appended branches).
+        assert_eq!(CODEC.direct.len(), 1 + HISTORY.len());
     }
 
     #[test]

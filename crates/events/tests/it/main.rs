@@ -4,6 +4,8 @@ use events::avro::{self, DecodeError};
 use events::samples;
 use events::*;
 use proptest::prelude::*;
+
+mod direct;
 use std::collections::BTreeMap;
 
 fn start() -> Timestamp {
