@@ -7,7 +7,9 @@
 //! `cargo bench -p projections` (needs PostgreSQL on 127.0.0.1:5432 and a
 //! broker on 127.0.0.1:9092, or PAYSTREAM_TEST_DATABASE_URL /
 //! PAYSTREAM_TEST_BROKERS). PAYSTREAM_BENCH_PAYMENTS sets the size
-//! (default 10,000 payments = 20,000 events).
+//! (default 10,000 payments = 20,000 events; 500,000 for the 1M-event
+//! flatness check). Also prints the raw rate per tenth of the events:
+//! flat with size means no slice more than 20 % below the first.
 
 use events::{
     BuyerId, ClientId, CorrelationId, Currency, Envelope, EventId, Money, OrderId, OrderSucceeded,
@@ -108,8 +110,42 @@ async fn fresh(postgres: bool) -> (Db, Option<tempfile::TempDir>) {
     (db, dir)
 }
 
+/// Rates of each tenth of the events, and whether the lowest stays
+/// within 20 % of the first (flat with size).
+fn slices_line(n: usize, marks: &[Duration]) -> String {
+    let slice = (n / 10).max(1);
+    let mut prev = Duration::ZERO;
+    let mut rates = Vec::new();
+    for m in marks {
+        rates.push(rate(slice, *m - prev));
+        prev = *m;
+    }
+    let first = rates.first().copied().unwrap_or(0);
+    let worst = rates.iter().copied().min().unwrap_or(0);
+    format!(
+        "per slice of {slice} events: {} events/s; lowest {}% of the first: {}",
+        rates
+            .iter()
+            .map(u128::to_string)
+            .collect::<Vec<_>>()
+            .join(" "),
+        worst * 100 / first.max(1),
+        if worst * 100 >= first * 80 {
+            "flat within 20%"
+        } else {
+            "NOT flat"
+        }
+    )
+}
+
 /// The same writes without Kafka: `apply_batch` on batches of `BATCH`.
 async fn raw(postgres: bool, evs: &[Envelope]) -> Duration {
+    raw_sliced(postgres, evs).await.0
+}
+
+/// `raw`, with the time from the start at the end of each tenth of the
+/// events.
+async fn raw_sliced(postgres: bool, evs: &[Envelope]) -> (Duration, Vec<Duration>) {
     let (db, _dir) = fresh(postgres).await;
     let metas: Vec<MessageMeta> = (0..evs.len())
         .map(|i| MessageMeta {
@@ -119,6 +155,9 @@ async fn raw(postgres: bool, evs: &[Envelope]) -> Duration {
             timestamp_ms: None,
         })
         .collect();
+    let slice = (evs.len() / 10).max(1);
+    let mut marks = Vec::new();
+    let mut done = 0usize;
     let start = Instant::now();
     for (chunk, metas) in evs.chunks(BATCH).zip(metas.chunks(BATCH)) {
         let inc: Vec<Incoming<'_>> = chunk
@@ -130,10 +169,14 @@ async fn raw(postgres: bool, evs: &[Envelope]) -> Duration {
             .await
             .expect("apply");
         assert!(out.iter().all(|o| *o == Outcome::Applied));
+        done += chunk.len();
+        if done / slice > marks.len() {
+            marks.push(start.elapsed());
+        }
     }
     let d = start.elapsed();
     check_ledger(&db).await;
-    d
+    (d, marks)
 }
 
 /// Counts handled events and notes when the first batch arrived.
@@ -244,7 +287,8 @@ async fn main() {
     for (name, postgres) in [("PostgreSQL", true), ("SQLite", false)] {
         // Raw before and after the Kafka run, so drift of a shared
         // machine (neighbours' load, checkpoints) shows up as a spread.
-        let raw_before = raw(postgres, &evs).await;
+        let (raw_before, marks) = raw_sliced(postgres, &evs).await;
+        println!("  {name:<10} raw SQL {}", slices_line(n, &marks));
         let (kafka_d, wall_d, batches, in_handler) = via_kafka(postgres, &cfg, n).await;
         let raw_after = raw(postgres, &evs).await;
         let raw_d = raw_before.min(raw_after);

@@ -56,6 +56,145 @@ pub struct Incoming<'a> {
     pub meta: &'a MessageMeta,
 }
 
+// The batch lookups: `$1` is the projection, `clause` selects by the key
+// column (`key = ANY($2)` on PostgreSQL). Every key they use puts the key
+// column first (migration 3005), so the index condition is on the key in
+// every plan, generic or custom, with statistics or without; the test
+// `plans` checks the generic plan of each.
+fn seen_before_sql(clause: &str) -> String {
+    format!(
+        "SELECT event_id, COALESCE(error_kind, ''), COALESCE(reason, ''), topic, kafka_partition, kafka_offset \
+         FROM applied_events WHERE projection = $1 AND outcome = 'rejected' AND {clause}"
+    )
+}
+
+fn load_orders_sql(clause: &str) -> String {
+    format!(
+        "SELECT order_id, payment_id, buyer_id, seller_id, currency, amount_minor, captured_minor, \
+         refunded_minor, client_id FROM projection_orders WHERE projection = $1 AND {clause}"
+    )
+}
+
+fn load_bookings_sql(clause: &str) -> String {
+    format!("SELECT booking_key FROM projection_bookings WHERE projection = $1 AND {clause}")
+}
+
+fn load_totals_sql(clause: &str) -> String {
+    format!(
+        "SELECT kind, client_id, party_id, currency, total_minor FROM projection_totals \
+         WHERE projection = $1 AND {clause}"
+    )
+}
+
+/// The PostgreSQL text of every batch lookup `apply_batch` runs, with the
+/// table and the key column its index condition must use: (table, key
+/// column, SQL with `$1` TEXT projection and `$2` TEXT[] keys). For the
+/// generic-plan test.
+#[doc(hidden)]
+pub fn postgres_lookups() -> Vec<(&'static str, &'static str, String)> {
+    vec![
+        (
+            "applied_events",
+            "event_id",
+            seen_before_sql("event_id = ANY($2)"),
+        ),
+        (
+            "projection_orders",
+            "order_id",
+            load_orders_sql("order_id = ANY($2)"),
+        ),
+        (
+            "projection_bookings",
+            "booking_key",
+            load_bookings_sql("booking_key = ANY($2)"),
+        ),
+        (
+            "projection_totals",
+            "party_id",
+            load_totals_sql("party_id = ANY($2)"),
+        ),
+    ]
+}
+
+/// The tables `projection` writes.
+pub fn tables_of(projection: Projection) -> &'static [&'static str] {
+    match projection {
+        Projection::Ledger => &[
+            "applied_events",
+            "projection_orders",
+            "projection_bookings",
+            "projection_totals",
+            "ledger_transactions",
+            "ledger_entries",
+            "ledger_psp_references",
+        ],
+        Projection::Wallet => &[
+            "applied_events",
+            "projection_orders",
+            "projection_bookings",
+            "projection_totals",
+            "wallet_balances",
+            "buyer_totals",
+        ],
+    }
+}
+
+/// Takes statistics of the tables `projection` writes (`ANALYZE`), so the
+/// planner knows their sizes: nothing else may (autovacuum can be off).
+/// Cheap: ANALYZE samples a fixed number of rows whatever the size.
+pub async fn analyze(db: &Db, projection: Projection) -> Result<(), sqlx::Error> {
+    let tables = tables_of(projection);
+    match db {
+        Db::Postgres(p) => {
+            sqlx::query(&format!("ANALYZE {}", tables.join(", ")))
+                .execute(p)
+                .await?;
+        }
+        Db::Sqlite(p) => {
+            for t in tables {
+                sqlx::query(&format!("ANALYZE {t}")).execute(p).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// When to take statistics while a table fills: first after
+/// `ANALYZE_FIRST` events, then each time the count has doubled (ANALYZE
+/// on an empty table stores nothing useful; a fixed interval would cost
+/// ever more as tables grow, doubling keeps the total cost linear).
+#[derive(Debug, Clone)]
+pub struct AnalyzeSchedule {
+    seen: u64,
+    next: u64,
+}
+
+/// Events after which [`AnalyzeSchedule`] first asks for statistics.
+pub const ANALYZE_FIRST: u64 = 5_000;
+
+impl Default for AnalyzeSchedule {
+    fn default() -> Self {
+        AnalyzeSchedule {
+            seen: 0,
+            next: ANALYZE_FIRST,
+        }
+    }
+}
+
+impl AnalyzeSchedule {
+    /// Counts `n` more events; true when statistics are due.
+    pub fn count(&mut self, n: u64) -> bool {
+        self.seen = self.seen.saturating_add(n);
+        if self.seen < self.next {
+            return false;
+        }
+        while self.next <= self.seen {
+            self.next = self.next.saturating_mul(2);
+        }
+        true
+    }
+}
+
 /// Applies `batch` to `projection` in one transaction; one outcome per
 /// event, in order. A database error leaves nothing written.
 pub async fn apply_batch(
@@ -138,10 +277,7 @@ pub async fn apply_batch(
     let mut stored: HashMap<String, (Outcome, (String, i64, i64))> = HashMap::new();
     for chunk in seen_before.chunks(crate::sql::ROWS_PER_STATEMENT) {
         let (clause, ids) = in_clause(&tx, "event_id", chunk, 2);
-        let sql = format!(
-            "SELECT event_id, COALESCE(error_kind, ''), COALESCE(reason, ''), topic, kafka_partition, kafka_offset \
-             FROM applied_events WHERE projection = $1 AND outcome = 'rejected' AND {clause}"
-        );
+        let sql = seen_before_sql(&clause);
         let mut vals = vec![V::T(p.to_owned())];
         vals.extend(ids);
         let cols = [Ty::T, Ty::T, Ty::T, Ty::T, Ty::I, Ty::I];
@@ -444,9 +580,7 @@ async fn load_orders(
 ) -> Result<(), sqlx::Error> {
     for chunk in ids.chunks(crate::sql::ROWS_PER_STATEMENT) {
         let (clause, list) = in_clause(tx, "order_id", chunk, 2);
-        let sql = format!(
-            "SELECT order_id, payment_id, buyer_id, seller_id, currency, amount_minor, captured_minor, refunded_minor, client_id FROM projection_orders WHERE projection = $1 AND {clause}"
-        );
+        let sql = load_orders_sql(&clause);
         let mut vals = vec![V::T(p.to_owned())];
         vals.extend(list);
         let cols = [
@@ -489,9 +623,7 @@ async fn load_bookings(
 ) -> Result<(), sqlx::Error> {
     for chunk in keys.chunks(crate::sql::ROWS_PER_STATEMENT) {
         let (clause, list) = in_clause(tx, "booking_key", chunk, 2);
-        let sql = format!(
-            "SELECT booking_key FROM projection_bookings WHERE projection = $1 AND {clause}"
-        );
+        let sql = load_bookings_sql(&clause);
         let mut vals = vec![V::T(p.to_owned())];
         vals.extend(list);
         for r in tx.rows(&sql, &vals, &[Ty::T]).await? {
@@ -710,7 +842,7 @@ async fn write_ledger(
 /// change within `[-MAX_TOTAL_MINOR, MAX_TOTAL_MINOR]` (`totals` holds the
 /// stored values plus this batch's accepted deltas); if so, adds their
 /// deltas to `totals` and `deltas`, else changes nothing and says why.
-fn within_totals(
+pub(crate) fn within_totals(
     fx: &booking::Effects,
     totals: &mut HashMap<TotalKey, i64>,
     deltas: &mut BTreeMap<TotalKey, i64>,
@@ -760,10 +892,7 @@ async fn load_totals(
     let mut out = HashMap::new();
     for chunk in parties.chunks(crate::sql::ROWS_PER_STATEMENT) {
         let (clause, list) = in_clause(tx, "party_id", chunk, 2);
-        let sql = format!(
-            "SELECT kind, client_id, party_id, currency, total_minor FROM projection_totals \
-             WHERE projection = $1 AND {clause}"
-        );
+        let sql = load_totals_sql(&clause);
         let mut vals = vec![V::T(p.to_owned())];
         vals.extend(list);
         let cols = [Ty::T, Ty::T, Ty::T, Ty::T, Ty::I];
@@ -892,11 +1021,16 @@ async fn write_wallet(tx: &mut Tx, bookings: &[(usize, Booking)]) -> Result<(), 
 pub struct ProjectionHandler {
     db: Db,
     projection: Projection,
+    analyze: AnalyzeSchedule,
 }
 
 impl ProjectionHandler {
     pub fn new(db: Db, projection: Projection) -> ProjectionHandler {
-        ProjectionHandler { db, projection }
+        ProjectionHandler {
+            db,
+            projection,
+            analyze: AnalyzeSchedule::default(),
+        }
     }
 }
 
@@ -909,14 +1043,25 @@ impl BatchHandler for ProjectionHandler {
                 meta: &d.meta,
             })
             .collect();
-        apply_batch(&self.db, self.projection, &incoming)
+        let outcomes = apply_batch(&self.db, self.projection, &incoming)
             .await
             .map_err(|e| {
                 HandlerError::classified(
                     storage::deterministic_kind(&e),
                     format!("{} projection: {e}", self.projection.as_str()),
                 )
-            })
+            })?;
+        // Statistics as the tables grow (from empty after a reset, or
+        // after a restart on tables that grew since): the batch is
+        // committed, so a failure here is only logged.
+        if self
+            .analyze
+            .count(u64::try_from(batch.len()).unwrap_or(u64::MAX))
+            && let Err(e) = analyze(&self.db, self.projection).await
+        {
+            tracing::warn!(projection = self.projection.as_str(), error = %e, "ANALYZE failed");
+        }
+        Ok(outcomes)
     }
 }
 
@@ -933,4 +1078,23 @@ pub fn tally(outcomes: &[Outcome]) -> HashMap<&'static str, usize> {
         *m.entry(k).or_default() += 1;
     }
     m
+}
+
+#[cfg(test)]
+mod analyze_tests {
+    use super::*;
+
+    #[test]
+    fn statistics_first_after_a_few_thousand_then_on_doubling() {
+        let mut s = AnalyzeSchedule::default();
+        let due: Vec<u64> = (1..=50u64)
+            .filter(|_| s.count(1000))
+            .map(|i| i * 1000)
+            .collect();
+        assert_eq!(due, vec![5_000, 10_000, 20_000, 40_000]);
+        // One huge batch asks once, not once per doubling it jumped over.
+        let mut s = AnalyzeSchedule::default();
+        assert!(s.count(1_000_000));
+        assert!(!s.count(1));
+    }
 }

@@ -10,6 +10,7 @@
 pub mod apply;
 pub mod auth;
 pub mod booking;
+pub mod bulk;
 pub mod cli;
 pub mod http;
 pub mod query;

@@ -4,9 +4,11 @@
 mod harness;
 
 mod broker;
+mod bulk;
 mod cli;
 mod db;
 mod http;
+mod plans;
 mod prop;
 mod psp_refs;
 mod redrive;

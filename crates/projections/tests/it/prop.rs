@@ -30,7 +30,7 @@ struct OrderSpec {
 }
 
 #[derive(Debug, Clone)]
-struct PaymentSpec {
+pub(crate) struct PaymentSpec {
     currency: u8,
     buyer: u8,
     orders: Vec<OrderSpec>,
@@ -46,7 +46,7 @@ fn fate() -> impl Strategy<Value = Fate> {
     ]
 }
 
-fn payment() -> impl Strategy<Value = PaymentSpec> {
+pub(crate) fn payment() -> impl Strategy<Value = PaymentSpec> {
     (
         0u8..3,
         0u8..3,
@@ -75,7 +75,7 @@ fn payment() -> impl Strategy<Value = PaymentSpec> {
         })
 }
 
-fn build(specs: &[PaymentSpec]) -> Vec<Envelope> {
+pub(crate) fn build(specs: &[PaymentSpec]) -> Vec<Envelope> {
     let client = ClientId::parse("prop").unwrap();
     let mut out = Vec::new();
     let mut t = 1_700_000_000_000_000i64;
@@ -228,6 +228,34 @@ async fn check(db: Db, specs: Vec<PaymentSpec>, batch: usize, dup_every: usize) 
     assert_eq!(snapshot(&db).await, snap);
     apply_both(&db, &evs, batch + 5).await;
     assert_eq!(snapshot(&db).await, snap);
+    // Issue 13 item 1: every capture is booked exactly once in the ledger
+    // (one transaction per order that succeeded, by OrderSucceeded, the
+    // webhook or both, whatever was redelivered or re-read), crediting the
+    // seller the order's amount; an order that failed has none.
+    let client = ClientId::parse("prop").unwrap();
+    let mut expected: Vec<String> = Vec::new();
+    for (pi, spec) in specs.iter().enumerate() {
+        let payment = PaymentId::derive(&client, &format!("p{pi}"));
+        for (oi, o) in spec.orders.iter().enumerate() {
+            if !matches!(o.fate, Fate::Fail) {
+                let order = OrderId::derive(payment, oi);
+                expected.push(format!("capture:{order}|{}", -o.amount));
+            }
+        }
+    }
+    expected.sort();
+    let booked = strings(
+        &db,
+        "SELECT t.booking_key || '|' || CAST(SUM(e.amount_minor) AS TEXT) FROM ledger_transactions t \
+         JOIN ledger_entries e ON e.transaction_id = t.id \
+         WHERE t.kind = 'capture' AND substr(e.account, 1, 17) = 'merchant_payable:' \
+         GROUP BY t.id, t.booking_key",
+    )
+    .await;
+    assert_eq!(
+        booked, expected,
+        "each successful order captured exactly once"
+    );
     // Refunds never exceed captures, per order.
     for row in &snap["projection_orders"] {
         let f: Vec<&str> = row.split('|').collect();
