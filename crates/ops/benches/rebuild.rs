@@ -7,14 +7,18 @@
 //! - raw: `TopicReader` over payments + reconciliation from the beginning
 //!   to the end, decoding every event and nothing else;
 //! - rebuild: `ops::projection::execute_rebuild` of the ledger (read,
-//!   decode, apply in batches of 1000 into the shadow, swap, commit
-//!   offsets), on a fresh PostgreSQL database and a fresh SQLite file;
+//!   decode, decide in memory in batches of 1000 while a second task
+//!   bulk-loads the shadow, swap, commit offsets), on a fresh PostgreSQL
+//!   database and a fresh SQLite file;
 //!
 //! and prints events/s of each and the ratio rebuild/raw. Asserts nothing
 //! about time.
 //!
-//! `cargo bench -p ops` (full size) or `cargo bench -p ops -- 50000` (a
-//! quick run). Needs the broker on 127.0.0.1:9092 and PostgreSQL on
+//! Also prints the rate per slice (a tenth of the events) of the apply
+//! phase: flat with size means no slice more than 20 % below the first.
+//!
+//! `cargo bench -p ops` (full size) or `cargo bench -p ops -- 50000` (or
+//! PAYSTREAM_BENCH_EVENTS=50000; a quick run). Needs the broker on 127.0.0.1:9092 and PostgreSQL on
 //! 127.0.0.1:5432 (or PAYSTREAM_TEST_BROKERS / PAYSTREAM_TEST_DATABASE_URL).
 
 use events::{
@@ -116,6 +120,35 @@ async fn raw_read(k: &TestKafka) -> (u64, u128) {
     (n, started.elapsed().as_millis())
 }
 
+/// Prints the rate of each slice (a tenth of the events) of the apply
+/// phase and whether every slice stays within 20 % of the first.
+fn print_slices(label: &str, s: &ops::projection::RebuildSummary) {
+    let mut prev = 0u64;
+    let mut rates = Vec::new();
+    for ms in &s.slice_millis {
+        rates.push(rate(s.slice_events, u128::from(ms - prev)));
+        prev = *ms;
+    }
+    let first = rates.first().copied().unwrap_or(0);
+    let worst = rates.iter().copied().min().unwrap_or(0);
+    let line: Vec<String> = rates.iter().map(|r| format!("{}k", r / 1000)).collect();
+    println!(
+        "  {label} per slice of {} events (read + decode + decide, writer in parallel): {} -> lowest {}% of the first: {}",
+        s.slice_events,
+        line.join(" "),
+        worst * 100 / first.max(1),
+        if worst * 100 >= first * 80 {
+            "flat within 20%"
+        } else {
+            "NOT flat"
+        }
+    );
+    println!(
+        "  {label} apply phase (into the shadow, before the swap) {} ms; whole rebuild incl. swap and offsets below",
+        s.millis
+    );
+}
+
 async fn rebuild(k: &TestKafka, db: &Db, url: &str, label: &str) -> (u64, u128) {
     projections::migrate(db).await.expect("migrate");
     let group = format!("{}-{label}", k.cfg.topology().group("ledger"));
@@ -132,6 +165,7 @@ async fn rebuild(k: &TestKafka, db: &Db, url: &str, label: &str) -> (u64, u128) 
     .await
     .expect("rebuild");
     let millis = started.elapsed().as_millis();
+    print_slices(label, &s);
     // Only the ledger is rebuilt here: the wallets are empty on purpose.
     let report = projections::verify(db).await;
     assert!(report.error.is_none(), "{report}");
@@ -150,6 +184,11 @@ async fn main() {
     let target: usize = std::env::args()
         .skip(1)
         .find_map(|a| a.replace('_', "").parse().ok())
+        .or_else(|| {
+            std::env::var("PAYSTREAM_BENCH_EVENTS")
+                .ok()
+                .and_then(|s| s.replace('_', "").parse().ok())
+        })
         .unwrap_or(1_000_000);
     let k = TestKafka::new(12).await;
     eprintln!("producing {target} events into {} ...", k.cfg.topic_prefix);

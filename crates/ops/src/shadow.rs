@@ -156,6 +156,67 @@ impl Shadow {
         }
     }
 
+    /// Drops every index and key constraint of the shadow's tables, so a
+    /// bulk load appends rows without maintaining random-key B-trees or
+    /// checking keys row by row (the rows come from one in-memory decision
+    /// that already holds every key once). The shadow is only the staging
+    /// area of the swap, which copies its rows into the live tables, whose
+    /// own keys and constraints check every row again: the shadow needs no
+    /// index of its own (SQLite keeps its primary keys, which are part of
+    /// the table).
+    pub async fn strip_indexes(&self) -> anyhow::Result<()> {
+        match &self.db {
+            Db::Postgres(p) => {
+                // Foreign keys first: they depend on the keys they point at.
+                let cons: Vec<(String, String)> = sqlx::query_as(
+                    "SELECT c.conrelid::regclass::TEXT, c.conname::TEXT FROM pg_constraint c \
+                     WHERE c.connamespace = current_schema()::regnamespace \
+                     AND c.contype IN ('f', 'p', 'u') \
+                     ORDER BY (c.contype = 'f') DESC",
+                )
+                .fetch_all(p)
+                .await
+                .context("listing the shadow's constraints")?;
+                for (table, name) in cons {
+                    sqlx::query(&format!(
+                        "ALTER TABLE {table} DROP CONSTRAINT {}",
+                        quote_ident(&name)
+                    ))
+                    .execute(p)
+                    .await
+                    .with_context(|| format!("dropping {name} of the shadow's {table}"))?;
+                }
+                let idx: Vec<String> = sqlx::query_scalar(
+                    "SELECT indexname::TEXT FROM pg_indexes WHERE schemaname = current_schema()",
+                )
+                .fetch_all(p)
+                .await
+                .context("listing the shadow's indexes")?;
+                for name in idx {
+                    sqlx::query(&format!("DROP INDEX {}", quote_ident(&name)))
+                        .execute(p)
+                        .await
+                        .with_context(|| format!("dropping index {name} of the shadow"))?;
+                }
+            }
+            Db::Sqlite(p) => {
+                let idx: Vec<String> = sqlx::query_scalar(
+                    "SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL",
+                )
+                .fetch_all(p)
+                .await
+                .context("listing the shadow's indexes")?;
+                for name in idx {
+                    sqlx::query(&format!("DROP INDEX {}", quote_ident(&name)))
+                        .execute(p)
+                        .await
+                        .with_context(|| format!("dropping index {name} of the shadow"))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Where the shadow lives, for messages.
     pub fn describe(&self) -> String {
         match &self.place {
@@ -186,7 +247,13 @@ impl Shadow {
             )),
         };
         result?;
-        discard_place(&place, main).await
+        discard_place(&place, main).await?;
+        // The live tables just received every row at once: statistics now,
+        // not whenever something else takes them (autovacuum may be off).
+        projections::apply::analyze(main, projection)
+            .await
+            .context("taking statistics of the swapped-in tables")?;
+        Ok(())
     }
 
     /// Removes the shadow without touching the live tables.
