@@ -1,22 +1,33 @@
 //! The dispatcher: finds due work in SQL, leases it per payment, and runs at
-//! most `max_in_flight` payments at once. The orders (then refunds) of one
-//! payment run one after the other in one task, so one payment's events stay
-//! in order; different payments run concurrently.
+//! most `max_in_flight` payments at once, in batches. The orders (then
+//! refunds) of one payment run one after the other, so one payment's events
+//! stay in order; the payments of a batch run side by side.
 //!
-//! Per order: (1) record the intent (attempt n, `OrderExecutionStarted`),
-//! (2) call the PSP with the order id as idempotency key, (3) record the
-//! outcome with its events in the outbox, then append them. A crash anywhere
-//! resumes from SQL: the PSP's idempotency key makes the repeated call
-//! harmless, and the outbox re-appends what was recorded but not appended.
+//! Per batch round (the next due order of each payment of the batch):
+//! (1) record the intents of all of them (attempt n, `OrderExecutionStarted`)
+//! in one transaction; (2) only then call the PSP for each, concurrently,
+//! with the order id as idempotency key; (3) record all outcomes with their
+//! events in the outbox in one transaction; (4) append the batch's events
+//! (all sent, then all acknowledged) and delete their outbox rows in one
+//! statement. Every row keeps its own guard (attempt, state, lease owner),
+//! so batching changes how many commits carry the decisions, never the
+//! decisions (`domain::order`). A crash anywhere resumes from SQL: the PSP's
+//! idempotency key makes the repeated call harmless, and the outbox
+//! re-appends what was recorded but not appended.
 
 use crate::psp::{Charge, PspError};
 use crate::service::{App, PRODUCER};
 use crate::store::{self, OrderRow, OrderUpdate, Outgoing, PaymentRow, RefundRow, RefundUpdate};
+use domain::order::{
+    self as rules, CallAnswer, Command, FailureKind, Lookup, Order, OrderEvent, Rejection,
+    StateName, Status,
+};
 use events::{
-    CorrelationId, Currency, Envelope, Event, EventId, Money, OrderExecutionStarted, OrderFailed,
-    OrderId, OrderPending, OrderSettledByWebhook, OrderSucceeded, PaymentId, RefundFailed,
+    CorrelationId, Currency, Envelope, Event, EventId, Money, OrderId, PaymentId, RefundFailed,
     RefundId, RefundSucceeded, SCHEMA_VERSION, Timestamp,
 };
+use futures::StreamExt as _;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
@@ -36,11 +47,19 @@ const ERROR_RETRY_MS: i64 = 1_000;
 const REFUND_WAIT_MS: i64 = 1_000;
 /// How soon a failed status poll is tried again.
 const POLL_RETRY_MS: i64 = 5_000;
+/// Most payments leased and worked as one batch (the statements of a batch
+/// stay well below both backends' bind-parameter limits).
+const MAX_BATCH: usize = 256;
+/// How often the sweeper vacuums the executor's tables (PostgreSQL; see
+/// `store::vacuum`).
+const VACUUM_EVERY: Duration = Duration::from_secs(30);
 
-/// Runs until `shutdown`; waits for the tasks in flight before returning.
+/// Runs until `shutdown`; waits for the batches in flight before returning.
 pub async fn run(app: App, shutdown: CancellationToken) {
+    // One permit per payment in flight; a batch holds one per payment.
     let permits = Arc::new(Semaphore::new(app.max_in_flight));
     let mut last_sweep = tokio::time::Instant::now();
+    let mut last_vacuum = tokio::time::Instant::now();
     while !shutdown.is_cancelled() {
         if last_sweep.elapsed() >= OUTBOX_SWEEP_EVERY {
             last_sweep = tokio::time::Instant::now();
@@ -48,10 +67,16 @@ pub async fn run(app: App, shutdown: CancellationToken) {
             if let Err(e) = flush_outbox(&app, None, older).await {
                 tracing::warn!(error = %e, "re-appending the outbox failed");
             }
+            if last_vacuum.elapsed() >= VACUUM_EVERY {
+                last_vacuum = tokio::time::Instant::now();
+                if let Err(e) = store::vacuum(&app.db).await {
+                    tracing::warn!(error = %e, "vacuuming the executor's tables failed");
+                }
+            }
         }
-        let free = permits.available_permits();
+        let free = permits.available_permits().min(MAX_BATCH);
         if free == 0 {
-            // Wait for a task to finish (or shutdown).
+            // Wait for a batch to finish (or shutdown).
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 p = permits.clone().acquire_owned() => drop(p),
@@ -66,9 +91,8 @@ pub async fn run(app: App, shutdown: CancellationToken) {
                 Vec::new()
             }
         };
-        let mut started = 0usize;
         // A fresh fencing token per lease: each payment leased here is worked
-        // by exactly one task below.
+        // by exactly one batch below.
         let owner: Arc<str> = Arc::from(store::new_lease_owner());
         let leased =
             match store::lease_payments(&app.db, &due, now, app.policy.lease_ms, &owner).await {
@@ -78,55 +102,260 @@ pub async fn run(app: App, shutdown: CancellationToken) {
                     Vec::new()
                 }
             };
-        for payment_id in leased {
-            let permit = permits
-                .clone()
-                .acquire_owned()
-                .await
-                .expect("the semaphore is never closed");
-            started += 1;
-            let app = app.clone();
-            let owner = owner.clone();
-            tokio::spawn(async move {
-                let _permit = permit;
-                process_payment(&app, &payment_id, &owner).await;
-            });
-        }
-        if started == 0 {
+        if leased.is_empty() {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = app.work.notified() => {}
                 _ = tokio::time::sleep(IDLE_TICK) => {}
             }
+            continue;
         }
+        let permit = permits
+            .clone()
+            .acquire_many_owned(u32::try_from(leased.len()).unwrap_or(u32::MAX))
+            .await
+            .expect("the semaphore is never closed");
+        let app = app.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            process_batch(&app, leased, &owner).await;
+        });
     }
-    // Let the tasks in flight finish their step (bounded by the PSP timeout).
+    // Let the batches in flight finish their step (bounded by the PSP timeout).
     let all = u32::try_from(app.max_in_flight).unwrap_or(u32::MAX);
     let _ = permits.acquire_many(all).await;
 }
 
-/// Works off everything due for one payment leased under `owner`, then
-/// releases it.
-async fn process_payment(app: &App, payment_id: &str, owner: &str) {
-    match process_payment_inner(app, payment_id, owner).await {
-        Ok(()) => match store::release_payment(&app.db, payment_id, owner).await {
-            Ok(true) => {}
-            Ok(false) => {
-                tracing::warn!(
-                    payment_id,
-                    "the payment's lease was retaken before we released it"
-                );
-            }
-            Err(e) => tracing::warn!(error = %e, payment_id, "releasing a payment failed"),
+/// Works off everything due for the payments leased under `owner`, then
+/// releases them (one statement).
+async fn process_batch(app: &App, ids: Vec<String>, owner: &str) {
+    match process_batch_inner(app, &ids, owner).await {
+        Ok(()) => match store::release_payments(&app.db, &ids, owner).await {
+            Ok(n) if n == u64::try_from(ids.len()).unwrap_or(u64::MAX) => {}
+            Ok(n) => tracing::warn!(
+                released = n,
+                leased = ids.len(),
+                "some leases were retaken before we released them"
+            ),
+            Err(e) => tracing::warn!(error = %e, "releasing payments failed"),
         },
         Err(e) => {
-            tracing::warn!(error = %e, payment_id, "executing a payment failed; will retry");
-            // Keep it leased briefly so a failing database or broker is not
-            // hammered in a tight loop.
-            let _ = store::renew_lease(&app.db, payment_id, owner, store::now_ms(), ERROR_RETRY_MS)
-                .await;
+            tracing::warn!(error = %e, payments = ids.len(), "executing a batch failed; will retry");
+            // Keep them leased briefly so a failing database or broker is
+            // not hammered in a tight loop.
+            let _ =
+                store::renew_leases(&app.db, &ids, owner, store::now_ms(), ERROR_RETRY_MS).await;
         }
     }
+}
+
+async fn process_batch_inner(app: &App, ids: &[String], owner: &str) -> anyhow::Result<()> {
+    let mut pays: HashMap<String, PaymentRow> = HashMap::with_capacity(ids.len());
+    for mut p in store::payments(&app.db, ids).await? {
+        owner.clone_into(&mut p.owner);
+        pays.insert(p.payment_id.clone(), p);
+    }
+    // Events recorded earlier but never acknowledged go out first.
+    append_rows(app, store::unappended_of(&app.db, ids).await?).await?;
+    // Each payment's due orders, in order; a round takes the next of each.
+    let mut queues: HashMap<String, VecDeque<OrderRow>> = HashMap::new();
+    for o in store::due_orders_of(&app.db, ids, store::now_ms()).await? {
+        queues.entry(o.payment_id.clone()).or_default().push_back(o);
+    }
+    let mut first = true;
+    loop {
+        let mut live: Vec<String> = queues
+            .iter()
+            .filter(|(_, q)| !q.is_empty())
+            .map(|(p, _)| p.clone())
+            .collect();
+        if live.is_empty() {
+            break;
+        }
+        if !std::mem::take(&mut first) {
+            // Between orders: stop working on payments no longer ours.
+            let kept =
+                store::renew_leases(&app.db, &live, owner, store::now_ms(), app.policy.lease_ms)
+                    .await?;
+            for lost in live.iter().filter(|p| !kept.contains(p)) {
+                tracing::warn!(payment_id = %lost, "lost the lease of a payment; giving it up");
+                queues.remove(lost);
+            }
+            live = kept;
+        }
+        let step: Vec<(&PaymentRow, OrderRow)> = live
+            .iter()
+            .filter_map(|p| {
+                let o = queues.get_mut(p)?.pop_front()?;
+                Some((pays.get(p)?, o))
+            })
+            .collect();
+        run_round(app, owner, &step).await?;
+    }
+    // Refunds after the orders: one payment's in request order, payments
+    // side by side.
+    let with_refunds = store::with_due_refunds(&app.db, ids, store::now_ms()).await?;
+    let results = futures::future::join_all(with_refunds.iter().filter_map(|p| pays.get(p)).map(
+        |pay| async move {
+            for refund in store::due_refunds(&app.db, &pay.payment_id, store::now_ms()).await? {
+                renew(app, pay).await?;
+                execute_refund(app, pay, &refund).await?;
+            }
+            anyhow::Ok(())
+        },
+    ))
+    .await;
+    results.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
+    Ok(())
+}
+
+/// One order per payment: intents of the executable ones in one
+/// transaction, then their PSP calls concurrently (look-ups and polls of the
+/// others alongside), then all outcomes in one transaction, then one append
+/// of everything recorded.
+async fn run_round(app: &App, owner: &str, step: &[(&PaymentRow, OrderRow)]) -> anyhow::Result<()> {
+    let r = domain_rules(app);
+    let now = store::now_ms();
+    let mut intents = Vec::new();
+    let mut begun = Vec::new();
+    let mut others = Vec::new();
+    for (pay, row) in step {
+        let order = domain_order(row);
+        match order.status {
+            Status::Ready | Status::RetryWait { .. } | Status::Executing => {
+                let Ok((events, after)) =
+                    rules::execute(&order, &r, Command::BeginAttempt { now_ms: now })
+                else {
+                    continue;
+                };
+                let [
+                    OrderEvent::AttemptStarted {
+                        attempt,
+                        idempotency_key,
+                        deadline_ms,
+                    },
+                ] = events.as_slice()
+                else {
+                    anyhow::bail!("an attempt's intent is one AttemptStarted: {events:?}");
+                };
+                // The PSP key is the stored order id, which the rules say
+                // the key is (the same string as every earlier attempt's).
+                assert_eq!(
+                    idempotency_key.to_string(),
+                    row.order_id,
+                    "the PSP idempotency key is the order id"
+                );
+                intents.push(store::Intent {
+                    order_id: row.order_id.clone(),
+                    attempt: *attempt,
+                    deadline_ms: *deadline_ms,
+                    started: outgoing(pay, &order, &events[0]).expect("a started event"),
+                });
+                begun.push((*pay, row, after));
+            }
+            Status::Lookup { .. } | Status::Pending { .. } => others.push((*pay, row)),
+            _ => {}
+        }
+    }
+    // The intents are durable (committed) before any call of the batch.
+    let (recorded, mut rows) =
+        store::begin_attempts(&app.db, owner, &intents, app.policy.lease_ms).await?;
+    // Boxed, so the round's future is Send for every lifetime (a lazy
+    // iterator of closures over references trips the compiler's check).
+    type Work<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+    let calls: Vec<Work<'_, anyhow::Result<store::Outcome>>> = begun
+        .into_iter()
+        .zip(recorded)
+        .filter(|(_, ok)| *ok)
+        .map(|((pay, row, after), _)| {
+            Box::pin(call_and_decide(app, pay, row, after)) as Work<'_, _>
+        })
+        .collect();
+    let slow: Vec<Work<'_, anyhow::Result<()>>> = others
+        .iter()
+        .map(|(pay, row)| {
+            let pay: &PaymentRow = pay;
+            let row: &OrderRow = row;
+            Box::pin(async move {
+                match domain_order(row).status {
+                    Status::Lookup { .. } => look_up_charge(app, pay, row).await,
+                    _ => poll_pending(app, pay, row).await,
+                }
+            }) as Work<'_, _>
+        })
+        .collect();
+    let limit = app.max_in_flight.max(1);
+    let work = async {
+        let outcomes: Vec<anyhow::Result<store::Outcome>> = futures::stream::iter(calls)
+            .buffer_unordered(limit)
+            .collect()
+            .await;
+        let slow: Vec<anyhow::Result<()>> = futures::stream::iter(slow)
+            .buffer_unordered(limit)
+            .collect()
+            .await;
+        (outcomes, slow)
+    };
+    let ids: Vec<String> = step.iter().map(|(p, _)| p.payment_id.clone()).collect();
+    let (outcomes, slow) = holding_leases(app, &ids, owner, work).await;
+    let outcomes = outcomes.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+    let (_, more) = store::record_attempts(&app.db, owner, &outcomes).await?;
+    rows.extend(more);
+    append_rows(app, rows).await?;
+    slow.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
+    Ok(())
+}
+
+/// Runs `work` (PSP calls) while renewing the leases of `ids` in one
+/// statement every third of the lease, so slow calls do not let another
+/// dispatcher take the payments over. A lost lease is logged; recording
+/// the outcome will then be refused (fenced).
+async fn holding_leases<T>(
+    app: &App,
+    ids: &[String],
+    owner: &str,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    let every = Duration::from_millis(u64::try_from(app.policy.lease_ms / 3).unwrap_or(1).max(1));
+    tokio::pin!(work);
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            r = &mut work => return r,
+            _ = ticker.tick() => {
+                match store::renew_leases(&app.db, ids, owner, store::now_ms(), app.policy.lease_ms).await {
+                    Ok(kept) if kept.len() < ids.len() => {
+                        tracing::warn!(lost = ids.len() - kept.len(), "leases lost during PSP calls");
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "renewing leases during PSP calls failed"),
+                }
+            }
+        }
+    }
+}
+
+/// Appends recorded events (decoded from their outbox rows) in seq order,
+/// all sent before any acknowledgement is awaited, then deletes their rows
+/// in one statement.
+async fn append_rows(app: &App, mut rows: Vec<(i64, Vec<u8>)>) -> anyhow::Result<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    rows.sort_unstable_by_key(|(seq, _)| *seq);
+    let mut seqs = Vec::with_capacity(rows.len());
+    let mut envs = Vec::with_capacity(rows.len());
+    for (seq, body) in rows {
+        seqs.push(seq);
+        envs.push(events::avro::decode(&body)?);
+    }
+    // Sent in seq order (join_all polls in order, and the idempotent
+    // producer keeps a partition's order), acknowledged together.
+    for r in futures::future::join_all(envs.iter().map(|e| app.producer.append(e))).await {
+        r?;
+    }
+    store::delete_appended(&app.db, &seqs).await?;
+    Ok(())
 }
 
 /// Extends the lease, or stops working on the payment when it is no longer
@@ -143,57 +372,6 @@ async fn renew(app: &App, pay: &PaymentRow) -> anyhow::Result<()> {
     .await?
     {
         anyhow::bail!("lost the lease of payment {}", pay.payment_id);
-    }
-    Ok(())
-}
-
-/// Runs `call` (a PSP call) while renewing the payment's lease, so a slow
-/// call does not let another dispatcher take the payment over. A lost lease
-/// is logged; recording the outcome will then be refused (fenced).
-async fn holding_lease<T>(
-    app: &App,
-    pay: &PaymentRow,
-    call: impl std::future::Future<Output = T>,
-) -> T {
-    let every = Duration::from_millis(u64::try_from(app.policy.lease_ms / 3).unwrap_or(1).max(1));
-    tokio::pin!(call);
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    loop {
-        tokio::select! {
-            r = &mut call => return r,
-            _ = ticker.tick() => {
-                if let Err(e) = renew(app, pay).await {
-                    tracing::warn!(error = %e, payment_id = %pay.payment_id, "renewing a lease during a PSP call failed");
-                }
-            }
-        }
-    }
-}
-
-async fn process_payment_inner(app: &App, payment_id: &str, owner: &str) -> anyhow::Result<()> {
-    let Some(mut pay) = store::payment(&app.db, payment_id).await? else {
-        return Ok(());
-    };
-    owner.clone_into(&mut pay.owner);
-    let pay = pay;
-    flush_outbox(app, Some(payment_id), i64::MAX).await?;
-    let mut first = true;
-    for order in store::due_orders(&app.db, payment_id, store::now_ms()).await? {
-        if !std::mem::take(&mut first) {
-            renew(app, &pay).await?;
-        }
-        match order.state.as_str() {
-            "retry_wait" if order.lookup_since_ms.is_some() => {
-                look_up_charge(app, &pay, &order).await?;
-            }
-            "ready" | "retry_wait" | "executing" => execute_order(app, &pay, &order).await?,
-            "pending" => poll_pending(app, &pay, &order).await?,
-            _ => {}
-        }
-    }
-    for refund in store::due_refunds(&app.db, payment_id, store::now_ms()).await? {
-        renew(app, &pay).await?;
-        execute_refund(app, &pay, &refund).await?;
     }
     Ok(())
 }
@@ -260,7 +438,7 @@ pub async fn flush_outbox(
         for r in futures::future::join_all(envs.iter().map(|e| app.producer.append(e))).await {
             r?;
         }
-        store::mark_appended(&app.db, &seqs).await?;
+        store::delete_appended(&app.db, &seqs).await?;
         if i64::try_from(n).unwrap_or(i64::MAX) < OUTBOX_BATCH {
             return Ok(());
         }
@@ -269,51 +447,172 @@ pub async fn flush_outbox(
 
 // ------------------------------------------------------------------ orders
 
-async fn execute_order(app: &App, pay: &PaymentRow, order: &OrderRow) -> anyhow::Result<()> {
-    let p = &app.policy;
-    let oid = order_id(order);
-    let n = order.attempts + 1;
-    let started = out(
-        pay,
-        oid.as_uuid(),
-        &format!("attempt-{n}-started"),
-        OrderExecutionStarted {
-            order_id: oid,
-            attempt: n,
-        }
-        .into(),
-    );
-    let began = store::now_ms();
-    if !store::begin_attempt(
-        &app.db,
-        &pay.owner,
-        &order.order_id,
-        n,
-        p.lease_ms,
-        p.max_total_ms,
-        &started,
-    )
-    .await?
-    {
-        return Ok(()); // moved meanwhile (e.g. resolved by a webhook)
+/// The retry rules of `domain::order` from the executor's policy.
+fn domain_rules(app: &App) -> rules::Rules {
+    rules::Rules {
+        max_attempts: app.policy.max_attempts,
+        max_total_ms: app.policy.max_total_ms,
+        pending_poll_ms: app.policy.pending_poll_ms,
+        unknown_grace_ms: app.policy.unknown_grace_ms,
     }
-    // The started event is durable in the outbox; it goes out together with
-    // the outcome (in that order), which saves a broker round trip.
-    let deadline = order
-        .deadline_ms
-        .unwrap_or_else(|| began.saturating_add(p.max_total_ms));
+}
 
-    let answer = holding_lease(
-        app,
-        pay,
-        app.psp.charge(
-            &order.order_id,
-            order.amount_minor,
-            &order.currency,
+/// A stored order as the state machine sees it. The table's CHECK
+/// constraint admits only the states `StateName` knows.
+pub(crate) fn domain_order(o: &OrderRow) -> Order {
+    let name = StateName::parse(&o.state).expect("stored order states are known");
+    let next = o.next_attempt_ms.unwrap_or(0);
+    let status = match name {
+        StateName::AwaitingRisk => Status::AwaitingRisk,
+        StateName::Ready => Status::Ready,
+        StateName::Executing => Status::Executing,
+        StateName::RetryWait => match o.lookup_since_ms {
+            Some(since_ms) => Status::Lookup {
+                since_ms,
+                at_ms: next,
+            },
+            None => Status::RetryWait { at_ms: next },
+        },
+        StateName::Pending => Status::Pending {
+            charge_id: o.psp_charge_id.clone().unwrap_or_default(),
+            since_ms: o.pending_since_ms.unwrap_or(0),
+            poll_at_ms: next,
+        },
+        StateName::Succeeded => Status::Succeeded {
+            charge_id: o.psp_charge_id.clone().unwrap_or_default(),
+            fee_minor: o.fee_minor.unwrap_or(0),
+        },
+        StateName::Failed => Status::Failed {
+            charge_id: o.psp_charge_id.clone(),
+        },
+        StateName::Cancelled => Status::Cancelled,
+    };
+    Order {
+        id: order_id(o),
+        amount: money(o.amount_minor, &o.currency),
+        status,
+        attempts: o.attempts,
+        deadline_ms: o.deadline_ms,
+        last_unknown_ms: o.last_unknown_ms,
+        last_error: o.last_error.clone(),
+    }
+}
+
+fn domain_charge(c: &Charge) -> rules::Charge {
+    rules::Charge {
+        id: c.id.clone(),
+        status: rules::ChargeStatus::parse(&c.status),
+        fee_minor: c.fee_minor,
+        decline_code: c.decline_code.clone(),
+    }
+}
+
+fn failure(e: &PspError) -> rules::Failure {
+    rules::Failure {
+        kind: match e {
+            PspError::Transient {
+                outcome_unknown, ..
+            } => FailureKind::Transient {
+                outcome_unknown: *outcome_unknown,
+            },
+            PspError::Final { .. } => FailureKind::Refused {
+                validation: e.is_validation(),
+            },
+        },
+        code: e.code().to_owned(),
+        reason: e.reason().to_owned(),
+        detail: e.to_string(),
+    }
+}
+
+/// The outbox row of a fact that is published.
+fn outgoing(pay: &PaymentRow, order: &Order, ev: &OrderEvent) -> Option<Outgoing> {
+    ev.published(order)
+        .map(|(disc, event)| out(pay, order.id.as_uuid(), &disc, event))
+}
+
+/// How the facts leave the stored row.
+fn update_of(events: &[OrderEvent], after: &Order) -> anyhow::Result<OrderUpdate> {
+    let unknown = events.iter().any(|e| {
+        matches!(
+            e,
+            OrderEvent::RetryScheduled {
+                outcome_unknown: true,
+                ..
+            } | OrderEvent::LookupScheduled {
+                outcome_unknown: true,
+                ..
+            }
+        )
+    });
+    let reason = || after.last_error.clone().unwrap_or_default();
+    Ok(match &after.status {
+        Status::Succeeded {
+            charge_id,
+            fee_minor,
+        } => OrderUpdate::Succeeded {
+            charge_id: charge_id.clone(),
+            fee_minor: *fee_minor,
+        },
+        Status::Failed { charge_id } => OrderUpdate::Failed {
+            reason: reason(),
+            charge_id: charge_id.clone(),
+        },
+        Status::Pending {
+            charge_id,
+            poll_at_ms,
+            ..
+        } => OrderUpdate::Pending {
+            charge_id: charge_id.clone(),
+            poll_at_ms: *poll_at_ms,
+        },
+        Status::RetryWait { at_ms } => OrderUpdate::RetryWait {
+            at_ms: *at_ms,
+            reason: reason(),
+            outcome_unknown: unknown,
+        },
+        Status::Lookup { at_ms, .. } => OrderUpdate::Lookup {
+            at_ms: *at_ms,
+            reason: reason(),
+            outcome_unknown: unknown,
+        },
+        other => anyhow::bail!("an attempt cannot leave an order {}", other.name()),
+    })
+}
+
+/// The PSP's charges for an order, as the rules read them.
+async fn lookup(app: &App, order_id: &str) -> Lookup {
+    match app.psp.charges_for(order_id).await {
+        Ok(charges) => match charges.last() {
+            Some(c) => Lookup::Found(domain_charge(c)),
+            None => Lookup::NoCharge,
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, order_id, "looking up charges failed; will look again");
+            Lookup::Failed
+        }
+    }
+}
+
+/// Calls the PSP for an order whose intent is recorded (`order` is the
+/// order after it) and decides the outcome with the rules; looks the
+/// order's charges up when the rules ask for them.
+async fn call_and_decide(
+    app: &App,
+    pay: &PaymentRow,
+    row: &OrderRow,
+    order: Order,
+) -> anyhow::Result<store::Outcome> {
+    let n = order.attempts;
+    let answer = app
+        .psp
+        .charge(
+            &row.order_id,
+            row.amount_minor,
+            &row.currency,
             &pay.card_token,
-        ),
-    )
-    .await;
+        )
+        .await;
     let answer = match answer {
         // A replay says what the first answer said; a pending charge may
         // have resolved since: ask for its current state.
@@ -323,256 +622,54 @@ async fn execute_order(app: &App, pay: &PaymentRow, order: &OrderRow) -> anyhow:
         Ok(a) => Ok(a.charge),
         Err(e) => Err(e),
     };
-    let (update, events) = match answer {
-        Ok(charge) => match charge_outcome(app, pay, order, n, &charge) {
-            Some(r) => r,
-            None => {
-                transient(
-                    app,
-                    pay,
-                    order,
-                    n,
-                    deadline,
-                    &PspError::Transient {
-                        code: "psp_bad_answer".into(),
-                        reason: format!("unknown charge status {:?}", charge.status),
-                        retry_after: None,
-                        outcome_unknown: true,
-                    },
-                )
-                .await
-            }
-        },
-        Err(e @ PspError::Final { .. }) => refused(app, pay, order, n, &e).await,
-        Err(e) => transient(app, pay, order, n, deadline, &e).await,
-    };
-    if store::record_attempt(&app.db, &pay.owner, &order.order_id, n, &update, &events).await? {
-        flush_outbox(app, Some(&pay.payment_id), i64::MAX).await?;
-    }
-    Ok(())
-}
-
-/// The PSP refused the charge for good. Only a validation error (400)
-/// proves no charge exists; for anything else (e.g. 422
-/// `idempotency_key_reused`: a charge was made under our key) the PSP's
-/// charges for the order are looked up first, and a charge found decides.
-async fn refused(
-    app: &App,
-    pay: &PaymentRow,
-    order: &OrderRow,
-    n: i32,
-    e: &PspError,
-) -> (OrderUpdate, Vec<Outgoing>) {
-    let oid = order_id(order);
-    let fail = || {
-        let ev = out(
-            pay,
-            oid.as_uuid(),
-            "failed-final",
-            OrderFailed {
-                order_id: oid,
-                retryable: false,
-                code: e.code().to_owned(),
-                reason: e.reason().to_owned(),
-                attempt: n,
-            }
-            .into(),
-        );
-        (
-            OrderUpdate::Failed {
-                reason: e.to_string(),
-                charge_id: None,
+    let (call, retry_after) = match &answer {
+        Ok(c) => (CallAnswer::Charge(domain_charge(c)), None),
+        Err(e) => (
+            CallAnswer::Failure(failure(e)),
+            match e {
+                PspError::Transient { retry_after, .. } => *retry_after,
+                PspError::Final { .. } => None,
             },
-            vec![ev],
-        )
+        ),
     };
-    if e.is_validation() {
-        return fail();
-    }
-    // The key was used before: a charge under it exists (or is being made).
-    let charge_exists = e.code() == "idempotency_key_reused";
-    let lookup = || {
-        (
-            OrderUpdate::Lookup {
-                at_ms: store::now_ms().saturating_add(lookup_wait(app, n)),
-                reason: format!("refused, looking the charge up: {e}"),
-                outcome_unknown: charge_exists,
-            },
-            Vec::new(),
-        )
+    let transient = match &answer {
+        Err(PspError::Transient { .. }) => true,
+        Ok(c) => matches!(
+            rules::ChargeStatus::parse(&c.status),
+            rules::ChargeStatus::Other(_)
+        ),
+        Err(PspError::Final { .. }) => false,
     };
-    match app.psp.charges_for(&order.order_id).await {
-        Ok(charges) => match charges.last() {
-            Some(charge) => charge_outcome(app, pay, order, n, charge).unwrap_or_else(lookup),
-            None if charge_exists => lookup(),
-            None => fail(),
-        },
-        Err(le) => {
-            tracing::warn!(error = %le, order_id = %order.order_id, "looking up charges failed; will look again");
-            lookup()
-        }
+    if transient {
+        metrics::counter!(streaming::metrics::PSP_RETRIES).increment(1);
     }
-}
-
-/// The update and events for a charge the PSP reported; None for a status
-/// we do not know.
-fn charge_outcome(
-    app: &App,
-    pay: &PaymentRow,
-    order: &OrderRow,
-    n: i32,
-    charge: &Charge,
-) -> Option<(OrderUpdate, Vec<Outgoing>)> {
-    let oid = order_id(order);
-    let amount = money(order.amount_minor, &order.currency);
-    match charge.status.as_str() {
-        "succeeded" => Some((
-            OrderUpdate::Succeeded {
-                charge_id: charge.id.clone(),
-                fee_minor: charge.fee_minor,
-            },
-            vec![out(
-                pay,
-                oid.as_uuid(),
-                "succeeded",
-                OrderSucceeded {
-                    order_id: oid,
-                    psp_reference: charge.id.clone(),
-                    amount,
-                    fee: money(charge.fee_minor, &order.currency),
-                }
-                .into(),
-            )],
-        )),
-        "declined" => {
-            let code = charge
-                .decline_code
-                .clone()
-                .unwrap_or_else(|| "declined".into());
-            Some((
-                OrderUpdate::Failed {
-                    reason: format!("declined: {code}"),
-                    charge_id: Some(charge.id.clone()),
-                },
-                vec![out(
-                    pay,
-                    oid.as_uuid(),
-                    "failed-final",
-                    OrderFailed {
-                        order_id: oid,
-                        retryable: false,
-                        reason: format!("the PSP declined the charge ({code})"),
-                        code,
-                        attempt: n,
-                    }
-                    .into(),
-                )],
-            ))
-        }
-        "pending" => Some((
-            OrderUpdate::Pending {
-                charge_id: charge.id.clone(),
-                poll_at_ms: store::now_ms().saturating_add(app.policy.pending_poll_ms),
-            },
-            vec![out(
-                pay,
-                oid.as_uuid(),
-                "pending",
-                OrderPending {
-                    order_id: oid,
-                    psp_reference: charge.id.clone(),
-                    amount,
-                }
-                .into(),
-            )],
-        )),
-        _ => None,
-    }
-}
-
-/// A transient failure of attempt `n`: retry later, or give up when the
-/// attempts or the time are used up. Before giving up, the PSP is asked
-/// whether a charge exists after all (a timeout may have hidden one).
-async fn transient(
-    app: &App,
-    pay: &PaymentRow,
-    order: &OrderRow,
-    n: i32,
-    deadline_ms: i64,
-    e: &PspError,
-) -> (OrderUpdate, Vec<Outgoing>) {
-    metrics::counter!(streaming::metrics::PSP_RETRIES).increment(1);
-    let oid = order_id(order);
-    let retry_after = match e {
-        PspError::Transient { retry_after, .. } => *retry_after,
-        PspError::Final { .. } => None,
-    };
-    let attempt_failed = out(
-        pay,
-        oid.as_uuid(),
-        &format!("attempt-{n}-failed"),
-        OrderFailed {
-            order_id: oid,
-            retryable: true,
-            code: e.code().to_owned(),
-            reason: e.reason().to_owned(),
-            attempt: n,
-        }
-        .into(),
-    );
+    let r = domain_rules(app);
     let now = store::now_ms();
-    let wait = app.policy.backoff_ms(n, retry_after);
-    let exhausted = n >= app.policy.max_attempts || now.saturating_add(wait) > deadline_ms;
-    if !exhausted {
-        return (
-            OrderUpdate::RetryWait {
-                at_ms: now.saturating_add(wait),
-                reason: e.to_string(),
-                outcome_unknown: e.outcome_unknown(),
-            },
-            vec![attempt_failed],
-        );
-    }
-    // Attempts are used up. Only a definite "no charge" from the PSP lets
-    // the order fail; if any attempt may have made a charge, the order waits
-    // in the lookup state until the PSP gives a definite answer.
-    let unknown = e.outcome_unknown() || order.last_unknown_ms.is_some();
-    let to_lookup = |attempt_failed: Outgoing| {
-        (
-            OrderUpdate::Lookup {
-                at_ms: now.saturating_add(lookup_wait(app, n)),
-                reason: format!("retries exhausted, looking the charge up: {e}"),
-                outcome_unknown: e.outcome_unknown(),
-            },
-            vec![attempt_failed],
-        )
+    let command = |lookup| Command::RecordCall {
+        attempt: n,
+        now_ms: now,
+        answer: call.clone(),
+        retry_wait_ms: app.policy.backoff_ms(n, retry_after),
+        lookup_wait_ms: lookup_wait(app, n),
+        lookup,
     };
-    match app.psp.charges_for(&order.order_id).await {
-        Ok(charges) => {
-            if let Some(charge) = charges.last() {
-                if let Some((update, mut events)) = charge_outcome(app, pay, order, n, charge) {
-                    events.insert(0, attempt_failed);
-                    return (update, events);
-                }
-                return to_lookup(attempt_failed);
-            }
-            if unknown {
-                return to_lookup(attempt_failed);
-            }
+    let decided = match rules::execute(&order, &r, command(None)) {
+        Err(Rejection::LookupNeeded) => {
+            let found = lookup(app, &row.order_id).await;
+            rules::execute(&order, &r, command(Some(found)))
         }
-        Err(le) => {
-            tracing::warn!(error = %le, order_id = %order.order_id, "looking up charges failed; will look again");
-            return to_lookup(attempt_failed);
-        }
-    }
-    let final_failed = exhausted_event(pay, order, n, &e.to_string());
-    (
-        OrderUpdate::Failed {
-            reason: format!("retries exhausted: {e}"),
-            charge_id: None,
-        },
-        vec![attempt_failed, final_failed],
-    )
+        other => other,
+    };
+    let (events, after) = decided?;
+    Ok(store::Outcome {
+        order_id: row.order_id.clone(),
+        attempt: n,
+        update: update_of(&events, &after)?,
+        events: events
+            .iter()
+            .filter_map(|e| outgoing(pay, &order, e))
+            .collect(),
+    })
 }
 
 /// How long to wait before the next charge look-up: back-off on the
@@ -584,71 +681,34 @@ fn lookup_wait(app: &App, n: i32) -> i64 {
         .max(1)
 }
 
-fn exhausted_event(pay: &PaymentRow, order: &OrderRow, n: i32, last_error: &str) -> Outgoing {
-    let oid = order_id(order);
-    out(
-        pay,
-        oid.as_uuid(),
-        "failed-final",
-        OrderFailed {
-            order_id: oid,
-            retryable: false,
-            code: "retries_exhausted".into(),
-            reason: format!("gave up after {n} attempts; last error: {last_error}"),
-            attempt: n,
-        }
-        .into(),
-    )
-}
-
 /// An order whose attempts are used up while a charge may exist: ask the
-/// PSP (`GET /v1/charges?reference=`). A charge found resolves the order; no
-/// charge fails it only once the grace period since the last attempt with
-/// an unknown outcome has passed (the PSP finishes requests whose caller
-/// hung up); a failed look-up is simply repeated.
-async fn look_up_charge(app: &App, pay: &PaymentRow, order: &OrderRow) -> anyhow::Result<()> {
-    assert!(
-        order.lookup_since_ms.is_some(),
-        "only orders in the lookup state are looked up"
-    );
+/// PSP (`GET /v1/charges?reference=`); the rules decide from the answer (a
+/// charge found resolves the order; no charge fails it only once the grace
+/// period since the last unknown-outcome attempt has passed; a failed
+/// look-up is simply repeated).
+async fn look_up_charge(app: &App, pay: &PaymentRow, row: &OrderRow) -> anyhow::Result<()> {
+    let order = domain_order(row);
     let n = order.attempts;
-    let now = store::now_ms();
-    let next = now.saturating_add(lookup_wait(app, n));
-    let charges = match app.psp.charges_for(&order.order_id).await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(error = %e, order_id = %order.order_id, "looking up charges failed; will look again");
-            store::lookup_later(&app.db, &order.order_id, next).await?;
-            return Ok(());
-        }
-    };
-    let (update, events) = match charges.last() {
-        Some(charge) => match charge_outcome(app, pay, order, n, charge) {
-            Some(r) => r,
-            None => {
-                store::lookup_later(&app.db, &order.order_id, next).await?;
-                return Ok(());
-            }
+    let answer = lookup(app, &row.order_id).await;
+    let (events, after) = rules::execute(
+        &order,
+        &domain_rules(app),
+        Command::LookUp {
+            now_ms: store::now_ms(),
+            lookup_wait_ms: lookup_wait(app, n),
+            answer,
         },
-        None => {
-            let grace_end = order
-                .last_unknown_ms
-                .map_or(0, |t| t.saturating_add(app.policy.unknown_grace_ms));
-            if now < grace_end {
-                store::lookup_later(&app.db, &order.order_id, next.min(grace_end)).await?;
-                return Ok(());
-            }
-            let last = order.last_error.clone().unwrap_or_default();
-            (
-                OrderUpdate::Failed {
-                    reason: format!("retries exhausted, the PSP has no charge: {last}"),
-                    charge_id: None,
-                },
-                vec![exhausted_event(pay, order, n, &last)],
-            )
-        }
-    };
-    if store::record_attempt(&app.db, &pay.owner, &order.order_id, n, &update, &events).await? {
+    )?;
+    if let [OrderEvent::LookupRepeated { at_ms }] = events.as_slice() {
+        store::lookup_later(&app.db, &row.order_id, *at_ms).await?;
+        return Ok(());
+    }
+    let out: Vec<Outgoing> = events
+        .iter()
+        .filter_map(|e| outgoing(pay, &order, e))
+        .collect();
+    let update = update_of(&events, &after)?;
+    if store::record_attempt(&app.db, &pay.owner, &row.order_id, n, &update, &out).await? {
         flush_outbox(app, Some(&pay.payment_id), i64::MAX).await?;
     }
     Ok(())
@@ -722,51 +782,42 @@ async fn refund_retry_or_give_up(
     )
 }
 
-/// The settlement event of a pending order the PSP resolved.
-pub(crate) fn settled_event(pay: &PaymentRow, order: &OrderRow, charge: &Charge) -> Outgoing {
-    let oid = order_id(order);
-    let succeeded = charge.status == "succeeded";
-    out(
-        pay,
-        oid.as_uuid(),
-        "settled",
-        OrderSettledByWebhook {
-            order_id: oid,
-            psp_reference: charge.id.clone(),
-            succeeded,
-            amount: money(order.amount_minor, &order.currency),
-            fee: succeeded.then(|| money(charge.fee_minor, &order.currency)),
-            failure_reason: (!succeeded).then(|| {
-                charge
-                    .decline_code
-                    .clone()
-                    .unwrap_or_else(|| "declined".into())
-            }),
-        }
-        .into(),
-    )
-}
-
 /// Resolves a pending order from a final charge state (webhook or poll);
 /// returns whether this call resolved it.
 pub(crate) async fn settle(
     app: &App,
     pay: &PaymentRow,
-    order: &OrderRow,
+    row: &OrderRow,
     charge: &Charge,
 ) -> anyhow::Result<bool> {
-    let succeeded = match charge.status.as_str() {
-        "succeeded" => true,
-        "declined" => false,
-        _ => return Ok(false),
+    let order = domain_order(row);
+    let Ok(events) = rules::decide(
+        &order,
+        &domain_rules(app),
+        Command::Settle {
+            charge: domain_charge(charge),
+        },
+    ) else {
+        return Ok(false);
     };
-    let ev = settled_event(pay, order, charge);
+    let [
+        settled @ OrderEvent::Settled {
+            succeeded,
+            fee_minor,
+            decline_code,
+            ..
+        },
+    ] = events.as_slice()
+    else {
+        anyhow::bail!("a settlement is one Settled: {events:?}");
+    };
+    let ev = outgoing(pay, &order, settled).expect("a settled event");
     let done = store::resolve_pending(
         &app.db,
-        &order.order_id,
-        succeeded,
-        succeeded.then_some(charge.fee_minor),
-        charge.decline_code.as_deref(),
+        &row.order_id,
+        *succeeded,
+        succeeded.then_some(*fee_minor),
+        decline_code.as_deref(),
         &ev,
     )
     .await?;
@@ -839,9 +890,9 @@ async fn execute_refund(app: &App, pay: &PaymentRow, refund: &RefundRow) -> anyh
     let Some(order) = store::order(&app.db, &refund.order_id).await? else {
         anyhow::bail!("refund {} refers to a missing order", refund.refund_id);
     };
-    let reject = match order.state.as_str() {
-        "succeeded" => None,
-        "failed" | "cancelled" => Some(failed(
+    let reject = match StateName::parse(&order.state) {
+        Some(StateName::Succeeded) => None,
+        Some(StateName::Failed | StateName::Cancelled) => Some(failed(
             "charge_not_refundable",
             format!(
                 "the order {} was not charged ({})",
@@ -908,9 +959,10 @@ async fn execute_refund(app: &App, pay: &PaymentRow, refund: &RefundRow) -> anyh
             let deadline = refund
                 .deadline_ms
                 .unwrap_or_else(|| began.saturating_add(p.max_total_ms));
-            let (u, e) = match holding_lease(
+            let (u, e) = match holding_leases(
                 app,
-                pay,
+                std::slice::from_ref(&pay.payment_id),
+                &pay.owner,
                 app.psp
                     .refund(&charge_id, &refund.refund_id, refund.amount_minor),
             )

@@ -8,6 +8,7 @@
 //! written to the outbox in the same transaction as the state change it
 //! reports, so a crash never loses it.
 
+use domain::order::StateName;
 use events::Envelope;
 use storage::BeginWrite;
 use storage::{Db, with_pool};
@@ -63,6 +64,38 @@ macro_rules! insert_outbox {
                 .await?;
         }
     };
+}
+
+/// Inserts outgoing events inside an open transaction and pushes `(seq,
+/// body)` of each one inserted onto `$rows` (one already there by event id
+/// is skipped: it is appended from its first row). One statement per event,
+/// in order, so seq order is the events' order.
+macro_rules! insert_outbox_returning {
+    ($tx:expr, $out:expr, $now:expr, $rows:expr) => {
+        for o in $out {
+            let seq: Option<i64> = sqlx::query_scalar(INSERT_OUTBOX_RETURNING)
+                .bind(&o.event_id)
+                .bind(&o.payment_id)
+                .bind(&o.body)
+                .bind($now)
+                .fetch_optional(&mut *$tx)
+                .await?;
+            if let Some(seq) = seq {
+                $rows.push((seq, o.body.clone()));
+            }
+        }
+    };
+}
+
+const INSERT_OUTBOX_RETURNING: &str = "INSERT INTO executor_outbox (event_id, payment_id, body, created_ms) \
+     VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING seq";
+
+/// `$from, $from+1, ...`: `n` numbered placeholders.
+fn placeholders(from: usize, n: usize) -> String {
+    (from..from + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 // ------------------------------------------------------------------ intake
@@ -265,6 +298,216 @@ pub async fn release_payment(db: &Db, payment_id: &str, owner: &str) -> Result<b
     Ok(n == 1)
 }
 
+/// Extends `owner`'s leases of `payment_ids` in one statement; returns
+/// those still `owner`'s.
+pub async fn renew_leases(
+    db: &Db,
+    payment_ids: &[String],
+    owner: &str,
+    now: i64,
+    lease_ms: i64,
+) -> Result<Vec<String>, sqlx::Error> {
+    if payment_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let sql = format!(
+        "UPDATE executor_payments SET lease_until_ms = $1 WHERE lease_owner = $2 \
+         AND payment_id IN ({}) RETURNING payment_id",
+        placeholders(3, payment_ids.len())
+    );
+    let rows: Vec<(String,)> = with_pool!(db, p => {
+        let mut q = sqlx::query_as(&sql).bind(now + lease_ms).bind(owner);
+        for id in payment_ids {
+            q = q.bind(id);
+        }
+        q.fetch_all(p).await?
+    });
+    Ok(rows.into_iter().map(|(p,)| p).collect())
+}
+
+/// Gives `owner`'s leases of `payment_ids` up in one statement (those no
+/// longer `owner`'s are left alone); returns how many were released.
+pub async fn release_payments(
+    db: &Db,
+    payment_ids: &[String],
+    owner: &str,
+) -> Result<u64, sqlx::Error> {
+    if payment_ids.is_empty() {
+        return Ok(0);
+    }
+    let sql = format!(
+        "UPDATE executor_payments SET lease_until_ms = 0 WHERE lease_owner = $1 AND payment_id IN ({})",
+        placeholders(2, payment_ids.len())
+    );
+    Ok(with_pool!(db, p => {
+        let mut q = sqlx::query(&sql).bind(owner);
+        for id in payment_ids {
+            q = q.bind(id);
+        }
+        q.execute(p).await?.rows_affected()
+    }))
+}
+
+/// The rows of several payments (one query).
+pub async fn payments(db: &Db, payment_ids: &[String]) -> Result<Vec<PaymentRow>, sqlx::Error> {
+    if payment_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let sql = format!(
+        "SELECT payment_id, correlation_id, card_token FROM executor_payments WHERE payment_id IN ({})",
+        placeholders(1, payment_ids.len())
+    );
+    Ok(with_pool!(db, p => {
+        let mut q = sqlx::query_as(&sql);
+        for id in payment_ids {
+            q = q.bind(id);
+        }
+        q.fetch_all(p).await?
+    }))
+}
+
+/// The due orders of several payments, by payment then in order (one
+/// query).
+pub async fn due_orders_of(
+    db: &Db,
+    payment_ids: &[String],
+    now: i64,
+) -> Result<Vec<OrderRow>, sqlx::Error> {
+    if payment_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let sql = format!(
+        "SELECT {ORDER_COLUMNS} FROM executor_orders WHERE next_attempt_ms <= $1 AND payment_id IN ({}) \
+         ORDER BY payment_id, seq",
+        placeholders(2, payment_ids.len())
+    );
+    Ok(with_pool!(db, p => {
+        let mut q = sqlx::query_as(&sql).bind(now);
+        for id in payment_ids {
+            q = q.bind(id);
+        }
+        q.fetch_all(p).await?
+    }))
+}
+
+/// Which of `payment_ids` have refunds due (one query).
+pub async fn with_due_refunds(
+    db: &Db,
+    payment_ids: &[String],
+    now: i64,
+) -> Result<Vec<String>, sqlx::Error> {
+    if payment_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let sql = format!(
+        "SELECT DISTINCT payment_id FROM executor_refunds WHERE next_attempt_ms <= $1 AND payment_id IN ({})",
+        placeholders(2, payment_ids.len())
+    );
+    let rows: Vec<(String,)> = with_pool!(db, p => {
+        let mut q = sqlx::query_as(&sql).bind(now);
+        for id in payment_ids {
+            q = q.bind(id);
+        }
+        q.fetch_all(p).await?
+    });
+    Ok(rows.into_iter().map(|(p,)| p).collect())
+}
+
+/// One attempt's intent: the order, its new attempt number and its
+/// `OrderExecutionStarted`.
+#[derive(Debug, Clone)]
+pub struct Intent {
+    pub order_id: String,
+    pub attempt: i32,
+    pub deadline_ms: i64,
+    pub started: Outgoing,
+}
+
+/// Records the intents of a batch of orders in one transaction (one
+/// commit): each is guarded exactly as [`begin_attempt`] (attempt, state,
+/// not in lookup, lease owner). Returns per intent whether it was recorded,
+/// and the outbox rows written (to append after the outcomes).
+pub async fn begin_attempts(
+    db: &Db,
+    owner: &str,
+    intents: &[Intent],
+    lease_ms: i64,
+) -> Result<(Vec<bool>, Vec<(i64, Vec<u8>)>), sqlx::Error> {
+    let now = now_ms();
+    let sql = format!(
+        "UPDATE executor_orders SET state = $1, attempts = $2, next_attempt_ms = $3, \
+         deadline_ms = COALESCE(deadline_ms, $4), updated_ms = $5 \
+         WHERE order_id = $6 AND attempts = $7 AND state IN ($8, $9, $10) \
+         AND lookup_since_ms IS NULL AND {}",
+        owned("executor_orders", 11)
+    );
+    let mut done = Vec::with_capacity(intents.len());
+    let mut rows = Vec::with_capacity(intents.len());
+    if intents.is_empty() {
+        return Ok((done, rows));
+    }
+    with_pool!(db, p => {
+        let mut tx = p.begin_write().await?;
+        for i in intents {
+            let n = sqlx::query(&sql)
+                .bind(StateName::Executing.as_str())
+                .bind(i.attempt).bind(now + lease_ms).bind(i.deadline_ms).bind(now)
+                .bind(&i.order_id).bind(i.attempt - 1)
+                .bind(StateName::Ready.as_str()).bind(StateName::RetryWait.as_str()).bind(StateName::Executing.as_str())
+                .bind(owner)
+                .execute(&mut *tx).await?.rows_affected();
+            if n == 1 {
+                insert_outbox_returning!(tx, [&i.started], now, rows);
+            }
+            done.push(n == 1);
+        }
+        tx.commit().await?;
+    });
+    Ok((done, rows))
+}
+
+/// One attempt's outcome.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub order_id: String,
+    pub attempt: i32,
+    pub update: OrderUpdate,
+    pub events: Vec<Outgoing>,
+}
+
+/// Records the outcomes of a batch of attempts in one transaction (one
+/// commit), each guarded exactly as [`record_attempt`]. Returns per outcome
+/// whether it was recorded, and the outbox rows written.
+pub async fn record_attempts(
+    db: &Db,
+    owner: &str,
+    outcomes: &[Outcome],
+) -> Result<(Vec<bool>, Vec<(i64, Vec<u8>)>), sqlx::Error> {
+    let now = now_ms();
+    let sql = record_attempt_sql();
+    let mut done = Vec::with_capacity(outcomes.len());
+    let mut rows = Vec::with_capacity(outcomes.len() * 2);
+    if outcomes.is_empty() {
+        return Ok((done, rows));
+    }
+    with_pool!(db, p => {
+        let mut tx = p.begin_write().await?;
+        for o in outcomes {
+            let c = OrderCols::of(&o.update, now);
+            let n = sqlx::query(&sql).bind(c.state).bind(c.next).bind(c.charge).bind(c.fee).bind(c.err)
+                .bind(c.pending_since).bind(now).bind(&o.order_id).bind(o.attempt).bind(c.unknown_at)
+                .bind(c.lookup_since).bind(owner)
+                .execute(&mut *tx).await?.rows_affected();
+            if n == 1 {
+                insert_outbox_returning!(tx, &o.events, now, rows);
+            }
+            done.push(n == 1);
+        }
+        tx.commit().await?;
+    });
+    Ok((done, rows))
+}
+
 /// SQL condition: the order's (or refund's) payment is leased by the owner
 /// bound at `$n`.
 fn owned(table: &str, n: u8) -> String {
@@ -395,16 +638,90 @@ pub enum OrderUpdate {
     },
 }
 
-/// state, next_attempt_ms, psp_charge_id, fee_minor, last_error,
-/// pending_since_ms.
-type OrderColumns<'a> = (
-    &'a str,
-    Option<i64>,
-    Option<&'a str>,
-    Option<i64>,
-    Option<&'a str>,
-    Option<i64>,
-);
+/// The columns an [`OrderUpdate`] writes.
+struct OrderCols<'a> {
+    state: &'static str,
+    next: Option<i64>,
+    charge: Option<&'a str>,
+    fee: Option<i64>,
+    err: Option<&'a str>,
+    pending_since: Option<i64>,
+    unknown_at: Option<i64>,
+    lookup_since: Option<i64>,
+}
+
+impl<'a> OrderCols<'a> {
+    fn of(update: &'a OrderUpdate, now: i64) -> OrderCols<'a> {
+        let base = |state: StateName| OrderCols {
+            state: state.as_str(),
+            next: None,
+            charge: None,
+            fee: None,
+            err: None,
+            pending_since: None,
+            unknown_at: None,
+            lookup_since: None,
+        };
+        match update {
+            OrderUpdate::Succeeded {
+                charge_id,
+                fee_minor,
+            } => OrderCols {
+                charge: Some(charge_id),
+                fee: Some(*fee_minor),
+                ..base(StateName::Succeeded)
+            },
+            OrderUpdate::Failed { reason, charge_id } => OrderCols {
+                charge: charge_id.as_deref(),
+                err: Some(reason),
+                ..base(StateName::Failed)
+            },
+            OrderUpdate::Pending {
+                charge_id,
+                poll_at_ms,
+            } => OrderCols {
+                next: Some(*poll_at_ms),
+                charge: Some(charge_id),
+                pending_since: Some(now),
+                ..base(StateName::Pending)
+            },
+            OrderUpdate::RetryWait {
+                at_ms,
+                reason,
+                outcome_unknown,
+            } => OrderCols {
+                next: Some(*at_ms),
+                err: Some(reason),
+                unknown_at: outcome_unknown.then_some(now),
+                ..base(StateName::RetryWait)
+            },
+            OrderUpdate::Lookup {
+                at_ms,
+                reason,
+                outcome_unknown,
+            } => OrderCols {
+                next: Some(*at_ms),
+                err: Some(reason),
+                unknown_at: outcome_unknown.then_some(now),
+                lookup_since: Some(now),
+                ..base(StateName::RetryWait)
+            },
+        }
+    }
+}
+
+fn record_attempt_sql() -> String {
+    format!(
+        "UPDATE executor_orders SET state = $1, next_attempt_ms = $2, psp_charge_id = COALESCE($3, psp_charge_id), \
+         fee_minor = $4, last_error = $5, pending_since_ms = $6, updated_ms = $7, \
+         last_unknown_ms = COALESCE($10, last_unknown_ms), lookup_since_ms = COALESCE($11, lookup_since_ms) \
+         WHERE order_id = $8 AND attempts = $9 AND (state = '{}' \
+           OR (state = '{}' AND lookup_since_ms IS NOT NULL)) AND {}",
+        StateName::Executing.as_str(),
+        StateName::RetryWait.as_str(),
+        owned("executor_orders", 12)
+    )
+}
 
 /// Records the outcome of attempt `attempt` with its events; false when the
 /// order is no longer in that attempt (nothing written).
@@ -417,66 +734,12 @@ pub async fn record_attempt(
     out: &[Outgoing],
 ) -> Result<bool, sqlx::Error> {
     let now = now_ms();
-    let (state, next, charge, fee, err, pending_since): OrderColumns<'_> = match update {
-        OrderUpdate::Succeeded {
-            charge_id,
-            fee_minor,
-        } => (
-            "succeeded",
-            None,
-            Some(charge_id),
-            Some(*fee_minor),
-            None,
-            None,
-        ),
-        OrderUpdate::Failed { reason, charge_id } => (
-            "failed",
-            None,
-            charge_id.as_deref(),
-            None,
-            Some(reason),
-            None,
-        ),
-        OrderUpdate::Pending {
-            charge_id,
-            poll_at_ms,
-        } => (
-            "pending",
-            Some(*poll_at_ms),
-            Some(charge_id),
-            None,
-            None,
-            Some(now),
-        ),
-        OrderUpdate::RetryWait { at_ms, reason, .. }
-        | OrderUpdate::Lookup { at_ms, reason, .. } => {
-            ("retry_wait", Some(*at_ms), None, None, Some(reason), None)
-        }
-    };
-    let unknown_at = match update {
-        OrderUpdate::RetryWait {
-            outcome_unknown: true,
-            ..
-        }
-        | OrderUpdate::Lookup {
-            outcome_unknown: true,
-            ..
-        } => Some(now),
-        _ => None,
-    };
-    let lookup_since = matches!(update, OrderUpdate::Lookup { .. }).then_some(now);
-    let sql = format!(
-        "UPDATE executor_orders SET state = $1, next_attempt_ms = $2, psp_charge_id = COALESCE($3, psp_charge_id), \
-         fee_minor = $4, last_error = $5, pending_since_ms = $6, updated_ms = $7, \
-         last_unknown_ms = COALESCE($10, last_unknown_ms), lookup_since_ms = COALESCE($11, lookup_since_ms) \
-         WHERE order_id = $8 AND attempts = $9 AND (state = 'executing' \
-           OR (state = 'retry_wait' AND lookup_since_ms IS NOT NULL)) AND {}",
-        owned("executor_orders", 12)
-    );
+    let c = OrderCols::of(update, now);
+    let sql = record_attempt_sql();
     with_pool!(db, p => {
         let mut tx = p.begin_write().await?;
-        let n = sqlx::query(&sql).bind(state).bind(next).bind(charge).bind(fee).bind(err).bind(pending_since).bind(now)
-        .bind(order_id).bind(attempt).bind(unknown_at).bind(lookup_since).bind(owner)
+        let n = sqlx::query(&sql).bind(c.state).bind(c.next).bind(c.charge).bind(c.fee).bind(c.err).bind(c.pending_since).bind(now)
+        .bind(order_id).bind(attempt).bind(c.unknown_at).bind(c.lookup_since).bind(owner)
         .execute(&mut *tx).await?.rows_affected();
         if n != 1 {
             return Ok(false);
@@ -691,20 +954,54 @@ pub async fn record_refund(
 
 /// Events recorded but not yet acknowledged by the broker, in the order they
 /// were recorded: of one payment, or (payment None) of all payments, only
-/// those older than `older_than_ms`.
+/// those older than `older_than_ms`. Two statements, not one with
+/// `($1 IS NULL OR payment_id = $1)`: a generic plan of that cannot use the
+/// payment index and scans every row. Appended rows are deleted
+/// ([`delete_appended`]), so both scans only meet rows still to append.
 pub async fn unappended(
     db: &Db,
     payment_id: Option<&str>,
     older_than_ms: i64,
     limit: i64,
 ) -> Result<Vec<(i64, Vec<u8>)>, sqlx::Error> {
-    Ok(with_pool!(db, p => sqlx::query_as(
-        "SELECT seq, body FROM executor_outbox WHERE appended_ms IS NULL \
-         AND ($1 IS NULL OR payment_id = $1) AND created_ms <= $2 ORDER BY seq LIMIT $3",
-    ).bind(payment_id).bind(older_than_ms).bind(limit).fetch_all(p).await?))
+    Ok(match payment_id {
+        Some(pid) => with_pool!(db, p => sqlx::query_as(
+            "SELECT seq, body FROM executor_outbox WHERE payment_id = $1 AND created_ms <= $2 \
+             ORDER BY seq LIMIT $3",
+        ).bind(pid).bind(older_than_ms).bind(limit).fetch_all(p).await?),
+        None => with_pool!(db, p => sqlx::query_as(
+            "SELECT seq, body FROM executor_outbox WHERE created_ms <= $1 ORDER BY seq LIMIT $2",
+        ).bind(older_than_ms).bind(limit).fetch_all(p).await?),
+    })
 }
 
-pub async fn mark_appended(db: &Db, seqs: &[i64]) -> Result<(), sqlx::Error> {
+/// The unappended events of several payments, in the order recorded.
+pub async fn unappended_of(
+    db: &Db,
+    payment_ids: &[String],
+) -> Result<Vec<(i64, Vec<u8>)>, sqlx::Error> {
+    if payment_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let sql = format!(
+        "SELECT seq, body FROM executor_outbox WHERE payment_id IN ({}) ORDER BY seq",
+        placeholders(1, payment_ids.len())
+    );
+    Ok(with_pool!(db, p => {
+        let mut q = sqlx::query_as(&sql);
+        for id in payment_ids {
+            q = q.bind(id);
+        }
+        q.fetch_all(p).await?
+    }))
+}
+
+/// Forgets events the broker acknowledged. Deleted rather than marked: a
+/// marked row would stay in the table and its indexes (and, on PostgreSQL
+/// without vacuum, dead index entries pile up under every scan); a deleted
+/// one is gone from SQLite at once and from PostgreSQL at the executor's
+/// own [`vacuum`].
+pub async fn delete_appended(db: &Db, seqs: &[i64]) -> Result<(), sqlx::Error> {
     if seqs.is_empty() {
         return Ok(());
     }
@@ -715,8 +1012,28 @@ pub async fn mark_appended(db: &Db, seqs: &[i64]) -> Result<(), sqlx::Error> {
         .map(i64::to_string)
         .collect::<Vec<_>>()
         .join(",");
-    let sql = format!("UPDATE executor_outbox SET appended_ms = $1 WHERE seq IN ({list})");
-    with_pool!(db, p => sqlx::query(&sql).bind(now_ms()).execute(p).await?.rows_affected());
+    let sql = format!("DELETE FROM executor_outbox WHERE seq IN ({list})");
+    with_pool!(db, p => sqlx::query(&sql).execute(p).await?.rows_affected());
+    Ok(())
+}
+
+/// Kept for callers of the old name: appended rows are deleted.
+pub async fn mark_appended(db: &Db, seqs: &[i64]) -> Result<(), sqlx::Error> {
+    delete_appended(db, seqs).await
+}
+
+/// PostgreSQL only (SQLite frees deleted rows at once): vacuums and
+/// analyzes the executor's busiest tables. Autovacuum may be off; without
+/// this, dead index entries of finished orders (the due index) and of
+/// appended outbox rows would be visited by every due-work scan and outbox
+/// sweep, slowing them in proportion to all history. The work is in
+/// proportion to the rows changed since the last call.
+pub async fn vacuum(db: &Db) -> Result<(), sqlx::Error> {
+    if let Db::Postgres(p) = db {
+        sqlx::query("VACUUM (ANALYZE) executor_outbox, executor_orders, executor_payments")
+            .execute(p)
+            .await?;
+    }
     Ok(())
 }
 
