@@ -1,7 +1,9 @@
 //! `paystream`: one binary, one subcommand per job. Thin: parsing and
 //! wiring only; the work lives in the library crates.
 
+mod bench;
 mod demo;
+mod pipeline;
 mod schema_cmd;
 mod up;
 
@@ -51,6 +53,10 @@ enum Command {
     /// simulator, handler, executor, projections; then a demo load of
     /// payments with mixed outcomes and a summary.
     Up(up::UpArgs),
+    /// Benchmark: the whole pipeline under load on your broker and
+    /// database (its own topics and database), next to the raw limits of
+    /// both measured in the same run.
+    Bench(bench::BenchArgs),
     /// Kafka topics.
     #[command(subcommand)]
     Topics(TopicsCommand),
@@ -150,6 +156,7 @@ async fn main() -> ExitCode {
     // Interactive commands print their own output; services log at info.
     let default_filter = match cli.command {
         Command::Up(_)
+        | Command::Bench(_)
         | Command::Demo(_)
         | Command::Projection(_)
         | Command::Project(_)
@@ -177,6 +184,7 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo(args) => demo::run(&cli.kafka, args).await,
         Command::Up(args) => up::run(cli.kafka, &cli.database_url, args).await,
+        Command::Bench(args) => bench::run(cli.kafka, &cli.database_url, args).await,
         Command::Env => {
             print_env(&Cli::command(), "paystream");
             Ok(ExitCode::SUCCESS)

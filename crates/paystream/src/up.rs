@@ -6,11 +6,12 @@
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashSet};
-use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use streaming::KafkaConfig;
 use tokio_util::sync::CancellationToken;
+
+use crate::pipeline;
 
 #[derive(Debug, clap::Args)]
 pub struct UpArgs {
@@ -46,14 +47,6 @@ fn psp_sim_url(url: &str) -> String {
         Some(stem) => format!("sqlite://{stem}-psp-sim.db"),
         None => "sqlite://paystream-psp-sim.db".to_owned(),
     }
-}
-
-fn port(random: bool, fixed: u16) -> anyhow::Result<SocketAddr> {
-    if !random {
-        return Ok(SocketAddr::from(([127, 0, 0, 1], fixed)));
-    }
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(l.local_addr()?)
 }
 
 /// A small deterministic generator, so every demo run has the same mix.
@@ -98,87 +91,42 @@ const FINAL: &[&str] = &["succeeded", "failed", "partially_succeeded", "rejected
 
 pub async fn run(kafka: KafkaConfig, database_url: &str, args: UpArgs) -> anyhow::Result<ExitCode> {
     let stop = CancellationToken::new();
-    let (handler_addr, projections_addr, executor_addr, psp_addr) = (
-        port(args.random_ports, 8080)?,
-        port(args.random_ports, 8081)?,
-        port(args.random_ports, 8082)?,
-        port(args.random_ports, 8090)?,
-    );
-    let psp_url = format!("http://{psp_addr}");
-
-    // No built-in secrets: fresh ones for this run's simulator and executor.
-    let psp_key = streaming::secret::Secret::generate("sk_test_");
-    let webhook_secret = streaming::secret::Secret::generate("whsec_");
-    let mut ex_args =
-        executor::ExecutorArgs::for_tests(&psp_url, psp_key.clone(), webhook_secret.clone());
-    ex_args.listen = executor_addr;
-    // Demo: resolve pending orders by polling soon if a webhook is lost.
-    ex_args.pending_poll_after_secs = 30;
-    let executor = executor::start(kafka.clone(), database_url, ex_args, stop.clone())
-        .await
-        .context("starting the executor")?;
-    let behaviour: psp_sim::config::Behaviour = serde_json::from_value(json!({
-        "rules": [
-            {"match": {"card_token": "tok_demo_pending"},
-             "outcome": {"type": "pending", "resolve_after_ms": 3000, "then": "succeed"}},
-            {"match": {"card_token": "tok_demo_pending_fail"},
-             "outcome": {"type": "pending", "resolve_after_ms": 3000, "then": "fail"}}
+    let opts = pipeline::Options {
+        handler: pipeline::port(args.random_ports, 8080)?,
+        projections: pipeline::port(args.random_ports, 8081)?,
+        executor: pipeline::port(args.random_ports, 8082)?,
+        psp: pipeline::port(args.random_ports, 8090)?,
+        psp_db_url: psp_sim_url(database_url),
+        psp_rules: vec![
+            json!({"match": {"card_token": "tok_demo_pending"},
+                   "outcome": {"type": "pending", "resolve_after_ms": 3000, "then": "succeed"}}),
+            json!({"match": {"card_token": "tok_demo_pending_fail"},
+                   "outcome": {"type": "pending", "resolve_after_ms": 3000, "then": "fail"}}),
         ],
-        "accounts": [{"id": "acct_default", "api_key": psp_key.expose(), "webhook_secret": webhook_secret.expose(),
-                      "webhook_url": format!("http://{}/v1/psp/webhooks", executor.addr)}],
-        "webhooks": {"duplicate_percent": 10}
-    }))
-    .context("demo PSP behaviour")?;
-    let psp = psp_sim::spawn(psp_sim::SimConfig {
-        listen: psp_addr,
-        db_url: psp_sim_url(database_url),
-        behaviour,
-        api_key: psp_key.clone(),
-        webhook_secret,
-    })
-    .await
-    .context("starting the PSP simulator")?;
-    let mut h_args = payment_handler::HandlerArgs::for_tests();
-    h_args.listen = handler_addr;
-    let handler_db = database_url.to_owned();
-    let handler = payment_handler::start(kafka.clone(), &handler_db, h_args, stop.clone())
-        .await
-        .context("starting the payment handler")?;
-    let projections_db_url = database_url.to_owned();
-    let projections = {
-        let p_args = projections::ProjectionsArgs {
-            listen: projections_addr,
-            ledger_group: None,
-            wallet_group: None,
-            batch_size: 1000,
-        };
-        let (kafka, url, stop) = (kafka.clone(), projections_db_url.clone(), stop.clone());
-        tokio::spawn(async move { projections::serve(kafka, &url, p_args, stop).await })
+        webhook_duplicate_percent: 10,
+        // Demo: resolve pending orders by polling soon if a webhook is lost.
+        pending_poll_after_secs: Some(30),
+        projection_batch: 1000,
     };
+    let p = pipeline::start(&kafka, database_url, opts, stop.clone()).await?;
     let urls = [
-        ("payment API", format!("http://{}", handler.addr)),
-        ("ledger & wallet API", format!("http://{projections_addr}")),
-        (
-            "executor (PSP webhooks)",
-            format!("http://{}", executor.addr),
-        ),
-        ("PSP simulator", psp.base_url()),
+        ("payment API", p.handler_url.clone()),
+        ("ledger & wallet API", p.projections_url.clone()),
+        ("executor (PSP webhooks)", p.executor_url.clone()),
+        ("PSP simulator", p.psp_url.clone()),
     ];
     for (what, url) in &urls {
         println!("{what:<24} {url}");
     }
+    let (psp_url, psp_key) = (p.psp_url.clone(), p.psp_key.clone());
+    let handler_db = database_url.to_owned();
+    let projections_db_url = database_url.to_owned();
 
     let mut ok = true;
     let first_day = time::OffsetDateTime::now_utc().date();
-    let api_key = demo_client(&handler_db).await?;
+    let api_key = pipeline::new_client(&handler_db, "demo-shop").await?;
     if args.payments > 0 {
-        ok = demo(
-            &api_key,
-            &format!("http://{}", handler.addr),
-            &projections_db_url,
-            &args,
-        )
-        .await?;
+        ok = demo(&api_key, &p.handler_url, &projections_db_url, &args).await?;
         ok &= reconcile_days(&kafka, &projections_db_url, &psp_url, &psp_key, first_day).await?;
     }
     print_next_steps(&kafka, database_url, &urls, &api_key, args.keep_running);
@@ -186,11 +134,7 @@ pub async fn run(kafka: KafkaConfig, database_url: &str, args: UpArgs) -> anyhow
         println!("running; Ctrl-C to stop");
         streaming::shutdown::on_signals().cancelled().await;
     }
-    stop.cancel();
-    handler.wait().await?;
-    executor.wait().await?;
-    projections.await??;
-    psp.stop().await?;
+    p.stop().await?;
     println!("stopped cleanly");
     Ok(if ok {
         ExitCode::SUCCESS
@@ -250,13 +194,6 @@ async fn reconcile_days(
 struct Submitted {
     payment_id: String,
     key: String,
-}
-
-/// Registers the demo's API client (a new key each run) and returns its key.
-async fn demo_client(handler_db: &str) -> anyhow::Result<String> {
-    let db = storage::Db::connect(handler_db).await?;
-    let client = events::ClientId::parse("demo-shop")?;
-    Ok(payment_handler::store::create_client(&db, &client).await?)
 }
 
 /// The end of the summary: what a new user can try next, ready to paste.
