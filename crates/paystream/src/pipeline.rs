@@ -21,6 +21,9 @@ pub struct Options {
     pub psp_db_url: String,
     /// Extra simulator rules (evaluated before its built-in card tokens).
     pub psp_rules: Vec<Value>,
+    /// The simulator's fsyncs: `full` (as a PSP would) or `relaxed`
+    /// (benchmarks: commits share the checkpoint's fsync; same answers).
+    pub psp_durability: &'static str,
     /// Share of webhooks the simulator sends twice.
     pub webhook_duplicate_percent: u32,
     /// When the executor polls a pending order whose webhook is late.
@@ -77,7 +80,8 @@ pub async fn start(
         "rules": opts.psp_rules,
         "accounts": [{"id": "acct_default", "api_key": psp_key.expose(), "webhook_secret": webhook_secret.expose(),
                       "webhook_url": format!("http://{}/v1/psp/webhooks", executor.addr)}],
-        "webhooks": {"duplicate_percent": opts.webhook_duplicate_percent}
+        "webhooks": {"duplicate_percent": opts.webhook_duplicate_percent},
+        "durability": opts.psp_durability
     }))
     .context("PSP simulator behaviour")?;
     let psp = psp_sim::spawn(psp_sim::SimConfig {

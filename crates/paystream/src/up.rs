@@ -103,6 +103,7 @@ pub async fn run(kafka: KafkaConfig, database_url: &str, args: UpArgs) -> anyhow
             json!({"match": {"card_token": "tok_demo_pending_fail"},
                    "outcome": {"type": "pending", "resolve_after_ms": 3000, "then": "fail"}}),
         ],
+        psp_durability: "full",
         webhook_duplicate_percent: 10,
         // Demo: resolve pending orders by polling soon if a webhook is lost.
         pending_poll_after_secs: Some(30),
