@@ -1,6 +1,7 @@
 //! The HTTP API. Every error is JSON `{"error": {"code", "message",
 //! "field"}}` with a stable code.
 
+use crate::group;
 use crate::request;
 use crate::service::{self, App};
 use crate::store::{self, Begin};
@@ -211,6 +212,23 @@ async fn idempotent(app: App, work: Work, req: Request) -> Result<Response, ApiE
             request::fingerprint_with(&format!("POST /v1/payments/{payment}/refunds"), &body)
         }
     };
+    // The common case goes through the group commit (`group`); a key that
+    // exists already comes back here, to the per-request path.
+    if let (Work::Payment, Some(group)) = (&work, &app.group) {
+        let parsed = request::parse(&body);
+        match group
+            .submit(client.clone(), key.clone(), fingerprint.clone(), parsed)
+            .await
+        {
+            group::Admitted::PerRequest => {}
+            group::Admitted::Answered(Ok(reply)) => {
+                metrics::counter!(streaming::metrics::IDEMPOTENCY, "result" => "owned")
+                    .increment(1);
+                return Ok(reply_response(reply));
+            }
+            group::Admitted::Answered(Err(e)) => return Err(unavailable(e)),
+        }
+    }
     let (token, pending) = match store::idem_begin(&app.db, &client, &key, &fingerprint, app.policy)
         .await
         .map_err(unavailable)?
@@ -297,6 +315,10 @@ async fn idempotent(app: App, work: Work, req: Request) -> Result<Response, ApiE
     let reply = task
         .await
         .map_err(|e| unavailable(format!("request task: {e}")))??;
+    Ok(reply_response(reply))
+}
+
+fn reply_response(reply: service::Reply) -> Response {
     let mut r = json_response(
         StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
         reply.body,
@@ -305,7 +327,7 @@ async fn idempotent(app: App, work: Work, req: Request) -> Result<Response, ApiE
         r.headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from(s));
     }
-    Ok(r)
+    r
 }
 
 async fn create_payment(State(app): State<App>, req: Request) -> Result<Response, ApiError> {

@@ -12,6 +12,8 @@
 //! `GET /v1/payments/{id}`.
 
 pub mod api;
+pub mod batch_sql;
+pub mod group;
 pub mod inbound;
 pub mod instances;
 pub mod keys;

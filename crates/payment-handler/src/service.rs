@@ -5,9 +5,10 @@ use crate::request::PaymentRequest;
 use crate::risk::{RecentActivity, RiskCheck, RiskDecision, RiskRules};
 use crate::store::{self, IdempotencyPolicy};
 use anyhow::Context;
+use domain::payment::{PaymentCommand, PaymentState, RiskVerdict, Submission};
 use events::{
-    ClientId, CorrelationId, Envelope, EventId, Money, OrderId, PaymentId, PaymentOrder,
-    PaymentRequested, RiskApproved, RiskRejected, SCHEMA_VERSION, Timestamp, TopicKind,
+    ClientId, CorrelationId, Envelope, EventId, Money, PaymentId, SCHEMA_VERSION, Timestamp,
+    TopicKind,
 };
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -20,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 /// How often abandoned requests are swept and expired keys reaped.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 
-const PRODUCER: &str = concat!("payment-handler/", env!("CARGO_PKG_VERSION"));
+pub(crate) const PRODUCER: &str = concat!("payment-handler/", env!("CARGO_PKG_VERSION"));
 
 /// `paystream serve handler` options.
 #[derive(Debug, Clone, clap::Args)]
@@ -59,6 +60,18 @@ pub struct HandlerArgs {
     /// once at that point.
     #[arg(long, hide = true, env = "PAYSTREAM_FAULT_INJECT")]
     pub fault_inject: Option<String>,
+    /// Group commit: most `POST /v1/payments` requests decided, stored and
+    /// appended together (see `group`); 0 or 1 handles each request alone.
+    #[arg(long, env = "PAYSTREAM_GROUP_COMMIT_MAX", default_value_t = 256)]
+    pub group_commit_max: usize,
+    /// Group commit: how long a batch waits for more requests once its
+    /// first one arrived, in milliseconds.
+    #[arg(long, env = "PAYSTREAM_GROUP_COMMIT_WAIT_MS", default_value_t = 2)]
+    pub group_commit_wait_ms: u64,
+    /// Group commit: how many batches may be in progress at once (one
+    /// batch's produce round overlaps the next one's claims).
+    #[arg(long, env = "PAYSTREAM_GROUP_COMMIT_BATCHES", default_value_t = 4)]
+    pub group_commit_batches: usize,
 }
 
 impl HandlerArgs {
@@ -71,7 +84,19 @@ impl HandlerArgs {
             idempotency_lease_secs: 120,
             body_limit_bytes: 65_536,
             fault_inject: None,
+            group_commit_max: 256,
+            group_commit_wait_ms: 2,
+            group_commit_batches: 4,
         }
+    }
+
+    /// The group commit's limits, if it is on.
+    pub fn group_commit(&self) -> Option<crate::group::Limits> {
+        (self.group_commit_max > 1).then(|| crate::group::Limits {
+            max: self.group_commit_max,
+            wait: Duration::from_millis(self.group_commit_wait_ms),
+            batches: self.group_commit_batches,
+        })
     }
 }
 
@@ -111,6 +136,9 @@ pub struct App {
     pub health: streaming::supervise::Health,
     /// The API keys in memory (`keys`): no database work per request.
     pub keys: Arc<crate::keys::KeyDirectory>,
+    /// Where `POST /v1/payments` requests are batched (`group`); `None`:
+    /// each request is handled alone.
+    pub group: Option<crate::group::GroupCommit>,
 }
 
 impl App {
@@ -139,7 +167,15 @@ impl App {
             fault_fired: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             health: streaming::supervise::Health::new(),
             keys: Arc::default(),
+            group: None,
         })
+    }
+
+    /// Whether the one-time fault fires now (it fires once per process).
+    pub(crate) fn fire_fault_once(&self) -> bool {
+        !self
+            .fault_fired
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -198,57 +234,145 @@ pub async fn decide_payment(
             amount: Money::zero(currency),
         },
     };
-    let decision = app.risk.assess(req, &recent);
-    let now = Timestamp::now();
-    let requested_id = EventId::derive(payment.as_uuid(), "requested");
-    let base = |event_id, causation, event| Envelope {
-        event_id,
-        occurred_at: now,
-        payment_id: Some(payment),
-        correlation_id: CorrelationId::from_uuid(payment.as_uuid()),
-        causation_id: causation,
-        producer: PRODUCER.to_owned(),
-        schema_version: SCHEMA_VERSION,
-        event,
-    };
-    let requested = base(
-        requested_id,
-        None,
-        PaymentRequested {
-            client_id: client.clone(),
-            idempotency_key: idempotency_key.map(str::to_owned),
-            buyer_id: req.buyer_id.clone(),
-            orders: req
-                .orders
-                .iter()
-                .enumerate()
-                .map(|(i, o)| PaymentOrder {
-                    order_id: OrderId::derive(payment, i),
-                    seller_id: o.seller_id.clone(),
-                    amount: o.amount,
-                })
-                .collect(),
-            metadata: req.metadata.clone(),
-        }
-        .into(),
-    );
+    decide_submission(
+        app,
+        client,
+        payment,
+        idempotency_key,
+        req,
+        &recent,
+        Timestamp::now(),
+    )
+}
+
+/// The pure part of a payment's decision, given the buyer's recent
+/// activity and the time: the risk verdict, then `domain::payment::decide`
+/// on a payment nothing was decided for yet.
+pub fn decide_submission(
+    app: &App,
+    client: &ClientId,
+    payment: PaymentId,
+    idempotency_key: Option<&str>,
+    req: &PaymentRequest,
+    recent: &RecentActivity,
+    at: Timestamp,
+) -> Result<Vec<Envelope>, Unavailable> {
     let rule_set = app.risk.rule_set().to_owned();
-    let risk_event = match decision {
-        RiskDecision::Approved => RiskApproved { rule_set }.into(),
-        RiskDecision::Rejected { rule, reason } => RiskRejected {
+    let risk = match app.risk.assess(req, recent) {
+        RiskDecision::Approved => RiskVerdict::Approved { rule_set },
+        RiskDecision::Rejected { rule, reason } => RiskVerdict::Rejected {
             rule_set,
             rule: rule.to_owned(),
             reason,
-        }
-        .into(),
+        },
     };
-    // Approved or rejected, the risk decision of a payment has one id.
-    let risk = base(
-        EventId::derive(payment.as_uuid(), "risk"),
-        Some(requested_id),
-        risk_event,
-    );
-    Ok(vec![requested, risk])
+    let submission = Submission {
+        payment_id: payment,
+        client_id: client.clone(),
+        idempotency_key: idempotency_key.map(str::to_owned),
+        buyer_id: req.buyer_id.clone(),
+        orders: req
+            .orders
+            .iter()
+            .map(|o| (o.seller_id.clone(), o.amount))
+            .collect(),
+        metadata: req.metadata.clone(),
+        risk,
+        at,
+        producer: PRODUCER.to_owned(),
+    };
+    domain::payment::decide(&PaymentState::New, PaymentCommand::Submit(submission))
+        .map_err(|e| Unavailable(format!("payment decision: {e}")))
+}
+
+/// The view `GET /v1/payments/{id}` shows right after a payment's decided
+/// events were applied: built in memory from the events (the group
+/// commit's 201 body), through `domain::payment::apply`.
+pub fn view_of_decided(envs: &[Envelope]) -> Option<store::PaymentView> {
+    let state = envs.iter().fold(PaymentState::New, domain::payment::apply);
+    let PaymentState::Live(p) = state else {
+        return None;
+    };
+    let first = envs.first()?;
+    let last = envs.last()?;
+    let r = &p.requested;
+    let currency = r.orders.first()?.amount.currency();
+    let total = Money::checked_sum(currency, r.orders.iter().map(|o| o.amount)).ok()?;
+    let ts = |t: Timestamp| Timestamp::from_micros(t.as_micros()).to_string();
+    Some(store::PaymentView {
+        payment_id: p.payment_id.to_string(),
+        status: p.status.as_str().to_owned(),
+        buyer_id: r.buyer_id.as_str().to_owned(),
+        currency: currency.code().to_owned(),
+        total_minor: total.amount_minor(),
+        rejection: p
+            .rejection
+            .clone()
+            .map(|(rule, reason)| store::Rejection { rule, reason }),
+        orders: r
+            .orders
+            .iter()
+            .zip(&p.orders)
+            .map(|(o, (_, status))| store::OrderView {
+                order_id: o.order_id.to_string(),
+                seller_id: o.seller_id.as_str().to_owned(),
+                amount_minor: o.amount.amount_minor(),
+                currency: o.amount.currency().code().to_owned(),
+                status: status.as_str().to_owned(),
+                psp_reference: None,
+                failure_reason: None,
+                refunded_minor: 0,
+            })
+            .collect(),
+        created_at: ts(first.occurred_at),
+        updated_at: ts(last.occurred_at),
+    })
+}
+
+/// Sends one event whose Avro bytes are already encoded (the bytes stored
+/// under its key), with the headers `EventProducer::append_to` sets, and
+/// waits for its acknowledgement. Sends start when the future is first
+/// polled: the group commit polls all of a batch's sends together.
+pub async fn append_encoded(app: &App, env: &Envelope, payload: &[u8]) -> Result<(), Unavailable> {
+    use rdkafka::message::{Header, OwnedHeaders};
+    let topic = app.producer.topology().topic_for(env);
+    let key = env.partition_key();
+    let event_id = env.event_id.to_string();
+    let headers = OwnedHeaders::new()
+        .insert(Header {
+            key: streaming::producer::HEADER_EVENT_TYPE,
+            value: Some(env.event_type().as_str()),
+        })
+        .insert(Header {
+            key: streaming::producer::HEADER_EVENT_ID,
+            value: Some(event_id.as_str()),
+        })
+        .insert(Header {
+            key: streaming::producer::HEADER_CONTENT_TYPE,
+            value: Some(streaming::producer::CONTENT_TYPE_AVRO),
+        });
+    app.producer
+        .send_raw(
+            &topic,
+            Some(key.as_bytes()),
+            Some(payload),
+            headers,
+            Some(env.occurred_at.as_millis()),
+        )
+        .await
+        .map(drop)
+        .map_err(|e| Unavailable(format!("broker: {e}")))
+}
+
+/// The refusal of a request whose key already made a payment that kept no
+/// fingerprint (decided before fingerprints were kept for good).
+pub(crate) fn key_already_used() -> Reply {
+    Reply::refusal(
+        422,
+        "idempotency_key_reused",
+        "a payment was already made under this Idempotency-Key",
+        Some("Idempotency-Key"),
+    )
 }
 
 /// Appends decided events (in order, each acknowledged) and applies them to
@@ -267,11 +391,7 @@ pub async fn commit_events(app: &App, envs: &[Envelope]) -> Result<(), Unavailab
             );
             std::process::abort();
         }
-        Fault::FailAfterAppendOnce
-            if !app
-                .fault_fired
-                .swap(true, std::sync::atomic::Ordering::SeqCst) =>
-        {
+        Fault::FailAfterAppendOnce if app.fire_fault_once() => {
             return Err(Unavailable(
                 "fault injection: failing once after the append".into(),
             ));
@@ -315,7 +435,7 @@ pub struct Reply {
 }
 
 impl Reply {
-    fn sticky(status: u16, body: String) -> Reply {
+    pub(crate) fn sticky(status: u16, body: String) -> Reply {
         Reply {
             status,
             body,
@@ -323,7 +443,12 @@ impl Reply {
             retry_after_s: None,
         }
     }
-    fn refusal(status: u16, code: &str, message: impl Into<String>, field: Option<&str>) -> Reply {
+    pub(crate) fn refusal(
+        status: u16,
+        code: &str,
+        message: impl Into<String>,
+        field: Option<&str>,
+    ) -> Reply {
         Reply::sticky(status, crate::api::error_json(code, &message.into(), field))
     }
     fn transient(
@@ -377,12 +502,7 @@ pub async fn run_owned_payment(
                 .await?
                 .is_some()
             {
-                return Ok(Reply::refusal(
-                    422,
-                    "idempotency_key_reused",
-                    "a payment was already made under this Idempotency-Key",
-                    Some("Idempotency-Key"),
-                ));
+                return Ok(key_already_used());
             }
             let envs = decide_payment(app, client, payment, Some(key), &req).await?;
             store::idem_store_pending(&app.db, client, key, token, &encode_pending(&envs), payment)
@@ -632,7 +752,12 @@ pub async fn start(
         .await
         .context("creating topics")?;
     let producer = EventProducer::new(&kafka, "paystream-payment-handler")?;
-    let app = App::new(db.clone(), producer.clone(), &args)?;
+    let mut app = App::new(db.clone(), producer.clone(), &args)?;
+    if let Some(limits) = args.group_commit() {
+        // The batcher's own copy holds no handle to itself: it ends once
+        // every handle (HTTP, consumers, sweeper) is dropped.
+        app.group = Some(crate::group::GroupCommit::spawn(app.clone(), limits));
+    }
     // Alive before the first key is claimed (see `instances`).
     crate::instances::heartbeat(&db)
         .await

@@ -2,7 +2,7 @@
 //! projection and the velocity window. One SQL string per statement serves
 //! PostgreSQL and SQLite (see `storage::with_pool!`).
 
-use events::{ClientId, Envelope, Event, OrderId, PaymentId};
+use events::{ClientId, Envelope, Event, PaymentId};
 use sha2::{Digest, Sha256};
 use storage::BeginWrite;
 use storage::{Db, with_pool};
@@ -395,7 +395,7 @@ fn owned(rows: u64) -> Result<(), IdemError> {
 
 /// Keeps the request's fingerprint for good (`handler_request_fingerprints`)
 /// once it decided something under its key, in the caller's transaction.
-const KEEP_FINGERPRINT: &str = "INSERT INTO handler_request_fingerprints (client_id, idem_key, request_sha256, kind, resource_id, created_ms) \
+pub(crate) const KEEP_FINGERPRINT: &str = "INSERT INTO handler_request_fingerprints (client_id, idem_key, request_sha256, kind, resource_id, created_ms) \
      SELECT client_id, idem_key, request_sha256, $1, $2, $3 FROM handler_idempotency_keys \
      WHERE client_id = $4 AND idem_key = $5 AND owner = $6 AND state = 'in_flight' \
      ON CONFLICT DO NOTHING";
@@ -586,38 +586,172 @@ pub async fn recent_activity(
     since_ms: i64,
     exclude: PaymentId,
 ) -> Result<(i64, i64), sqlx::Error> {
-    Ok(with_pool!(db, p => sqlx::query_as(
-        "SELECT (SELECT count(*) FROM handler_risk_velocity \
+    Ok(with_pool!(db, p => sqlx::query_as(RECENT_ACTIVITY)
+        .bind(client.as_str()).bind(buyer).bind(currency).bind(since_ms).bind(exclude.to_string())
+        .bind(events::Money::MAX_MINOR).bind(i64::from(crate::risk::VELOCITY_COUNT_MAX)).fetch_one(p).await?))
+}
+
+/// `recent_activity`'s query: $1 client, $2 buyer, $3 currency, $4 since,
+/// $5 the payment excluded, $6 the amount cap, $7 the row limit.
+pub(crate) const RECENT_ACTIVITY: &str = "SELECT (SELECT count(*) FROM handler_risk_velocity \
                  WHERE client_id = $1 AND buyer_id = $2 AND at_ms >= $4 AND payment_id <> $5), \
                 (SELECT CAST(COALESCE(SUM(a), 0) AS BIGINT) FROM ( \
                    SELECT CASE WHEN amount_minor > $6 THEN $6 ELSE amount_minor END AS a FROM handler_risk_velocity \
-                   WHERE client_id = $1 AND buyer_id = $2 AND currency = $3 AND at_ms >= $4 AND payment_id <> $5 LIMIT $7) v)",
-    ).bind(client.as_str()).bind(buyer).bind(currency).bind(since_ms).bind(exclude.to_string())
-    .bind(events::Money::MAX_MINOR).bind(i64::from(crate::risk::VELOCITY_COUNT_MAX)).fetch_one(p).await?))
-}
+                   WHERE client_id = $1 AND buyer_id = $2 AND currency = $3 AND at_ms >= $4 AND payment_id <> $5 LIMIT $7) v)";
 
 // ------------------------------------------------------ status projection
-
-/// Order statuses that no later event changes (refund bookkeeping aside).
-const FINAL_ORDER_STATUSES: &[&str] = &["succeeded", "failed", "rejected"];
 
 /// Applies events to the payment-status projection in one transaction,
 /// deduplicated by event id. Returns one outcome per event.
 pub async fn apply_status(db: &Db, events: &[&Envelope]) -> Result<Vec<Outcome>, sqlx::Error> {
+    apply_status_and_finish(db, events, &[])
+        .await
+        .map(|(outcomes, _)| outcomes)
+}
+
+/// A payment whose `PaymentRequested` and risk decision are both new in a
+/// batch: its rows are inserted set-based, already in the state after the
+/// risk decision (the same rows the per-event path writes in two steps).
+fn decided_rows(
+    requested: &Envelope,
+    risk: &Envelope,
+) -> Option<(
+    crate::batch_sql::PaymentRow,
+    Vec<crate::batch_sql::OrderRow>,
+)> {
+    use domain::payment::{PaymentState, apply};
+    let Event::PaymentRequested(r) = &requested.event else {
+        return None;
+    };
+    let payment = requested.payment_id?;
+    if risk.payment_id != Some(payment) {
+        return None;
+    }
+    let currency = r.orders.first()?.amount.currency().code().to_owned();
+    let total = r
+        .orders
+        .iter()
+        .try_fold(0i64, |acc, o| acc.checked_add(o.amount.amount_minor()))?;
+    let PaymentState::Live(p) = apply(apply(PaymentState::New, requested), risk) else {
+        return None;
+    };
+    let pid = payment.to_string();
+    let (rule, reason) = p.rejection.clone().unzip();
+    let row = crate::batch_sql::PaymentRow {
+        payment: pid.clone(),
+        client: r.client_id.as_str().to_owned(),
+        buyer: r.buyer_id.as_str().to_owned(),
+        status: p.status.as_str(),
+        currency,
+        total_minor: total,
+        rejection_rule: rule,
+        rejection_reason: reason,
+        created_us: requested.occurred_at.as_micros(),
+        updated_us: risk.occurred_at.as_micros(),
+        at_ms: requested.occurred_at.as_millis(),
+    };
+    let orders = r
+        .orders
+        .iter()
+        .zip(&p.orders)
+        .enumerate()
+        .map(|(i, (o, (_, status)))| crate::batch_sql::OrderRow {
+            order: o.order_id.to_string(),
+            payment: pid.clone(),
+            position: i32::try_from(i).unwrap_or(i32::MAX),
+            seller: o.seller_id.as_str().to_owned(),
+            amount_minor: o.amount.amount_minor(),
+            currency: o.amount.currency().code().to_owned(),
+            status: status.as_str(),
+        })
+        .collect();
+    Some((row, orders))
+}
+
+/// [`apply_status`], and in the same transaction the finished answers of
+/// the requests whose events these are (the group commit's last step).
+/// Returns the outcomes and the keys whose answer was stored (still owned).
+///
+/// Set-based where it counts: one statement records every event id as
+/// applied (dedup), and a payment decided in this batch (its
+/// `PaymentRequested` and risk decision both new here) gets its rows in one
+/// statement per table. Everything else (executor outcomes, refunds,
+/// events arriving apart) is applied per event, in order.
+pub async fn apply_status_and_finish(
+    db: &Db,
+    events: &[&Envelope],
+    finishes: &[crate::batch_sql::FinishRow],
+) -> Result<
+    (
+        Vec<Outcome>,
+        std::collections::HashSet<crate::batch_sql::KeyId>,
+    ),
+    sqlx::Error,
+> {
+    use crate::batch_sql::BatchSql;
+    use domain::payment::{OrderStatus, PaymentStatus};
+    use domain::refund::RefundStatus;
+    use std::collections::{HashMap, HashSet};
     let now = now_ms();
+    let relevant = |env: &Envelope| {
+        !matches!(
+            env.event,
+            Event::ReconciliationDiscrepancyFound(_)
+                | Event::ReconciliationDiscrepancyResolved(_)
+                | Event::ReconciliationRunCompleted(_)
+        )
+    };
+    let ids: Vec<String> = events
+        .iter()
+        .filter(|e| relevant(e))
+        .map(|e| e.event_id.to_string())
+        .collect();
+    let final_list = OrderStatus::final_sql_list();
     let mut outcomes = Vec::with_capacity(events.len());
+    let mut finished = HashSet::new();
     with_pool!(db, p => {
         let mut tx = p.begin_write().await?;
-        for env in events {
-            let relevant = !matches!(env.event, Event::ReconciliationDiscrepancyFound(_) | Event::ReconciliationDiscrepancyResolved(_) | Event::ReconciliationRunCompleted(_));
-            if !relevant {
+        let mut fresh = if ids.is_empty() { HashSet::new() } else { tx.fresh_events(&ids, now).await? };
+        // Payments decided in this batch: (requested, risk) both fresh.
+        let mut requested_at: HashMap<PaymentId, usize> = HashMap::new();
+        let mut pairs: HashMap<usize, usize> = HashMap::new();
+        for (i, env) in events.iter().enumerate() {
+            let Some(pay) = env.payment_id else { continue };
+            match &env.event {
+                Event::PaymentRequested(_) if fresh.contains(&env.event_id.to_string()) => {
+                    requested_at.entry(pay).or_insert(i);
+                }
+                Event::RiskApproved(_) | Event::RiskRejected(_) if fresh.contains(&env.event_id.to_string()) => {
+                    if let Some(&r) = requested_at.get(&pay) && !pairs.values().any(|&v| v == i) && !pairs.contains_key(&r) {
+                        pairs.insert(r, i);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut set_based: HashSet<usize> = HashSet::new();
+        let (mut pay_rows, mut order_rows) = (Vec::new(), Vec::new());
+        for (&r, &k) in &pairs {
+            if let Some((row, orders)) = decided_rows(events[r], events[k]) {
+                pay_rows.push(row);
+                order_rows.extend(orders);
+                set_based.insert(r);
+                set_based.insert(k);
+            }
+        }
+        tx.insert_payments(&pay_rows, &order_rows).await?;
+        for (i, env) in events.iter().enumerate() {
+            if !relevant(env) {
                 outcomes.push(Outcome::Ignored);
                 continue;
             }
-            let fresh = sqlx::query("INSERT INTO handler_applied_events (event_id, applied_ms) VALUES ($1, $2) ON CONFLICT DO NOTHING")
-                .bind(env.event_id.to_string()).bind(now).execute(&mut *tx).await?.rows_affected();
-            if fresh == 0 {
+            // The first occurrence of a fresh id applies; repeats are duplicates.
+            if !fresh.remove(&env.event_id.to_string()) {
                 outcomes.push(Outcome::Duplicate);
+                continue;
+            }
+            if set_based.contains(&i) {
+                outcomes.push(Outcome::Applied);
                 continue;
             }
             let Some(payment) = env.payment_id else {
@@ -626,10 +760,6 @@ pub async fn apply_status(db: &Db, events: &[&Envelope]) -> Result<Vec<Outcome>,
             };
             let pid = payment.to_string();
             let at = env.occurred_at.as_micros();
-            let order_update = |order: OrderId, status: &'static str| (order.to_string(), status);
-            let mut order_change: Option<(String, &'static str)> = None;
-            let mut psp_ref: Option<String> = None;
-            let mut failure: Option<String> = None;
             match &env.event {
                 Event::PaymentRequested(r) => {
                     let currency = r.orders.first().map(|o| o.amount.currency().code().to_owned()).unwrap_or_default();
@@ -639,61 +769,44 @@ pub async fn apply_status(db: &Db, events: &[&Envelope]) -> Result<Vec<Outcome>,
                         continue;
                     };
                     sqlx::query("INSERT INTO handler_payments (payment_id, client_id, buyer_id, status, currency, total_minor, created_us, updated_us) \
-                                 VALUES ($1, $2, $3, 'requested', $4, $5, $6, $6) ON CONFLICT DO NOTHING")
-                        .bind(&pid).bind(r.client_id.as_str()).bind(r.buyer_id.as_str()).bind(&currency).bind(total).bind(at)
+                                 VALUES ($1, $2, $3, $4, $5, $6, $7, $7) ON CONFLICT DO NOTHING")
+                        .bind(&pid).bind(r.client_id.as_str()).bind(r.buyer_id.as_str()).bind(PaymentStatus::Requested.as_str()).bind(&currency).bind(total).bind(at)
                         .execute(&mut *tx).await?;
                     for (i, o) in r.orders.iter().enumerate() {
                         sqlx::query("INSERT INTO handler_payment_orders (order_id, payment_id, position, seller_id, amount_minor, currency, status) \
-                                     VALUES ($1, $2, $3, $4, $5, $6, 'requested') ON CONFLICT DO NOTHING")
+                                     VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING")
                             .bind(o.order_id.to_string()).bind(&pid).bind(i32::try_from(i).unwrap_or(i32::MAX)).bind(o.seller_id.as_str())
-                            .bind(o.amount.amount_minor()).bind(o.amount.currency().code())
+                            .bind(o.amount.amount_minor()).bind(o.amount.currency().code()).bind(OrderStatus::Requested.as_str())
                             .execute(&mut *tx).await?;
                     }
                     sqlx::query("INSERT INTO handler_risk_velocity (payment_id, buyer_id, currency, amount_minor, at_ms) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING")
                         .bind(&pid).bind(r.buyer_id.as_str()).bind(&currency).bind(total).bind(env.occurred_at.as_millis())
                         .execute(&mut *tx).await?;
-                    outcomes.push(Outcome::Applied);
-                    continue;
                 }
+                // Compare-and-set on the status the domain's transition
+                // starts from (`payment::apply`: risk decisions apply to a
+                // requested payment only).
                 Event::RiskApproved(_) => {
-                    sqlx::query("UPDATE handler_payments SET status = 'processing', updated_us = $2 WHERE payment_id = $1 AND status = 'requested'")
-                        .bind(&pid).bind(at).execute(&mut *tx).await?;
-                    sqlx::query("UPDATE handler_payment_orders SET status = 'pending' WHERE payment_id = $1 AND status = 'requested'")
-                        .bind(&pid).execute(&mut *tx).await?;
+                    sqlx::query("UPDATE handler_payments SET status = $3, updated_us = $2 WHERE payment_id = $1 AND status = $4")
+                        .bind(&pid).bind(at).bind(PaymentStatus::Processing.as_str()).bind(PaymentStatus::Requested.as_str()).execute(&mut *tx).await?;
+                    sqlx::query("UPDATE handler_payment_orders SET status = $2 WHERE payment_id = $1 AND status = $3")
+                        .bind(&pid).bind(OrderStatus::Pending.as_str()).bind(OrderStatus::Requested.as_str()).execute(&mut *tx).await?;
                 }
                 Event::RiskRejected(r) => {
-                    sqlx::query("UPDATE handler_payments SET status = 'rejected', rejection_rule = $2, rejection_reason = $3, updated_us = $4 WHERE payment_id = $1 AND status = 'requested'")
-                        .bind(&pid).bind(&r.rule).bind(&r.reason).bind(at).execute(&mut *tx).await?;
-                    sqlx::query("UPDATE handler_payment_orders SET status = 'rejected' WHERE payment_id = $1 AND status = 'requested'")
-                        .bind(&pid).execute(&mut *tx).await?;
-                }
-                Event::OrderExecutionStarted(e) => order_change = Some(order_update(e.order_id, "executing")),
-                Event::OrderSucceeded(e) => {
-                    order_change = Some(order_update(e.order_id, "succeeded"));
-                    psp_ref = Some(e.psp_reference.clone());
-                }
-                Event::OrderFailed(e) => {
-                    order_change = Some(order_update(e.order_id, if e.retryable { "executing" } else { "failed" }));
-                    failure = Some(format!("{}: {}", e.code, e.reason));
-                }
-                Event::OrderPending(e) => {
-                    order_change = Some(order_update(e.order_id, "pending_psp"));
-                    psp_ref = Some(e.psp_reference.clone());
-                }
-                Event::OrderSettledByWebhook(e) => {
-                    order_change = Some(order_update(e.order_id, if e.succeeded { "succeeded" } else { "failed" }));
-                    psp_ref = Some(e.psp_reference.clone());
-                    failure = e.failure_reason.clone();
+                    sqlx::query("UPDATE handler_payments SET status = $5, rejection_rule = $2, rejection_reason = $3, updated_us = $4 WHERE payment_id = $1 AND status = $6")
+                        .bind(&pid).bind(&r.rule).bind(&r.reason).bind(at).bind(PaymentStatus::Rejected.as_str()).bind(PaymentStatus::Requested.as_str()).execute(&mut *tx).await?;
+                    sqlx::query("UPDATE handler_payment_orders SET status = $2 WHERE payment_id = $1 AND status = $3")
+                        .bind(&pid).bind(OrderStatus::Rejected.as_str()).bind(OrderStatus::Requested.as_str()).execute(&mut *tx).await?;
                 }
                 Event::RefundRequested(e) => {
                     // Rows the API already inserted (with their reservation)
                     // are left alone; rows seen first here (a rebuild, or
                     // another producer) reserve now.
                     let n = sqlx::query("INSERT INTO handler_refunds (refund_id, order_id, payment_id, amount_minor, currency, status, reason, created_us, updated_us) \
-                                 SELECT $1, order_id, payment_id, $2, $3, 'requested', $4, $5, $5 FROM handler_payment_orders WHERE order_id = $6 AND payment_id = $7 \
+                                 SELECT $1, order_id, payment_id, $2, $3, $8, $4, $5, $5 FROM handler_payment_orders WHERE order_id = $6 AND payment_id = $7 \
                                  ON CONFLICT DO NOTHING")
                         .bind(e.refund_id.to_string()).bind(e.amount.amount_minor()).bind(e.amount.currency().code()).bind(&e.reason).bind(at)
-                        .bind(e.order_id.to_string()).bind(&pid).execute(&mut *tx).await?.rows_affected();
+                        .bind(e.order_id.to_string()).bind(&pid).bind(RefundStatus::Requested.as_str()).execute(&mut *tx).await?.rows_affected();
                     if n == 1 {
                         sqlx::query("UPDATE handler_payment_orders SET reserved_minor = reserved_minor + $2 WHERE order_id = $1")
                             .bind(e.order_id.to_string()).bind(e.amount.amount_minor()).execute(&mut *tx).await?;
@@ -707,59 +820,67 @@ pub async fn apply_status(db: &Db, events: &[&Envelope]) -> Result<Vec<Outcome>,
                     }
                 }
                 Event::RefundSucceeded(e) => {
-                    // Count the money once, on the transition to succeeded.
-                    let n = sqlx::query("UPDATE handler_refunds SET status = 'succeeded', updated_us = $2 WHERE refund_id = $1 AND status <> 'succeeded'")
-                        .bind(e.refund_id.to_string()).bind(at).execute(&mut *tx).await?.rows_affected();
+                    // Count the money once, on the transition to succeeded
+                    // (`refund::apply`: only a requested refund succeeds; a
+                    // failed one stays failed, its reservation released).
+                    let n = sqlx::query("UPDATE handler_refunds SET status = $3, updated_us = $2 WHERE refund_id = $1 AND status = $4")
+                        .bind(e.refund_id.to_string()).bind(at).bind(RefundStatus::Succeeded.as_str()).bind(RefundStatus::Requested.as_str())
+                        .execute(&mut *tx).await?.rows_affected();
                     if n == 1 {
                         sqlx::query("UPDATE handler_payment_orders SET refunded_minor = refunded_minor + $2 WHERE order_id = $1")
                             .bind(e.order_id.to_string()).bind(e.amount.amount_minor()).execute(&mut *tx).await?;
                     }
                 }
                 Event::RefundFailed(e) => {
-                    let amount: Option<i64> = sqlx::query_scalar("UPDATE handler_refunds SET status = 'failed', failure = $2, updated_us = $3 WHERE refund_id = $1 AND status = 'requested' RETURNING amount_minor")
-                        .bind(e.refund_id.to_string()).bind(format!("{}: {}", e.code, e.reason)).bind(at).fetch_optional(&mut *tx).await?;
+                    let amount: Option<i64> = sqlx::query_scalar("UPDATE handler_refunds SET status = $4, failure = $2, updated_us = $3 WHERE refund_id = $1 AND status = $5 RETURNING amount_minor")
+                        .bind(e.refund_id.to_string()).bind(format!("{}: {}", e.code, e.reason)).bind(at)
+                        .bind(RefundStatus::Failed.as_str()).bind(RefundStatus::Requested.as_str()).fetch_optional(&mut *tx).await?;
                     if let Some(amount) = amount {
                         // A failed refund gives its reservation back.
                         sqlx::query("UPDATE handler_payment_orders SET reserved_minor = reserved_minor - $2 WHERE order_id = $1")
                             .bind(e.order_id.to_string()).bind(amount).execute(&mut *tx).await?;
                     }
                 }
-                _ => {}
-            }
-            if let Some((order, status)) = order_change {
-                // Final states never regress (a late "started" after "succeeded").
-                let n = sqlx::query(&format!(
-                    "UPDATE handler_payment_orders SET status = $2, psp_reference = COALESCE($3, psp_reference), failure_reason = COALESCE($4, failure_reason) \
-                     WHERE order_id = $1 AND payment_id = $5 AND status NOT IN ({})",
-                    FINAL_ORDER_STATUSES.iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(",")
-                ))
-                .bind(&order).bind(status).bind(psp_ref).bind(failure).bind(&pid).execute(&mut *tx).await?.rows_affected();
-                if n == 0 {
-                    let known: i64 = sqlx::query_scalar("SELECT count(*) FROM handler_payment_orders WHERE order_id = $1 AND payment_id = $2")
-                        .bind(&order).bind(&pid).fetch_one(&mut *tx).await?;
-                    if known == 0 {
-                        outcomes.push(Outcome::rejected("unknown_order", format!("order {order} of payment {pid} was never requested")));
-                        continue;
+                other => {
+                    if let Some(change) = domain::payment::order_change(other) {
+                        let order = change.order_id.to_string();
+                        // Final states never regress (a late "started" after "succeeded").
+                        let n = sqlx::query(&format!(
+                            "UPDATE handler_payment_orders SET status = $2, psp_reference = COALESCE($3, psp_reference), failure_reason = COALESCE($4, failure_reason) \
+                             WHERE order_id = $1 AND payment_id = $5 AND status NOT IN ({final_list})"
+                        ))
+                        .bind(&order).bind(change.status.as_str()).bind(change.psp_reference).bind(change.failure).bind(&pid).execute(&mut *tx).await?.rows_affected();
+                        // The payment's orders, to roll it up in pure code.
+                        let statuses: Vec<String> = sqlx::query_scalar("SELECT status FROM handler_payment_orders WHERE payment_id = $1")
+                            .bind(&pid).fetch_all(&mut *tx).await?;
+                        if n == 0 {
+                            let known: i64 = sqlx::query_scalar("SELECT count(*) FROM handler_payment_orders WHERE order_id = $1 AND payment_id = $2")
+                                .bind(&order).bind(&pid).fetch_one(&mut *tx).await?;
+                            if known == 0 {
+                                outcomes.push(Outcome::rejected("unknown_order", format!("order {order} of payment {pid} was never requested")));
+                                continue;
+                            }
+                        }
+                        // Roll the payment up once every order is final
+                        // (an unknown status counts as open).
+                        let rolled = domain::payment::rollup(
+                            statuses.iter().map(|s| OrderStatus::parse(s).unwrap_or(OrderStatus::Executing)),
+                        );
+                        if let Some(status) = rolled {
+                            sqlx::query("UPDATE handler_payments SET status = $2, updated_us = $3 WHERE payment_id = $1 AND status <> $4")
+                                .bind(&pid).bind(status.as_str()).bind(at).bind(PaymentStatus::Rejected.as_str()).execute(&mut *tx).await?;
+                        }
                     }
-                }
-                // Roll the payment up once every order is final.
-                let open: i64 = sqlx::query_scalar("SELECT count(*) FROM handler_payment_orders WHERE payment_id = $1 AND status NOT IN ('succeeded','failed','rejected')")
-                    .bind(&pid).fetch_one(&mut *tx).await?;
-                if open == 0 {
-                    let ok: i64 = sqlx::query_scalar("SELECT count(*) FROM handler_payment_orders WHERE payment_id = $1 AND status = 'succeeded'")
-                        .bind(&pid).fetch_one(&mut *tx).await?;
-                    let all: i64 = sqlx::query_scalar("SELECT count(*) FROM handler_payment_orders WHERE payment_id = $1")
-                        .bind(&pid).fetch_one(&mut *tx).await?;
-                    let status = if ok == all { "succeeded" } else if ok == 0 { "failed" } else { "partially_succeeded" };
-                    sqlx::query("UPDATE handler_payments SET status = $2, updated_us = $3 WHERE payment_id = $1 AND status <> 'rejected'")
-                        .bind(&pid).bind(status).bind(at).execute(&mut *tx).await?;
                 }
             }
             outcomes.push(Outcome::Applied);
         }
+        if !finishes.is_empty() {
+            finished = tx.finish(finishes).await?;
+        }
         tx.commit().await?;
     });
-    Ok(outcomes)
+    Ok((outcomes, finished))
 }
 
 /// A payment as the API shows it.
