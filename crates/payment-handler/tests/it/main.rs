@@ -1,6 +1,7 @@
 //! The payment handler against a real broker, PostgreSQL and SQLite, over
 //! real HTTP.
 
+mod group_commit;
 mod hardening;
 mod harness;
 mod idempotency;
