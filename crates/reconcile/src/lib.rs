@@ -322,48 +322,59 @@ pub async fn reconcile_bytes(
         ));
     }
 
-    // Ledger lookups.
-    let progress = streaming::progress::Progress::new(
-        "reconcile: ledger lookups",
-        u64::try_from(file.rows.len()).unwrap_or(0),
-    );
-    let refs: Vec<String> = file.rows.iter().map(|r| r.psp_reference.clone()).collect();
-    let mut by_ref: HashMap<String, LedgerRef> = HashMap::with_capacity(refs.len());
-    for chunk in refs.chunks(20_000) {
-        for r in store::refs_where_in(db, "psp_reference", chunk).await? {
-            by_ref.insert(r.psp_reference.clone(), r);
+    // Ledger lookups: the day's references once (each with the other day
+    // that matched it, if any), then by `= ANY` only the file's references
+    // not on the day (usually few) and the order ids of rows still unknown.
+    let from_us = settlement::day_start_ms(file.date) * 1_000;
+    let mut earlier: HashMap<String, String> = HashMap::new();
+    let mut note = |claimed: Option<String>, r: &LedgerRef| {
+        if let Some(d) = claimed {
+            earlier.insert(r.psp_reference.clone(), d);
         }
-        progress.inc(u64::try_from(chunk.len()).unwrap_or(0));
+    };
+    let mut day_refs: Vec<LedgerRef> = Vec::new();
+    for (r, claimed) in store::day_refs_claimed(db, &day, from_us, from_us + 86_400_000_000).await?
+    {
+        note(claimed, &r);
+        day_refs.push(r);
     }
-    progress.finish();
+    let on_day: HashSet<&str> = day_refs.iter().map(|r| r.psp_reference.as_str()).collect();
+    let mut off_day: Vec<String> = file
+        .rows
+        .iter()
+        .filter(|r| !on_day.contains(r.psp_reference.as_str()))
+        .map(|r| r.psp_reference.clone())
+        .collect();
+    drop(on_day);
+    off_day.sort_unstable();
+    off_day.dedup();
+    let mut other_refs: Vec<LedgerRef> = Vec::new();
+    for (r, claimed) in store::refs_claimed_where_in(db, "psp_reference", &off_day, &day).await? {
+        note(claimed, &r);
+        other_refs.push(r);
+    }
+    let mut by_ref: HashMap<&str, &LedgerRef> =
+        HashMap::with_capacity(day_refs.len() + other_refs.len());
+    for r in day_refs.iter().chain(&other_refs) {
+        by_ref.insert(r.psp_reference.as_str(), r);
+    }
     let mut unknown_orders: Vec<String> = file
         .rows
         .iter()
-        .filter(|r| !by_ref.contains_key(&r.psp_reference))
+        .filter(|r| !by_ref.contains_key(r.psp_reference.as_str()))
         .flat_map(|r| r.order_ids.iter().cloned())
         .collect();
-    unknown_orders.sort();
+    unknown_orders.sort_unstable();
     unknown_orders.dedup();
     let mut by_order: HashMap<String, Vec<LedgerRef>> = HashMap::new();
-    for r in store::refs_where_in(db, "order_id", &unknown_orders).await? {
+    for (r, claimed) in store::refs_claimed_where_in(db, "order_id", &unknown_orders, &day).await? {
+        note(claimed, &r);
         by_order.entry(r.order_id.clone()).or_default().push(r);
     }
-    let from_us = settlement::day_start_ms(file.date) * 1_000;
-    let day_refs = store::refs_between(db, from_us, from_us + 86_400_000_000).await?;
-    // Ledger references matched by runs of other days: never matched twice,
-    // never missing_at_psp (finding across midnight).
-    let mut ledger_refs: Vec<String> = by_ref
-        .keys()
-        .cloned()
-        .chain(by_order.values().flatten().map(|r| r.psp_reference.clone()))
-        .chain(day_refs.iter().map(|r| r.psp_reference.clone()))
-        .collect();
-    ledger_refs.sort();
-    ledger_refs.dedup();
-    let earlier = store::matched_elsewhere(db, &ledger_refs, &day).await?;
     let mut outcome = matching::match_rows(
         &file.rows, &by_ref, &by_order, &day_refs, &earlier, tolerance,
     );
+    drop(by_ref);
     // Identical copies of a row: counted once, each copy reported.
     for (copy, first) in &file.duplicates {
         outcome.findings.push(matching::Finding {
@@ -687,6 +698,9 @@ async fn recheck_status_mismatches(
     Ok(closed)
 }
 
+/// Discrepancy events sent before awaiting their acknowledgements.
+const PUBLISH_CHUNK: usize = 10_000;
+
 /// Appends what a recorded run has not published yet: its discrepancies
 /// first found by it, then the run event; marks each as published.
 async fn publish_run(db: &Db, producer: &EventProducer, report: &Report) -> anyhow::Result<()> {
@@ -696,15 +710,35 @@ async fn publish_run(db: &Db, producer: &EventProducer, report: &Report) -> anyh
         .iter()
         .map(|d| d.discrepancy_id.as_str())
         .collect();
-    for d in day
+    let pending: Vec<&store::DiscrepancyRow> = day
         .iter()
         .filter(|d| ours.contains(d.discrepancy_id.as_str()) && !d.found_published)
-    {
-        producer
-            .append(&found_envelope(d)?)
-            .await
-            .with_context(|| format!("appending discrepancy {}", d.discrepancy_id))?;
-        store::mark_found_published(db, &d.discrepancy_id).await?;
+        .collect();
+    // Sent all at once (the producer batches and pipelines them), awaited
+    // all, then marked with one statement: a file with many differences no
+    // longer costs two round trips each. Chunked only to bound memory.
+    // Whatever was acknowledged is marked even when another send failed;
+    // the rest is sent again by the next attempt (same event ids).
+    for chunk in pending.chunks(PUBLISH_CHUNK) {
+        let envelopes = chunk
+            .iter()
+            .map(|d| found_envelope(d))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let acks = futures::future::join_all(envelopes.iter().map(|e| producer.append(e))).await;
+        let mut published = Vec::with_capacity(chunk.len());
+        let mut failed = None;
+        for (d, ack) in chunk.iter().zip(acks) {
+            match ack {
+                Ok(_) => published.push(d.discrepancy_id.clone()),
+                Err(e) => {
+                    failed.get_or_insert((d.discrepancy_id.clone(), e));
+                }
+            }
+        }
+        store::mark_found_published_many(db, &published).await?;
+        if let Some((id, e)) = failed {
+            return Err(e).with_context(|| format!("appending discrepancy {id}"));
+        }
     }
     let run = run_uuid(&report.run_id);
     let env = Envelope {

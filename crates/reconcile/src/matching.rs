@@ -180,7 +180,8 @@ fn compare(
 }
 
 /// Matches `rows` against the ledger.
-/// - `by_ref`: the ledger references among the rows' references;
+/// - `by_ref`: the ledger references by reference, at least those among
+///   the rows' references (others are never looked at);
 /// - `by_order`: the ledger's references (charges and refunds) of the order
 ///   ids of rows whose reference the ledger does not know;
 /// - `day`: the ledger's references that occurred on the settlement day;
@@ -196,7 +197,7 @@ fn compare(
 /// the order has (its known references are named in the detail).
 pub fn match_rows(
     rows: &[SettlementRow],
-    by_ref: &HashMap<String, LedgerRef>,
+    by_ref: &HashMap<&str, &LedgerRef>,
     by_order: &HashMap<String, Vec<LedgerRef>>,
     day: &[LedgerRef],
     earlier: &HashMap<String, String>,
@@ -217,7 +218,7 @@ pub fn match_rows(
     };
     // 1. By reference.
     for row in rows {
-        match by_ref.get(&row.psp_reference) {
+        match by_ref.get(row.psp_reference.as_str()).copied() {
             Some(r) => {
                 if let Some(d) = earlier.get(&r.psp_reference) {
                     out.findings.push(missing(
@@ -398,7 +399,7 @@ mod tests {
         let by_ref: HashMap<_, _> = ledger
             .iter()
             .filter(|l| rows.iter().any(|r| r.psp_reference == l.psp_reference))
-            .map(|l| (l.psp_reference.clone(), l.clone()))
+            .map(|l| (l.psp_reference.as_str(), l))
             .collect();
         let by_order: HashMap<_, _> = ledger
             .iter()
@@ -485,7 +486,7 @@ mod tests {
         assert_eq!((o.matched, o.matched_by_order), (0, 0));
         assert!(o.claimed.is_empty());
         // The same reference settled again on a later day.
-        let by_ref: HashMap<_, _> = [("ch_1".to_owned(), ledger[0].clone())].into();
+        let by_ref: HashMap<_, _> = [("ch_1", &ledger[0])].into();
         let o = match_rows(
             &[row(2, "ch_1", &["o1"], 1000, 59)],
             &by_ref,
