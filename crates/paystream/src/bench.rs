@@ -243,6 +243,7 @@ async fn measure(
         "ledger_verify_ok": verify.is_ok(),
         "cpu_percent_of_one_core_during_load": cpu,
         "backend": if db_url.starts_with("sqlite:") { "sqlite" } else { "postgres" },
+        "run": run,
     });
     let mut ok = open == 0 && verify.is_ok() && load_out.errors == 0 && ledger_secs.is_some();
     if let Some((produce, sql)) = raw {
@@ -1038,5 +1039,52 @@ fn print_report(r: &Value) {
         for (k, v) in cpu {
             println!("    {:>6}  {k}", f(v));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_ddl_is_renamed_to_the_copy() {
+        let t = rename_table_ddl(
+            "CREATE TABLE ledger_entries (seq INTEGER, account TEXT REFERENCES ledger_accounts(id))",
+            "ledger_entries",
+            "bench_raw_ledger_entries",
+        )
+        .unwrap();
+        assert_eq!(
+            t,
+            "CREATE TABLE bench_raw_ledger_entries (seq INTEGER, account TEXT REFERENCES ledger_accounts(id))"
+        );
+        let i = rename_index_ddl(
+            "CREATE UNIQUE INDEX \"entries_by_account\" ON ledger_entries (account, seq)",
+            "ledger_entries",
+            "bench_raw_ledger_entries",
+        )
+        .unwrap();
+        assert_eq!(
+            i,
+            "CREATE UNIQUE INDEX \"bench_raw_entries_by_account\" ON \"bench_raw_ledger_entries\" (account, seq)"
+        );
+        assert!(rename_table_ddl("CREATE TABLE x AS SELECT 1", "y", "z").is_err());
+    }
+
+    #[test]
+    fn percentiles_pick_the_rank() {
+        let v: Vec<u32> = (1..=100).map(|x| x * 1000).collect();
+        assert_eq!(pct(&v, 50.0), Some(50.0));
+        assert_eq!(pct(&v, 99.0), Some(99.0));
+        assert_eq!(pct(&v, 100.0), Some(100.0));
+        assert_eq!(pct(&[], 50.0), None);
+    }
+
+    #[test]
+    fn thread_names_map_to_groups() {
+        assert!(thread_group("tokio-rt-worker").starts_with("pipeline"));
+        assert!(thread_group("bench-load").starts_with("load"));
+        assert!(thread_group("rdk:broker-1").starts_with("Kafka"));
+        assert!(thread_group("sqlx-sqlite-wor").starts_with("SQLite"));
     }
 }

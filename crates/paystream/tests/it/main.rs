@@ -1,5 +1,6 @@
 //! The `paystream` binary, run as a user would.
 
+mod bench;
 mod clients;
 mod crash;
 mod deploy;
