@@ -6,10 +6,8 @@ use crate::risk::{RecentActivity, RiskCheck, RiskDecision, RiskRules};
 use crate::store::{self, IdempotencyPolicy};
 use anyhow::Context;
 use domain::payment::{PaymentCommand, PaymentState, RiskVerdict, Submission};
-use events::{
-    ClientId, CorrelationId, Envelope, EventId, Money, PaymentId, SCHEMA_VERSION, Timestamp,
-    TopicKind,
-};
+use domain::refund::{OrderRefunds, RefundCommand, RefundRejection, RefundRequest};
+use events::{ClientId, Envelope, Money, PaymentId, Timestamp, TopicKind};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -598,67 +596,95 @@ pub async fn run_owned_refund(
             if owner != client.as_str() {
                 return Ok(not_found());
             }
-            match status.as_str() {
-                "succeeded" => {}
-                "failed" | "rejected" => {
-                    return Ok(Reply::refusal(
-                        422,
-                        "order_not_refundable",
-                        format!("the order {status}; nothing was captured"),
-                        Some("order_id"),
-                    ));
-                }
-                _ => {
-                    return Ok(Reply::transient(
-                        409,
-                        "order_not_captured",
-                        format!("the order is {status}; refund it once it succeeded"),
-                        Some("order_id"),
-                    ));
-                }
-            }
-            let available = amount.saturating_sub(reserved);
-            let want = r.amount_minor.unwrap_or(available);
-            let too_much = || {
+            // The rules are `domain::refund`'s; the SQL below only keeps them
+            // (a compare-and-set on the reservation).
+            let (Some(order_status), Ok(currency)) = (
+                domain::payment::OrderStatus::parse(&status),
+                events::Currency::from_code(&currency),
+            ) else {
+                return Err(Unavailable(format!(
+                    "order {} has an unknown status {status:?} or currency {currency:?}",
+                    r.order_id
+                )));
+            };
+            let mut order = OrderRefunds::new(
+                payment,
+                r.order_id,
+                Money::new(amount, currency),
+                order_status,
+            );
+            order.reserved_minor = reserved;
+            let refund_id = events::RefundId::derive(client, key);
+            let command = RefundCommand::Request(RefundRequest {
+                refund_id,
+                amount_minor: r.amount_minor,
+                reason: r.reason,
+                at: Timestamp::now(),
+                producer: PRODUCER.to_owned(),
+            });
+            let field = Some("order_id");
+            let too_much = |e: &RefundRejection| {
                 Reply::refusal(
                     422,
                     "amount_exceeds_refundable",
-                    format!(
-                        "at most {available} minor units ({currency}) are left to refund on this order (captured {amount}, refunds requested {reserved})"
-                    ),
+                    e.to_string(),
                     Some("amount_minor"),
                 )
             };
-            if want <= 0 || want > available {
-                return Ok(too_much());
-            }
-            let currency =
-                events::Currency::from_code(&currency).map_err(|e| Unavailable(e.to_string()))?;
-            let refund_id = events::RefundId::derive(client, key);
-            let refund = events::RefundRequested {
-                refund_id,
-                order_id: r.order_id,
-                amount: Money::new(want, currency),
-                reason: r.reason,
+            let envs = match domain::refund::decide(&order, command) {
+                Ok(envs) => envs,
+                Err(e @ RefundRejection::NotRefundable(_)) => {
+                    return Ok(Reply::refusal(
+                        422,
+                        "order_not_refundable",
+                        e.to_string(),
+                        field,
+                    ));
+                }
+                Err(e @ RefundRejection::NotCaptured(_)) => {
+                    return Ok(Reply::transient(
+                        409,
+                        "order_not_captured",
+                        e.to_string(),
+                        field,
+                    ));
+                }
+                Err(e @ RefundRejection::ExceedsRefundable { .. }) => return Ok(too_much(&e)),
+                // A fresh order state holds no refunds: never reused here (the
+                // key's fingerprint guards reuse).
+                Err(e @ RefundRejection::KeyReused) => {
+                    return Ok(Reply::refusal(
+                        422,
+                        "idempotency_key_reused",
+                        e.to_string(),
+                        Some("Idempotency-Key"),
+                    ));
+                }
             };
-            let env = Envelope {
-                event_id: EventId::derive(refund_id.as_uuid(), "requested"),
-                occurred_at: Timestamp::now(),
-                payment_id: Some(payment),
-                correlation_id: CorrelationId::from_uuid(payment.as_uuid()),
-                causation_id: None,
-                producer: PRODUCER.to_owned(),
-                schema_version: SCHEMA_VERSION,
-                event: refund.clone().into(),
+            let refund = match &envs[0].event {
+                events::Event::RefundRequested(r) => r.clone(),
+                other => {
+                    return Err(Unavailable(format!(
+                        "a refund decision made a {}",
+                        other.event_type()
+                    )));
+                }
             };
-            let envs = vec![env];
+            // What is left, as the refusal of a refund that lost the race
+            // for the rest says it.
+            let lost_race = RefundRejection::ExceedsRefundable {
+                available_minor: order.available_minor(),
+                captured_minor: order.captured_minor(),
+                reserved_minor: order.reserved_minor,
+                currency: currency.code().to_owned(),
+            };
             let pending = encode_pending(&envs);
             let at = envs[0].occurred_at.as_micros();
             if !store::reserve_refund(&app.db, client, key, token, &refund, &pid, at, &pending)
                 .await
                 .map_err(lost)?
             {
-                return Ok(too_much()); // a concurrent refund took the rest
+                return Ok(too_much(&lost_race)); // a concurrent refund took the rest
             }
             envs
         }
