@@ -79,6 +79,13 @@ fn load_bookings_sql(clause: &str) -> String {
     format!("SELECT booking_key FROM projection_bookings WHERE projection = $1 AND {clause}")
 }
 
+/// The ledger's booking keys are its transactions' (`booking_key UNIQUE`):
+/// it keeps no copy in `projection_bookings` (migration 3007). `clause`
+/// numbers its parameters from `$1`.
+fn ledger_bookings_sql(clause: &str) -> String {
+    format!("SELECT booking_key FROM ledger_transactions WHERE {clause}")
+}
+
 fn load_totals_sql(clause: &str) -> String {
     format!(
         "SELECT kind, client_id, party_id, currency, total_minor FROM projection_totals \
@@ -88,11 +95,16 @@ fn load_totals_sql(clause: &str) -> String {
 
 /// The PostgreSQL text of every batch lookup `apply_batch` runs, with the
 /// table and the key column its index condition must use: (table, key
-/// column, SQL with `$1` TEXT projection and `$2` TEXT[] keys). For the
-/// generic-plan test.
+/// column, SQL with `$1` TEXT projection and `$2` TEXT[] keys, or only
+/// `$1` TEXT[] keys). For the generic-plan test.
 #[doc(hidden)]
 pub fn postgres_lookups() -> Vec<(&'static str, &'static str, String)> {
     vec![
+        (
+            "ledger_transactions",
+            "booking_key",
+            ledger_bookings_sql("booking_key = ANY($1)"),
+        ),
         (
             "applied_events",
             "event_id",
@@ -369,7 +381,7 @@ pub async fn apply_batch(
     keys.dedup();
     let mut state = BookState::default();
     load_orders(&mut tx, p, &order_ids, &mut state).await?;
-    load_bookings(&mut tx, p, &keys, &mut state).await?;
+    load_bookings(&mut tx, projection, &keys, &mut state).await?;
     // Running totals of every seller and buyer the new events may touch:
     // of the orders known, and of the orders announced in this batch.
     let mut parties: Vec<String> = state
@@ -474,15 +486,18 @@ pub async fn apply_batch(
             ]
         })
         .collect();
-    insert_many(
-        &mut tx,
-        "projection_bookings",
-        &["projection", "booking_key", "event_id"],
-        &booking_rows,
-        "",
-        &[],
-    )
-    .await?;
+    // The ledger's booking keys live in ledger_transactions (UNIQUE).
+    if projection == Projection::Wallet {
+        insert_many(
+            &mut tx,
+            "projection_bookings",
+            &["projection", "booking_key", "event_id"],
+            &booking_rows,
+            "",
+            &[],
+        )
+        .await?;
+    }
     match projection {
         Projection::Ledger => write_ledger(&mut tx, batch, &bookings, now).await?,
         Projection::Wallet => write_wallet(&mut tx, &bookings).await?,
@@ -617,15 +632,20 @@ async fn load_orders(
 
 async fn load_bookings(
     tx: &mut Tx,
-    p: &str,
+    projection: Projection,
     keys: &[String],
     state: &mut BookState,
 ) -> Result<(), sqlx::Error> {
     for chunk in keys.chunks(crate::sql::ROWS_PER_STATEMENT) {
-        let (clause, list) = in_clause(tx, "booking_key", chunk, 2);
-        let sql = load_bookings_sql(&clause);
-        let mut vals = vec![V::T(p.to_owned())];
-        vals.extend(list);
+        let (sql, vals) = if projection == Projection::Ledger {
+            let (clause, list) = in_clause(tx, "booking_key", chunk, 1);
+            (ledger_bookings_sql(&clause), list)
+        } else {
+            let (clause, list) = in_clause(tx, "booking_key", chunk, 2);
+            let mut vals = vec![V::T(projection.as_str().to_owned())];
+            vals.extend(list);
+            (load_bookings_sql(&clause), vals)
+        };
         for r in tx.rows(&sql, &vals, &[Ty::T]).await? {
             state.bookings.insert(r[0].text());
         }

@@ -310,12 +310,15 @@ impl Replay {
 
         // 4. Effects.
         let p = self.projection.as_str();
-        for (i, b) in &booked {
-            self.bookings.rows.push(vec![
-                V::T(p.to_owned()),
-                V::T(b.key.clone()),
-                V::T(batch[*i].envelope.event_id.to_string()),
-            ]);
+        // The ledger's booking keys live in ledger_transactions (UNIQUE).
+        if self.projection == Projection::Wallet {
+            for (i, b) in &booked {
+                self.bookings.rows.push(vec![
+                    V::T(p.to_owned()),
+                    V::T(b.key.clone()),
+                    V::T(batch[*i].envelope.event_id.to_string()),
+                ]);
+            }
         }
         match self.projection {
             Projection::Ledger => {

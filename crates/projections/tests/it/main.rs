@@ -8,6 +8,7 @@ mod bulk;
 mod cli;
 mod db;
 mod http;
+mod migrations;
 mod plans;
 mod prop;
 mod psp_refs;
