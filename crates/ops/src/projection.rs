@@ -497,7 +497,7 @@ pub struct RebuildSummary {
 
 /// Rows decided but not yet handed to the writer before a hand-off: large
 /// enough that each COPY / INSERT batch is big, small enough to overlap.
-const HANDOFF_ROWS: usize = 50_000;
+const HANDOFF_ROWS: usize = 20_000;
 
 /// The bulk rebuild's apply phase: reads and decodes the records, decides
 /// them in memory ([`projections::bulk::Replay`], the live path's rules in
@@ -516,7 +516,7 @@ async fn bulk_apply(
     let mut slice_millis = Vec::new();
     use projections::bulk;
     let started = Instant::now();
-    let (to_writer, mut rx) = tokio::sync::mpsc::channel::<Vec<bulk::Rows>>(4);
+    let (to_writer, mut rx) = tokio::sync::mpsc::channel::<Vec<bulk::Rows>>(2);
     let db = shadow.clone();
     let writer = tokio::spawn(async move {
         while let Some(rows) = rx.recv().await {
