@@ -153,6 +153,12 @@ impl BatchSql for PgConnection {
         rows: &[ClaimRow],
         t: ClaimTimes,
     ) -> Result<HashSet<KeyId>, sqlx::Error> {
+        // Rows in key order: two batches (or a batch and the per-request
+        // path) touching the same keys take their locks in the same order
+        // and wait for each other instead of deadlocking.
+        let mut rows = rows.to_vec();
+        rows.sort_by(|a, b| (&a.client, &a.key).cmp(&(&b.client, &b.key)));
+        let rows = &rows[..];
         let got: Vec<KeyId> = sqlx::query_as(
             "INSERT INTO handler_idempotency_keys (client_id, idem_key, request_sha256, state, lease_until_ms, created_ms, expires_ms, owner) \
              SELECT u.c, u.k, u.f, 'in_flight', $5, $6, $7, u.o FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[]) AS u(c, k, f, o) \
@@ -284,11 +290,15 @@ impl BatchSql for PgConnection {
         ids: &[String],
         now_ms: i64,
     ) -> Result<HashSet<String>, sqlx::Error> {
+        // In id order: the status consumer applies the same events as the
+        // group commit's last step, concurrently; one lock order for both.
+        let mut ids = ids.to_vec();
+        ids.sort();
         let got: Vec<String> = sqlx::query_scalar(
-            "INSERT INTO handler_applied_events (event_id, applied_ms) SELECT u.e, $2 FROM UNNEST($1::text[]) AS u(e) \
-             ON CONFLICT DO NOTHING RETURNING event_id",
+            "INSERT INTO handler_applied_events (event_id, applied_ms) SELECT u.e, $2 FROM UNNEST($1::text[]) WITH ORDINALITY AS u(e, n) \
+             ORDER BY u.n ON CONFLICT DO NOTHING RETURNING event_id",
         )
-        .bind(ids)
+        .bind(&ids)
         .bind(now_ms)
         .fetch_all(&mut *self)
         .await?;
