@@ -7,6 +7,7 @@ mod harness;
 mod http;
 mod interop;
 mod loop_tests;
+mod pipeline;
 mod poison;
 mod reader;
 mod roundtrip;
