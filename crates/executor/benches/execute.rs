@@ -12,6 +12,7 @@
 //! (storage::testing).
 //!
 //! `cargo bench -p executor --bench execute [-- <orders> [<max in flight>]]`
+//! (max in flight defaults to the executor's own default)
 
 use events::{
     BuyerId, ClientId, CorrelationId, Currency, Envelope, Event, EventId, Money, OrderId,
@@ -350,7 +351,7 @@ async fn main() {
         .skip(1)
         .filter_map(|a| a.parse::<usize>().ok());
     let n = nums.next().unwrap_or(1000);
-    let in_flight = nums.next().unwrap_or(1024);
+    let in_flight = nums.next().unwrap_or(executor::DEFAULT_MAX_IN_FLIGHT);
     let (steady, with_join) = raw_consume_rate(20_000).await;
     println!(
         "broker raw consume: {steady:>10.0} msg/s after the first message, {with_join:.0} msg/s including the group join (20000 messages)"

@@ -21,4 +21,4 @@ pub mod service;
 pub mod store;
 pub mod webhook;
 
-pub use service::{App, ExecutorArgs, Running, serve, start};
+pub use service::{App, DEFAULT_MAX_IN_FLIGHT, ExecutorArgs, Running, serve, start};

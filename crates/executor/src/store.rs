@@ -10,6 +10,7 @@
 
 use domain::order::StateName;
 use events::Envelope;
+use std::collections::HashMap;
 use storage::BeginWrite;
 use storage::{Db, with_pool};
 
@@ -65,30 +66,6 @@ macro_rules! insert_outbox {
         }
     };
 }
-
-/// Inserts outgoing events inside an open transaction and pushes `(seq,
-/// body)` of each one inserted onto `$rows` (one already there by event id
-/// is skipped: it is appended from its first row). One statement per event,
-/// in order, so seq order is the events' order.
-macro_rules! insert_outbox_returning {
-    ($tx:expr, $out:expr, $now:expr, $rows:expr) => {
-        for o in $out {
-            let seq: Option<i64> = sqlx::query_scalar(INSERT_OUTBOX_RETURNING)
-                .bind(&o.event_id)
-                .bind(&o.payment_id)
-                .bind(&o.body)
-                .bind($now)
-                .fetch_optional(&mut *$tx)
-                .await?;
-            if let Some(seq) = seq {
-                $rows.push((seq, o.body.clone()));
-            }
-        }
-    };
-}
-
-const INSERT_OUTBOX_RETURNING: &str = "INSERT INTO executor_outbox (event_id, payment_id, body, created_ms) \
-     VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING seq";
 
 /// `$from, $from+1, ...`: `n` numbered placeholders.
 fn placeholders(from: usize, n: usize) -> String {
@@ -167,22 +144,22 @@ pub async fn intake(db: &Db, ops: &[IntakeOp]) -> Result<Vec<IntakeResult>, sqlx
                     for o in orders.iter().filter(|_| n == 1) {
                         sqlx::query(
                             "INSERT INTO executor_orders (order_id, payment_id, seq, seller_id, amount_minor, currency, state, created_ms, updated_ms) \
-                             VALUES ($1, $2, $3, $4, $5, $6, 'awaiting_risk', $7, $7) ON CONFLICT DO NOTHING",
+                             VALUES ($1, $2, $3, $4, $5, $6, $8, $7, $7) ON CONFLICT DO NOTHING",
                         ).bind(&o.order_id).bind(payment_id).bind(o.seq).bind(&o.seller_id)
-                        .bind(o.amount_minor).bind(&o.currency).bind(now)
+                        .bind(o.amount_minor).bind(&o.currency).bind(now).bind(StateName::AwaitingRisk.as_str())
                         .execute(&mut *tx).await?;
                     }
                     if n == 1 { IntakeResult::Applied } else { IntakeResult::Duplicate }
                 }
                 IntakeOp::Approved { payment_id } | IntakeOp::Rejected { payment_id } => {
                     let (state, next) = match op {
-                        IntakeOp::Approved { .. } => ("ready", Some(now)),
-                        _ => ("cancelled", None),
+                        IntakeOp::Approved { .. } => (StateName::Ready, Some(now)),
+                        _ => (StateName::Cancelled, None),
                     };
                     let n = sqlx::query(
                         "UPDATE executor_orders SET state = $1, next_attempt_ms = $2, updated_ms = $3 \
-                         WHERE payment_id = $4 AND state = 'awaiting_risk'",
-                    ).bind(state).bind(next).bind(now).bind(payment_id)
+                         WHERE payment_id = $4 AND state = $5",
+                    ).bind(state.as_str()).bind(next).bind(now).bind(payment_id).bind(StateName::AwaitingRisk.as_str())
                     .execute(&mut *tx).await?.rows_affected();
                     if n > 0 {
                         IntakeResult::Applied
@@ -423,47 +400,245 @@ pub struct Intent {
     pub started: Outgoing,
 }
 
-/// Records the intents of a batch of orders in one transaction (one
-/// commit): each is guarded exactly as [`begin_attempt`] (attempt, state,
-/// not in lookup, lease owner). Returns per intent whether it was recorded,
-/// and the outbox rows written (to append after the outcomes).
+/// Rows per statement on SQLite: its round trips are in-process, so a
+/// batch is simply cut into multi-row statements (well below its
+/// bind-parameter limit) inside one transaction.
+const SQLITE_CHUNK: usize = 100;
+
+/// `($f,...,$f+cols-1),(...)`: `rows` tuples of numbered placeholders.
+fn value_rows(from: usize, cols: usize, rows: usize) -> String {
+    (0..rows)
+        .map(|r| format!("({})", placeholders(from + r * cols, cols)))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The guard of an intent (per row, the same in the one-row and the batch
+/// statement): the order still has `prev` attempts (`prev` is an SQL
+/// expression), is in a state that allows an attempt, is not being looked
+/// up, and its payment is leased by the owner bound at `$owner`.
+fn intent_guard(prev: &str, owner: u8) -> String {
+    format!(
+        "attempts = {prev} AND state IN ('{}', '{}', '{}') AND lookup_since_ms IS NULL AND {}",
+        StateName::Ready.as_str(),
+        StateName::RetryWait.as_str(),
+        StateName::Executing.as_str(),
+        owned("executor_orders", owner)
+    )
+}
+
+/// The guard of an outcome (per row, the same in the one-row and the batch
+/// statement): the order is still in attempt `attempt` (an SQL
+/// expression), executing or being looked up, and its payment is leased by
+/// the owner bound at `$owner`.
+fn outcome_guard(attempt: &str, owner: u8) -> String {
+    format!(
+        "attempts = {attempt} AND (state = '{}' OR (state = '{}' AND lookup_since_ms IS NOT NULL)) AND {}",
+        StateName::Executing.as_str(),
+        StateName::RetryWait.as_str(),
+        owned("executor_orders", owner)
+    )
+}
+
+/// What an intent writes; `u` is the batch's row source (`u_attempt`,
+/// `u_deadline`), `$next`/`$now` the shared values.
+fn intent_set(next: &str, now: &str) -> String {
+    format!(
+        "state = '{}', attempts = u.u_attempt, next_attempt_ms = {next}, \
+         deadline_ms = COALESCE(deadline_ms, u.u_deadline), updated_ms = {now}",
+        StateName::Executing.as_str()
+    )
+}
+
+/// What an outcome writes from the batch's row source `u`.
+fn outcome_set(now: &str) -> String {
+    format!(
+        "state = u.u_state, next_attempt_ms = u.u_next, psp_charge_id = COALESCE(u.u_charge, psp_charge_id), \
+         fee_minor = u.u_fee, last_error = u.u_err, pending_since_ms = u.u_pending, updated_ms = {now}, \
+         last_unknown_ms = COALESCE(u.u_unknown, last_unknown_ms), lookup_since_ms = COALESCE(u.u_lookup, lookup_since_ms)"
+    )
+}
+
+/// PostgreSQL: the tail of a batch statement whose `upd` CTE returned the
+/// order ids it changed: inserts the outbox rows of those orders only (the
+/// events bound as arrays from `$from`: order id, event id, payment id,
+/// body; in the order given, so seq order is the events' order) and
+/// returns the changed order ids and the inserted `(seq, event_id)`s.
+fn pg_outbox_of_updated(from: usize, now: &str) -> String {
+    format!(
+        "ev AS (SELECT * FROM UNNEST(${}::text[], ${}::text[], ${}::text[], ${}::bytea[]) \
+           WITH ORDINALITY AS t(e_order, e_id, e_payment, e_body, e_n)), \
+         ins AS (INSERT INTO executor_outbox (event_id, payment_id, body, created_ms) \
+           SELECT ev.e_id, ev.e_payment, ev.e_body, {now} FROM ev JOIN upd ON upd.order_id = ev.e_order \
+           ORDER BY ev.e_n ON CONFLICT DO NOTHING RETURNING seq, event_id) \
+         SELECT order_id, NULL::int8 AS seq, NULL::text AS event_id FROM upd \
+         UNION ALL SELECT NULL, seq, event_id FROM ins",
+        from,
+        from + 1,
+        from + 2,
+        from + 3
+    )
+}
+
+/// The events of a batch statement as arrays: order id, event id, payment
+/// id, body.
+type EventArrays = (Vec<String>, Vec<String>, Vec<String>, Vec<Vec<u8>>);
+
+fn event_arrays<'a>(events: impl Iterator<Item = (&'a str, &'a Outgoing)>) -> EventArrays {
+    let mut a: EventArrays = Default::default();
+    for (order, e) in events {
+        a.0.push(order.to_owned());
+        a.1.push(e.event_id.clone());
+        a.2.push(e.payment_id.clone());
+        a.3.push(e.body.clone());
+    }
+    a
+}
+
+/// Splits a PostgreSQL batch statement's answer into the changed order ids
+/// and the inserted outbox rows.
+fn pg_split(
+    rows: Vec<(Option<String>, Option<i64>, Option<String>)>,
+) -> (std::collections::HashSet<String>, Vec<(i64, String)>) {
+    let mut changed = std::collections::HashSet::new();
+    let mut inserted = Vec::new();
+    for row in rows {
+        match row {
+            (Some(order), _, _) => {
+                changed.insert(order);
+            }
+            (None, Some(seq), Some(event)) => inserted.push((seq, event)),
+            _ => {}
+        }
+    }
+    (changed, inserted)
+}
+
+/// SQLite, inside the batch's transaction: inserts the outbox rows of
+/// `events` (multi-row statements, in order, so seq order is their order;
+/// one already there by event id is skipped) and returns the inserted
+/// `(seq, event_id)`s.
+async fn sqlite_insert_outbox(
+    tx: &mut sqlx::SqliteConnection,
+    events: &[&Outgoing],
+    now: i64,
+) -> Result<Vec<(i64, String)>, sqlx::Error> {
+    let mut inserted = Vec::with_capacity(events.len());
+    for chunk in events.chunks(SQLITE_CHUNK) {
+        let sql = format!(
+            "INSERT INTO executor_outbox (event_id, payment_id, body, created_ms) VALUES {} \
+             ON CONFLICT DO NOTHING RETURNING seq, event_id",
+            value_rows(2, 3, chunk.len()).replace(')', ", $1)")
+        );
+        let mut q = sqlx::query_as::<_, (i64, String)>(&sql).bind(now);
+        for e in chunk {
+            q = q.bind(&e.event_id).bind(&e.payment_id).bind(&e.body);
+        }
+        inserted.extend(q.fetch_all(&mut *tx).await?);
+    }
+    Ok(inserted)
+}
+
+/// Per order (in `order_ids` order) whether the batch statement changed
+/// it, and the inserted outbox rows as `(seq, body)`.
+fn batch_result<'a>(
+    order_ids: impl Iterator<Item = &'a str>,
+    events: impl Iterator<Item = &'a Outgoing>,
+    changed: &std::collections::HashSet<String>,
+    inserted: Vec<(i64, String)>,
+) -> (Vec<bool>, Vec<(i64, Vec<u8>)>) {
+    let done = order_ids.map(|o| changed.contains(o)).collect();
+    let bodies: HashMap<&str, &Vec<u8>> = events.map(|e| (e.event_id.as_str(), &e.body)).collect();
+    let rows = inserted
+        .into_iter()
+        .filter_map(|(seq, id)| bodies.get(id.as_str()).map(|b| (seq, (*b).clone())))
+        .collect();
+    (done, rows)
+}
+
+/// Records the intents of a batch of orders, set-based, in one transaction
+/// (on PostgreSQL one statement: an `UPDATE ... FROM UNNEST(...)` of the
+/// orders and an `INSERT ... SELECT` of the outbox rows of exactly the
+/// orders it changed). Each row keeps its own guard ([`intent_guard`]:
+/// attempt, state, not in lookup, lease owner), so a row that lost it
+/// writes nothing while the others are recorded. Returns per intent
+/// whether it was recorded, and the outbox rows written (to append after
+/// the outcomes).
 pub async fn begin_attempts(
     db: &Db,
     owner: &str,
     intents: &[Intent],
     lease_ms: i64,
 ) -> Result<(Vec<bool>, Vec<(i64, Vec<u8>)>), sqlx::Error> {
-    let now = now_ms();
-    let sql = format!(
-        "UPDATE executor_orders SET state = $1, attempts = $2, next_attempt_ms = $3, \
-         deadline_ms = COALESCE(deadline_ms, $4), updated_ms = $5 \
-         WHERE order_id = $6 AND attempts = $7 AND state IN ($8, $9, $10) \
-         AND lookup_since_ms IS NULL AND {}",
-        owned("executor_orders", 11)
-    );
-    let mut done = Vec::with_capacity(intents.len());
-    let mut rows = Vec::with_capacity(intents.len());
     if intents.is_empty() {
-        return Ok((done, rows));
+        return Ok((Vec::new(), Vec::new()));
     }
-    with_pool!(db, p => {
-        let mut tx = p.begin_write().await?;
-        for i in intents {
-            let n = sqlx::query(&sql)
-                .bind(StateName::Executing.as_str())
-                .bind(i.attempt).bind(now + lease_ms).bind(i.deadline_ms).bind(now)
-                .bind(&i.order_id).bind(i.attempt - 1)
-                .bind(StateName::Ready.as_str()).bind(StateName::RetryWait.as_str()).bind(StateName::Executing.as_str())
+    let now = now_ms();
+    let next = now + lease_ms;
+    let (changed, inserted) = match db {
+        Db::Postgres(p) => {
+            let sql = format!(
+                "WITH u AS (SELECT * FROM UNNEST($1::text[], $2::int4[], $3::int8[]) AS t(u_order, u_attempt, u_deadline)), \
+                 upd AS (UPDATE executor_orders SET {} FROM u WHERE order_id = u.u_order AND {} RETURNING order_id), {}",
+                intent_set("$4", "$5"),
+                intent_guard("u.u_attempt - 1", 6),
+                pg_outbox_of_updated(7, "$5")
+            );
+            let ids: Vec<&str> = intents.iter().map(|i| i.order_id.as_str()).collect();
+            let attempts: Vec<i32> = intents.iter().map(|i| i.attempt).collect();
+            let deadlines: Vec<i64> = intents.iter().map(|i| i.deadline_ms).collect();
+            let ev = event_arrays(intents.iter().map(|i| (i.order_id.as_str(), &i.started)));
+            let rows = sqlx::query_as(&sql)
+                .bind(&ids)
+                .bind(&attempts)
+                .bind(&deadlines)
+                .bind(next)
+                .bind(now)
                 .bind(owner)
-                .execute(&mut *tx).await?.rows_affected();
-            if n == 1 {
-                insert_outbox_returning!(tx, [&i.started], now, rows);
-            }
-            done.push(n == 1);
+                .bind(&ev.0)
+                .bind(&ev.1)
+                .bind(&ev.2)
+                .bind(&ev.3)
+                .fetch_all(p)
+                .await?;
+            pg_split(rows)
         }
-        tx.commit().await?;
-    });
-    Ok((done, rows))
+        Db::Sqlite(p) => {
+            let mut tx = p.begin_write().await?;
+            let mut changed = std::collections::HashSet::new();
+            for chunk in intents.chunks(SQLITE_CHUNK) {
+                let sql = format!(
+                    "WITH u(u_order, u_attempt, u_deadline) AS (VALUES {}) \
+                     UPDATE executor_orders SET {} FROM u WHERE order_id = u.u_order AND {} RETURNING order_id",
+                    value_rows(4, 3, chunk.len()),
+                    intent_set("$1", "$2"),
+                    intent_guard("u.u_attempt - 1", 3)
+                );
+                let mut q = sqlx::query_scalar::<_, String>(&sql)
+                    .bind(next)
+                    .bind(now)
+                    .bind(owner);
+                for i in chunk {
+                    q = q.bind(&i.order_id).bind(i.attempt).bind(i.deadline_ms);
+                }
+                changed.extend(q.fetch_all(&mut *tx).await?);
+            }
+            let evs: Vec<&Outgoing> = intents
+                .iter()
+                .filter(|i| changed.contains(&i.order_id))
+                .map(|i| &i.started)
+                .collect();
+            let inserted = sqlite_insert_outbox(&mut tx, &evs, now).await?;
+            tx.commit().await?;
+            (changed, inserted)
+        }
+    };
+    Ok(batch_result(
+        intents.iter().map(|i| i.order_id.as_str()),
+        intents.iter().map(|i| &i.started),
+        &changed,
+        inserted,
+    ))
 }
 
 /// One attempt's outcome.
@@ -475,37 +650,116 @@ pub struct Outcome {
     pub events: Vec<Outgoing>,
 }
 
-/// Records the outcomes of a batch of attempts in one transaction (one
-/// commit), each guarded exactly as [`record_attempt`]. Returns per outcome
-/// whether it was recorded, and the outbox rows written.
+/// Records the outcomes of a batch of attempts, set-based, in one
+/// transaction (on PostgreSQL one statement: one `UPDATE ... FROM
+/// UNNEST(...)` for every kind of outcome, each row with its own columns,
+/// and one `INSERT ... SELECT` of the outbox rows of exactly the orders it
+/// changed). Each row keeps its own guard ([`outcome_guard`]: attempt,
+/// state, lease owner). Returns per outcome whether it was recorded, and
+/// the outbox rows written.
 pub async fn record_attempts(
     db: &Db,
     owner: &str,
     outcomes: &[Outcome],
 ) -> Result<(Vec<bool>, Vec<(i64, Vec<u8>)>), sqlx::Error> {
-    let now = now_ms();
-    let sql = record_attempt_sql();
-    let mut done = Vec::with_capacity(outcomes.len());
-    let mut rows = Vec::with_capacity(outcomes.len() * 2);
     if outcomes.is_empty() {
-        return Ok((done, rows));
+        return Ok((Vec::new(), Vec::new()));
     }
-    with_pool!(db, p => {
-        let mut tx = p.begin_write().await?;
-        for o in outcomes {
-            let c = OrderCols::of(&o.update, now);
-            let n = sqlx::query(&sql).bind(c.state).bind(c.next).bind(c.charge).bind(c.fee).bind(c.err)
-                .bind(c.pending_since).bind(now).bind(&o.order_id).bind(o.attempt).bind(c.unknown_at)
-                .bind(c.lookup_since).bind(owner)
-                .execute(&mut *tx).await?.rows_affected();
-            if n == 1 {
-                insert_outbox_returning!(tx, &o.events, now, rows);
-            }
-            done.push(n == 1);
+    let now = now_ms();
+    let cols: Vec<OrderCols<'_>> = outcomes
+        .iter()
+        .map(|o| OrderCols::of(&o.update, now))
+        .collect();
+    let all_events = || {
+        outcomes
+            .iter()
+            .flat_map(|o| o.events.iter().map(move |e| (o.order_id.as_str(), e)))
+    };
+    let (changed, inserted) = match db {
+        Db::Postgres(p) => {
+            let sql = format!(
+                "WITH u AS (SELECT * FROM UNNEST($1::text[], $2::int4[], $3::text[], $4::int8[], $5::text[], \
+                   $6::int8[], $7::text[], $8::int8[], $9::int8[], $10::int8[]) \
+                   AS t(u_order, u_attempt, u_state, u_next, u_charge, u_fee, u_err, u_pending, u_unknown, u_lookup)), \
+                 upd AS (UPDATE executor_orders SET {} FROM u WHERE order_id = u.u_order AND {} RETURNING order_id), {}",
+                outcome_set("$11"),
+                outcome_guard("u.u_attempt", 12),
+                pg_outbox_of_updated(13, "$11")
+            );
+            let ids: Vec<&str> = outcomes.iter().map(|o| o.order_id.as_str()).collect();
+            let attempts: Vec<i32> = outcomes.iter().map(|o| o.attempt).collect();
+            let states: Vec<&str> = cols.iter().map(|c| c.state).collect();
+            let next: Vec<Option<i64>> = cols.iter().map(|c| c.next).collect();
+            let charge: Vec<Option<&str>> = cols.iter().map(|c| c.charge).collect();
+            let fee: Vec<Option<i64>> = cols.iter().map(|c| c.fee).collect();
+            let err: Vec<Option<&str>> = cols.iter().map(|c| c.err).collect();
+            let pending: Vec<Option<i64>> = cols.iter().map(|c| c.pending_since).collect();
+            let unknown: Vec<Option<i64>> = cols.iter().map(|c| c.unknown_at).collect();
+            let lookup: Vec<Option<i64>> = cols.iter().map(|c| c.lookup_since).collect();
+            let ev = event_arrays(all_events());
+            let rows = sqlx::query_as(&sql)
+                .bind(&ids)
+                .bind(&attempts)
+                .bind(&states)
+                .bind(&next)
+                .bind(&charge)
+                .bind(&fee)
+                .bind(&err)
+                .bind(&pending)
+                .bind(&unknown)
+                .bind(&lookup)
+                .bind(now)
+                .bind(owner)
+                .bind(&ev.0)
+                .bind(&ev.1)
+                .bind(&ev.2)
+                .bind(&ev.3)
+                .fetch_all(p)
+                .await?;
+            pg_split(rows)
         }
-        tx.commit().await?;
-    });
-    Ok((done, rows))
+        Db::Sqlite(p) => {
+            let mut tx = p.begin_write().await?;
+            let mut changed = std::collections::HashSet::new();
+            for (chunk, cols) in outcomes.chunks(SQLITE_CHUNK).zip(cols.chunks(SQLITE_CHUNK)) {
+                let sql = format!(
+                    "WITH u(u_order, u_attempt, u_state, u_next, u_charge, u_fee, u_err, u_pending, u_unknown, u_lookup) \
+                     AS (VALUES {}) UPDATE executor_orders SET {} FROM u WHERE order_id = u.u_order AND {} RETURNING order_id",
+                    value_rows(3, 10, chunk.len()),
+                    outcome_set("$1"),
+                    outcome_guard("u.u_attempt", 2)
+                );
+                let mut q = sqlx::query_scalar::<_, String>(&sql).bind(now).bind(owner);
+                for (o, c) in chunk.iter().zip(cols) {
+                    q = q
+                        .bind(&o.order_id)
+                        .bind(o.attempt)
+                        .bind(c.state)
+                        .bind(c.next)
+                        .bind(c.charge)
+                        .bind(c.fee)
+                        .bind(c.err)
+                        .bind(c.pending_since)
+                        .bind(c.unknown_at)
+                        .bind(c.lookup_since);
+                }
+                changed.extend(q.fetch_all(&mut *tx).await?);
+            }
+            let evs: Vec<&Outgoing> = all_events()
+                .filter(|(o, _)| changed.contains(*o))
+                .map(|(_, e)| e)
+                .collect();
+            let inserted = sqlite_insert_outbox(&mut tx, &evs, now).await?;
+            tx.commit().await?;
+            (changed, inserted)
+        }
+    };
+    Ok(batch_result(
+        outcomes.iter().map(|o| o.order_id.as_str()),
+        all_events().map(|(_, e)| e),
+        &changed,
+        inserted,
+    ))
 }
 
 /// SQL condition: the order's (or refund's) payment is leased by the owner
@@ -575,7 +829,8 @@ pub async fn order(db: &Db, order_id: &str) -> Result<Option<OrderRow>, sqlx::Er
 /// Records the intent of attempt `attempt` (the previous count + 1) and its
 /// `OrderExecutionStarted`. Returns false when the order moved meanwhile.
 /// While executing, the order is due again after the lease: if this process
-/// dies mid-call, the next one resumes it.
+/// dies mid-call, the next one resumes it. The one-row case of
+/// [`begin_attempts`] (the same statement and guard).
 pub async fn begin_attempt(
     db: &Db,
     owner: &str,
@@ -585,26 +840,14 @@ pub async fn begin_attempt(
     max_total_ms: i64,
     started: &Outgoing,
 ) -> Result<bool, sqlx::Error> {
-    let now = now_ms();
-    let sql = format!(
-        "UPDATE executor_orders SET state = 'executing', attempts = $1, next_attempt_ms = $2, \
-         deadline_ms = COALESCE(deadline_ms, $3), updated_ms = $4 \
-         WHERE order_id = $5 AND attempts = $6 AND state IN ('ready', 'retry_wait', 'executing') \
-         AND lookup_since_ms IS NULL AND {}",
-        owned("executor_orders", 7)
-    );
-    with_pool!(db, p => {
-        let mut tx = p.begin_write().await?;
-        let n = sqlx::query(&sql).bind(attempt).bind(now + lease_ms).bind(now.saturating_add(max_total_ms)).bind(now)
-        .bind(order_id).bind(attempt - 1).bind(owner)
-        .execute(&mut *tx).await?.rows_affected();
-        if n != 1 {
-            return Ok(false);
-        }
-        insert_outbox!(tx, [started], now);
-        tx.commit().await?;
-    });
-    Ok(true)
+    let intent = Intent {
+        order_id: order_id.to_owned(),
+        attempt,
+        deadline_ms: now_ms().saturating_add(max_total_ms),
+        started: started.clone(),
+    };
+    let (done, _) = begin_attempts(db, owner, std::slice::from_ref(&intent), lease_ms).await?;
+    Ok(done == [true])
 }
 
 /// Where an attempt left the order.
@@ -710,21 +953,9 @@ impl<'a> OrderCols<'a> {
     }
 }
 
-fn record_attempt_sql() -> String {
-    format!(
-        "UPDATE executor_orders SET state = $1, next_attempt_ms = $2, psp_charge_id = COALESCE($3, psp_charge_id), \
-         fee_minor = $4, last_error = $5, pending_since_ms = $6, updated_ms = $7, \
-         last_unknown_ms = COALESCE($10, last_unknown_ms), lookup_since_ms = COALESCE($11, lookup_since_ms) \
-         WHERE order_id = $8 AND attempts = $9 AND (state = '{}' \
-           OR (state = '{}' AND lookup_since_ms IS NOT NULL)) AND {}",
-        StateName::Executing.as_str(),
-        StateName::RetryWait.as_str(),
-        owned("executor_orders", 12)
-    )
-}
-
 /// Records the outcome of attempt `attempt` with its events; false when the
-/// order is no longer in that attempt (nothing written).
+/// order is no longer in that attempt (nothing written). The one-row case
+/// of [`record_attempts`] (the same statement and guard).
 pub async fn record_attempt(
     db: &Db,
     owner: &str,
@@ -733,29 +964,22 @@ pub async fn record_attempt(
     update: &OrderUpdate,
     out: &[Outgoing],
 ) -> Result<bool, sqlx::Error> {
-    let now = now_ms();
-    let c = OrderCols::of(update, now);
-    let sql = record_attempt_sql();
-    with_pool!(db, p => {
-        let mut tx = p.begin_write().await?;
-        let n = sqlx::query(&sql).bind(c.state).bind(c.next).bind(c.charge).bind(c.fee).bind(c.err).bind(c.pending_since).bind(now)
-        .bind(order_id).bind(attempt).bind(c.unknown_at).bind(c.lookup_since).bind(owner)
-        .execute(&mut *tx).await?.rows_affected();
-        if n != 1 {
-            return Ok(false);
-        }
-        insert_outbox!(tx, out, now);
-        tx.commit().await?;
-    });
-    Ok(true)
+    let outcome = Outcome {
+        order_id: order_id.to_owned(),
+        attempt,
+        update: update.clone(),
+        events: out.to_vec(),
+    };
+    let (done, _) = record_attempts(db, owner, std::slice::from_ref(&outcome)).await?;
+    Ok(done == [true])
 }
 
 /// Looks a charge up again at `at_ms` for an order in the lookup state.
 pub async fn lookup_later(db: &Db, order_id: &str, at_ms: i64) -> Result<(), sqlx::Error> {
     with_pool!(db, p => sqlx::query(
         "UPDATE executor_orders SET next_attempt_ms = $1, updated_ms = $2 \
-         WHERE order_id = $3 AND state = 'retry_wait' AND lookup_since_ms IS NOT NULL",
-    ).bind(at_ms).bind(now_ms()).bind(order_id).execute(p).await?.rows_affected());
+         WHERE order_id = $3 AND state = $4 AND lookup_since_ms IS NOT NULL",
+    ).bind(at_ms).bind(now_ms()).bind(order_id).bind(StateName::RetryWait.as_str()).execute(p).await?.rows_affected());
     Ok(())
 }
 
@@ -771,13 +995,17 @@ pub async fn resolve_pending(
     settled: &Outgoing,
 ) -> Result<bool, sqlx::Error> {
     let now = now_ms();
-    let state = if succeeded { "succeeded" } else { "failed" };
+    let state = if succeeded {
+        StateName::Succeeded
+    } else {
+        StateName::Failed
+    };
     with_pool!(db, p => {
         let mut tx = p.begin_write().await?;
         let n = sqlx::query(
             "UPDATE executor_orders SET state = $1, next_attempt_ms = NULL, fee_minor = $2, last_error = $3, updated_ms = $4 \
-             WHERE order_id = $5 AND state = 'pending'",
-        ).bind(state).bind(fee_minor).bind(reason).bind(now).bind(order_id)
+             WHERE order_id = $5 AND state = $6",
+        ).bind(state.as_str()).bind(fee_minor).bind(reason).bind(now).bind(order_id).bind(StateName::Pending.as_str())
         .execute(&mut *tx).await?.rows_affected();
         if n != 1 {
             return Ok(false);
@@ -791,8 +1019,8 @@ pub async fn resolve_pending(
 /// A pending order still pending at the PSP: poll again later.
 pub async fn repoll_later(db: &Db, order_id: &str, at_ms: i64) -> Result<(), sqlx::Error> {
     with_pool!(db, p => sqlx::query(
-        "UPDATE executor_orders SET next_attempt_ms = $1, updated_ms = $2 WHERE order_id = $3 AND state = 'pending'",
-    ).bind(at_ms).bind(now_ms()).bind(order_id).execute(p).await?.rows_affected());
+        "UPDATE executor_orders SET next_attempt_ms = $1, updated_ms = $2 WHERE order_id = $3 AND state = $4",
+    ).bind(at_ms).bind(now_ms()).bind(order_id).bind(StateName::Pending.as_str()).execute(p).await?.rows_affected());
     Ok(())
 }
 

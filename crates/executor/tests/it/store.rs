@@ -1,7 +1,9 @@
 //! The executor's SQL on its own (real PostgreSQL and SQLite): the lease is
-//! fenced by its owner token.
+//! fenced by its owner token, and a set-based batch keeps every row's guard.
 
-use executor::store::{self, IntakeOp, IntakeResult, NewOrder, OrderUpdate, Outgoing};
+use executor::store::{
+    self, IntakeOp, IntakeResult, Intent, NewOrder, OrderUpdate, Outcome, Outgoing,
+};
 use storage::Db;
 
 fn started(payment_id: &str, order_id: &str) -> Outgoing {
@@ -176,4 +178,208 @@ async fn refunds_run_in_request_order_postgres() {
 async fn refunds_run_in_request_order_sqlite() {
     let (db, _dir) = storage::testing::fresh_sqlite().await.unwrap();
     refunds_run_in_request_order(&db).await;
+}
+
+/// An outbox row of `order`'s event `what`.
+fn event(payment_id: &str, order_id: &str, what: &str) -> Outgoing {
+    Outgoing {
+        event_id: format!("{order_id}-{what}"),
+        payment_id: payment_id.to_owned(),
+        body: what.as_bytes().to_vec(),
+    }
+}
+
+/// The event ids in the outbox, in seq order.
+async fn outbox_ids(db: &Db) -> Vec<String> {
+    storage::with_pool!(db, p => sqlx::query_scalar("SELECT event_id FROM executor_outbox ORDER BY seq")
+        .fetch_all(p).await.unwrap())
+}
+
+/// A set-based batch keeps every row's own guard: of four orders, one
+/// whose payment another owner took over and one whose attempts moved on
+/// write nothing (neither their order row nor their events), the other two
+/// write everything, in one batch of intents and one of outcomes.
+async fn a_batch_writes_exactly_the_rows_that_keep_their_guard(db: &Db) {
+    store::migrate(db).await.unwrap();
+    let pays: Vec<String> = (0..4).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+    let ords: Vec<String> = (0..4).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+    let mut ops = Vec::new();
+    for (pay, ord) in pays.iter().zip(&ords) {
+        ops.push(IntakeOp::Requested {
+            payment_id: pay.clone(),
+            correlation_id: uuid::Uuid::new_v4().to_string(),
+            card_token: "tok_visa".into(),
+            orders: vec![NewOrder {
+                order_id: ord.clone(),
+                seq: 0,
+                seller_id: "seller".into(),
+                amount_minor: 100,
+                currency: "EUR".into(),
+            }],
+        });
+        ops.push(IntakeOp::Approved {
+            payment_id: pay.clone(),
+        });
+    }
+    store::intake(db, &ops).await.unwrap();
+    let (x, y) = (store::new_lease_owner(), store::new_lease_owner());
+    let t0 = store::now_ms();
+    assert_eq!(
+        store::lease_payments(db, &pays, t0, 1_000, &x)
+            .await
+            .unwrap()
+            .len(),
+        4
+    );
+    // Payment 1: X's lease ran out and Y took it over.
+    let taken = std::slice::from_ref(&pays[1]);
+    assert_eq!(
+        store::lease_payments(db, taken, t0 + 5_000, 60_000, &y)
+            .await
+            .unwrap(),
+        taken
+    );
+    // Order 2: its attempt 1 already began (attempts moved on).
+    assert!(
+        store::begin_attempt(
+            db,
+            &x,
+            &ords[2],
+            1,
+            60_000,
+            600_000,
+            &event(&pays[2], &ords[2], "earlier")
+        )
+        .await
+        .unwrap()
+    );
+    let intents: Vec<Intent> = pays
+        .iter()
+        .zip(&ords)
+        .map(|(pay, ord)| Intent {
+            order_id: ord.clone(),
+            attempt: 1,
+            deadline_ms: t0 + 600_000,
+            started: event(pay, ord, "started"),
+        })
+        .collect();
+    let (done, rows) = store::begin_attempts(db, &x, &intents, 60_000)
+        .await
+        .unwrap();
+    assert_eq!(done, vec![true, false, false, true]);
+    let bodies: Vec<Vec<u8>> = rows.iter().map(|(_, b)| b.clone()).collect();
+    assert_eq!(bodies, vec![b"started".to_vec(), b"started".to_vec()]);
+    let ords_ref = &ords;
+    let ord = |i: usize| async move { store::order(db, &ords_ref[i]).await.unwrap().unwrap() };
+    for (i, (state, attempts)) in [
+        ("executing", 1),
+        ("ready", 0),
+        ("executing", 1),
+        ("executing", 1),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let o = ord(i).await;
+        assert_eq!(
+            (o.state.as_str(), o.attempts),
+            (state, attempts),
+            "order {i}"
+        );
+    }
+    assert_eq!(
+        outbox_ids(db).await,
+        vec![
+            format!("{}-earlier", ords[2]),
+            format!("{}-started", ords[0]),
+            format!("{}-started", ords[3]),
+        ]
+    );
+
+    // Outcomes: order 1 is Y's, order 2 is recorded for an attempt it is
+    // not in; orders 0 and 3 succeed and go pending.
+    let outcome = |i: usize, attempt: i32, update: OrderUpdate, what: &[&str]| Outcome {
+        order_id: ords[i].clone(),
+        attempt,
+        update,
+        events: what.iter().map(|w| event(&pays[i], &ords[i], w)).collect(),
+    };
+    let ok = |c: &str| OrderUpdate::Succeeded {
+        charge_id: c.into(),
+        fee_minor: 3,
+    };
+    let outcomes = vec![
+        outcome(0, 1, ok("ch_0"), &["failed-1", "succeeded"]),
+        outcome(1, 1, ok("ch_1"), &["succeeded"]),
+        outcome(2, 2, ok("ch_2"), &["succeeded"]),
+        outcome(
+            3,
+            1,
+            OrderUpdate::Pending {
+                charge_id: "ch_3".into(),
+                poll_at_ms: t0 + 1,
+            },
+            &["pending"],
+        ),
+    ];
+    let (done, rows) = store::record_attempts(db, &x, &outcomes).await.unwrap();
+    assert_eq!(done, vec![true, false, false, true]);
+    let mut rows = rows;
+    rows.sort_unstable_by_key(|(seq, _)| *seq);
+    let bodies: Vec<Vec<u8>> = rows.into_iter().map(|(_, b)| b).collect();
+    assert_eq!(
+        bodies,
+        vec![
+            b"failed-1".to_vec(),
+            b"succeeded".to_vec(),
+            b"pending".to_vec()
+        ]
+    );
+    let o = ord(0).await;
+    assert_eq!(
+        (o.state.as_str(), o.psp_charge_id.as_deref(), o.fee_minor),
+        ("succeeded", Some("ch_0"), Some(3))
+    );
+    assert_eq!(
+        (ord(1).await.state.as_str(), ord(1).await.attempts),
+        ("ready", 0)
+    );
+    let o = ord(2).await;
+    assert_eq!((o.state.as_str(), o.psp_charge_id), ("executing", None));
+    let o = ord(3).await;
+    assert_eq!(
+        (
+            o.state.as_str(),
+            o.psp_charge_id.as_deref(),
+            o.next_attempt_ms
+        ),
+        ("pending", Some("ch_3"), Some(t0 + 1))
+    );
+    assert_eq!(
+        outbox_ids(db).await,
+        vec![
+            format!("{}-earlier", ords[2]),
+            format!("{}-started", ords[0]),
+            format!("{}-started", ords[3]),
+            format!("{}-failed-1", ords[0]),
+            format!("{}-succeeded", ords[0]),
+            format!("{}-pending", ords[3]),
+        ]
+    );
+    // The same batch again changes nothing (every guard is now lost).
+    let (done, rows) = store::record_attempts(db, &x, &outcomes).await.unwrap();
+    assert_eq!((done, rows.len()), (vec![false; 4], 0));
+    assert_eq!(outbox_ids(db).await.len(), 6);
+}
+
+#[tokio::test]
+async fn a_batch_writes_exactly_the_rows_that_keep_their_guard_postgres() {
+    let db = storage::testing::fresh_postgres().await.unwrap();
+    a_batch_writes_exactly_the_rows_that_keep_their_guard(&db).await;
+}
+
+#[tokio::test]
+async fn a_batch_writes_exactly_the_rows_that_keep_their_guard_sqlite() {
+    let (db, _dir) = storage::testing::fresh_sqlite().await.unwrap();
+    a_batch_writes_exactly_the_rows_that_keep_their_guard(&db).await;
 }
