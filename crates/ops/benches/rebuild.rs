@@ -133,7 +133,7 @@ fn print_slices(label: &str, s: &ops::projection::RebuildSummary) {
     let worst = rates.iter().copied().min().unwrap_or(0);
     let line: Vec<String> = rates.iter().map(|r| format!("{}k", r / 1000)).collect();
     println!(
-        "  {label} per slice of {} events (read + decode + decide, writer in parallel): {} -> lowest {}% of the first: {}",
+        "  {label} per slice of {} events (read + decode + decide + written to the shadow): {} -> lowest {}% of the first: {}",
         s.slice_events,
         line.join(" "),
         worst * 100 / first.max(1),

@@ -489,9 +489,12 @@ pub struct RebuildSummary {
     /// Events per slice: a tenth of what there was to read (100,000 of
     /// 1,000,000).
     pub slice_events: u64,
-    /// Milliseconds from the start of reading until each further
-    /// `slice_events` events were read and decided (the rate per slice
-    /// shows whether it stays flat with size).
+    /// Milliseconds from the start of reading until the rows of each
+    /// further `slice_events` events were read, decided and written into
+    /// the shadow (the rate per slice shows whether it stays flat with
+    /// size). The rows written at the end (orders, rejected events, PSP
+    /// references, totals: what later events may still change) are in
+    /// `millis` only.
     pub slice_millis: Vec<u64>,
 }
 
@@ -513,22 +516,29 @@ async fn bulk_apply(
     tally: &mut ApplyTally,
     slice: u64,
 ) -> anyhow::Result<Vec<u64>> {
-    let mut slice_millis = Vec::new();
     use projections::bulk;
     let started = Instant::now();
-    let (to_writer, mut rx) = tokio::sync::mpsc::channel::<Vec<bulk::Rows>>(2);
+    // Rows, and how many events were read when they were decided.
+    let (to_writer, mut rx) = tokio::sync::mpsc::channel::<(Vec<bulk::Rows>, u64)>(2);
     let db = shadow.clone();
+    // The slices are timed where the rows are written: that is where the
+    // time goes, and a slice ends only once its rows are in the shadow.
     let writer = tokio::spawn(async move {
-        while let Some(rows) = rx.recv().await {
+        let mut slice_millis = Vec::new();
+        let mut next_slice = slice;
+        while let Some((rows, read)) = rx.recv().await {
             bulk::load(&db, &rows)
                 .await
                 .context("writing rebuilt rows into the shadow")?;
+            while read >= next_slice {
+                slice_millis.push(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
+                next_slice += slice;
+            }
         }
-        anyhow::Ok(())
+        anyhow::Ok(slice_millis)
     });
     let mut replay = bulk::Replay::new(projection);
     let read = async {
-        let mut next_slice = slice;
         while let Some(records) = reader.next_batch(batch_size.max(1)).await? {
             let mut envs = Vec::with_capacity(records.len());
             let mut metas: Vec<MessageMeta> = Vec::with_capacity(records.len());
@@ -554,15 +564,14 @@ async fn bulk_apply(
             let n = u64::try_from(records.len()).unwrap_or(u64::MAX);
             tally.read += n;
             if replay.pending_appends() >= HANDOFF_ROWS
-                && to_writer.send(replay.take_appends()).await.is_err()
+                && to_writer
+                    .send((replay.take_appends(), tally.read))
+                    .await
+                    .is_err()
             {
                 break; // the writer failed: its error is reported below
             }
             progress.inc(n);
-            while tally.read >= next_slice {
-                slice_millis.push(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
-                next_slice += slice;
-            }
         }
         anyhow::Ok(())
     }
@@ -571,9 +580,9 @@ async fn bulk_apply(
         writer.abort();
         return Err(e);
     }
-    let _ = to_writer.send(replay.take_appends()).await;
+    let _ = to_writer.send((replay.take_appends(), tally.read)).await;
     drop(to_writer);
-    writer.await.context("the shadow writer panicked")??;
+    let slice_millis = writer.await.context("the shadow writer panicked")??;
     let finished = replay.finish();
     bulk::load_finished(shadow, &finished)
         .await

@@ -125,6 +125,32 @@ pub async fn columns(db: &Db, table: &str) -> anyhow::Result<Vec<String>> {
     Ok(cols)
 }
 
+/// The primary key columns of `table`, in key order (empty if none).
+pub async fn primary_key(db: &Db, table: &str) -> anyhow::Result<Vec<String>> {
+    let cols: Vec<String> = match db {
+        Db::Postgres(p) => {
+            sqlx::query_scalar(
+                "SELECT a.attname::TEXT FROM pg_index i \
+                 JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n) ON TRUE \
+                 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+                 WHERE i.indrelid = (quote_ident(current_schema()) || '.' || quote_ident($1))::regclass \
+                 AND i.indisprimary ORDER BY k.n",
+            )
+            .bind(table)
+            .fetch_all(p)
+            .await
+        }
+        Db::Sqlite(p) => {
+            sqlx::query_scalar("SELECT name FROM pragma_table_info($1) WHERE pk > 0 ORDER BY pk")
+                .bind(table)
+                .fetch_all(p)
+                .await
+        }
+    }
+    .with_context(|| format!("reading the primary key of {table}"))?;
+    Ok(cols)
+}
+
 /// Rows of `table` that belong to `projection`.
 pub async fn count_rows(db: &Db, table: OwnedTable, projection: Projection) -> anyhow::Result<i64> {
     let n: i64 = if table.shared {

@@ -18,7 +18,7 @@
 //! The test `bulk` proves it on the property sequences.
 //!
 //! Rows that never change once written (ledger transactions and entries,
-//! booking keys) are handed out as they are produced ([`Replay::take_appends`]),
+//! booking keys, the dedup rows of applied events) are handed out as they are produced ([`Replay::take_appends`]),
 //! so a writer can load them while the next events are read; the rest
 //! (the final state of every row that later events may update) comes out
 //! at the end ([`Replay::finish`]). [`load`] writes rows: COPY on
@@ -142,6 +142,29 @@ struct Seen {
     offset: i64,
     /// `None`: applied; else the stored rejection (kind, reason).
     rejected: Option<(String, String)>,
+    /// Its row was handed out already: an applied event's row never
+    /// changes again (a later copy is a duplicate), so it is written as it
+    /// is decided; a rejected one's may (a redrive moves it), so it waits
+    /// for [`Replay::finish`].
+    written: bool,
+}
+
+fn applied_row(p: &str, id: &uuid::Uuid, s: &Seen, topics: &[String]) -> Vec<V> {
+    let (outcome, kind, reason) = match &s.rejected {
+        None => ("applied", None, None),
+        Some((k, r)) => ("rejected", Some(k.clone()), Some(r.clone())),
+    };
+    vec![
+        V::T(p.to_owned()),
+        V::T(id.to_string()),
+        V::I(s.applied_at),
+        V::T(topics[s.topic as usize].clone()),
+        V::I(i64::from(s.partition)),
+        V::I(s.offset),
+        V::T(outcome.to_owned()),
+        V::N(kind),
+        V::N(reason),
+    ]
 }
 
 /// The in-memory projection a rebuild decides with. See the module docs.
@@ -162,6 +185,8 @@ pub struct Replay {
     wallets: HashMap<(String, String, String), i64>,
     buyers: HashMap<(String, String, String), (i64, i64)>,
     bookings: Rows,
+    /// `applied_events` rows of applied events (see [`Seen::written`]).
+    applied: Rows,
     txns: Rows,
     entries: Rows,
 }
@@ -187,6 +212,7 @@ impl Replay {
             wallets: HashMap::new(),
             buyers: HashMap::new(),
             bookings: Rows::new("projection_bookings", BOOKING_COLS),
+            applied: Rows::new("applied_events", APPLIED_COLS),
             txns: Rows::new("ledger_transactions", TXN_COLS),
             entries: Rows::new("ledger_entries", ENTRY_COLS),
         }
@@ -210,7 +236,6 @@ impl Replay {
         //    live path sorts them only for lock order).
         let mut first_seen = HashSet::new();
         let mut fresh: Vec<usize> = Vec::new();
-        let mut redriven: HashSet<usize> = HashSet::new();
         let mut before: Vec<usize> = Vec::new();
         for (i, inc) in batch.iter().enumerate() {
             let id = inc.envelope.event_id.as_uuid();
@@ -229,6 +254,7 @@ impl Replay {
                         partition: inc.meta.partition,
                         offset: inc.meta.offset,
                         rejected: None,
+                        written: false,
                     },
                 );
                 fresh.push(i);
@@ -256,7 +282,6 @@ impl Replay {
             row.partition = m.partition;
             row.offset = m.offset;
             row.applied_at = now;
-            redriven.insert(i);
             fresh.push(i);
         }
         fresh.sort_unstable();
@@ -288,13 +313,18 @@ impl Replay {
                     },
                 },
             };
-            let row = self.seen.get_mut(&env.event_id.as_uuid()).expect("claimed");
+            let id = env.event_id.as_uuid();
+            let row = self.seen.get_mut(&id).expect("claimed");
             match &outcome {
                 Outcome::Rejected { kind, reason } => {
                     row.rejected = Some((kind.clone(), reason.clone()));
                 }
-                _ if redriven.contains(&i) => row.rejected = None,
-                _ => {}
+                _ => {
+                    row.rejected = None;
+                    row.written = true;
+                    let r = applied_row(self.projection.as_str(), &id, row, &self.topics);
+                    self.applied.rows.push(r);
+                }
             }
             outcomes[i] = outcome;
         }
@@ -443,21 +473,26 @@ impl Replay {
 
     /// How many rows [`Replay::take_appends`] would return now.
     pub fn pending_appends(&self) -> usize {
-        self.bookings.len() + self.txns.len() + self.entries.len()
+        self.bookings.len() + self.applied.len() + self.txns.len() + self.entries.len()
     }
 
     /// The rows produced so far that no later event changes (booking keys,
-    /// ledger transactions and entries), in insertion order.
+    /// dedup rows of applied events, ledger transactions and entries).
     pub fn take_appends(&mut self) -> Vec<Rows> {
-        [&mut self.bookings, &mut self.txns, &mut self.entries]
-            .into_iter()
-            .filter(|r| !r.is_empty())
-            .map(|r| Rows {
-                table: r.table,
-                columns: r.columns,
-                rows: std::mem::take(&mut r.rows),
-            })
-            .collect()
+        [
+            &mut self.bookings,
+            &mut self.applied,
+            &mut self.txns,
+            &mut self.entries,
+        ]
+        .into_iter()
+        .filter(|r| !r.is_empty())
+        .map(|r| Rows {
+            table: r.table,
+            columns: r.columns,
+            rows: std::mem::take(&mut r.rows),
+        })
+        .collect()
     }
 
     /// The ledger's chain head (seq, hash) after everything applied.
@@ -471,22 +506,8 @@ impl Replay {
         let mut rows = self.take_appends();
         let p = self.projection.as_str();
         let mut applied = Rows::new("applied_events", APPLIED_COLS);
-        for (id, s) in &self.seen {
-            let (outcome, kind, reason) = match &s.rejected {
-                None => ("applied", None, None),
-                Some((k, r)) => ("rejected", Some(k.clone()), Some(r.clone())),
-            };
-            applied.rows.push(vec![
-                V::T(p.to_owned()),
-                V::T(id.to_string()),
-                V::I(s.applied_at),
-                V::T(self.topics[s.topic as usize].clone()),
-                V::I(i64::from(s.partition)),
-                V::I(s.offset),
-                V::T(outcome.to_owned()),
-                V::N(kind),
-                V::N(reason),
-            ]);
+        for (id, s) in self.seen.iter().filter(|(_, s)| !s.written) {
+            applied.rows.push(applied_row(p, id, s, &self.topics));
         }
         rows.push(applied);
         let mut orders = Rows::new("projection_orders", ORDER_COLS);
