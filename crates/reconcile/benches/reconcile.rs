@@ -141,6 +141,13 @@ async fn bench(name: &str, db: Db, n: usize) {
     let ratio10 = ms(total_d) * 10 / ms(parse_d);
     let rows_per_s = u128::try_from(n).expect("fits") * 1000 / ms(total_d);
     println!(
+        "{name:<9}   of which: lookups {} s  matching {} s  record {} s  publish {} s",
+        secs(timings.lookups),
+        secs(timings.matching),
+        secs(timings.record),
+        secs(timings.publish),
+    );
+    println!(
         "{name:<9} rows {n:>9}  file {:>5} MB  ledger bulk load {:>8} s  parse only {:>7} s  reconcile {:>8} s (its own parse {} s)  reconcile/parse {}.{}x  {rows_per_s:>8} rows/s",
         bytes.len() / 1_000_000,
         secs(load_d),

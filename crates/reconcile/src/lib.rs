@@ -238,6 +238,14 @@ pub struct Timings {
     pub parse: Duration,
     /// Everything: parse, ledger lookups, matching, recording, publishing.
     pub total: Duration,
+    /// Reading the ledger's references (the day's and the others needed).
+    pub lookups: Duration,
+    /// Matching in memory and building the report.
+    pub matching: Duration,
+    /// The run's transaction (run, discrepancies, claims) and statistics.
+    pub record: Duration,
+    /// Appending the events.
+    pub publish: Duration,
 }
 
 fn now_us() -> i64 {
@@ -318,10 +326,12 @@ pub async fn reconcile_bytes(
             Timings {
                 parse,
                 total: started.elapsed(),
+                ..Timings::default()
             },
         ));
     }
 
+    let lookups_started = Instant::now();
     // Ledger lookups: the day's references once (each with the other day
     // that matched it, if any), then by `= ANY` only the file's references
     // not on the day (usually few) and the order ids of rows still unknown.
@@ -371,6 +381,8 @@ pub async fn reconcile_bytes(
         note(claimed, &r);
         by_order.entry(r.order_id.clone()).or_default().push(r);
     }
+    let lookups = lookups_started.elapsed();
+    let matching_started = Instant::now();
     let mut outcome = matching::match_rows(
         &file.rows, &by_ref, &by_order, &day_refs, &earlier, tolerance,
     );
@@ -516,6 +528,8 @@ pub async fn reconcile_bytes(
         .map(|d| d.discrepancy_id.clone())
         .collect();
     let json = serde_json::to_string(&report)?;
+    let matching = matching_started.elapsed();
+    let record_started = Instant::now();
     match store::record_run(db, &report, &json, &rows, &outcome.claimed, now).await? {
         Some(_new) => {}
         None => {
@@ -527,7 +541,10 @@ pub async fn reconcile_bytes(
             report.already_recorded = true;
         }
     }
+    let record = record_started.elapsed();
+    let publish_started = Instant::now();
     publish_run(db, producer, &report).await?;
+    let publish = publish_started.elapsed();
     report.auto_resolved = auto_resolved;
     refresh(db, &mut report).await?;
     Ok((
@@ -535,6 +552,10 @@ pub async fn reconcile_bytes(
         Timings {
             parse,
             total: started.elapsed(),
+            lookups,
+            matching,
+            record,
+            publish,
         },
     ))
 }

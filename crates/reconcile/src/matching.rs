@@ -83,14 +83,16 @@ fn compare(
     out: &mut Vec<Finding>,
 ) -> bool {
     let before = out.len();
-    let order_ids: Vec<String> = ours.iter().map(|r| r.order_id.clone()).collect();
+    // Built only when there is a difference: most rows match, and a file
+    // has a million of them.
+    let order_ids = || ours.iter().map(|r| r.order_id.clone()).collect();
     let note = via.map(|v| format!(" ({v})")).unwrap_or_default();
     let theirs = Money::new(row.amount_minor, row.currency);
     let push = |out: &mut Vec<Finding>, class, ours, theirs, detail: String| {
         out.push(Finding {
             class,
             psp_reference: row.psp_reference.clone(),
-            order_ids: order_ids.clone(),
+            order_ids: order_ids(),
             ours,
             theirs,
             detail,
