@@ -162,8 +162,7 @@ impl Shadow {
     /// that already holds every key once). The shadow is only the staging
     /// area of the swap, which copies its rows into the live tables, whose
     /// own keys and constraints check every row again: the shadow needs no
-    /// index of its own (SQLite keeps its primary keys, which are part of
-    /// the table).
+    /// index of its own.
     pub async fn strip_indexes(&self) -> anyhow::Result<()> {
         match &self.db {
             Db::Postgres(p) => {
@@ -200,17 +199,29 @@ impl Shadow {
                 }
             }
             Db::Sqlite(p) => {
-                let idx: Vec<String> = sqlx::query_scalar(
-                    "SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL",
+                // SQLite cannot drop a primary key: each table is replaced
+                // by a plain copy (`CREATE TABLE ... AS SELECT`: same
+                // columns and rows, no key, index, constraint or trigger).
+                let tables: Vec<String> = sqlx::query_scalar(
+                    "SELECT name FROM sqlite_master WHERE type = 'table' \
+                     AND name NOT LIKE 'sqlite_%' AND name <> '_sqlx_migrations'",
                 )
                 .fetch_all(p)
                 .await
-                .context("listing the shadow's indexes")?;
-                for name in idx {
-                    sqlx::query(&format!("DROP INDEX {}", quote_ident(&name)))
-                        .execute(p)
-                        .await
-                        .with_context(|| format!("dropping index {name} of the shadow"))?;
+                .context("listing the shadow's tables")?;
+                let mut conn = p.acquire().await.context("connecting to the shadow")?;
+                for t in tables {
+                    let (q, plain) = (quote_ident(&t), quote_ident(&format!("{t}_plain")));
+                    for sql in [
+                        format!("CREATE TABLE {plain} AS SELECT * FROM {q}"),
+                        format!("DROP TABLE {q}"),
+                        format!("ALTER TABLE {plain} RENAME TO {q}"),
+                    ] {
+                        sqlx::query(&sql)
+                            .execute(&mut *conn)
+                            .await
+                            .with_context(|| format!("stripping the shadow's {t}"))?;
+                    }
                 }
             }
         }
