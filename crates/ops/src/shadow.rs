@@ -21,7 +21,7 @@
 //!   mode readers keep seeing the old rows until the commit.
 //!
 //! The shadow is written without durability (`synchronous_commit = off`,
-//! SQLite `synchronous = OFF`): a crash during the rebuild only means
+//! and a rebuild makes its tables UNLOGGED; SQLite `synchronous = OFF`): a crash during the rebuild only means
 //! running it again. The swap itself runs with the live database's full
 //! durability. The shadow is removed after the swap (and replaced if a
 //! previous rebuild left one behind). Callers hold the projection's run
@@ -184,6 +184,21 @@ impl Shadow {
                     .execute(p)
                     .await
                     .with_context(|| format!("dropping {name} of the shadow's {table}"))?;
+                }
+                // Unlogged: the shadow is thrown away after a crash anyway
+                // (the next rebuild replaces it), so its bulk load need not
+                // write WAL. The swap copies into the logged live tables.
+                let tables: Vec<String> = sqlx::query_scalar(
+                    "SELECT quote_ident(tablename::TEXT) FROM pg_tables WHERE schemaname = current_schema()",
+                )
+                .fetch_all(p)
+                .await
+                .context("listing the shadow's tables")?;
+                for t in tables {
+                    sqlx::query(&format!("ALTER TABLE {t} SET UNLOGGED"))
+                        .execute(p)
+                        .await
+                        .with_context(|| format!("making the shadow's {t} unlogged"))?;
                 }
                 let idx: Vec<String> = sqlx::query_scalar(
                     "SELECT indexname::TEXT FROM pg_indexes WHERE schemaname = current_schema()",
