@@ -139,7 +139,7 @@ async fn members_joining_and_leaving_mid_stream_neither_lose_nor_repeat_an_event
 
     let stop_a = CancellationToken::new();
     let a = member("a", &stop_a);
-    wait_until("a applies", Duration::from_secs(60), || count("a") >= 200).await;
+    wait_until("a applies", Duration::from_secs(180), || count("a") >= 200).await;
     // B joins while A is mid-stream, and more events arrive meanwhile.
     let stop_b = CancellationToken::new();
     let b = member("b", &stop_b);
@@ -151,13 +151,13 @@ async fn members_joining_and_leaving_mid_stream_neither_lose_nor_repeat_an_event
             }
         })
     };
-    wait_until("b applies", Duration::from_secs(60), || count("b") >= 200).await;
+    wait_until("b applies", Duration::from_secs(180), || count("b") >= 200).await;
     // A leaves while B is mid-stream.
     stop_a.cancel();
     let stats_a = a.await.unwrap().unwrap();
     producing.await.unwrap();
     let total = events.len();
-    wait_until("everything applied", Duration::from_secs(120), || {
+    wait_until("everything applied", Duration::from_secs(240), || {
         log.lock().unwrap().len() >= total
     })
     .await;
