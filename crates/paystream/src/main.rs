@@ -281,6 +281,14 @@ fn print_env(cmd: &clap::Command, path: &str) {
         }
     }
     walk(cmd, path, &mut std::collections::BTreeSet::new());
+    // Read by every consumer loop (not flags: they tune all components).
+    for (env, default) in [
+        (streaming::consumer::ENV_BATCH_MAX, "500"),
+        (streaming::consumer::ENV_BATCH_LINGER_MS, "20"),
+        (streaming::consumer::ENV_PIPELINE_DEPTH, "1"),
+    ] {
+        println!("{env:<44} {path} (every consumer loop)  [default: {default}]");
+    }
 }
 
 async fn clients_create(database_url: &str, name: &str, role: &str) -> anyhow::Result<ExitCode> {
