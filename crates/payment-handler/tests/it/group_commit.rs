@@ -184,7 +184,11 @@ async fn concurrent_requests_get_todays_answers() {
         assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
         assert!(body.contains("idempotency_key_reused"));
         // Velocity fails closed across the batch: never more than 3 of one
-        // buyer approved, every refusal the count rule.
+        // buyer approved, every refusal the count rule. None approved is a
+        // right answer too: payments of one buyer go to different batches,
+        // and batches that commit their velocity rows before any of them
+        // reads the window each see all six (as concurrent requests did
+        // before group commit).
         let vel: Vec<Value> = answers
             .iter()
             .filter(|a| a.0.starts_with("vel-"))
@@ -194,10 +198,7 @@ async fn concurrent_requests_get_todays_answers() {
             })
             .collect();
         let approved = vel.iter().filter(|v| v["status"] == "processing").count();
-        assert!(
-            (1..=3).contains(&approved),
-            "{backend:?}: {approved} approved"
-        );
+        assert!(approved <= 3, "{backend:?}: {approved} approved");
         for v in vel.iter().filter(|v| v["status"] != "processing") {
             assert_eq!(v["rejection"]["rule"], "velocity_count", "{backend:?} {v}");
         }
