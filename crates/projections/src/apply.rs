@@ -740,6 +740,70 @@ pub fn transaction_id(event_id: &events::EventId, kind: booking::BookingKind) ->
     .to_string()
 }
 
+/// One booking as the next link of the hash chain: its transaction row
+/// (`ledger_transactions` columns) and entry rows (`ledger_entries`
+/// columns); `prev` becomes the new head. The live apply and the rebuild's
+/// bulk replay both build the chain with this, so their hashes agree.
+pub(crate) fn link(
+    seq: i64,
+    prev: &mut String,
+    env: &events::Envelope,
+    b: &Booking,
+    now: i64,
+    txn_rows: &mut Vec<Vec<V>>,
+    entry_rows: &mut Vec<Vec<V>>,
+) {
+    let id = transaction_id(&env.event_id, b.kind);
+    let event_id = env.event_id.to_string();
+    let payment = env.payment_id.map(|p| p.to_string());
+    let occurred = env.occurred_at.as_micros();
+    let entries: Vec<(String, String, i64)> = b
+        .entries
+        .iter()
+        .map(|e| {
+            (
+                e.account.clone(),
+                e.amount.currency().code().to_owned(),
+                e.amount.amount_minor(),
+            )
+        })
+        .collect();
+    let bytes = canonical_bytes(
+        seq,
+        &id,
+        &event_id,
+        payment.as_deref(),
+        b.kind.as_str(),
+        occurred,
+        now,
+        &entries,
+    );
+    let hash = chain_hash(prev, &bytes);
+    for (line, (account, currency, amount)) in entries.into_iter().enumerate() {
+        entry_rows.push(vec![
+            V::T(id.clone()),
+            V::I(i64::try_from(line).expect("few entries per transaction")),
+            V::T(account),
+            V::T(currency),
+            V::I(amount),
+            V::I(occurred),
+            V::I(seq),
+        ]);
+    }
+    txn_rows.push(vec![
+        V::I(seq),
+        V::T(id),
+        V::T(b.key.clone()),
+        V::T(event_id),
+        V::N(payment),
+        V::T(b.kind.as_str().to_owned()),
+        V::I(occurred),
+        V::I(now),
+        V::T(std::mem::replace(prev, hash.clone())),
+        V::T(hash),
+    ]);
+}
+
 async fn write_ledger(
     tx: &mut Tx,
     batch: &[Incoming<'_>],
@@ -761,57 +825,16 @@ async fn write_ledger(
     let mut txn_rows = Vec::with_capacity(bookings.len());
     let mut entry_rows = Vec::with_capacity(bookings.len() * 3);
     for (i, b) in bookings {
-        let env = batch[*i].envelope;
         seq += 1;
-        let id = transaction_id(&env.event_id, b.kind);
-        let event_id = env.event_id.to_string();
-        let payment = env.payment_id.map(|p| p.to_string());
-        let occurred = env.occurred_at.as_micros();
-        let entries: Vec<(String, String, i64)> = b
-            .entries
-            .iter()
-            .map(|e| {
-                (
-                    e.account.clone(),
-                    e.amount.currency().code().to_owned(),
-                    e.amount.amount_minor(),
-                )
-            })
-            .collect();
-        let bytes = canonical_bytes(
+        link(
             seq,
-            &id,
-            &event_id,
-            payment.as_deref(),
-            b.kind.as_str(),
-            occurred,
+            &mut prev,
+            batch[*i].envelope,
+            b,
             now,
-            &entries,
+            &mut txn_rows,
+            &mut entry_rows,
         );
-        let hash = chain_hash(&prev, &bytes);
-        for (line, (account, currency, amount)) in entries.into_iter().enumerate() {
-            entry_rows.push(vec![
-                V::T(id.clone()),
-                V::I(i64::try_from(line).expect("few entries per transaction")),
-                V::T(account),
-                V::T(currency),
-                V::I(amount),
-                V::I(occurred),
-                V::I(seq),
-            ]);
-        }
-        txn_rows.push(vec![
-            V::I(seq),
-            V::T(id),
-            V::T(b.key.clone()),
-            V::T(event_id),
-            V::N(payment),
-            V::T(b.kind.as_str().to_owned()),
-            V::I(occurred),
-            V::I(now),
-            V::T(std::mem::replace(&mut prev, hash.clone())),
-            V::T(hash),
-        ]);
     }
     insert_many(
         tx,

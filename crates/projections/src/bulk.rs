@@ -24,9 +24,7 @@
 //! at the end ([`Replay::finish`]). [`load`] writes rows: COPY on
 //! PostgreSQL, large multi-row INSERTs in one transaction on SQLite.
 
-use crate::apply::{
-    Incoming, Projection, canonical_bytes, chain_hash, transaction_id, within_totals,
-};
+use crate::apply::{Incoming, Projection, link, within_totals};
 use crate::booking::{self, BookState, Decision, TotalKey};
 use crate::sql::{Tx, V, insert_many};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -362,59 +360,16 @@ impl Replay {
 
     fn ledger(&mut self, batch: &[Incoming<'_>], booked: &[(usize, booking::Booking)], now: i64) {
         for (i, b) in booked {
-            let env = batch[*i].envelope;
             self.seq += 1;
-            let seq = self.seq;
-            let id = transaction_id(&env.event_id, b.kind);
-            let event_id = env.event_id.to_string();
-            let payment = env.payment_id.map(|p| p.to_string());
-            let occurred = env.occurred_at.as_micros();
-            let entries: Vec<(String, String, i64)> = b
-                .entries
-                .iter()
-                .map(|e| {
-                    (
-                        e.account.clone(),
-                        e.amount.currency().code().to_owned(),
-                        e.amount.amount_minor(),
-                    )
-                })
-                .collect();
-            let bytes = canonical_bytes(
-                seq,
-                &id,
-                &event_id,
-                payment.as_deref(),
-                b.kind.as_str(),
-                occurred,
+            link(
+                self.seq,
+                &mut self.head,
+                batch[*i].envelope,
+                b,
                 now,
-                &entries,
+                &mut self.txns.rows,
+                &mut self.entries.rows,
             );
-            let hash = chain_hash(&self.head, &bytes);
-            for (line, (account, currency, amount)) in entries.into_iter().enumerate() {
-                self.entries.rows.push(vec![
-                    V::T(id.clone()),
-                    V::I(i64::try_from(line).expect("few entries per transaction")),
-                    V::T(account),
-                    V::T(currency),
-                    V::I(amount),
-                    V::I(occurred),
-                    V::I(seq),
-                ]);
-            }
-            let prev = std::mem::replace(&mut self.head, hash.clone());
-            self.txns.rows.push(vec![
-                V::I(seq),
-                V::T(id),
-                V::T(b.key.clone()),
-                V::T(event_id),
-                V::N(payment),
-                V::T(b.kind.as_str().to_owned()),
-                V::I(occurred),
-                V::I(now),
-                V::T(prev),
-                V::T(hash),
-            ]);
         }
     }
 
