@@ -18,7 +18,7 @@ use crate::service::{App, run_owned_payment};
 use crate::store::Begin;
 use events::{Envelope, Event, json};
 use hmac::{Hmac, Mac};
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::Header;
 use sha2::{Digest, Sha256};
 use streaming::{Appended, BatchHandler, Delivered, EventProducer, HandlerError, Outcome};
 use tracing::Instrument;
@@ -73,24 +73,10 @@ pub async fn append_signed(
     let key = env.partition_key();
     let sig = sign(api_key, Some(key.as_bytes()), &payload)
         .ok_or_else(|| anyhow::anyhow!("not an API key (psk_<key id>_<secret>)"))?;
-    let event_id = env.event_id.to_string();
-    let headers = OwnedHeaders::new()
-        .insert(Header {
-            key: streaming::producer::HEADER_EVENT_TYPE,
-            value: Some(env.event_type().as_str()),
-        })
-        .insert(Header {
-            key: streaming::producer::HEADER_EVENT_ID,
-            value: Some(event_id.as_str()),
-        })
-        .insert(Header {
-            key: streaming::producer::HEADER_CONTENT_TYPE,
-            value: Some(streaming::producer::CONTENT_TYPE_AVRO),
-        })
-        .insert(Header {
-            key: SIGNATURE_HEADER,
-            value: Some(sig.as_str()),
-        });
+    let headers = streaming::producer::envelope_headers(env).insert(Header {
+        key: SIGNATURE_HEADER,
+        value: Some(sig.as_str()),
+    });
     Ok(producer
         .send_raw(
             topic,

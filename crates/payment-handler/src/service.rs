@@ -332,31 +332,9 @@ pub fn view_of_decided(envs: &[Envelope]) -> Option<store::PaymentView> {
 /// waits for its acknowledgement. Sends start when the future is first
 /// polled: the group commit polls all of a batch's sends together.
 pub async fn append_encoded(app: &App, env: &Envelope, payload: &[u8]) -> Result<(), Unavailable> {
-    use rdkafka::message::{Header, OwnedHeaders};
     let topic = app.producer.topology().topic_for(env);
-    let key = env.partition_key();
-    let event_id = env.event_id.to_string();
-    let headers = OwnedHeaders::new()
-        .insert(Header {
-            key: streaming::producer::HEADER_EVENT_TYPE,
-            value: Some(env.event_type().as_str()),
-        })
-        .insert(Header {
-            key: streaming::producer::HEADER_EVENT_ID,
-            value: Some(event_id.as_str()),
-        })
-        .insert(Header {
-            key: streaming::producer::HEADER_CONTENT_TYPE,
-            value: Some(streaming::producer::CONTENT_TYPE_AVRO),
-        });
     app.producer
-        .send_raw(
-            &topic,
-            Some(key.as_bytes()),
-            Some(payload),
-            headers,
-            Some(env.occurred_at.as_millis()),
-        )
+        .append_encoded(&topic, env, payload)
         .await
         .map(drop)
         .map_err(|e| Unavailable(format!("broker: {e}")))

@@ -81,6 +81,25 @@ pub const MESSAGE_MAX_BYTES: usize = 1_000_000;
 /// lost broker turns into an error instead of a hung request.
 pub const DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The headers every appended envelope carries: its event type, event id
+/// and content type.
+pub fn envelope_headers(envelope: &Envelope) -> OwnedHeaders {
+    let event_id = envelope.event_id.to_string();
+    OwnedHeaders::new()
+        .insert(Header {
+            key: HEADER_EVENT_TYPE,
+            value: Some(envelope.event_type().as_str()),
+        })
+        .insert(Header {
+            key: HEADER_EVENT_ID,
+            value: Some(event_id.as_str()),
+        })
+        .insert(Header {
+            key: HEADER_CONTENT_TYPE,
+            value: Some(CONTENT_TYPE_AVRO),
+        })
+}
+
 impl EventProducer {
     pub fn new(cfg: &KafkaConfig, client_id: &str) -> Result<EventProducer, ProduceError> {
         let mut c = cfg.client_config(client_id);
@@ -141,26 +160,24 @@ impl EventProducer {
         envelope: &Envelope,
     ) -> Result<Appended, ProduceError> {
         let payload = avro::encode(envelope)?;
+        self.append_encoded(topic, envelope, &payload).await
+    }
+
+    /// Appends an envelope whose Avro bytes were encoded already (e.g.
+    /// stored before the append), with the key, headers and timestamp
+    /// `append_to` gives it. Sending starts when the future is first polled.
+    pub async fn append_encoded(
+        &self,
+        topic: &str,
+        envelope: &Envelope,
+        payload: &[u8],
+    ) -> Result<Appended, ProduceError> {
         let key = envelope.partition_key();
-        let event_id = envelope.event_id.to_string();
-        let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: HEADER_EVENT_TYPE,
-                value: Some(envelope.event_type().as_str()),
-            })
-            .insert(Header {
-                key: HEADER_EVENT_ID,
-                value: Some(event_id.as_str()),
-            })
-            .insert(Header {
-                key: HEADER_CONTENT_TYPE,
-                value: Some(CONTENT_TYPE_AVRO),
-            });
         self.send_raw(
             topic,
             Some(key.as_bytes()),
-            Some(&payload),
-            headers,
+            Some(payload),
+            envelope_headers(envelope),
             Some(envelope.occurred_at.as_millis()),
         )
         .await
