@@ -45,7 +45,7 @@
 use crate::batch_sql::{BatchSql, ClaimRow, ClaimTimes, FinishRow, KeyId, PendingRow, VelocityRow};
 use crate::request::{FieldError, PaymentRequest};
 use crate::risk::RecentActivity;
-use crate::service::{App, Fault, Reply, Unavailable};
+use crate::service::{App, Reply, Unavailable};
 use crate::store;
 use events::{ClientId, Envelope, Money, PaymentId};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -475,26 +475,13 @@ async fn steps(app: &App, items: &mut [Item]) -> bool {
         }
     }
     let appended = items.iter().any(|it| it.open() && !it.events.is_empty());
-    if appended {
-        match app.fault {
-            Fault::CrashAfterAppend => {
-                tracing::error!(
-                    "fault injection: aborting after the append, before the response is stored"
-                );
-                std::process::abort();
-            }
-            Fault::FailAfterAppendOnce if app.fire_fault_once() => {
-                if let Some(it) = items
-                    .iter_mut()
-                    .find(|it| it.open() && !it.events.is_empty())
-                {
-                    it.done = Some(Admitted::Answered(Err(Unavailable(
-                        "fault injection: failing once after the append".into(),
-                    ))));
-                }
-            }
-            _ => {}
-        }
+    if appended
+        && let Err(e) = app.fault_after_append()
+        && let Some(it) = items
+            .iter_mut()
+            .find(|it| it.open() && !it.events.is_empty())
+    {
+        it.done = Some(Admitted::Answered(Err(e)));
     }
 
     // ---- Tx 3: status projection and the finished answers.

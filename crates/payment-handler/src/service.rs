@@ -170,10 +170,27 @@ impl App {
     }
 
     /// Whether the one-time fault fires now (it fires once per process).
-    pub(crate) fn fire_fault_once(&self) -> bool {
-        !self
-            .fault_fired
-            .swap(true, std::sync::atomic::Ordering::SeqCst)
+    /// The injected fault at the point right after an append, before the
+    /// stored answer: aborts the process, or fails once, or nothing.
+    pub(crate) fn fault_after_append(&self) -> Result<(), Unavailable> {
+        match self.fault {
+            Fault::CrashAfterAppend => {
+                tracing::error!(
+                    "fault injection: aborting after the append, before the response is stored"
+                );
+                std::process::abort();
+            }
+            Fault::FailAfterAppendOnce
+                if !self
+                    .fault_fired
+                    .swap(true, std::sync::atomic::Ordering::SeqCst) =>
+            {
+                Err(Unavailable(
+                    "fault injection: failing once after the append".into(),
+                ))
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -360,20 +377,7 @@ pub async fn commit_events(app: &App, envs: &[Envelope]) -> Result<(), Unavailab
             .await
             .map_err(|e| Unavailable(format!("broker: {e}")))?;
     }
-    match app.fault {
-        Fault::CrashAfterAppend => {
-            tracing::error!(
-                "fault injection: aborting after the append, before the response is stored"
-            );
-            std::process::abort();
-        }
-        Fault::FailAfterAppendOnce if app.fire_fault_once() => {
-            return Err(Unavailable(
-                "fault injection: failing once after the append".into(),
-            ));
-        }
-        _ => {}
-    }
+    app.fault_after_append()?;
     let refs: Vec<&Envelope> = envs.iter().collect();
     store::apply_status(&app.db, &refs).await?;
     Ok(())
