@@ -335,7 +335,7 @@ async fn holding_leases<T>(
     }
 }
 
-/// Appends recorded events (decoded from their outbox rows) in seq order,
+/// Appends recorded events (their outbox rows' bytes) in seq order,
 /// all sent before any acknowledgement is awaited, then deletes their rows
 /// in one statement.
 async fn append_rows(app: &App, mut rows: Vec<(i64, Vec<u8>)>) -> anyhow::Result<()> {
@@ -345,13 +345,19 @@ async fn append_rows(app: &App, mut rows: Vec<(i64, Vec<u8>)>) -> anyhow::Result
     rows.sort_unstable_by_key(|(seq, _)| *seq);
     let mut seqs = Vec::with_capacity(rows.len());
     let mut envs = Vec::with_capacity(rows.len());
-    for (seq, body) in rows {
-        seqs.push(seq);
-        envs.push(events::avro::decode(&body)?);
+    for (seq, body) in &rows {
+        seqs.push(*seq);
+        envs.push(events::avro::decode(body)?);
     }
-    // Sent in seq order (join_all polls in order, and the idempotent
-    // producer keeps a partition's order), acknowledged together.
-    for r in futures::future::join_all(envs.iter().map(|e| app.producer.append(e))).await {
+    // The stored bytes are sent as they are (decoded only for the key,
+    // headers and topic), in seq order (join_all polls in order, and the
+    // idempotent producer keeps a partition's order), acknowledged together.
+    let topology = app.producer.topology();
+    let sends = envs.iter().zip(&rows).map(|(e, (_, body))| {
+        let topic = topology.topic_for(e);
+        async move { app.producer.append_encoded(&topic, e, body).await }
+    });
+    for r in futures::future::join_all(sends).await {
         r?;
     }
     store::delete_appended(&app.db, &seqs).await?;
@@ -427,18 +433,7 @@ pub async fn flush_outbox(
     loop {
         let rows = store::unappended(&app.db, payment_id, older_than_ms, OUTBOX_BATCH).await?;
         let n = rows.len();
-        let mut seqs = Vec::with_capacity(n);
-        let mut envs = Vec::with_capacity(n);
-        for (seq, body) in rows {
-            seqs.push(seq);
-            envs.push(events::avro::decode(&body)?);
-        }
-        // Sent in seq order (join_all polls in order, and the idempotent
-        // producer keeps a partition's order), acknowledged together.
-        for r in futures::future::join_all(envs.iter().map(|e| app.producer.append(e))).await {
-            r?;
-        }
-        store::delete_appended(&app.db, &seqs).await?;
+        append_rows(app, rows).await?;
         if i64::try_from(n).unwrap_or(i64::MAX) < OUTBOX_BATCH {
             return Ok(());
         }
