@@ -39,20 +39,21 @@ use crate::pipeline;
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
     /// Payments to submit (ignored when --duration-secs is given).
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..))]
     payments: u64,
     /// Submit for this many seconds instead of a fixed count (a sustained
     /// run, e.g. 60).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     duration_secs: Option<u64>,
     /// Concurrent clients; each sends its next payment when the last one
     /// was answered (closed loop).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=100_000))]
     concurrency: usize,
     /// Offered load in payments/s (open loop) instead of as fast as the
     /// clients get answers; latencies are then measured from each payment's
     /// scheduled time, so a stall shows in them.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     rate: Option<u64>,
     /// Orders per payment.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=10))]
@@ -61,7 +62,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 0)]
     psp_latency_ms: u64,
     /// Topic partitions of the bench's own topics.
-    #[arg(long, default_value_t = 12)]
+    #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(i32).range(1..=10_000))]
     partitions: i32,
     /// Skip the raw limits (pipeline figures only).
     #[arg(long)]
@@ -412,8 +413,8 @@ impl Load {
         Load {
             payments: args.payments,
             duration: args.duration_secs.map(Duration::from_secs),
-            concurrency: args.concurrency.max(1),
-            rate: args.rate.filter(|r| *r > 0),
+            concurrency: args.concurrency,
+            rate: args.rate,
             orders: args.orders,
             counters: Arc::new(Counters::default()),
         }
@@ -1071,6 +1072,28 @@ mod tests {
             "CREATE UNIQUE INDEX \"bench_raw_entries_by_account\" ON \"bench_raw_ledger_entries\" (account, seq)"
         );
         assert!(rename_table_ddl("CREATE TABLE x AS SELECT 1", "y", "z").is_err());
+    }
+
+    #[test]
+    fn zero_or_out_of_range_loads_are_refused_with_the_flag_named() {
+        use clap::Parser;
+        #[derive(Debug, clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            bench: BenchArgs,
+        }
+        assert!(Cli::try_parse_from(["bench"]).is_ok());
+        for (flag, value) in [
+            ("--payments", "0"),
+            ("--duration-secs", "0"),
+            ("--concurrency", "0"),
+            ("--rate", "0"),
+            ("--orders", "11"),
+            ("--partitions", "0"),
+        ] {
+            let e = Cli::try_parse_from(["bench", flag, value]).unwrap_err();
+            assert!(e.to_string().contains(flag), "{flag}: {e}");
+        }
     }
 
     #[test]
