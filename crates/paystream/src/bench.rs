@@ -861,14 +861,16 @@ fn rename_index_ddl(sql: &str, t: &str, raw: &str) -> anyhow::Result<String> {
     ))
 }
 
-/// CPU time (utime + stime) of every thread of this process and of the
-/// broker's and PostgreSQL's processes, keyed by thread/process id. Threads
-/// that end between samples keep their last reading, so a sampler that
-/// runs during the load (`track`) accounts for them too.
+/// CPU time in ns of every thread of this process (`schedstat`: exact, so
+/// a thread that worked a few ms still counts) and of the broker's and
+/// PostgreSQL's processes (`stat`: utime + stime, in clock ticks), keyed by
+/// thread/process id. Threads that end between samples keep their last
+/// reading, so a sampler that runs during the load (`track`) accounts for
+/// them too.
 #[derive(Debug, Clone, Default)]
 struct CpuSample(BTreeMap<String, (&'static str, u64)>);
 
-const CLOCK_TICKS_PER_SEC: u64 = 100;
+const NS_PER_CLOCK_TICK: u64 = 10_000_000;
 
 impl CpuSample {
     fn take() -> CpuSample {
@@ -881,8 +883,12 @@ impl CpuSample {
         if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
             for t in tasks.flatten() {
                 if let Some((comm, ticks)) = stat(&t.path().join("stat")) {
+                    let ns = std::fs::read_to_string(t.path().join("schedstat"))
+                        .ok()
+                        .and_then(|s| s.split(' ').next()?.parse().ok())
+                        .unwrap_or(ticks * NS_PER_CLOCK_TICK);
                     let key = format!("t{}", t.file_name().to_string_lossy());
-                    self.0.insert(key, (thread_group(&comm), ticks));
+                    self.0.insert(key, (thread_group(&comm), ns));
                 }
             }
         }
@@ -898,7 +904,8 @@ impl CpuSample {
                         c if c.starts_with("postgres") => "PostgreSQL",
                         _ => continue,
                     };
-                    self.0.insert(format!("p{name}"), (group, ticks));
+                    self.0
+                        .insert(format!("p{name}"), (group, ticks * NS_PER_CLOCK_TICK));
                 }
             }
         }
@@ -930,7 +937,7 @@ impl CpuSample {
         by_group
             .into_iter()
             .map(|(k, d)| {
-                let pct = d as f64 / CLOCK_TICKS_PER_SEC as f64 / secs.max(1e-9) * 100.0;
+                let pct = d as f64 / 1e9 / secs.max(1e-9) * 100.0;
                 (k.to_owned(), (pct * 10.0).round() / 10.0)
             })
             .filter(|(_, v)| *v > 0.0)
