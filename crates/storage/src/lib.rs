@@ -17,6 +17,7 @@ use std::time::Duration;
 
 mod classify;
 mod existing;
+pub mod lock_wait;
 pub mod testing;
 mod write;
 
@@ -77,6 +78,10 @@ pub enum Db {
 pub const POSTGRES_CONNECTIONS_MAX: u32 = 16;
 pub const SQLITE_CONNECTIONS_MAX: u32 = 4;
 
+/// How long a SQLite statement waits for a lock before it fails with
+/// "database is locked" (a transient error: the consumers retry).
+pub const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl Db {
     /// Connects to `postgres://...` or `sqlite://path` (the file is created
     /// if missing).
@@ -107,7 +112,9 @@ impl Db {
                 .journal_mode(SqliteJournalMode::Wal)
                 // Money: a committed transaction survives a power cut.
                 .synchronous(SqliteSynchronous::Full)
-                .busy_timeout(Duration::from_secs(10))
+                // While connecting (SQLite's own handler); then
+                // `lock_wait::install` takes over with the same timeout.
+                .busy_timeout(SQLITE_BUSY_TIMEOUT)
                 .foreign_keys(true)
                 // One writer at a time: a statement that waited for the
                 // write lock is expected contention on the embedded
@@ -116,6 +123,9 @@ impl Db {
             let pool = SqlitePoolOptions::new()
                 .max_connections(SQLITE_CONNECTIONS_MAX)
                 .acquire_timeout(Duration::from_secs(10))
+                // Writers waiting for the lock are woken by the commit
+                // that frees it instead of sleeping on (lock_wait.rs).
+                .after_connect(|conn, _| Box::pin(lock_wait::install(conn, SQLITE_BUSY_TIMEOUT)))
                 .connect_with(opts)
                 .await
                 .map_err(err)?;

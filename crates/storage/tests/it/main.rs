@@ -1,6 +1,7 @@
 //! Both backends connect, answer, and give each test its own database.
 
 mod classify;
+mod lock_wait;
 
 use storage::{Backend, Db, testing};
 
