@@ -96,6 +96,114 @@ pub struct OrderRow {
     pub status: &'static str,
 }
 
+/// A payment's columns the status fold reads.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct LoadedPayment {
+    pub payment: String,
+    pub status: String,
+    pub updated_us: i64,
+}
+
+/// An order's columns the status fold reads (the money columns are
+/// written as deltas, never read).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct LoadedOrder {
+    pub order: String,
+    pub payment: String,
+    pub status: String,
+    pub psp_reference: Option<String>,
+    pub failure_reason: Option<String>,
+}
+
+/// A refund row, as read or to be inserted.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct RefundRow {
+    pub refund: String,
+    pub order: String,
+    pub payment: String,
+    pub amount_minor: i64,
+    pub currency: String,
+    pub status: String,
+    pub reason: String,
+    pub failure: Option<String>,
+    pub created_us: i64,
+    pub updated_us: i64,
+}
+
+/// A payment's new status, if it still is `old_status`.
+#[derive(Debug, Clone)]
+pub struct PaymentWrite {
+    pub payment: String,
+    pub old_status: String,
+    pub status: String,
+    pub updated_us: i64,
+}
+
+/// An order's new status and references, if it still is `old_status`, and
+/// what to add to its reserved and refunded sums.
+#[derive(Debug, Clone)]
+pub struct OrderWrite {
+    pub order: String,
+    pub old_status: String,
+    pub status: String,
+    pub psp_reference: Option<String>,
+    pub failure_reason: Option<String>,
+    pub add_reserved: i64,
+    pub add_refunded: i64,
+}
+
+/// A refund's way out of `requested` (the only status it leaves).
+#[derive(Debug, Clone)]
+pub struct RefundWrite {
+    pub refund: String,
+    pub old_status: String,
+    pub status: String,
+    pub failure: Option<String>,
+    pub updated_us: i64,
+}
+
+/// What a run of the status fold changed, one list per table.
+#[derive(Debug, Clone, Default)]
+pub struct StatusWrites {
+    pub payments: Vec<PaymentWrite>,
+    pub orders: Vec<OrderWrite>,
+    pub new_refunds: Vec<RefundRow>,
+    pub refunds: Vec<RefundWrite>,
+}
+
+impl StatusWrites {
+    pub fn is_empty(&self) -> bool {
+        self.payments.is_empty()
+            && self.orders.is_empty()
+            && self.new_refunds.is_empty()
+            && self.refunds.is_empty()
+    }
+}
+
+/// The rows the status fold starts from.
+#[derive(Debug, Clone, Default)]
+pub struct StatusRows {
+    pub payments: Vec<LoadedPayment>,
+    pub orders: Vec<LoadedOrder>,
+    pub refunds: Vec<RefundRow>,
+}
+
+/// A compare-and-set of the status writes matched fewer rows than it was
+/// decided on: a row changed between the read and the write. Transient:
+/// the batch is rolled back and applied again from what is stored then.
+fn changed_under_us(table: &str, wanted: usize, got: u64) -> Result<(), sqlx::Error> {
+    if u64::try_from(wanted).unwrap_or(u64::MAX) == got {
+        Ok(())
+    } else {
+        Err(sqlx::Error::Protocol(format!(
+            "payment-status projection: {got} of {wanted} {table} rows still in the state the batch was decided on; retrying"
+        )))
+    }
+}
+
+/// The final statuses, as the SQL guards list them.
+const FINAL: &str = "('succeeded','failed','rejected')";
+
 /// The batch statements; see the module documentation.
 pub(crate) trait BatchSql {
     /// Inserts the claims; returns the keys this batch now owns (the
@@ -141,7 +249,27 @@ pub(crate) trait BatchSql {
     ) -> Result<(), sqlx::Error>;
     /// Stores answers; returns the keys still owned (finished).
     async fn finish(&mut self, rows: &[FinishRow]) -> Result<HashSet<KeyId>, sqlx::Error>;
+    /// The status fold's rows: the payments in `payments` and all their
+    /// orders, the orders in `orders`, the refunds in `refunds`.
+    async fn load_status(
+        &mut self,
+        payments: &[String],
+        orders: &[String],
+        refunds: &[String],
+    ) -> Result<StatusRows, sqlx::Error>;
+    /// Writes the fold's changes, each guarded by the status it was
+    /// decided on (and the projection's own guards); fails (transient) if
+    /// any row is no longer in that status.
+    async fn write_status(&mut self, w: &StatusWrites) -> Result<(), sqlx::Error>;
+    /// `a + b` computed by SQL: fails as SQL fails on a sum beyond i64
+    /// (deterministic: PostgreSQL 22003, SQLite "integer overflow").
+    async fn checked_add(&mut self, a: i64, b: i64) -> Result<i64, sqlx::Error>;
 }
+
+/// `checked_add`'s statement, the same for both backends: SQLite's `SUM`
+/// of integers fails on overflow (`+` would turn to a float), PostgreSQL's
+/// cast of the numeric sum fails out of range.
+const CHECKED_ADD: &str = "SELECT CAST(SUM(v) AS BIGINT) FROM (SELECT CAST($1 AS BIGINT) AS v UNION ALL SELECT CAST($2 AS BIGINT)) t";
 
 fn col<T, U>(rows: &[T], f: impl Fn(&T) -> U) -> Vec<U> {
     rows.iter().map(f).collect()
@@ -374,6 +502,132 @@ impl BatchSql for PgConnection {
         .await?;
         Ok(got.into_iter().collect())
     }
+
+    async fn load_status(
+        &mut self,
+        payments: &[String],
+        orders: &[String],
+        refunds: &[String],
+    ) -> Result<StatusRows, sqlx::Error> {
+        let mut rows = StatusRows::default();
+        if !payments.is_empty() {
+            rows.payments = sqlx::query_as(
+                "SELECT payment_id AS payment, status, updated_us FROM handler_payments WHERE payment_id = ANY($1)",
+            )
+            .bind(payments)
+            .fetch_all(&mut *self)
+            .await?;
+        }
+        if !payments.is_empty() || !orders.is_empty() {
+            rows.orders = sqlx::query_as(
+                "SELECT order_id AS \"order\", payment_id AS payment, status, psp_reference, failure_reason \
+                 FROM handler_payment_orders WHERE payment_id = ANY($1) \
+                 UNION SELECT order_id, payment_id, status, psp_reference, failure_reason \
+                 FROM handler_payment_orders WHERE order_id = ANY($2)",
+            )
+            .bind(payments)
+            .bind(orders)
+            .fetch_all(&mut *self)
+            .await?;
+        }
+        if !refunds.is_empty() {
+            rows.refunds = sqlx::query_as(
+                "SELECT refund_id AS refund, order_id AS \"order\", payment_id AS payment, amount_minor, currency, status, reason, failure, created_us, updated_us \
+                 FROM handler_refunds WHERE refund_id = ANY($1)",
+            )
+            .bind(refunds)
+            .fetch_all(&mut *self)
+            .await?;
+        }
+        Ok(rows)
+    }
+
+    async fn write_status(&mut self, w: &StatusWrites) -> Result<(), sqlx::Error> {
+        if !w.payments.is_empty() {
+            let rows = &w.payments;
+            let n = sqlx::query(
+                "UPDATE handler_payments p SET status = u.s, updated_us = u.t \
+                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[]) AS u(id, old, s, t) \
+                 WHERE p.payment_id = u.id AND p.status = u.old AND p.status <> 'rejected'",
+            )
+            .bind(col(rows, |r| r.payment.clone()))
+            .bind(col(rows, |r| r.old_status.clone()))
+            .bind(col(rows, |r| r.status.clone()))
+            .bind(col(rows, |r| r.updated_us))
+            .execute(&mut *self)
+            .await?
+            .rows_affected();
+            changed_under_us("payment", rows.len(), n)?;
+        }
+        if !w.orders.is_empty() {
+            let rows = &w.orders;
+            let n = sqlx::query(&format!(
+                "UPDATE handler_payment_orders o SET status = u.s, psp_reference = u.psp, failure_reason = u.f, \
+                   reserved_minor = o.reserved_minor + u.dr, refunded_minor = o.refunded_minor + u.df \
+                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[], $7::int8[]) AS u(id, old, s, psp, f, dr, df) \
+                 WHERE o.order_id = u.id AND o.status = u.old AND (u.s = u.old OR o.status NOT IN {FINAL})"
+            ))
+            .bind(col(rows, |r| r.order.clone()))
+            .bind(col(rows, |r| r.old_status.clone()))
+            .bind(col(rows, |r| r.status.clone()))
+            .bind(col(rows, |r| r.psp_reference.clone()))
+            .bind(col(rows, |r| r.failure_reason.clone()))
+            .bind(col(rows, |r| r.add_reserved))
+            .bind(col(rows, |r| r.add_refunded))
+            .execute(&mut *self)
+            .await?
+            .rows_affected();
+            changed_under_us("order", rows.len(), n)?;
+        }
+        if !w.new_refunds.is_empty() {
+            let rows = &w.new_refunds;
+            let n = sqlx::query(
+                "INSERT INTO handler_refunds (refund_id, order_id, payment_id, amount_minor, currency, status, reason, failure, created_us, updated_us) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::text[], $7::text[], $8::text[], $9::int8[], $10::int8[]) \
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(col(rows, |r| r.refund.clone()))
+            .bind(col(rows, |r| r.order.clone()))
+            .bind(col(rows, |r| r.payment.clone()))
+            .bind(col(rows, |r| r.amount_minor))
+            .bind(col(rows, |r| r.currency.clone()))
+            .bind(col(rows, |r| r.status.clone()))
+            .bind(col(rows, |r| r.reason.clone()))
+            .bind(col(rows, |r| r.failure.clone()))
+            .bind(col(rows, |r| r.created_us))
+            .bind(col(rows, |r| r.updated_us))
+            .execute(&mut *self)
+            .await?
+            .rows_affected();
+            changed_under_us("new refund", rows.len(), n)?;
+        }
+        if !w.refunds.is_empty() {
+            let rows = &w.refunds;
+            let n = sqlx::query(
+                "UPDATE handler_refunds r SET status = u.s, failure = u.f, updated_us = u.t \
+                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[]) AS u(id, old, s, f, t) \
+                 WHERE r.refund_id = u.id AND r.status = u.old AND r.status = 'requested'",
+            )
+            .bind(col(rows, |r| r.refund.clone()))
+            .bind(col(rows, |r| r.old_status.clone()))
+            .bind(col(rows, |r| r.status.clone()))
+            .bind(col(rows, |r| r.failure.clone()))
+            .bind(col(rows, |r| r.updated_us))
+            .execute(&mut *self)
+            .await?
+            .rows_affected();
+            changed_under_us("refund", rows.len(), n)?;
+        }
+        Ok(())
+    }
+
+    async fn checked_add(&mut self, a: i64, b: i64) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar(CHECKED_ADD)
+            .bind(a)
+            .bind(b)
+            .fetch_one(&mut *self)
+            .await
+    }
 }
 
 impl BatchSql for SqliteConnection {
@@ -554,5 +808,117 @@ impl BatchSql for SqliteConnection {
             }
         }
         Ok(owned)
+    }
+
+    async fn load_status(
+        &mut self,
+        payments: &[String],
+        orders: &[String],
+        refunds: &[String],
+    ) -> Result<StatusRows, sqlx::Error> {
+        let mut rows = StatusRows::default();
+        for p in payments {
+            rows.payments.extend(
+                sqlx::query_as::<_, LoadedPayment>(
+                    "SELECT payment_id AS payment, status, updated_us FROM handler_payments WHERE payment_id = $1",
+                )
+                .bind(p)
+                .fetch_optional(&mut *self)
+                .await?,
+            );
+            rows.orders.extend(
+                sqlx::query_as::<_, LoadedOrder>(
+                    "SELECT order_id AS \"order\", payment_id AS payment, status, psp_reference, failure_reason \
+                     FROM handler_payment_orders WHERE payment_id = $1",
+                )
+                .bind(p)
+                .fetch_all(&mut *self)
+                .await?,
+            );
+        }
+        for o in orders {
+            rows.orders.extend(
+                sqlx::query_as::<_, LoadedOrder>(
+                    "SELECT order_id AS \"order\", payment_id AS payment, status, psp_reference, failure_reason \
+                     FROM handler_payment_orders WHERE order_id = $1",
+                )
+                .bind(o)
+                .fetch_optional(&mut *self)
+                .await?,
+            );
+        }
+        for r in refunds {
+            rows.refunds.extend(
+                sqlx::query_as::<_, RefundRow>(
+                    "SELECT refund_id AS refund, order_id AS \"order\", payment_id AS payment, amount_minor, currency, status, reason, failure, created_us, updated_us \
+                     FROM handler_refunds WHERE refund_id = $1",
+                )
+                .bind(r)
+                .fetch_optional(&mut *self)
+                .await?,
+            );
+        }
+        Ok(rows)
+    }
+
+    async fn write_status(&mut self, w: &StatusWrites) -> Result<(), sqlx::Error> {
+        let mut n = 0;
+        for r in &w.payments {
+            n += sqlx::query(
+                "UPDATE handler_payments SET status = $1, updated_us = $2 WHERE payment_id = $3 AND status = $4 AND status <> 'rejected'",
+            )
+            .bind(&r.status).bind(r.updated_us).bind(&r.payment).bind(&r.old_status)
+            .execute(&mut *self).await?.rows_affected();
+        }
+        changed_under_us("payment", w.payments.len(), n)?;
+        let mut n = 0;
+        let orders = format!(
+            "UPDATE handler_payment_orders SET status = $1, psp_reference = $2, failure_reason = $3, \
+               reserved_minor = reserved_minor + $4, refunded_minor = refunded_minor + $5 \
+             WHERE order_id = $6 AND status = $7 AND ($1 = $7 OR status NOT IN {FINAL})"
+        );
+        for r in &w.orders {
+            n += sqlx::query(&orders)
+                .bind(&r.status)
+                .bind(&r.psp_reference)
+                .bind(&r.failure_reason)
+                .bind(r.add_reserved)
+                .bind(r.add_refunded)
+                .bind(&r.order)
+                .bind(&r.old_status)
+                .execute(&mut *self)
+                .await?
+                .rows_affected();
+        }
+        changed_under_us("order", w.orders.len(), n)?;
+        let mut n = 0;
+        for r in &w.new_refunds {
+            n += sqlx::query(
+                "INSERT INTO handler_refunds (refund_id, order_id, payment_id, amount_minor, currency, status, reason, failure, created_us, updated_us) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING",
+            )
+            .bind(&r.refund).bind(&r.order).bind(&r.payment).bind(r.amount_minor).bind(&r.currency)
+            .bind(&r.status).bind(&r.reason).bind(&r.failure).bind(r.created_us).bind(r.updated_us)
+            .execute(&mut *self).await?.rows_affected();
+        }
+        changed_under_us("new refund", w.new_refunds.len(), n)?;
+        let mut n = 0;
+        for r in &w.refunds {
+            n += sqlx::query(
+                "UPDATE handler_refunds SET status = $1, failure = $2, updated_us = $3 WHERE refund_id = $4 AND status = $5 AND status = 'requested'",
+            )
+            .bind(&r.status).bind(&r.failure).bind(r.updated_us).bind(&r.refund).bind(&r.old_status)
+            .execute(&mut *self).await?.rows_affected();
+        }
+        changed_under_us("refund", w.refunds.len(), n)?;
+        Ok(())
+    }
+
+    async fn checked_add(&mut self, a: i64, b: i64) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar(CHECKED_ADD)
+            .bind(a)
+            .bind(b)
+            .fetch_one(&mut *self)
+            .await
     }
 }

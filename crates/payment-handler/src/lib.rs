@@ -21,6 +21,9 @@ pub mod request;
 pub mod risk;
 pub mod service;
 pub mod status;
+mod status_fold;
+#[doc(hidden)]
+pub mod status_per_event;
 pub mod store;
 
 pub use service::{HandlerArgs, Running, serve, start};

@@ -612,7 +612,7 @@ pub async fn apply_status(db: &Db, events: &[&Envelope]) -> Result<Vec<Outcome>,
 /// A payment whose `PaymentRequested` and risk decision are both new in a
 /// batch: its rows are inserted set-based, already in the state after the
 /// risk decision (the same rows the per-event path writes in two steps).
-fn decided_rows(
+pub(crate) fn decided_rows(
     requested: &Envelope,
     risk: &Envelope,
 ) -> Option<(
@@ -672,11 +672,13 @@ fn decided_rows(
 /// the requests whose events these are (the group commit's last step).
 /// Returns the outcomes and the keys whose answer was stored (still owned).
 ///
-/// Set-based where it counts: one statement records every event id as
-/// applied (dedup), and a payment decided in this batch (its
-/// `PaymentRequested` and risk decision both new here) gets its rows in one
-/// statement per table. Everything else (executor outcomes, refunds,
-/// events arriving apart) is applied per event, in order.
+/// Set-based: one statement records every event id as applied (dedup); a
+/// payment decided in this batch (its `PaymentRequested` and risk decision
+/// both new here) gets its rows in one statement per table; executor
+/// outcomes and refunds are folded in memory in order (`status_fold`) and
+/// written with one statement per table for each run of them. Only a
+/// `PaymentRequested` or risk decision arriving apart is applied with its
+/// own statements, in its place: the run before it is written first.
 pub async fn apply_status_and_finish(
     db: &Db,
     events: &[&Envelope],
@@ -690,7 +692,6 @@ pub async fn apply_status_and_finish(
 > {
     use crate::batch_sql::BatchSql;
     use domain::payment::{OrderStatus, PaymentStatus};
-    use domain::refund::RefundStatus;
     use std::collections::{HashMap, HashSet};
     let now = now_ms();
     let relevant = |env: &Envelope| {
@@ -706,7 +707,6 @@ pub async fn apply_status_and_finish(
         .filter(|e| relevant(e))
         .map(|e| e.event_id.to_string())
         .collect();
-    let final_list = OrderStatus::final_sql_list();
     let mut outcomes = Vec::with_capacity(events.len());
     let mut finished = HashSet::new();
     with_pool!(db, p => {
@@ -740,6 +740,8 @@ pub async fn apply_status_and_finish(
             }
         }
         tx.insert_payments(&pay_rows, &order_rows).await?;
+        // Indices of the executor outcomes and refunds not yet applied.
+        let mut run: Vec<usize> = Vec::new();
         for (i, env) in events.iter().enumerate() {
             if !relevant(env) {
                 outcomes.push(Outcome::Ignored);
@@ -758,6 +760,17 @@ pub async fn apply_status_and_finish(
                 outcomes.push(Outcome::rejected("missing_payment_id", format!("{} without a payment id", env.event_type())));
                 continue;
             };
+            if crate::status_fold::folds(&env.event) {
+                // Decided when its run is applied (below), in this order.
+                run.push(i);
+                outcomes.push(Outcome::Applied);
+                continue;
+            }
+            // The arms below read and write SQL directly: the run before
+            // them is applied first, so every event sees the rows the
+            // events before it left.
+            apply_run(&mut *tx, events, &run, &mut outcomes).await?;
+            run.clear();
             let pid = payment.to_string();
             let at = env.occurred_at.as_micros();
             match &env.event {
@@ -798,89 +811,68 @@ pub async fn apply_status_and_finish(
                     sqlx::query("UPDATE handler_payment_orders SET status = $2 WHERE payment_id = $1 AND status = $3")
                         .bind(&pid).bind(OrderStatus::Rejected.as_str()).bind(OrderStatus::Requested.as_str()).execute(&mut *tx).await?;
                 }
-                Event::RefundRequested(e) => {
-                    // Rows the API already inserted (with their reservation)
-                    // are left alone; rows seen first here (a rebuild, or
-                    // another producer) reserve now.
-                    let n = sqlx::query("INSERT INTO handler_refunds (refund_id, order_id, payment_id, amount_minor, currency, status, reason, created_us, updated_us) \
-                                 SELECT $1, order_id, payment_id, $2, $3, $8, $4, $5, $5 FROM handler_payment_orders WHERE order_id = $6 AND payment_id = $7 \
-                                 ON CONFLICT DO NOTHING")
-                        .bind(e.refund_id.to_string()).bind(e.amount.amount_minor()).bind(e.amount.currency().code()).bind(&e.reason).bind(at)
-                        .bind(e.order_id.to_string()).bind(&pid).bind(RefundStatus::Requested.as_str()).execute(&mut *tx).await?.rows_affected();
-                    if n == 1 {
-                        sqlx::query("UPDATE handler_payment_orders SET reserved_minor = reserved_minor + $2 WHERE order_id = $1")
-                            .bind(e.order_id.to_string()).bind(e.amount.amount_minor()).execute(&mut *tx).await?;
-                    } else {
-                        let known: i64 = sqlx::query_scalar("SELECT count(*) FROM handler_refunds WHERE refund_id = $1")
-                            .bind(e.refund_id.to_string()).fetch_one(&mut *tx).await?;
-                        if known == 0 {
-                            outcomes.push(Outcome::rejected("unknown_order", format!("refund of order {} of payment {pid}, never requested", e.order_id)));
-                            continue;
-                        }
-                    }
-                }
-                Event::RefundSucceeded(e) => {
-                    // Count the money once, on the transition to succeeded
-                    // (`refund::apply`: only a requested refund succeeds; a
-                    // failed one stays failed, its reservation released).
-                    let n = sqlx::query("UPDATE handler_refunds SET status = $3, updated_us = $2 WHERE refund_id = $1 AND status = $4")
-                        .bind(e.refund_id.to_string()).bind(at).bind(RefundStatus::Succeeded.as_str()).bind(RefundStatus::Requested.as_str())
-                        .execute(&mut *tx).await?.rows_affected();
-                    if n == 1 {
-                        sqlx::query("UPDATE handler_payment_orders SET refunded_minor = refunded_minor + $2 WHERE order_id = $1")
-                            .bind(e.order_id.to_string()).bind(e.amount.amount_minor()).execute(&mut *tx).await?;
-                    }
-                }
-                Event::RefundFailed(e) => {
-                    let amount: Option<i64> = sqlx::query_scalar("UPDATE handler_refunds SET status = $4, failure = $2, updated_us = $3 WHERE refund_id = $1 AND status = $5 RETURNING amount_minor")
-                        .bind(e.refund_id.to_string()).bind(format!("{}: {}", e.code, e.reason)).bind(at)
-                        .bind(RefundStatus::Failed.as_str()).bind(RefundStatus::Requested.as_str()).fetch_optional(&mut *tx).await?;
-                    if let Some(amount) = amount {
-                        // A failed refund gives its reservation back.
-                        sqlx::query("UPDATE handler_payment_orders SET reserved_minor = reserved_minor - $2 WHERE order_id = $1")
-                            .bind(e.order_id.to_string()).bind(amount).execute(&mut *tx).await?;
-                    }
-                }
-                other => {
-                    if let Some(change) = domain::payment::order_change(other) {
-                        let order = change.order_id.to_string();
-                        // Final states never regress (a late "started" after "succeeded").
-                        let n = sqlx::query(&format!(
-                            "UPDATE handler_payment_orders SET status = $2, psp_reference = COALESCE($3, psp_reference), failure_reason = COALESCE($4, failure_reason) \
-                             WHERE order_id = $1 AND payment_id = $5 AND status NOT IN ({final_list})"
-                        ))
-                        .bind(&order).bind(change.status.as_str()).bind(change.psp_reference).bind(change.failure).bind(&pid).execute(&mut *tx).await?.rows_affected();
-                        // The payment's orders, to roll it up in pure code.
-                        let statuses: Vec<String> = sqlx::query_scalar("SELECT status FROM handler_payment_orders WHERE payment_id = $1")
-                            .bind(&pid).fetch_all(&mut *tx).await?;
-                        if n == 0 {
-                            let known: i64 = sqlx::query_scalar("SELECT count(*) FROM handler_payment_orders WHERE order_id = $1 AND payment_id = $2")
-                                .bind(&order).bind(&pid).fetch_one(&mut *tx).await?;
-                            if known == 0 {
-                                outcomes.push(Outcome::rejected("unknown_order", format!("order {order} of payment {pid} was never requested")));
-                                continue;
-                            }
-                        }
-                        // Roll the payment up once every order is final
-                        // (an unknown status counts as open).
-                        let rolled = domain::payment::rollup(
-                            statuses.iter().map(|s| OrderStatus::parse(s).unwrap_or(OrderStatus::Executing)),
-                        );
-                        if let Some(status) = rolled {
-                            sqlx::query("UPDATE handler_payments SET status = $2, updated_us = $3 WHERE payment_id = $1 AND status <> $4")
-                                .bind(&pid).bind(status.as_str()).bind(at).bind(PaymentStatus::Rejected.as_str()).execute(&mut *tx).await?;
-                        }
-                    }
-                }
+                // Executor outcomes and refunds are folded (above).
+                _ => {}
             }
             outcomes.push(Outcome::Applied);
         }
+        apply_run(&mut *tx, events, &run, &mut outcomes).await?;
         if !finishes.is_empty() {
             finished = tx.finish(finishes).await?;
         }
         tx.commit().await?;
     });
     Ok((outcomes, finished))
+}
+
+/// Applies a run of executor outcomes and refunds (`run`: indices into
+/// `events`, fresh, in order): reads the rows they touch, folds them in
+/// memory (`status_fold::Fold`, one outcome each into `outcomes`), writes
+/// what changed with one statement per table.
+async fn apply_run<C: crate::batch_sql::BatchSql>(
+    conn: &mut C,
+    events: &[&Envelope],
+    run: &[usize],
+    outcomes: &mut [Outcome],
+) -> Result<(), sqlx::Error> {
+    use crate::status_fold::{Fold, Needs, Overflow};
+    if run.is_empty() {
+        return Ok(());
+    }
+    let mut needs = Needs::default();
+    for &i in run {
+        needs.add(events[i]);
+    }
+    let list = |s: &std::collections::BTreeSet<String>| s.iter().cloned().collect::<Vec<_>>();
+    let rows = if needs.is_empty() {
+        crate::batch_sql::StatusRows::default()
+    } else {
+        conn.load_status(
+            &list(&needs.payments),
+            &list(&needs.orders),
+            &list(&needs.refunds),
+        )
+        .await?
+    };
+    let mut fold = Fold::new(rows.payments, rows.orders, rows.refunds);
+    for &i in run {
+        match fold.apply(events[i]) {
+            Ok(outcome) => outcomes[i] = outcome,
+            // Money sums beyond i64: fail the way the per-event statements
+            // would have (deterministic, so the consumer narrows the batch
+            // down), by letting SQL add them.
+            Err(Overflow { a, b }) => {
+                return Err(conn.checked_add(a, b).await.err().unwrap_or_else(|| {
+                    sqlx::Error::Protocol(format!("payment-status projection: {a} + {b} overflows"))
+                }));
+            }
+        }
+    }
+    let writes = fold.writes();
+    if !writes.is_empty() {
+        conn.write_status(&writes).await?;
+    }
+    Ok(())
 }
 
 /// A payment as the API shows it.

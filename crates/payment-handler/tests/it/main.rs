@@ -11,3 +11,4 @@ mod keys;
 mod refunds;
 mod retries;
 mod routes;
+mod status_batch;
