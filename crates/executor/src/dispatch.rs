@@ -129,7 +129,15 @@ pub async fn run(app: App, shutdown: CancellationToken) {
 /// Works off everything due for the payments leased under `owner`, then
 /// releases them (one statement).
 async fn process_batch(app: &App, ids: Vec<String>, owner: &str) {
-    match process_batch_inner(app, &ids, owner).await {
+    let started = std::time::Instant::now();
+    let result = process_batch_inner(app, &ids, owner).await;
+    tracing::debug!(
+        payments = ids.len(),
+        ms = started.elapsed().as_millis(),
+        ok = result.is_ok(),
+        "executor batch"
+    );
+    match result {
         Ok(()) => match store::release_payments(&app.db, &ids, owner).await {
             Ok(n) if n == u64::try_from(ids.len()).unwrap_or(u64::MAX) => {}
             Ok(n) => tracing::warn!(
@@ -257,6 +265,7 @@ async fn run_round(app: &App, owner: &str, step: &[(&PaymentRow, OrderRow)]) -> 
             _ => {}
         }
     }
+    let started = std::time::Instant::now();
     // The intents are durable (committed) before any call of the batch.
     let (recorded, mut rows) =
         store::begin_attempts(&app.db, owner, &intents, app.policy.lease_ms).await?;
@@ -297,11 +306,22 @@ async fn run_round(app: &App, owner: &str, step: &[(&PaymentRow, OrderRow)]) -> 
         (outcomes, slow)
     };
     let ids: Vec<String> = step.iter().map(|(p, _)| p.payment_id.clone()).collect();
+    let intents_done = started.elapsed();
     let (outcomes, slow) = holding_leases(app, &ids, owner, work).await;
+    let calls_done = started.elapsed();
     let outcomes = outcomes.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
     let (_, more) = store::record_attempts(&app.db, owner, &outcomes).await?;
+    let recorded_done = started.elapsed();
     rows.extend(more);
     append_rows(app, rows).await?;
+    tracing::debug!(
+        orders = step.len(),
+        intents_ms = intents_done.as_millis(),
+        calls_ms = (calls_done - intents_done).as_millis(),
+        record_ms = (recorded_done - calls_done).as_millis(),
+        append_ms = (started.elapsed() - recorded_done).as_millis(),
+        "executor round"
+    );
     slow.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
     Ok(())
 }

@@ -383,3 +383,121 @@ async fn a_batch_writes_exactly_the_rows_that_keep_their_guard_sqlite() {
     let (db, _dir) = storage::testing::fresh_sqlite().await.unwrap();
     a_batch_writes_exactly_the_rows_that_keep_their_guard(&db).await;
 }
+
+/// The intake's rows and results as a comparable snapshot: payments, and
+/// orders with their state and whether they are due (the due time itself is
+/// the clock's).
+async fn intake_snapshot(
+    db: &Db,
+) -> (
+    Vec<(String, String, String)>,
+    Vec<(String, String, i32, String, bool)>,
+) {
+    let Db::Postgres(p) = db else {
+        unreachable!("PostgreSQL only")
+    };
+    let pays = sqlx::query_as(
+        "SELECT payment_id, correlation_id, card_token FROM executor_payments ORDER BY payment_id",
+    )
+    .fetch_all(p)
+    .await
+    .unwrap();
+    let orders = sqlx::query_as(
+        "SELECT order_id, payment_id, seq, state, next_attempt_ms IS NOT NULL FROM executor_orders ORDER BY order_id",
+    )
+    .fetch_all(p)
+    .await
+    .unwrap();
+    (pays, orders)
+}
+
+/// On PostgreSQL a usual intake batch is written set-based (a statement per
+/// table, not per event). Random batches (new and known payments, repeated
+/// requests with other orders, approvals and rejections, decisions before
+/// requests, decisions for unknown payments, refunds) give the same results
+/// and the same rows as applying the same operations one by one.
+#[tokio::test]
+async fn the_set_based_intake_equals_one_by_one_postgres() {
+    use rand::{Rng, SeedableRng};
+    let (a, b) = (
+        storage::testing::fresh_postgres().await.unwrap(),
+        storage::testing::fresh_postgres().await.unwrap(),
+    );
+    store::migrate(&a).await.unwrap();
+    store::migrate(&b).await.unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(20261206);
+    let payments: Vec<String> = (0..60).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+    let requested = |rng: &mut rand::rngs::StdRng, p: &str| {
+        let n = rng.random_range(1..=3);
+        IntakeOp::Requested {
+            payment_id: p.to_owned(),
+            correlation_id: uuid::Uuid::new_v4().to_string(),
+            card_token: format!("tok_{}", rng.random_range(0..5)),
+            orders: (0..n)
+                .map(|i| NewOrder {
+                    order_id: uuid::Uuid::new_v4().to_string(),
+                    seq: i,
+                    seller_id: "seller".into(),
+                    amount_minor: rng.random_range(1..10_000),
+                    currency: "EUR".into(),
+                })
+                .collect(),
+        }
+    };
+    let mut set_based_batches = 0;
+    for round in 0..40 {
+        let mut ops = Vec::new();
+        // Most rounds are the usual kind: requests each followed by their
+        // decision; the others mix in everything that must take the slow path.
+        let usual = round % 3 != 2;
+        let mut used = std::collections::HashSet::new();
+        for _ in 0..rng.random_range(1..20) {
+            let p = payments[rng.random_range(0..payments.len())].clone();
+            if usual {
+                if !used.insert(p.clone()) {
+                    continue;
+                }
+                match rng.random_range(0..4) {
+                    0 => ops.push(requested(&mut rng, &p)),
+                    1 => ops.push(IntakeOp::Approved { payment_id: p }),
+                    2 => ops.push(IntakeOp::Rejected { payment_id: p }),
+                    _ => {
+                        ops.push(requested(&mut rng, &p));
+                        ops.push(if rng.random_bool(0.8) {
+                            IntakeOp::Approved { payment_id: p }
+                        } else {
+                            IntakeOp::Rejected { payment_id: p }
+                        });
+                    }
+                }
+            } else {
+                ops.push(match rng.random_range(0..4) {
+                    0 => requested(&mut rng, &p),
+                    1 => IntakeOp::Approved { payment_id: p },
+                    2 => IntakeOp::Rejected { payment_id: p },
+                    _ => IntakeOp::Refund {
+                        refund_id: uuid::Uuid::new_v4().to_string(),
+                        order_id: uuid::Uuid::new_v4().to_string(),
+                        amount_minor: 10,
+                        currency: "EUR".into(),
+                        reason: "r".into(),
+                        source_partition: 0,
+                        source_offset: round,
+                    },
+                });
+            }
+        }
+        if usual {
+            set_based_batches += 1;
+        }
+        let got = store::intake(&a, &ops).await.unwrap();
+        let want = store::intake_one_by_one(&b, &ops, store::now_ms())
+            .await
+            .unwrap();
+        assert_eq!(got, want, "round {round}: {ops:?}");
+    }
+    assert!(set_based_batches > 20);
+    let (sa, sb) = (intake_snapshot(&a).await, intake_snapshot(&b).await);
+    assert!(sa.1.iter().any(|o| o.3 == "ready") && sa.1.iter().any(|o| o.3 == "cancelled"));
+    assert_eq!(sa, sb);
+}
