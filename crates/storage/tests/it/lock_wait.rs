@@ -175,3 +175,67 @@ async fn the_wal_is_still_checkpointed() {
         "the WAL has {frames} frames: never checkpointed?"
     );
 }
+
+#[tokio::test]
+async fn a_log_kept_long_by_a_reader_is_not_checkpointed_at_every_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("r.db");
+    let url = format!("sqlite://{}", file.display());
+    let p = pool(&url).await;
+    let reader = pool(&url).await;
+    sqlx::query("CREATE TABLE t (k INTEGER PRIMARY KEY, pad BLOB NOT NULL)")
+        .execute(&p)
+        .await
+        .unwrap();
+    // A reader in a transaction from the start: the log cannot be started
+    // over while it lasts, so it stays above the threshold.
+    let mut snapshot = reader.begin().await.unwrap();
+    let _: i64 = sqlx::query_scalar("SELECT count(*) FROM t")
+        .fetch_one(&mut *snapshot)
+        .await
+        .unwrap();
+    let pad = vec![7u8; 3000];
+    let insert = |k: i64| {
+        let (p, pad) = (p.clone(), pad.clone());
+        async move {
+            let mut tx = p.begin_write().await.unwrap();
+            sqlx::query("INSERT INTO t (k, pad) VALUES ($1, $2)")
+                .bind(k)
+                .bind(pad)
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+        }
+    };
+    // Past the threshold in one transaction of 1,200 pages...
+    let mut tx = p.begin_write().await.unwrap();
+    for k in 0..1200 {
+        sqlx::query("INSERT INTO t (k, pad) VALUES ($1, $2)")
+            .bind(k)
+            .bind(&pad)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    // ...then 100 small commits (a few frames each, far from 1,000 more).
+    let before = storage::lock_wait::stats();
+    for k in 2000..2100 {
+        insert(k).await;
+    }
+    let after = storage::lock_wait::stats();
+    // Other tests of this binary may checkpoint meanwhile (the counter is
+    // process-wide), but not 100 times: SQLite's own hook would have
+    // checkpointed after each of these commits.
+    assert!(
+        after.checkpoints - before.checkpoints < 50,
+        "{before:?} -> {after:?}"
+    );
+    snapshot.rollback().await.unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM t")
+        .fetch_one(&p)
+        .await
+        .unwrap();
+    assert_eq!(n, 1300);
+}
