@@ -13,6 +13,7 @@
 //! signatures, unknown or revoked keys and keys of another client than the
 //! payload's `client_id` are dead-lettered with kind `unauthenticated`.
 
+use crate::group::Admitted;
 use crate::request;
 use crate::service::{App, run_owned_payment};
 use crate::store::Begin;
@@ -112,37 +113,39 @@ impl Inbound {
         Inbound { app }
     }
 
-    async fn one(&self, d: &Delivered) -> Result<Outcome, HandlerError> {
-        let unavailable = |e: &dyn std::fmt::Display| HandlerError(format!("inbound: {e}"));
+    /// Everything about a message that needs no decision: its type, its
+    /// signature, its idempotency key, the HTTP body it stands for. `Err`
+    /// only when the database cannot be asked (the batch is retried).
+    async fn check(&self, d: &Delivered) -> Result<Checked, HandlerError> {
         let Event::PaymentRequested(p) = &d.envelope.event else {
-            return Ok(Outcome::rejected(
+            return Ok(Checked::Done(Outcome::rejected(
                 "unexpected_event_type",
                 format!(
                     "the inbound topic takes PaymentRequested only, got {}",
                     d.envelope.event_type()
                 ),
-            ));
+            )));
         };
         if let Some(reason) = self.unauthenticated(d, p.client_id.as_str()).await? {
-            return Ok(Outcome::rejected("unauthenticated", reason));
+            return Ok(Checked::Done(Outcome::rejected("unauthenticated", reason)));
         }
         // Inbound requests go through the same idempotency keys as HTTP
         // ones: the same (client, key) is one payment whichever path it
         // took, and a different request under a used key is refused.
         let Some(key) = p.idempotency_key.as_deref() else {
-            return Ok(Outcome::rejected(
+            return Ok(Checked::Done(Outcome::rejected(
                 "missing_idempotency_key",
                 "inbound payment requests need an idempotency_key",
-            ));
+            )));
         };
         if key.is_empty()
             || key.len() > crate::api::IDEMPOTENCY_KEY_LEN_MAX
             || !key.bytes().all(|b| b.is_ascii_graphic())
         {
-            return Ok(Outcome::rejected(
+            return Ok(Checked::Done(Outcome::rejected(
                 "invalid_idempotency_key",
                 "idempotency_key must be 1 to 255 printable ASCII characters without spaces",
-            ));
+            )));
         }
         // The body an HTTP client would have sent, so validation and the
         // request fingerprint are exactly the HTTP API's.
@@ -159,12 +162,54 @@ impl Inbound {
             body["metadata"] = payload["metadata"].clone();
         }
         let body = body.to_string();
-        let fingerprint = request::fingerprint(body.as_bytes());
+        Ok(Checked::Submit(Submit {
+            client: p.client_id.clone(),
+            key: key.to_owned(),
+            fingerprint: request::fingerprint(body.as_bytes()),
+            body,
+        }))
+    }
+
+    /// Submits a checked message the way `POST /v1/payments` does: through
+    /// the group commit when it runs (so the messages of a batch submitted
+    /// together are decided, appended and stored together), else, or when
+    /// its key exists already, through the per-request path.
+    async fn submit(&self, s: &Submit) -> Result<Outcome, HandlerError> {
+        if let Some(group) = &self.app.group {
+            match group
+                .submit(
+                    s.client.clone(),
+                    s.key.clone(),
+                    s.fingerprint.clone(),
+                    request::parse(s.body.as_bytes()),
+                )
+                .await
+            {
+                Admitted::PerRequest => {}
+                // The answer is stored under the key (a refusal too), so a
+                // re-delivered message gets it again below.
+                Admitted::Answered(Ok(reply)) if reply.status >= 400 => {
+                    return Ok(stored_rejection(&reply.body));
+                }
+                Admitted::Answered(Ok(_)) => return Ok(Outcome::Applied),
+                Admitted::Answered(Err(e)) => {
+                    return Err(HandlerError(format!("inbound: {e}")));
+                }
+            }
+        }
+        self.per_request(s).await
+    }
+
+    /// The per-request path: the key's stored answer, or this message
+    /// decided and appended on its own.
+    async fn per_request(&self, s: &Submit) -> Result<Outcome, HandlerError> {
+        let unavailable = |e: &dyn std::fmt::Display| HandlerError(format!("inbound: {e}"));
+        let (client, key) = (&s.client, s.key.as_str());
         let (token, pending) = match crate::store::idem_begin(
             &self.app.db,
-            &p.client_id,
+            client,
             key,
-            &fingerprint,
+            &s.fingerprint,
             self.app.policy,
         )
         .await
@@ -180,8 +225,7 @@ impl Inbound {
                 return Ok(Outcome::rejected(
                     "idempotency_key_reused",
                     format!(
-                        "client {} already used idempotency key {key:?} for a different request",
-                        p.client_id
+                        "client {client} already used idempotency key {key:?} for a different request"
                     ),
                 ));
             }
@@ -191,36 +235,42 @@ impl Inbound {
                 )));
             }
         };
-        let reply = match run_owned_payment(
-            &self.app,
-            &p.client_id,
-            key,
-            &token,
-            pending,
-            body.as_bytes(),
-        )
-        .await
-        {
-            Ok(r) => r,
-            Err(e) => {
-                let _ = crate::store::idem_release(&self.app.db, &p.client_id, key, &token).await;
-                return Err(unavailable(&e));
-            }
-        };
-        let _ = crate::store::idem_finish(
-            &self.app.db,
-            &p.client_id,
-            key,
-            &token,
-            reply.status,
-            &reply.body,
-        )
-        .await;
+        let reply =
+            match run_owned_payment(&self.app, client, key, &token, pending, s.body.as_bytes())
+                .await
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = crate::store::idem_release(&self.app.db, client, key, &token).await;
+                    return Err(unavailable(&e));
+                }
+            };
+        let _ =
+            crate::store::idem_finish(&self.app.db, client, key, &token, reply.status, &reply.body)
+                .await;
         if reply.status >= 400 {
             return Ok(stored_rejection(&reply.body));
         }
         Ok(Outcome::Applied)
     }
+}
+
+/// A message after its checks.
+#[derive(Debug)]
+enum Checked {
+    /// Its outcome is known without deciding anything (a dead letter).
+    Done(Outcome),
+    /// A payment request to submit under (client, key).
+    Submit(Submit),
+}
+
+#[derive(Debug)]
+struct Submit {
+    client: events::ClientId,
+    key: String,
+    fingerprint: String,
+    /// The JSON body an HTTP client would have sent.
+    body: String,
 }
 
 /// The dead letter's kind and reason from an error response body.
@@ -284,11 +334,49 @@ impl Inbound {
 }
 
 impl BatchHandler for Inbound {
+    /// The batch's messages are checked together, then the first message
+    /// of each idempotency key is submitted, in the partition's order, all
+    /// at once: the group commit batches them as it batches concurrent HTTP
+    /// requests (and, like them, decides two payments of one buyer in
+    /// separate batches, so the velocity rules see the first). A key met
+    /// again in the batch is answered after its first message, from what
+    /// that one stored, as one-by-one processing answered it. One outcome
+    /// per message, in order.
     async fn handle(&mut self, batch: &[Delivered]) -> Result<Vec<Outcome>, HandlerError> {
-        let mut out = Vec::with_capacity(batch.len());
-        for d in batch {
-            out.push(self.one(d).instrument(d.span()).await?);
+        let this = &*self;
+        let checked =
+            futures::future::join_all(batch.iter().map(|d| this.check(d).instrument(d.span())))
+                .await;
+        let mut out: Vec<Option<Outcome>> = vec![None; batch.len()];
+        let (mut first, mut again) = (Vec::new(), Vec::new());
+        let mut keys = std::collections::HashSet::new();
+        for (i, c) in checked.into_iter().enumerate() {
+            match c? {
+                Checked::Done(o) => out[i] = Some(o),
+                Checked::Submit(s) => {
+                    if keys.insert((s.client.clone(), s.key.clone())) {
+                        first.push((i, s));
+                    } else {
+                        again.push((i, s));
+                    }
+                }
+            }
         }
-        Ok(out)
+        let submitted = futures::future::join_all(
+            first
+                .iter()
+                .map(|(i, s)| this.submit(s).instrument(batch[*i].span())),
+        )
+        .await;
+        for ((i, _), o) in first.iter().zip(submitted) {
+            out[*i] = Some(o?);
+        }
+        for (i, s) in &again {
+            out[*i] = Some(this.per_request(s).instrument(batch[*i].span()).await?);
+        }
+        Ok(out
+            .into_iter()
+            .map(|o| o.expect("every message has an outcome"))
+            .collect())
     }
 }
