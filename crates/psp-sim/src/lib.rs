@@ -315,11 +315,23 @@ async fn relaxed_pool(db_url: &str) -> anyhow::Result<sqlx::SqlitePool> {
         .context("parsing the simulator's database URL")?
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(SqliteSynchronous::Normal)
-        .busy_timeout(Duration::from_secs(10))
+        .busy_timeout(storage::SQLITE_BUSY_TIMEOUT)
         .foreign_keys(true);
     SqlitePoolOptions::new()
-        .max_connections(storage::SQLITE_CONNECTIONS_MAX)
+        // One connection: nearly every request writes, and SQLite has one
+        // writer at a time anyway; queueing on the pool costs less than
+        // connections taking turns at the file's lock. (Relaxed is for
+        // benchmarks; `full` keeps `storage::Db::connect`'s pool.)
+        .max_connections(1)
         .acquire_timeout(Duration::from_secs(10))
+        // As `storage::Db::connect`: a writer waiting for the lock is woken
+        // by the commit that frees it.
+        .after_connect(|conn, _| {
+            Box::pin(storage::lock_wait::install(
+                conn,
+                storage::SQLITE_BUSY_TIMEOUT,
+            ))
+        })
         .connect_with(opts)
         .await
         .context("opening the simulator's database")
