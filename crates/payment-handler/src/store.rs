@@ -712,22 +712,33 @@ pub async fn apply_status_and_finish(
     with_pool!(db, p => {
         let mut tx = p.begin_write().await?;
         let mut fresh = if ids.is_empty() { HashSet::new() } else { tx.fresh_events(&ids, now).await? };
-        // Payments decided in this batch: (requested, risk) both fresh.
+        // Payments decided in this batch: (requested, risk) both fresh, the
+        // request the payment's first fresh event here and the decision
+        // the next one (their rows are inserted ahead of every other event:
+        // only then is that the order they would have been applied in).
         let mut requested_at: HashMap<PaymentId, usize> = HashMap::new();
         let mut pairs: HashMap<usize, usize> = HashMap::new();
+        // Each payment's latest fresh event so far (first occurrences).
+        let mut last: HashMap<PaymentId, usize> = HashMap::new();
+        let mut seen: HashSet<String> = HashSet::new();
         for (i, env) in events.iter().enumerate() {
             let Some(pay) = env.payment_id else { continue };
+            let id = env.event_id.to_string();
+            if !relevant(env) || !fresh.contains(&id) || !seen.insert(id) {
+                continue;
+            }
             match &env.event {
-                Event::PaymentRequested(_) if fresh.contains(&env.event_id.to_string()) => {
-                    requested_at.entry(pay).or_insert(i);
+                Event::PaymentRequested(_) if !last.contains_key(&pay) => {
+                    requested_at.insert(pay, i);
                 }
-                Event::RiskApproved(_) | Event::RiskRejected(_) if fresh.contains(&env.event_id.to_string()) => {
-                    if let Some(&r) = requested_at.get(&pay) && !pairs.values().any(|&v| v == i) && !pairs.contains_key(&r) {
+                Event::RiskApproved(_) | Event::RiskRejected(_) => {
+                    if let Some(&r) = requested_at.get(&pay) && last.get(&pay) == Some(&r) {
                         pairs.insert(r, i);
                     }
                 }
                 _ => {}
             }
+            last.insert(pay, i);
         }
         let mut set_based: HashSet<usize> = HashSet::new();
         let (mut pay_rows, mut order_rows) = (Vec::new(), Vec::new());

@@ -283,6 +283,17 @@ fn scenario() -> (Vec<Envelope>, Vec<Envelope>) {
                 }
             }
         }
+        if k == 9 {
+            // Its first executor event delivered before its request too
+            // (refused then, a duplicate later).
+            let early = s[2].clone();
+            s.insert(0, early);
+        }
+        if k == 13 {
+            // An executor event between its request and its risk decision.
+            let e = s.remove(2);
+            s.insert(1, e);
+        }
         streams.push(s);
     }
     // Interleave the payments, keeping each one's order.
@@ -465,11 +476,16 @@ async fn a_batch_applied_set_based_equals_its_events_applied_one_by_one() {
     let (pre, stream) = scenario();
     let mut dirs = Vec::new();
     for backend in BOTH {
+        // The reference is the old per-event statements, one event per
+        // batch. (Not the old statements on one batch: they inserted a
+        // payment's request and decision ahead of the batch even when
+        // another event of the payment came before or between them, as for
+        // k9 and k13 here; the set-based path pairs them only when nothing
+        // of the payment comes first.)
         let runs = [
             ("set-based, one batch", Path::SetBased, stream.len()),
             ("set-based, batches of 1", Path::SetBased, 1),
             ("set-based, batches of 7", Path::SetBased, 7),
-            ("per-event, one batch", Path::PerEvent, stream.len()),
             ("per-event, batches of 1", Path::PerEvent, 1),
         ];
         let mut results = Vec::new();
@@ -487,8 +503,8 @@ async fn a_batch_applied_set_based_equals_its_events_applied_one_by_one() {
                 first_db = Some(db);
             }
         }
-        let (base_name, base_out, base_rows) = &results[4];
-        for (name, outcomes, rows) in &results[..4] {
+        let (base_name, base_out, base_rows) = &results[3];
+        for (name, outcomes, rows) in &results[..3] {
             for (i, (a, b)) in outcomes.iter().zip(base_out).enumerate() {
                 assert_eq!(
                     a,
@@ -509,7 +525,7 @@ async fn a_batch_applied_set_based_equals_its_events_applied_one_by_one() {
             let kind = kind.to_owned();
             count(&move |o: &Outcome| matches!(o, Outcome::Rejected { kind: k, .. } if *k == kind))
         };
-        assert_eq!(rejected("unknown_order"), 3, "{backend:?}");
+        assert_eq!(rejected("unknown_order"), 4, "{backend:?}");
         assert_eq!(rejected("missing_payment_id"), 1, "{backend:?}");
         assert_eq!(count(&|o| *o == Outcome::Ignored), 1, "{backend:?}");
         assert!(
