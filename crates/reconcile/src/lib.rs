@@ -231,10 +231,13 @@ pub async fn migrate(db: &Db) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Timings of one run, for the benchmark and logs.
+/// Timings of one run, for the benchmark and logs. The file is read on
+/// a thread of its own while the ledger's references of the day are read
+/// and (PostgreSQL) the claims are copied, so `parse`, `lookups` and
+/// `claims` overlap; the other phases follow the parse.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Timings {
-    /// Reading and validating the file.
+    /// Reading and validating the file (its thread).
     pub parse: Duration,
     /// Everything: parse, ledger lookups, matching, recording, publishing.
     pub total: Duration,
@@ -242,7 +245,13 @@ pub struct Timings {
     pub lookups: Duration,
     /// Matching in memory and building the report.
     pub matching: Duration,
-    /// The run's transaction (run, discrepancies, claims) and statistics.
+    /// Writing the claims (`reconcile_matched_refs`): those copied while
+    /// the file was read plus the rest in the run's transaction.
+    pub claims: Duration,
+    /// Inserting the run's discrepancies.
+    pub discrepancies: Duration,
+    /// The run's transaction after matching (run, discrepancies, the
+    /// claims not yet written, commit) and statistics.
     pub record: Duration,
     /// Appending the events.
     pub publish: Duration,
@@ -293,6 +302,139 @@ fn view_money(m: &Option<(String, i64)>) -> Option<MoneyView> {
     })
 }
 
+/// What the thread reading a file sends while it reads.
+#[derive(Debug)]
+enum FromParser {
+    /// The file's SHA-256 and settlement day: first, once.
+    Day { sha256: String, date: Date },
+    /// The references of the rows accepted since the previous message.
+    Refs(Vec<String>),
+    /// The whole file was read and is valid.
+    Valid,
+}
+
+/// Messages of [`settlement::PROGRESS_ROWS`] references in flight from the
+/// parser: enough that it seldom waits for the database.
+const PARSER_MESSAGES_IN_FLIGHT: usize = 128;
+
+/// Work done while the file is read.
+#[derive(Debug)]
+struct Early {
+    date: Date,
+    run_id: String,
+    /// The run, when this file was recorded already (nothing else done).
+    stored: Option<store::StoredRun>,
+    /// The day's ledger references, each with the settlement day of the
+    /// run that matched it, if any.
+    day_refs: Vec<store::ClaimedRef>,
+    /// PostgreSQL: the run's transaction, holding the claims of `streamed`.
+    tx: Option<sqlx::Transaction<'static, sqlx::Postgres>>,
+    /// References claimed in `tx`, each for the row of the same reference:
+    /// the day's, not claimed by any run, in an accepted row.
+    streamed: HashSet<String>,
+    lookups: Duration,
+    claims: Duration,
+}
+
+/// While the file is read: the run id (and whether it is recorded), the
+/// day's ledger references, and on PostgreSQL the claims the matching is
+/// bound to make by reference (a row whose reference is the day's and
+/// unclaimed) copied into the run's transaction as their rows arrive.
+/// `None` when the parser stopped without a valid file (its error says
+/// why); the transaction is then rolled back.
+async fn prepare(
+    db: &Db,
+    rx: &mut tokio::sync::mpsc::Receiver<FromParser>,
+) -> anyhow::Result<Option<Early>> {
+    let (sha256, date) = loop {
+        match rx.recv().await {
+            Some(FromParser::Day { sha256, date }) => break (sha256, date),
+            Some(_) => continue,
+            None => return Ok(None),
+        }
+    };
+    let day = settlement::format_date(date);
+    let run_id = run_id(date, &sha256);
+    let mut early = Early {
+        date,
+        run_id,
+        stored: None,
+        day_refs: Vec::new(),
+        tx: None,
+        streamed: HashSet::new(),
+        lookups: Duration::ZERO,
+        claims: Duration::ZERO,
+    };
+    if let Some(stored) = store::load_run(db, &early.run_id).await? {
+        early.stored = Some(stored);
+        return Ok(Some(early));
+    }
+    let t = Instant::now();
+    let from_us = settlement::day_start_ms(date) * 1_000;
+    early.day_refs = store::day_refs_with_claims(db, from_us, from_us + 86_400_000_000).await?;
+    early.lookups = t.elapsed();
+    let Db::Postgres(p) = db else {
+        // SQLite has one writer: its claims wait for the run's transaction
+        // (the re-check of status mismatches writes after the parse).
+        return Ok(Some(early));
+    };
+    let mut unclaimed: HashSet<&str> = early
+        .day_refs
+        .iter()
+        .filter(|(_, claim)| claim.is_none())
+        .map(|(r, _)| r.psp_reference.as_str())
+        .collect();
+    let mut tx = p.begin().await?;
+    let mut valid = false;
+    let mut streamed = HashSet::new();
+    let t = Instant::now();
+    let mut copy = store::ClaimCopy::start(&mut tx, &day, &early.run_id, now_us()).await?;
+    let mut spent = t.elapsed();
+    while let Some(m) = rx.recv().await {
+        match m {
+            FromParser::Refs(refs) => {
+                let t = Instant::now();
+                let fresh: Vec<String> = refs
+                    .into_iter()
+                    .filter(|r| unclaimed.remove(r.as_str()))
+                    .collect();
+                copy.send(fresh.iter().map(|r| (r.as_str(), r.as_str())))
+                    .await?;
+                streamed.extend(fresh);
+                spent += t.elapsed();
+            }
+            FromParser::Valid => valid = true,
+            FromParser::Day { .. } => {}
+        }
+    }
+    drop(unclaimed);
+    if !valid {
+        copy.abort("the settlement file was rejected").await?;
+        return Ok(None);
+    }
+    let t = Instant::now();
+    copy.finish().await?;
+    early.claims = spent + t.elapsed();
+    early.tx = Some(tx);
+    early.streamed = streamed;
+    Ok(Some(early))
+}
+
+/// Whether a failed attempt may be tried again: a concurrent run claimed
+/// one of the references this one copied (unique violation) or the two
+/// waited on each other (deadlock). Nothing of the attempt was committed.
+fn retryable(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<sqlx::Error>().is_some_and(|e| {
+            store::is_unique_violation(e)
+                || matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some("40P01"))
+        })
+    })
+}
+
+/// Attempts of a run that collided with a concurrent one ([`retryable`]).
+const RUN_ATTEMPTS: u32 = 3;
+
 /// Reconciles a settlement file's bytes. Re-running the same bytes for the
 /// same day returns the recorded report and publishes nothing new (except
 /// what a crashed earlier attempt had not published yet).
@@ -304,15 +446,67 @@ pub async fn reconcile_bytes(
     date: Option<Date>,
     tolerance: Tolerance,
 ) -> anyhow::Result<(Report, Timings)> {
+    let mut attempt = 1;
+    loop {
+        match reconcile_once(db, producer, bytes, source, date, tolerance).await {
+            Err(e) if attempt < RUN_ATTEMPTS && retryable(&e) => {
+                tracing::warn!(error = %format!("{e:#}"), attempt, "reconciliation collided with a concurrent run; trying again");
+                attempt += 1;
+            }
+            r => return r,
+        }
+    }
+}
+
+async fn reconcile_once(
+    db: &Db,
+    producer: &EventProducer,
+    bytes: &[u8],
+    source: &str,
+    date: Option<Date>,
+    tolerance: Tolerance,
+) -> anyhow::Result<(Report, Timings)> {
     let started = Instant::now();
-    let file = settlement::parse(bytes, date)?;
-    let parse = started.elapsed();
+    // The file is read on a thread of its own; meanwhile the day's ledger
+    // references are read and (PostgreSQL) the claims copied.
+    let (to_prepare, mut rx) = tokio::sync::mpsc::channel(PARSER_MESSAGES_IN_FLIGHT);
+    let owned = bytes.to_vec();
+    let parser = tokio::task::spawn_blocking(move || {
+        let t = Instant::now();
+        let mut announced = false;
+        let file = settlement::parse_with(&owned, date, |p| {
+            if let (false, Some(date)) = (announced, p.date) {
+                announced = true;
+                // A closed channel: the run needs no more (recorded).
+                let _ = to_prepare.blocking_send(FromParser::Day {
+                    sha256: p.sha256.to_owned(),
+                    date,
+                });
+            }
+            if announced && !p.rows.is_empty() {
+                let refs = p.rows.iter().map(|r| r.psp_reference.clone()).collect();
+                let _ = to_prepare.blocking_send(FromParser::Refs(refs));
+            }
+        });
+        if file.is_ok() {
+            let _ = to_prepare.blocking_send(FromParser::Valid);
+        }
+        (file, t.elapsed())
+    });
+    let early = prepare(db, &mut rx).await;
+    drop(rx);
+    let (file, parse) = parser.await.context("the settlement parser panicked")?;
+    let file = file?;
+    let early = early?.context("the settlement file was read but not prepared")?;
+    if early.date != file.date {
+        bail!("the settlement day changed while the file was read");
+    }
     // Earlier status mismatches whose charge the ledger has booked since.
     let auto_resolved = recheck_status_mismatches(db, producer, tolerance).await?;
     let day = settlement::format_date(file.date);
-    let run_id = run_id(file.date, &file.sha256);
+    let run_id = early.run_id;
 
-    if let Some(stored) = store::load_run(db, &run_id).await? {
+    if let Some(stored) = early.stored {
         let mut report: Report =
             serde_json::from_str(&stored.report).context("stored report does not parse")?;
         if stored.state != "published" {
@@ -332,20 +526,20 @@ pub async fn reconcile_bytes(
     }
 
     let lookups_started = Instant::now();
-    // Ledger lookups: the day's references once (each with the other day
-    // that matched it, if any), then by `= ANY` only the file's references
-    // not on the day (usually few) and the order ids of rows still unknown.
-    let from_us = settlement::day_start_ms(file.date) * 1_000;
+    // Ledger lookups: the day's references were read (each with the run
+    // that matched it, if any) while the file was; now by `= ANY` only the
+    // file's references not on the day (usually few) and the order ids of
+    // rows still unknown.
     let mut earlier: HashMap<String, String> = HashMap::new();
     let mut note = |claimed: Option<String>, r: &LedgerRef| {
         if let Some(d) = claimed {
             earlier.insert(r.psp_reference.clone(), d);
         }
     };
-    let mut day_refs: Vec<LedgerRef> = Vec::new();
-    for (r, claimed) in store::day_refs_claimed(db, &day, from_us, from_us + 86_400_000_000).await?
-    {
-        note(claimed, &r);
+    let mut day_refs: Vec<LedgerRef> = Vec::with_capacity(early.day_refs.len());
+    for (r, claimed) in early.day_refs {
+        // This day's own claims (an earlier file of the day) do not count.
+        note(claimed.filter(|d| *d != day), &r);
         day_refs.push(r);
     }
     let on_day: HashSet<&str> = day_refs.iter().map(|r| r.psp_reference.as_str()).collect();
@@ -381,7 +575,7 @@ pub async fn reconcile_bytes(
         note(claimed, &r);
         by_order.entry(r.order_id.clone()).or_default().push(r);
     }
-    let lookups = lookups_started.elapsed();
+    let lookups = early.lookups + lookups_started.elapsed();
     let matching_started = Instant::now();
     let mut outcome = matching::match_rows(
         &file.rows, &by_ref, &by_order, &day_refs, &earlier, tolerance,
@@ -528,10 +722,35 @@ pub async fn reconcile_bytes(
         .map(|d| d.discrepancy_id.clone())
         .collect();
     let json = serde_json::to_string(&report)?;
+    // The claims copied while the file was read are exactly the matching's
+    // claims by reference of the day's unclaimed references; the rest is
+    // written with the run.
+    let mut copied = 0;
+    let rest: Vec<(String, String)> = outcome
+        .claimed
+        .iter()
+        .filter(|(ours, row)| {
+            let was = ours == row && early.streamed.contains(ours);
+            copied += usize::from(was);
+            !was
+        })
+        .cloned()
+        .collect();
+    if copied != early.streamed.len() {
+        bail!(
+            "{} references were claimed while the file was read but the matching claims {copied} of them; nothing recorded",
+            early.streamed.len()
+        );
+    }
     let matching = matching_started.elapsed();
     let record_started = Instant::now();
-    match store::record_run(db, &report, &json, &rows, &outcome.claimed, now).await? {
-        Some(_new) => {}
+    let mut claims = early.claims;
+    let mut discrepancies = Duration::ZERO;
+    match store::record_run(db, early.tx, &report, &json, &rows, &rest, copied, now).await? {
+        Some(r) => {
+            claims += r.claims;
+            discrepancies = r.discrepancies;
+        }
         None => {
             // Recorded concurrently by another attempt: use its report.
             let stored = store::load_run(db, &run_id)
@@ -554,6 +773,8 @@ pub async fn reconcile_bytes(
             total: started.elapsed(),
             lookups,
             matching,
+            claims,
+            discrepancies,
             record,
             publish,
         },

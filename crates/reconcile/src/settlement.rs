@@ -163,7 +163,44 @@ fn line_col(bytes: &[u8], offset: usize) -> (u64, usize) {
 /// caller expects; `None` takes it from the rows (they must all share one
 /// UTC day). Every row's `settled_at` must fall on that day.
 pub fn parse(bytes: &[u8], date: Option<Date>) -> Result<SettlementFile, FileError> {
+    parse_with(bytes, date, |_| {})
+}
+
+/// Rows handed to [`parse_with`]'s callback at a time.
+pub const PROGRESS_ROWS: usize = 20_000;
+
+/// What [`parse_with`] reports while it reads.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress<'a> {
+    /// SHA-256 of the whole file (hex).
+    pub sha256: &'a str,
+    /// The settlement day once known: the one given, else that of the first
+    /// row with a valid `settled_at` (the day [`parse`] returns).
+    pub date: Option<Date>,
+    /// Rows accepted since the previous report, in file order. Provisional:
+    /// a problem further down still rejects the whole file.
+    pub rows: &'a [SettlementRow],
+}
+
+/// [`parse`], reporting the rows accepted so far to `progress` as it goes:
+/// once as soon as the settlement day is known (possibly with no rows),
+/// then every [`PROGRESS_ROWS`] rows, and the remaining rows at the end
+/// (before the verdict). Lets a caller start work that depends only on the
+/// day and the rows' references while the rest of the file is read; the
+/// result is the same as [`parse`]'s.
+pub fn parse_with(
+    bytes: &[u8],
+    date: Option<Date>,
+    mut progress: impl FnMut(Progress<'_>),
+) -> Result<SettlementFile, FileError> {
     let sha256 = sha256_hex(bytes);
+    if date.is_some() {
+        progress(Progress {
+            sha256: &sha256,
+            date,
+            rows: &[],
+        });
+    }
     let text = match std::str::from_utf8(bytes) {
         Ok(t) => t,
         Err(e) => {
@@ -233,6 +270,9 @@ pub fn parse(bytes: &[u8], date: Option<Date>) -> Result<SettlementFile, FileErr
     let mut first_line: HashMap<String, (u64, Vec<String>)> = HashMap::new();
     let mut duplicates: Vec<(SettlementRow, u64)> = Vec::new();
     let mut day: Option<Date> = date;
+    // Rows already handed to `progress`; whether the day was announced.
+    let mut reported = 0;
+    let mut announced = date.is_some();
     for rec in records {
         let rec = match rec {
             Ok(r) => r,
@@ -379,6 +419,22 @@ pub fn parse(bytes: &[u8], date: Option<Date>) -> Result<SettlementFile, FileErr
                 None => rows.push(row),
             }
         }
+        if rows.len() - reported >= PROGRESS_ROWS || (!announced && day.is_some()) {
+            announced = true;
+            progress(Progress {
+                sha256: &sha256,
+                date: day,
+                rows: &rows[reported..],
+            });
+            reported = rows.len();
+        }
+    }
+    if reported < rows.len() {
+        progress(Progress {
+            sha256: &sha256,
+            date: day,
+            rows: &rows[reported..],
+        });
     }
     if !problems.is_empty() {
         problems.sort_by_key(|p| p.line);
@@ -456,6 +512,55 @@ mod tests {
             e.to_string().contains("different fields: also on line 2"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn progress_hands_over_every_row_once_in_order() {
+        let n = PROGRESS_ROWS * 2 + 7;
+        let mut f = String::from(HEADER);
+        for i in 0..n {
+            f.push_str(&format!(
+                "ch_{i},o{i},100,EUR,succeeded,1,2026-11-25T14:20:01Z\n"
+            ));
+            if i == PROGRESS_ROWS {
+                // An identical copy is not a row of its own.
+                f.push_str(&format!(
+                    "ch_{i},o{i},100,EUR,succeeded,1,2026-11-25T14:20:01Z\n"
+                ));
+            }
+        }
+        for date in [None, Some(parse_date("2026-11-25").unwrap())] {
+            let mut seen: Vec<SettlementRow> = Vec::new();
+            let mut calls = Vec::new();
+            let s = parse_with(f.as_bytes(), date, |p| {
+                assert_eq!(p.date, Some(parse_date("2026-11-25").unwrap()));
+                assert_eq!(p.sha256, sha256_hex(f.as_bytes()));
+                calls.push(p.rows.len());
+                seen.extend_from_slice(p.rows);
+            })
+            .unwrap();
+            assert_eq!(seen, s.rows);
+            assert_eq!(s.rows.len(), n);
+            assert_eq!(s.duplicates.len(), 1);
+            // The day first (with the first row when it is read from the
+            // rows), then full chunks, then the rest.
+            let first = if date.is_some() { 0 } else { 1 };
+            assert_eq!(calls[0], first, "{calls:?}");
+            assert!(
+                calls[1..calls.len() - 1]
+                    .iter()
+                    .all(|&c| c == PROGRESS_ROWS),
+                "{calls:?}"
+            );
+            let s2 = parse(f.as_bytes(), date).unwrap();
+            assert_eq!((s2.rows, s2.sha256, s2.date), (s.rows, s.sha256, s.date));
+        }
+        // A bad row after a chunk was handed over still rejects the file.
+        let bad = format!("{f}ch_x,ox,1.5,EUR,succeeded,1,2026-11-25T14:20:01Z\n");
+        let mut handed = 0;
+        let e = parse_with(bad.as_bytes(), None, |p| handed += p.rows.len()).unwrap_err();
+        assert_eq!(handed, n);
+        assert!(e.to_string().contains("not an integer"), "{e}");
     }
 
     #[test]

@@ -15,6 +15,8 @@ const SQLITE_CHUNK: usize = 900;
 /// Rows per multi-row `VALUES` insert on SQLite (one transaction holds
 /// them all; the chunk only bounds the statement's parameters).
 const SQLITE_ROWS: usize = 400;
+/// Claims per statement on SQLite (one JSON parameter).
+const SQLITE_JSON_ROWS: usize = 50_000;
 /// A table that got at least this many rows from one statement batch is
 /// analysed afterwards: the planner must not depend on autovacuum (off on
 /// these machines) to learn a table grew from nothing to a million rows.
@@ -84,24 +86,171 @@ const REFS_CLAIMED: &str = "SELECT l.psp_reference, l.kind, l.order_id, l.status
 pub type ClaimedRef = (LedgerRef, Option<String>);
 
 /// The ledger references that occurred in `[from_us, to_us)`, each with
-/// the settlement day other than `day` whose run matched it. Streamed:
-/// rows are decoded as they arrive.
-pub async fn day_refs_claimed(
+/// the settlement day of the run that matched it, if any (whatever the
+/// day: the caller tells its own day's claims, which need no new claim,
+/// from another day's). Streamed: rows are decoded as they arrive.
+pub async fn day_refs_with_claims(
     db: &Db,
-    day: &str,
     from_us: i64,
     to_us: i64,
 ) -> Result<Vec<ClaimedRef>, sqlx::Error> {
     use futures::TryStreamExt as _;
-    let sql = format!("{REFS_CLAIMED} WHERE l.occurred_at >= $2 AND l.occurred_at < $3");
+    let cols = "l.psp_reference, l.kind, l.order_id, l.status, l.currency, \
+         l.amount_minor, l.fee_minor, l.occurred_at, m.settlement_date";
+    let from = format!(
+        "FROM ledger_psp_references l LEFT JOIN reconcile_matched_refs m \
+         ON m.psp_reference = l.psp_reference \
+         WHERE l.occurred_at >= {from_us} AND l.occurred_at < {to_us}"
+    );
+    let sql = format!("SELECT {cols} {from}");
     let mut out = Vec::new();
-    storage::with_pool!(db, p => {
-        let mut rows = sqlx::query(&sql).bind(day).bind(from_us).bind(to_us).fetch(p);
-        while let Some(row) = rows.try_next().await? {
-            out.push(ledger_ref_claimed(&row)?);
+    match db {
+        Db::Postgres(p) => {
+            // COPY's text rows: a fraction of the decoding cost of a
+            // million result rows (the bounds are integers, inlined).
+            let mut conn = p.acquire().await?;
+            let mut rows = conn
+                .copy_out_raw(&format!("COPY ({sql}) TO STDOUT"))
+                .await?;
+            let mut partial: Vec<u8> = Vec::new();
+            while let Some(chunk) = rows.try_next().await? {
+                let mut data: &[u8] = &chunk;
+                if !partial.is_empty() {
+                    partial.extend_from_slice(data);
+                    data = &[];
+                }
+                let buf: &[u8] = if partial.is_empty() { data } else { &partial };
+                let mut consumed = 0;
+                for line in buf.split_inclusive(|&b| b == b'\n') {
+                    if line.last() != Some(&b'\n') {
+                        break;
+                    }
+                    out.push(copy_row(&line[..line.len() - 1])?);
+                    consumed += line.len();
+                }
+                let rest = buf[consumed..].to_vec();
+                partial = rest;
+            }
         }
-    });
+        Db::Sqlite(p) => {
+            // One JSON array instead of a million result rows: each row
+            // crossing from SQLite's thread costs more than its fields.
+            let json: Option<String> = sqlx::query_scalar(&format!(
+                "SELECT json_group_array(json_array(psp_reference, kind, order_id, status, currency, \
+                 amount_minor, fee_minor, occurred_at, settlement_date)) FROM (SELECT {cols} {from})"
+            ))
+            .fetch_one(p)
+            .await?;
+            type Row = (
+                String,
+                String,
+                String,
+                String,
+                String,
+                i64,
+                i64,
+                i64,
+                Option<String>,
+            );
+            let rows: Vec<Row> = serde_json::from_str(json.as_deref().unwrap_or("[]"))
+                .map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+            for (
+                psp_reference,
+                kind,
+                order_id,
+                status,
+                currency,
+                amount_minor,
+                fee_minor,
+                occurred_at,
+                claim,
+            ) in rows
+            {
+                out.push((
+                    LedgerRef {
+                        psp_reference,
+                        kind,
+                        order_id,
+                        status,
+                        currency: Currency::from_code(&currency)
+                            .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+                        amount_minor,
+                        fee_minor,
+                        occurred_at,
+                    },
+                    claim,
+                ));
+            }
+        }
+    }
     Ok(out)
+}
+
+/// One field of COPY's text format: `None` for `\N`, escapes undone.
+fn copy_field(f: &[u8]) -> Result<Option<String>, sqlx::Error> {
+    let bad = || sqlx::Error::Protocol("malformed COPY row of ledger_psp_references".into());
+    if f == b"\\N" {
+        return Ok(None);
+    }
+    let s = if f.contains(&b'\\') {
+        let mut v = Vec::with_capacity(f.len());
+        let mut it = f.iter();
+        while let Some(&b) = it.next() {
+            if b != b'\\' {
+                v.push(b);
+                continue;
+            }
+            match it.next() {
+                Some(b't') => v.push(b'\t'),
+                Some(b'n') => v.push(b'\n'),
+                Some(b'r') => v.push(b'\r'),
+                Some(b'b') => v.push(8),
+                Some(b'f') => v.push(12),
+                Some(b'v') => v.push(11),
+                Some(&c) => v.push(c),
+                None => return Err(bad()),
+            }
+        }
+        String::from_utf8(v).map_err(|_| bad())?
+    } else {
+        std::str::from_utf8(f).map_err(|_| bad())?.to_owned()
+    };
+    Ok(Some(s))
+}
+
+/// A row of the day's references from COPY's text format.
+fn copy_row(line: &[u8]) -> Result<ClaimedRef, sqlx::Error> {
+    let bad = || sqlx::Error::Protocol("malformed COPY row of ledger_psp_references".into());
+    let mut f = line.split(|&b| b == b'\t');
+    let mut text = || -> Result<String, sqlx::Error> {
+        copy_field(f.next().ok_or_else(bad)?)?.ok_or_else(bad)
+    };
+    let psp_reference = text()?;
+    let kind = text()?;
+    let order_id = text()?;
+    let status = text()?;
+    let currency = text()?;
+    let amount_minor = text()?.parse::<i64>().map_err(|_| bad())?;
+    let fee_minor = text()?.parse::<i64>().map_err(|_| bad())?;
+    let occurred_at = text()?.parse::<i64>().map_err(|_| bad())?;
+    let claim = copy_field(f.next().ok_or_else(bad)?)?;
+    if f.next().is_some() {
+        return Err(bad());
+    }
+    Ok((
+        LedgerRef {
+            psp_reference,
+            kind,
+            order_id,
+            status,
+            currency: Currency::from_code(&currency)
+                .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+            amount_minor,
+            fee_minor,
+            occurred_at,
+        },
+        claim,
+    ))
 }
 
 /// Ledger references whose `column` (`psp_reference` or `order_id`) is one
@@ -406,49 +555,179 @@ where
 /// open ones take the new figures (ours, theirs, fee, detail, line) when
 /// they differ, resolved ones stay as they were. `claimed`: the ledger
 /// references the run matched, `(ours, the row's)`; the first run to match
-/// a reference keeps it. Returns the ids that are new. Nothing is written
-/// if the run is already recorded (returns `None`).
+/// a reference keeps it. `started`: on PostgreSQL, the run's transaction
+/// if it was begun already (holding the claims copied while the file was
+/// read, [`ClaimCopy`]; `claimed` is then the rest). Returns the ids that
+/// are new and the time spent inserting the claims. Nothing is written if
+/// the run is already recorded (returns `None`).
 pub async fn record_run(
     db: &Db,
+    started: Option<sqlx::Transaction<'static, sqlx::Postgres>>,
+    run: &crate::report::Report,
+    report_json: &str,
+    discrepancies: &[DiscrepancyRow],
+    claimed: &[(String, String)],
+    streamed_claims: usize,
+    now: i64,
+) -> Result<Option<Recorded>, sqlx::Error> {
+    let recorded = match db {
+        Db::Postgres(p) => {
+            let tx = match started {
+                Some(tx) => tx,
+                None => p.begin_write().await?,
+            };
+            record_in(tx, run, report_json, discrepancies, claimed, now).await?
+        }
+        Db::Sqlite(p) => {
+            let tx = p.begin_write().await?;
+            record_in(tx, run, report_json, discrepancies, claimed, now).await?
+        }
+    };
+    if let Some(Recorded { new_ids, .. }) = &recorded {
+        if claimed.len() + streamed_claims >= ANALYZE_AFTER_ROWS {
+            analyze(db, "reconcile_matched_refs").await?;
+        }
+        if new_ids.len() >= ANALYZE_AFTER_ROWS {
+            analyze(db, "reconcile_discrepancies").await?;
+        }
+    }
+    Ok(recorded)
+}
+
+async fn record_in<DB>(
+    mut tx: sqlx::Transaction<'static, DB>,
     run: &crate::report::Report,
     report_json: &str,
     discrepancies: &[DiscrepancyRow],
     claimed: &[(String, String)],
     now: i64,
-) -> Result<Option<Vec<String>>, sqlx::Error> {
+) -> Result<Option<Recorded>, sqlx::Error>
+where
+    DB: BulkRows,
+{
     let mut new_ids = Vec::new();
-    storage::with_pool!(db, p => {
-        let mut tx = p.begin_write().await?;
-        let inserted = sqlx::query(
-            "INSERT INTO reconcile_runs (run_id, settlement_date, source, file_sha256, row_count, matched, report, state, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 'recorded', $8) ON CONFLICT (run_id) DO NOTHING",
-        )
-        .bind(&run.run_id)
-        .bind(&run.settlement_date)
-        .bind(&run.source)
-        .bind(&run.file_sha256)
-        .bind(run.rows)
-        .bind(run.matched)
-        .bind(report_json)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if inserted == 0 {
-            tx.rollback().await?;
-            return Ok(None);
+    if !DB::insert_run(&mut tx, run, report_json, now).await? {
+        tx.rollback().await?;
+        return Ok(None);
+    }
+    let t = std::time::Instant::now();
+    insert_discrepancies(&mut tx, discrepancies, now, &mut new_ids).await?;
+    let discrepancies = t.elapsed();
+    let t = std::time::Instant::now();
+    insert_claims(&mut tx, run, claimed, now).await?;
+    let claims = t.elapsed();
+    tx.commit().await?;
+    Ok(Some(Recorded {
+        new_ids,
+        claims,
+        discrepancies,
+    }))
+}
+
+/// A run recorded by [`record_run`].
+#[derive(Debug)]
+pub struct Recorded {
+    /// Discrepancy ids new to the day.
+    pub new_ids: Vec<String>,
+    /// Time inserting the claims given.
+    pub claims: std::time::Duration,
+    /// Time inserting (or updating) the discrepancies.
+    pub discrepancies: std::time::Duration,
+}
+
+/// Claims streamed into `reconcile_matched_refs` with `COPY ... FROM STDIN`
+/// inside the run's transaction, while the file is still being read. The
+/// caller sends only references no run has claimed yet (a COPY has no `ON
+/// CONFLICT`): one claimed meanwhile by a concurrent run fails the COPY
+/// with a unique violation, and the whole run is rolled back (and tried
+/// again by the caller), so the first claim still wins.
+pub struct ClaimCopy<'c> {
+    copy: sqlx::postgres::PgCopyIn<&'c mut sqlx::PgConnection>,
+    /// `\t{day}\t{run}\t` between a claim's two references.
+    mid: Vec<u8>,
+    /// `\t{now}\n` after them.
+    tail: Vec<u8>,
+    buf: Vec<u8>,
+}
+
+/// Statement of [`ClaimCopy`].
+const COPY_CLAIMS: &str = "COPY reconcile_matched_refs (psp_reference, settlement_date, run_id, row_reference, created_at) FROM STDIN";
+
+impl std::fmt::Debug for ClaimCopy<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClaimCopy").finish_non_exhaustive()
+    }
+}
+
+/// `s` as a field of COPY's text format.
+fn copy_text(buf: &mut Vec<u8>, s: &str) {
+    for &b in s.as_bytes() {
+        match b {
+            b'\\' => buf.extend_from_slice(b"\\\\"),
+            b'\t' => buf.extend_from_slice(b"\\t"),
+            b'\n' => buf.extend_from_slice(b"\\n"),
+            b'\r' => buf.extend_from_slice(b"\\r"),
+            _ => buf.push(b),
         }
-        insert_discrepancies(&mut tx, discrepancies, now, &mut new_ids).await?;
-        insert_claims(&mut tx, run, claimed, now).await?;
-        tx.commit().await?;
-    });
-    if claimed.len() >= ANALYZE_AFTER_ROWS {
-        analyze(db, "reconcile_matched_refs").await?;
     }
-    if new_ids.len() >= ANALYZE_AFTER_ROWS {
-        analyze(db, "reconcile_discrepancies").await?;
+}
+
+impl<'c> ClaimCopy<'c> {
+    /// Starts the COPY on the run's transaction.
+    pub async fn start(
+        tx: &'c mut sqlx::Transaction<'static, sqlx::Postgres>,
+        day: &str,
+        run_id: &str,
+        now: i64,
+    ) -> Result<ClaimCopy<'c>, sqlx::Error> {
+        let conn: &'c mut sqlx::PgConnection = tx;
+        let copy = conn.copy_in_raw(COPY_CLAIMS).await?;
+        let mut mid = Vec::new();
+        mid.push(b'\t');
+        copy_text(&mut mid, day);
+        mid.push(b'\t');
+        copy_text(&mut mid, run_id);
+        mid.push(b'\t');
+        Ok(ClaimCopy {
+            copy,
+            mid,
+            tail: format!("\t{now}\n").into_bytes(),
+            buf: Vec::with_capacity(1 << 20),
+        })
     }
-    Ok(Some(new_ids))
+
+    /// Sends claims `(ours, the row's)`: one message, no round trip.
+    pub async fn send<'a>(
+        &mut self,
+        claims: impl Iterator<Item = (&'a str, &'a str)>,
+    ) -> Result<(), sqlx::Error> {
+        self.buf.clear();
+        for (ours, row) in claims {
+            copy_text(&mut self.buf, ours);
+            self.buf.extend_from_slice(&self.mid);
+            copy_text(&mut self.buf, row);
+            self.buf.extend_from_slice(&self.tail);
+        }
+        if !self.buf.is_empty() {
+            self.copy.send(self.buf.as_slice()).await?;
+        }
+        Ok(())
+    }
+
+    /// Ends the COPY; returns the rows copied.
+    pub async fn finish(self) -> Result<u64, sqlx::Error> {
+        self.copy.finish().await
+    }
+
+    /// Abandons the COPY (the transaction is rolled back by the caller).
+    pub async fn abort(self, why: &str) -> Result<(), sqlx::Error> {
+        self.copy.abort(why).await
+    }
+}
+
+/// Whether `e` is a unique violation (PostgreSQL 23505, SQLite 2067/1555).
+pub fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
 }
 
 /// Fresh planner statistics for a table that was just bulk-filled. SQLite
@@ -525,8 +804,40 @@ where
     DB::insert_claims(tx, run, &sorted, now).await
 }
 
+/// The INSERT of a run's row; nothing when its id exists.
+fn insert_run_query<'q, DB>(
+    run: &'q crate::report::Report,
+    report_json: &'q str,
+    now: i64,
+) -> sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>
+where
+    DB: sqlx::Database,
+    &'q str: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    sqlx::query(
+        "INSERT INTO reconcile_runs (run_id, settlement_date, source, file_sha256, row_count, matched, report, state, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, 'recorded', $8) ON CONFLICT (run_id) DO NOTHING",
+    )
+    .bind(run.run_id.as_str())
+    .bind(run.settlement_date.as_str())
+    .bind(run.source.as_str())
+    .bind(run.file_sha256.as_str())
+    .bind(run.rows)
+    .bind(run.matched)
+    .bind(report_json)
+    .bind(now)
+}
+
 /// The two backends' ways of writing many rows in one transaction.
 pub(crate) trait BulkRows: sqlx::Database {
+    /// Inserts the run's row; false when the run is recorded already.
+    fn insert_run(
+        tx: &mut sqlx::Transaction<'static, Self>,
+        run: &crate::report::Report,
+        report_json: &str,
+        now: i64,
+    ) -> impl std::future::Future<Output = Result<bool, sqlx::Error>> + Send;
     /// Inserts, skipping existing ids; returns the ids inserted.
     fn insert_discrepancies(
         tx: &mut sqlx::Transaction<'static, Self>,
@@ -593,6 +904,19 @@ impl DiscrepancyColumns {
 }
 
 impl BulkRows for sqlx::Postgres {
+    async fn insert_run(
+        tx: &mut sqlx::Transaction<'static, Self>,
+        run: &crate::report::Report,
+        report_json: &str,
+        now: i64,
+    ) -> Result<bool, sqlx::Error> {
+        let n = insert_run_query(run, report_json, now)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected();
+        Ok(n == 1)
+    }
+
     async fn insert_discrepancies(
         tx: &mut sqlx::Transaction<'static, Self>,
         rows: &[DiscrepancyRow],
@@ -696,6 +1020,19 @@ fn values_list(rows: usize, width: usize, first: usize, fixed: &str) -> String {
 }
 
 impl BulkRows for sqlx::Sqlite {
+    async fn insert_run(
+        tx: &mut sqlx::Transaction<'static, Self>,
+        run: &crate::report::Report,
+        report_json: &str,
+        now: i64,
+    ) -> Result<bool, sqlx::Error> {
+        let n = insert_run_query(run, report_json, now)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected();
+        Ok(n == 1)
+    }
+
     async fn insert_discrepancies(
         tx: &mut sqlx::Transaction<'static, Self>,
         rows: &[DiscrepancyRow],
@@ -756,20 +1093,22 @@ impl BulkRows for sqlx::Sqlite {
         claimed: &[&(String, String)],
         now: i64,
     ) -> Result<(), sqlx::Error> {
-        for chunk in claimed.chunks(SQLITE_ROWS) {
-            let values = values_list(chunk.len(), 2, 4, ", $1, $2, $3");
-            let sql = format!(
+        // The pairs as one JSON parameter per chunk: binding two values a
+        // row costs more than SQLite's own JSON reading.
+        for chunk in claimed.chunks(SQLITE_JSON_ROWS) {
+            let pairs =
+                serde_json::to_string(chunk).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+            sqlx::query(
                 "INSERT INTO reconcile_matched_refs (psp_reference, row_reference, settlement_date, run_id, created_at) \
-                 VALUES {values} ON CONFLICT (psp_reference) DO NOTHING"
-            );
-            let mut q = sqlx::query(&sql)
-                .bind(&run.settlement_date)
-                .bind(&run.run_id)
-                .bind(now);
-            for (ours, row) in chunk {
-                q = q.bind(ours).bind(row);
-            }
-            q.execute(&mut **tx).await?;
+                 SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), $1, $2, $3 FROM json_each($4) \
+                 WHERE true ON CONFLICT (psp_reference) DO NOTHING",
+            )
+            .bind(&run.settlement_date)
+            .bind(&run.run_id)
+            .bind(now)
+            .bind(pairs)
+            .execute(&mut **tx)
+            .await?;
         }
         Ok(())
     }

@@ -5,6 +5,7 @@
 mod harness;
 
 mod batch;
+mod chunks;
 mod clean_day;
 mod flow;
 mod malformed;
