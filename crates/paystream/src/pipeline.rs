@@ -130,6 +130,19 @@ impl Pipeline {
         self.executor.wait().await?;
         self.projections.await??;
         self.psp.stop().await?;
+        // How this process's SQLite writers queued (all zero on PostgreSQL).
+        let lock = storage::lock_wait::stats();
+        if lock.commits > 0 {
+            tracing::info!(
+                commits = lock.commits,
+                waits = lock.waits,
+                woken_by_commit = lock.woken,
+                polls = lock.polled,
+                timeouts = lock.timeouts,
+                checkpoints = lock.checkpoints,
+                "SQLite write lock"
+            );
+        }
         Ok(())
     }
 }
