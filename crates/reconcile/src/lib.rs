@@ -746,7 +746,8 @@ async fn reconcile_once(
     let record_started = Instant::now();
     let mut claims = early.claims;
     let mut discrepancies = Duration::ZERO;
-    match store::record_run(db, early.tx, &report, &json, &rows, &rest, copied, now).await? {
+    let begun = early.tx.map(|tx| (tx, copied));
+    match store::record_run(db, begun, &report, &json, &rows, &rest, now).await? {
         Some(r) => {
             claims += r.claims;
             discrepancies = r.discrepancies;

@@ -556,24 +556,27 @@ where
 /// they differ, resolved ones stay as they were. `claimed`: the ledger
 /// references the run matched, `(ours, the row's)`; the first run to match
 /// a reference keeps it. `started`: on PostgreSQL, the run's transaction
-/// if it was begun already (holding the claims copied while the file was
-/// read, [`ClaimCopy`]; `claimed` is then the rest). Returns the ids that
+/// if it was begun already, with the number of claims it holds (copied
+/// while the file was read, [`ClaimCopy`]; `claimed` is then the rest). Returns the ids that
 /// are new and the time spent inserting the claims. Nothing is written if
 /// the run is already recorded (returns `None`).
 pub async fn record_run(
     db: &Db,
-    started: Option<sqlx::Transaction<'static, sqlx::Postgres>>,
+    started: Option<(sqlx::Transaction<'static, sqlx::Postgres>, usize)>,
     run: &crate::report::Report,
     report_json: &str,
     discrepancies: &[DiscrepancyRow],
     claimed: &[(String, String)],
-    streamed_claims: usize,
     now: i64,
 ) -> Result<Option<Recorded>, sqlx::Error> {
+    let mut streamed_claims = 0;
     let recorded = match db {
         Db::Postgres(p) => {
             let tx = match started {
-                Some(tx) => tx,
+                Some((tx, copied)) => {
+                    streamed_claims = copied;
+                    tx
+                }
                 None => p.begin_write().await?,
             };
             record_in(tx, run, report_json, discrepancies, claimed, now).await?
