@@ -173,7 +173,8 @@ async fn intake_pg_set_based(
     } else {
         sqlx::query_scalar::<_, String>(
             "INSERT INTO executor_payments (payment_id, correlation_id, card_token, created_ms) \
-             SELECT * , $4 FROM UNNEST($1::text[], $2::text[], $3::text[]) \
+             SELECT p, c, t, $4 FROM UNNEST($1::text[], $2::text[], $3::text[]) \
+             WITH ORDINALITY AS u(p, c, t, i) ORDER BY i \
              ON CONFLICT DO NOTHING RETURNING payment_id",
         )
         .bind(&pids)
@@ -186,6 +187,8 @@ async fn intake_pg_set_based(
         .collect()
     };
     // A payment already known keeps its orders (H1): only new payments'.
+    // In the batch's order, so an order id met twice keeps its first row,
+    // as one by one.
     let (mut o_ids, mut o_pay, mut o_seq, mut o_seller, mut o_amount, mut o_cur) = (
         Vec::new(),
         Vec::new(),
@@ -213,7 +216,8 @@ async fn intake_pg_set_based(
     if !o_ids.is_empty() {
         sqlx::query(
             "INSERT INTO executor_orders (order_id, payment_id, seq, seller_id, amount_minor, currency, state, created_ms, updated_ms) \
-             SELECT o, p, s, sl, a, c, $8, $7, $7 FROM UNNEST($1::text[], $2::text[], $3::int4[], $4::text[], $5::int8[], $6::text[]) AS t(o, p, s, sl, a, c) \
+             SELECT o, p, s, sl, a, c, $8, $7, $7 FROM UNNEST($1::text[], $2::text[], $3::int4[], $4::text[], $5::int8[], $6::text[]) \
+             WITH ORDINALITY AS t(o, p, s, sl, a, c, i) ORDER BY i \
              ON CONFLICT DO NOTHING",
         )
         .bind(&o_ids)

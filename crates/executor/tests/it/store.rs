@@ -391,7 +391,7 @@ async fn intake_snapshot(
     db: &Db,
 ) -> (
     Vec<(String, String, String)>,
-    Vec<(String, String, i32, String, bool)>,
+    Vec<(String, String, i32, String, i64, String, String, bool)>,
 ) {
     let Db::Postgres(p) = db else {
         unreachable!("PostgreSQL only")
@@ -403,7 +403,8 @@ async fn intake_snapshot(
     .await
     .unwrap();
     let orders = sqlx::query_as(
-        "SELECT order_id, payment_id, seq, state, next_attempt_ms IS NOT NULL FROM executor_orders ORDER BY order_id",
+        "SELECT order_id, payment_id, seq, seller_id, amount_minor, currency, state, next_attempt_ms IS NOT NULL \
+         FROM executor_orders ORDER BY order_id",
     )
     .fetch_all(p)
     .await
@@ -427,6 +428,7 @@ async fn the_set_based_intake_equals_one_by_one_postgres() {
     store::migrate(&b).await.unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(20261206);
     let payments: Vec<String> = (0..60).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+    let shared_orders: Vec<String> = (0..5).map(|_| uuid::Uuid::new_v4().to_string()).collect();
     let requested = |rng: &mut rand::rngs::StdRng, p: &str| {
         let n = rng.random_range(1..=3);
         IntakeOp::Requested {
@@ -435,7 +437,13 @@ async fn the_set_based_intake_equals_one_by_one_postgres() {
             card_token: format!("tok_{}", rng.random_range(0..5)),
             orders: (0..n)
                 .map(|i| NewOrder {
-                    order_id: uuid::Uuid::new_v4().to_string(),
+                    // Now and then an order id another payment has (or will
+                    // have): the first row written keeps it.
+                    order_id: if rng.random_bool(0.1) {
+                        shared_orders[rng.random_range(0..shared_orders.len())].clone()
+                    } else {
+                        uuid::Uuid::new_v4().to_string()
+                    },
                     seq: i,
                     seller_id: "seller".into(),
                     amount_minor: rng.random_range(1..10_000),
@@ -498,6 +506,6 @@ async fn the_set_based_intake_equals_one_by_one_postgres() {
     }
     assert!(set_based_batches > 20);
     let (sa, sb) = (intake_snapshot(&a).await, intake_snapshot(&b).await);
-    assert!(sa.1.iter().any(|o| o.3 == "ready") && sa.1.iter().any(|o| o.3 == "cancelled"));
+    assert!(sa.1.iter().any(|o| o.6 == "ready") && sa.1.iter().any(|o| o.6 == "cancelled"));
     assert_eq!(sa, sb);
 }
