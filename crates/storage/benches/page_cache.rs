@@ -1,9 +1,9 @@
 //! Rows per second written into growing SQLite tables keyed by random ids
 //! (as the projections' are: event ids, order ids), batches of 1000 rows per
-//! transaction, with SQLite's default page cache (2 MB, as `storage::Db`
-//! has it) next to a 64 MiB one, in the same run; printed per tenth of the
-//! rows, so a decline as the tables outgrow the cache shows, and whether a
-//! larger cache removes it.
+//! transaction, with SQLite's default page cache (2 MB) next to the one
+//! `storage::Db` sets (`storage::SQLITE_CACHE_KIB`), in the same run;
+//! printed per tenth of the rows, so a decline as the tables outgrow the
+//! cache shows, and whether the larger cache removes it.
 //!
 //! `cargo bench -p storage --bench page_cache`. PAYSTREAM_BENCH_ROWS sets
 //! the size (default 200,000). Prints figures; asserts nothing about time.
@@ -17,7 +17,7 @@ use storage::BeginWrite;
 
 const BATCH: usize = 1000;
 /// The larger cache, KiB.
-const LARGE_CACHE_KIB: u32 = 65_536;
+const LARGE_CACHE_KIB: u32 = storage::SQLITE_CACHE_KIB;
 
 /// A pool as `storage::Db::connect` makes one, with `cache_kib` of page
 /// cache per connection (None: SQLite's default).

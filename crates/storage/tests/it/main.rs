@@ -37,6 +37,17 @@ async fn sqlite_file_is_created_in_wal_mode() {
         .await
         .unwrap();
     assert_eq!(mode, "wal");
+    // Every connection of the pool has the larger page cache.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut c = p.acquire().await.unwrap();
+        let kib: i64 = sqlx::query_scalar("PRAGMA cache_size")
+            .fetch_one(&mut *c)
+            .await
+            .unwrap();
+        assert_eq!(kib, -i64::from(storage::SQLITE_CACHE_KIB));
+        held.push(c);
+    }
 }
 
 #[tokio::test]
