@@ -164,6 +164,7 @@ impl Inbound {
         let body = body.to_string();
         Ok(Checked::Submit(Submit {
             client: p.client_id.clone(),
+            buyer: payload["buyer_id"].to_string(),
             key: key.to_owned(),
             fingerprint: request::fingerprint(body.as_bytes()),
             body,
@@ -267,10 +268,32 @@ enum Checked {
 #[derive(Debug)]
 struct Submit {
     client: events::ClientId,
+    /// The paying buyer as the message names it (for the order in which
+    /// one buyer's payments are decided).
+    buyer: String,
     key: String,
     fingerprint: String,
     /// The JSON body an HTTP client would have sent.
     body: String,
+}
+
+/// `first` (in the partition's order) in waves: the n-th wave holds each
+/// (client, buyer)'s n-th submission, in the partition's order.
+fn buyer_waves(first: &[(usize, Submit)]) -> Vec<Vec<&(usize, Submit)>> {
+    let mut seen: std::collections::HashMap<(&events::ClientId, &str), usize> =
+        std::collections::HashMap::new();
+    let mut waves: Vec<Vec<&(usize, Submit)>> = Vec::new();
+    for item in first {
+        let n = seen
+            .entry((&item.1.client, item.1.buyer.as_str()))
+            .or_insert(0);
+        if waves.len() <= *n {
+            waves.push(Vec::new());
+        }
+        waves[*n].push(item);
+        *n += 1;
+    }
+    waves
 }
 
 /// The dead letter's kind and reason from an error response body.
@@ -335,13 +358,16 @@ impl Inbound {
 
 impl BatchHandler for Inbound {
     /// The batch's messages are checked together, then the first message
-    /// of each idempotency key is submitted, in the partition's order, all
-    /// at once: the group commit batches them as it batches concurrent HTTP
-    /// requests (and, like them, decides two payments of one buyer in
-    /// separate batches, so the velocity rules see the first). A key met
-    /// again in the batch is answered after its first message, from what
-    /// that one stored, as one-by-one processing answered it. One outcome
-    /// per message, in order.
+    /// of each idempotency key is submitted, in the partition's order, in
+    /// waves: each buyer's first payment of the batch together, then each
+    /// buyer's second once the first wave is answered, and so on. The group
+    /// commit batches a wave as it batches concurrent HTTP requests, and a
+    /// buyer's payments are decided one after the other, as one-by-one
+    /// processing decided them, so the velocity rules see exactly the
+    /// buyer's earlier payments (never a later one of the same batch). A
+    /// key met again in the batch is answered after its first message, from
+    /// what that one stored, as one-by-one processing answered it. One
+    /// outcome per message, in order.
     async fn handle(&mut self, batch: &[Delivered]) -> Result<Vec<Outcome>, HandlerError> {
         let this = &*self;
         let checked =
@@ -362,14 +388,15 @@ impl BatchHandler for Inbound {
                 }
             }
         }
-        let submitted = futures::future::join_all(
-            first
-                .iter()
-                .map(|(i, s)| this.submit(s).instrument(batch[*i].span())),
-        )
-        .await;
-        for ((i, _), o) in first.iter().zip(submitted) {
-            out[*i] = Some(o?);
+        for wave in buyer_waves(&first) {
+            let submitted = futures::future::join_all(
+                wave.iter()
+                    .map(|(i, s)| this.submit(s).instrument(batch[*i].span())),
+            )
+            .await;
+            for ((i, _), o) in wave.iter().zip(submitted) {
+                out[*i] = Some(o?);
+            }
         }
         for (i, s) in &again {
             out[*i] = Some(this.per_request(s).instrument(batch[*i].span()).await?);
@@ -378,5 +405,47 @@ impl BatchHandler for Inbound {
             .into_iter()
             .map(|o| o.expect("every message has an outcome"))
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn submit(client: &str, buyer: &str, key: &str) -> Submit {
+        Submit {
+            client: events::ClientId::parse(client).expect("client id"),
+            buyer: buyer.to_owned(),
+            key: key.to_owned(),
+            fingerprint: String::new(),
+            body: String::new(),
+        }
+    }
+
+    /// A buyer's payments are in successive waves, in the partition's
+    /// order; other buyers' (and another client's buyer of the same id)
+    /// share the first wave.
+    #[test]
+    fn one_buyers_payments_are_decided_one_after_the_other() {
+        let first: Vec<(usize, Submit)> = [
+            ("shop", "b1", "k1"),
+            ("shop", "b2", "k2"),
+            ("shop", "b1", "k3"),
+            ("other", "b1", "k4"),
+            ("shop", "b1", "k5"),
+            ("shop", "b2", "k6"),
+        ]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (c, b, k))| (i, submit(c, b, k)))
+        .collect();
+        let waves: Vec<Vec<&str>> = buyer_waves(&first)
+            .iter()
+            .map(|w| w.iter().map(|(_, s)| s.key.as_str()).collect())
+            .collect();
+        assert_eq!(
+            waves,
+            vec![vec!["k1", "k2", "k4"], vec!["k3", "k6"], vec!["k5"]]
+        );
     }
 }
