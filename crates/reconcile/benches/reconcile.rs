@@ -158,11 +158,12 @@ async fn bench(name: &str, db: Db, n: usize) {
     let rows_per_s = u128::try_from(n).expect("fits") * 1000 / ms(total_d);
     // Lookups and (PostgreSQL) most of the claims overlap the parse.
     println!(
-        "{name:<9}   phases: parse {} s | lookups {} s  claims {} s (both partly while parsing) | after the parse {} s: matching {} s  record {} s (discrepancies {} s)  publish {} s",
+        "{name:<9}   phases: parse {} s | lookups {} s  claims {} s (both partly while parsing) | after the parse {} s: still reading/copying {} s  matching {} s  record {} s (discrepancies {} s)  publish {} s",
         secs(timings.parse),
         secs(timings.lookups),
         secs(timings.claims),
         secs(total_d.saturating_sub(timings.parse)),
+        secs(timings.prepare_tail),
         secs(timings.matching),
         secs(timings.record),
         secs(timings.discrepancies),

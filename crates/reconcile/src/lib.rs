@@ -255,6 +255,10 @@ pub struct Timings {
     pub record: Duration,
     /// Appending the events.
     pub publish: Duration,
+    /// How long after the parse ended the work alongside it (the day's
+    /// references, the claims' COPY) was still running: the part of it
+    /// the parse did not hide.
+    pub prepare_tail: Duration,
 }
 
 fn now_us() -> i64 {
@@ -491,11 +495,13 @@ async fn reconcile_once(
         if file.is_ok() {
             let _ = to_prepare.blocking_send(FromParser::Valid);
         }
-        (file, t.elapsed())
+        (file, t.elapsed(), Instant::now())
     });
     let early = prepare(db, &mut rx).await;
+    let prepared_at = Instant::now();
     drop(rx);
-    let (file, parse) = parser.await.context("the settlement parser panicked")?;
+    let (file, parse, parsed_at) = parser.await.context("the settlement parser panicked")?;
+    let prepare_tail = prepared_at.saturating_duration_since(parsed_at);
     let file = file?;
     let early = early?.context("the settlement file was read but not prepared")?;
     if early.date != file.date {
@@ -778,6 +784,7 @@ async fn reconcile_once(
             discrepancies,
             record,
             publish,
+            prepare_tail,
         },
     ))
 }
