@@ -50,10 +50,11 @@
 use libsqlite3_sys as ffi;
 use sqlx::sqlite::SqliteConnection;
 use std::cell::Cell;
+use std::collections::BTreeMap;
 use std::ffi::{CStr, c_char, c_int, c_void};
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::atomic::{AtomicI32, AtomicU64};
 use std::sync::{Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -78,8 +79,6 @@ pub const POLL_MAX: Duration = Duration::from_millis(8);
 struct Gate {
     commits: Mutex<u64>,
     committed: Condvar,
-    /// Frames in the log at the last checkpoint started here.
-    checkpointed_at: AtomicI32,
 }
 
 impl Gate {
@@ -87,7 +86,6 @@ impl Gate {
         Gate {
             commits: Mutex::new(0),
             committed: Condvar::new(),
-            checkpointed_at: AtomicI32::new(0),
         }
     }
 
@@ -192,10 +190,43 @@ fn unpack(ctx: *mut c_void) -> (&'static Gate, Duration) {
 
 /// The gate of a database file, by its full path (FNV-1a).
 fn gate_of(path: &[u8]) -> usize {
-    let h = path.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+    usize::try_from(path_hash(path) % GATES as u64).unwrap_or(0)
+}
+
+/// FNV-1a of a database file's full path.
+fn path_hash(path: &[u8]) -> u64 {
+    path.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-    });
-    usize::try_from(h % GATES as u64).unwrap_or(0)
+    })
+}
+
+/// Frames in the log at the last checkpoint started, per database file
+/// (by [`path_hash`] of its full path: unlike the gates, two files never
+/// share this in practice, so one file's checkpoints cannot put off or
+/// hurry another's).
+static CHECKPOINTED_AT: Mutex<BTreeMap<u64, c_int>> = Mutex::new(BTreeMap::new());
+
+/// The key of `db`'s `schema` file in [`CHECKPOINTED_AT`].
+///
+/// # Safety
+/// `db` and `schema` as SQLite passes them to its WAL hook.
+unsafe fn file_key(db: *mut ffi::sqlite3, schema: *const c_char) -> u64 {
+    // SAFETY: per the function's contract; the returned name (NULL, or a
+    // NUL-terminated string owned by the connection) is read at once.
+    unsafe {
+        let name = ffi::sqlite3_db_filename(db, schema);
+        if name.is_null() {
+            0
+        } else {
+            path_hash(CStr::from_ptr(name).to_bytes())
+        }
+    }
+}
+
+fn checkpointed_at() -> std::sync::MutexGuard<'static, BTreeMap<u64, c_int>> {
+    CHECKPOINTED_AT
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Puts the commit-woken busy handler (giving up after `timeout`) and the
@@ -284,21 +315,21 @@ fn busy_wait(ctx: *mut c_void, count: c_int) -> c_int {
 /// checkpoints: the main database's once per [`AUTOCHECKPOINT_FRAMES`] new
 /// frames (or when the log was started over since), an attached one's
 /// every time (SQLite's rule; paystream's pools attach none).
-fn due(ctx: *mut c_void, schema: *const c_char, frames: c_int) -> bool {
+fn due(key: u64, schema: *const c_char, frames: c_int) -> bool {
     // SAFETY: SQLite passes the schema name as a NUL-terminated string,
     // valid for the duration of the hook.
     let main = !schema.is_null() && unsafe { CStr::from_ptr(schema) } == c"main";
     if !main {
         return true;
     }
-    let (gate, _) = unpack(ctx);
-    let last = gate.checkpointed_at.load(Relaxed);
+    // Of commits racing here, one checkpoints (under the lock).
+    let mut files = checkpointed_at();
+    let last = files.get(&key).copied().unwrap_or(0);
     let due = frames < last || frames - last >= AUTOCHECKPOINT_FRAMES;
-    // Of commits racing here, one checkpoints.
-    due && gate
-        .checkpointed_at
-        .compare_exchange(last, frames, Relaxed, Relaxed)
-        .is_ok()
+    if due {
+        files.insert(key, frames);
+    }
+    due
 }
 
 /// SQLite's WAL hook: called after a commit wrote `frames` frames in
@@ -314,7 +345,11 @@ extern "C" fn committed(
         COMMITS.fetch_add(1, Relaxed);
         gate.commit();
     }));
-    if frames >= AUTOCHECKPOINT_FRAMES && due(ctx, schema, frames) {
+    // SAFETY: `db` and `schema` are what SQLite passed to its WAL hook.
+    let key = || unsafe { file_key(db, schema) };
+    let checkpoint = frames >= AUTOCHECKPOINT_FRAMES
+        && catch_unwind(AssertUnwindSafe(|| due(key(), schema, frames))).unwrap_or(false);
+    if checkpoint {
         // SAFETY: `db` and `schema` are what SQLite passed to its WAL hook,
         // valid for this call; a checkpoint is what the hook is for (SQLite's
         // own auto-checkpoint hook makes this same call).
@@ -323,7 +358,7 @@ extern "C" fn committed(
         if rc != ffi::SQLITE_OK {
             // Not done (busy, or failed): the next commit tries again, as
             // after SQLite's own hook.
-            unpack(ctx).0.checkpointed_at.store(0, Relaxed);
+            let _ = catch_unwind(AssertUnwindSafe(|| checkpointed_at().insert(key(), 0)));
         }
     }
     ffi::SQLITE_OK
@@ -340,6 +375,25 @@ mod tests {
             assert!(std::ptr::eq(g, &GATE[gate]));
             assert_eq!(t, Duration::from_millis(ms));
         }
+    }
+
+    /// Two files (which may share a gate) each checkpoint once per
+    /// AUTOCHECKPOINT_FRAMES of their own log: one's checkpoints neither
+    /// put off nor hurry the other's.
+    #[test]
+    fn each_file_keeps_its_own_checkpoint_count() {
+        let main = c"main".as_ptr();
+        let (a, b) = (path_hash(b"/t/unit-a.db"), path_hash(b"/t/unit-b.db"));
+        assert!(due(a, main, 1000));
+        assert!(due(b, main, 1200), "b's first checkpoint, whatever a did");
+        assert!(!due(a, main, 1500));
+        assert!(due(a, main, 2000));
+        assert!(
+            !due(b, main, 1900),
+            "b checkpointed at 1200, a's 2000 does not count"
+        );
+        assert!(due(b, main, 2200));
+        assert!(due(b, main, 1000), "b's log was started over since");
     }
 
     #[test]
