@@ -75,6 +75,58 @@ fn placeholders(from: usize, n: usize) -> String {
         .join(",")
 }
 
+/// A list of ids or seqs bound as ONE parameter: a PostgreSQL array, or
+/// on SQLite a JSON array (read with `json_each`). Matched with
+/// [`any_of`], a statement has one text whatever the list's length, so
+/// it is prepared once per connection and kept in sqlx's statement cache;
+/// an `IN ($1, …, $n)` list makes a new statement (a parse, a plan and an
+/// extra round trip) for every batch size.
+struct List<'a, T>(&'a [T]);
+
+impl<T> sqlx::Type<sqlx::Postgres> for List<'_, T>
+where
+    for<'b> &'b [T]: sqlx::Type<sqlx::Postgres>,
+{
+    fn type_info() -> sqlx::postgres::PgTypeInfo {
+        <&[T] as sqlx::Type<sqlx::Postgres>>::type_info()
+    }
+}
+
+impl<'q, T> sqlx::Encode<'q, sqlx::Postgres> for List<'_, T>
+where
+    for<'b> &'b [T]: sqlx::Encode<'q, sqlx::Postgres>,
+{
+    fn encode_by_ref(
+        &self,
+        buf: &mut sqlx::postgres::PgArgumentBuffer,
+    ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+        <&[T] as sqlx::Encode<'q, sqlx::Postgres>>::encode_by_ref(&self.0, buf)
+    }
+}
+
+impl<T> sqlx::Type<sqlx::Sqlite> for List<'_, T> {
+    fn type_info() -> sqlx::sqlite::SqliteTypeInfo {
+        <String as sqlx::Type<sqlx::Sqlite>>::type_info()
+    }
+}
+
+impl<'q, T: serde::Serialize> sqlx::Encode<'q, sqlx::Sqlite> for List<'_, T> {
+    fn encode_by_ref(
+        &self,
+        buf: &mut Vec<sqlx::sqlite::SqliteArgumentValue<'q>>,
+    ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+        <String as sqlx::Encode<'q, sqlx::Sqlite>>::encode(serde_json::to_string(self.0)?, buf)
+    }
+}
+
+/// `column` is one of the [`List`] bound as parameter `$n`.
+fn any_of(db: &Db, column: &str, n: usize) -> String {
+    match db {
+        Db::Postgres(_) => format!("{column} = ANY(${n})"),
+        Db::Sqlite(_) => format!("{column} IN (SELECT value FROM json_each(${n}))"),
+    }
+}
+
 // ------------------------------------------------------------------ intake
 
 /// One order of a `PaymentRequested`, as the intake records it.
@@ -432,21 +484,14 @@ pub async fn lease_payments(
     if payment_ids.is_empty() {
         return Ok(Vec::new());
     }
-    let placeholders = (0..payment_ids.len())
-        .map(|i| format!("${}", i + 4))
-        .collect::<Vec<_>>()
-        .join(",");
     let sql = format!(
         "UPDATE executor_payments SET lease_until_ms = $1, lease_owner = $3 WHERE lease_until_ms < $2 \
-         AND payment_id IN ({placeholders}) RETURNING payment_id"
+         AND {} RETURNING payment_id",
+        any_of(db, "payment_id", 4)
     );
-    let rows: Vec<(String,)> = with_pool!(db, p => {
-        let mut q = sqlx::query_as(&sql).bind(now + lease_ms).bind(now).bind(owner);
-        for id in payment_ids {
-            q = q.bind(id);
-        }
-        q.fetch_all(p).await?
-    });
+    let rows: Vec<(String,)> = with_pool!(db, p => sqlx::query_as(&sql)
+        .bind(now + lease_ms).bind(now).bind(owner).bind(List(payment_ids))
+        .fetch_all(p).await?);
     Ok(rows.into_iter().map(|(p,)| p).collect())
 }
 
@@ -487,16 +532,12 @@ pub async fn renew_leases(
     }
     let sql = format!(
         "UPDATE executor_payments SET lease_until_ms = $1 WHERE lease_owner = $2 \
-         AND payment_id IN ({}) RETURNING payment_id",
-        placeholders(3, payment_ids.len())
+         AND {} RETURNING payment_id",
+        any_of(db, "payment_id", 3)
     );
-    let rows: Vec<(String,)> = with_pool!(db, p => {
-        let mut q = sqlx::query_as(&sql).bind(now + lease_ms).bind(owner);
-        for id in payment_ids {
-            q = q.bind(id);
-        }
-        q.fetch_all(p).await?
-    });
+    let rows: Vec<(String,)> = with_pool!(db, p => sqlx::query_as(&sql)
+        .bind(now + lease_ms).bind(owner).bind(List(payment_ids))
+        .fetch_all(p).await?);
     Ok(rows.into_iter().map(|(p,)| p).collect())
 }
 
@@ -511,16 +552,12 @@ pub async fn release_payments(
         return Ok(0);
     }
     let sql = format!(
-        "UPDATE executor_payments SET lease_until_ms = 0 WHERE lease_owner = $1 AND payment_id IN ({})",
-        placeholders(2, payment_ids.len())
+        "UPDATE executor_payments SET lease_until_ms = 0 WHERE lease_owner = $1 AND {}",
+        any_of(db, "payment_id", 2)
     );
-    Ok(with_pool!(db, p => {
-        let mut q = sqlx::query(&sql).bind(owner);
-        for id in payment_ids {
-            q = q.bind(id);
-        }
-        q.execute(p).await?.rows_affected()
-    }))
+    Ok(with_pool!(db, p => sqlx::query(&sql)
+        .bind(owner).bind(List(payment_ids))
+        .execute(p).await?.rows_affected()))
 }
 
 /// The rows of several payments (one query).
@@ -529,16 +566,10 @@ pub async fn payments(db: &Db, payment_ids: &[String]) -> Result<Vec<PaymentRow>
         return Ok(Vec::new());
     }
     let sql = format!(
-        "SELECT payment_id, correlation_id, card_token FROM executor_payments WHERE payment_id IN ({})",
-        placeholders(1, payment_ids.len())
+        "SELECT payment_id, correlation_id, card_token FROM executor_payments WHERE {}",
+        any_of(db, "payment_id", 1)
     );
-    Ok(with_pool!(db, p => {
-        let mut q = sqlx::query_as(&sql);
-        for id in payment_ids {
-            q = q.bind(id);
-        }
-        q.fetch_all(p).await?
-    }))
+    Ok(with_pool!(db, p => sqlx::query_as(&sql).bind(List(payment_ids)).fetch_all(p).await?))
 }
 
 /// The due orders of several payments, by payment then in order (one
@@ -552,17 +583,13 @@ pub async fn due_orders_of(
         return Ok(Vec::new());
     }
     let sql = format!(
-        "SELECT {ORDER_COLUMNS} FROM executor_orders WHERE next_attempt_ms <= $1 AND payment_id IN ({}) \
+        "SELECT {ORDER_COLUMNS} FROM executor_orders WHERE next_attempt_ms <= $1 AND {} \
          ORDER BY payment_id, seq",
-        placeholders(2, payment_ids.len())
+        any_of(db, "payment_id", 2)
     );
-    Ok(with_pool!(db, p => {
-        let mut q = sqlx::query_as(&sql).bind(now);
-        for id in payment_ids {
-            q = q.bind(id);
-        }
-        q.fetch_all(p).await?
-    }))
+    Ok(
+        with_pool!(db, p => sqlx::query_as(&sql).bind(now).bind(List(payment_ids)).fetch_all(p).await?),
+    )
 }
 
 /// Which of `payment_ids` have refunds due (one query).
@@ -575,16 +602,11 @@ pub async fn with_due_refunds(
         return Ok(Vec::new());
     }
     let sql = format!(
-        "SELECT DISTINCT payment_id FROM executor_refunds WHERE next_attempt_ms <= $1 AND payment_id IN ({})",
-        placeholders(2, payment_ids.len())
+        "SELECT DISTINCT payment_id FROM executor_refunds WHERE next_attempt_ms <= $1 AND {}",
+        any_of(db, "payment_id", 2)
     );
-    let rows: Vec<(String,)> = with_pool!(db, p => {
-        let mut q = sqlx::query_as(&sql).bind(now);
-        for id in payment_ids {
-            q = q.bind(id);
-        }
-        q.fetch_all(p).await?
-    });
+    let rows: Vec<(String,)> = with_pool!(db, p => sqlx::query_as(&sql)
+        .bind(now).bind(List(payment_ids)).fetch_all(p).await?);
     Ok(rows.into_iter().map(|(p,)| p).collect())
 }
 
@@ -1410,16 +1432,10 @@ pub async fn unappended_of(
         return Ok(Vec::new());
     }
     let sql = format!(
-        "SELECT seq, body FROM executor_outbox WHERE payment_id IN ({}) ORDER BY seq",
-        placeholders(1, payment_ids.len())
+        "SELECT seq, body FROM executor_outbox WHERE {} ORDER BY seq",
+        any_of(db, "payment_id", 1)
     );
-    Ok(with_pool!(db, p => {
-        let mut q = sqlx::query_as(&sql);
-        for id in payment_ids {
-            q = q.bind(id);
-        }
-        q.fetch_all(p).await?
-    }))
+    Ok(with_pool!(db, p => sqlx::query_as(&sql).bind(List(payment_ids)).fetch_all(p).await?))
 }
 
 /// Forgets events the broker acknowledged. Deleted rather than marked: a
@@ -1431,15 +1447,8 @@ pub async fn delete_appended(db: &Db, seqs: &[i64]) -> Result<(), sqlx::Error> {
     if seqs.is_empty() {
         return Ok(());
     }
-    // Integers we read ourselves: safe to inline, and one statement serves
-    // both backends (no array binds in SQLite).
-    let list = seqs
-        .iter()
-        .map(i64::to_string)
-        .collect::<Vec<_>>()
-        .join(",");
-    let sql = format!("DELETE FROM executor_outbox WHERE seq IN ({list})");
-    with_pool!(db, p => sqlx::query(&sql).execute(p).await?.rows_affected());
+    let sql = format!("DELETE FROM executor_outbox WHERE {}", any_of(db, "seq", 1));
+    with_pool!(db, p => sqlx::query(&sql).bind(List(seqs)).execute(p).await?.rows_affected());
     Ok(())
 }
 
