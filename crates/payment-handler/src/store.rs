@@ -668,6 +668,61 @@ pub(crate) fn decided_rows(
     Some((row, orders))
 }
 
+/// The status rows' statements for a `PaymentRequested`, `RiskApproved` or
+/// `RiskRejected` applied on its own (not paired with its partner in the
+/// batch), on `$tx` of either backend: expanded inside `with_pool!`, in
+/// [`apply_status_and_finish`] and in the per-event reference
+/// (`status_per_event`), which share them. Evaluates to the refusal, if
+/// any; `None` when applied or when `$env` is another event.
+macro_rules! apply_request_or_decision {
+    ($tx:ident, $env:ident, $pid:ident, $at:ident) => {{
+        use domain::payment::{OrderStatus, PaymentStatus};
+        'arms: {
+            match &$env.event {
+                Event::PaymentRequested(r) => {
+                    let currency = r.orders.first().map(|o| o.amount.currency().code().to_owned()).unwrap_or_default();
+                    let total = r.orders.iter().try_fold(0i64, |acc, o| acc.checked_add(o.amount.amount_minor()));
+                    let Some(total) = total else {
+                        break 'arms Some(Outcome::rejected("invalid_amount", "orders' total overflows"));
+                    };
+                    sqlx::query("INSERT INTO handler_payments (payment_id, client_id, buyer_id, status, currency, total_minor, created_us, updated_us) \
+                                 VALUES ($1, $2, $3, $4, $5, $6, $7, $7) ON CONFLICT DO NOTHING")
+                        .bind(&$pid).bind(r.client_id.as_str()).bind(r.buyer_id.as_str()).bind(PaymentStatus::Requested.as_str()).bind(&currency).bind(total).bind($at)
+                        .execute(&mut *$tx).await?;
+                    for (i, o) in r.orders.iter().enumerate() {
+                        sqlx::query("INSERT INTO handler_payment_orders (order_id, payment_id, position, seller_id, amount_minor, currency, status) \
+                                     VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING")
+                            .bind(o.order_id.to_string()).bind(&$pid).bind(i32::try_from(i).unwrap_or(i32::MAX)).bind(o.seller_id.as_str())
+                            .bind(o.amount.amount_minor()).bind(o.amount.currency().code()).bind(OrderStatus::Requested.as_str())
+                            .execute(&mut *$tx).await?;
+                    }
+                    sqlx::query("INSERT INTO handler_risk_velocity (payment_id, buyer_id, currency, amount_minor, at_ms) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING")
+                        .bind(&$pid).bind(r.buyer_id.as_str()).bind(&currency).bind(total).bind($env.occurred_at.as_millis())
+                        .execute(&mut *$tx).await?;
+                }
+                // Compare-and-set on the status the domain's transition
+                // starts from (`payment::apply`: risk decisions apply to a
+                // requested payment only).
+                Event::RiskApproved(_) => {
+                    sqlx::query("UPDATE handler_payments SET status = $3, updated_us = $2 WHERE payment_id = $1 AND status = $4")
+                        .bind(&$pid).bind($at).bind(PaymentStatus::Processing.as_str()).bind(PaymentStatus::Requested.as_str()).execute(&mut *$tx).await?;
+                    sqlx::query("UPDATE handler_payment_orders SET status = $2 WHERE payment_id = $1 AND status = $3")
+                        .bind(&$pid).bind(OrderStatus::Pending.as_str()).bind(OrderStatus::Requested.as_str()).execute(&mut *$tx).await?;
+                }
+                Event::RiskRejected(r) => {
+                    sqlx::query("UPDATE handler_payments SET status = $5, rejection_rule = $2, rejection_reason = $3, updated_us = $4 WHERE payment_id = $1 AND status = $6")
+                        .bind(&$pid).bind(&r.rule).bind(&r.reason).bind($at).bind(PaymentStatus::Rejected.as_str()).bind(PaymentStatus::Requested.as_str()).execute(&mut *$tx).await?;
+                    sqlx::query("UPDATE handler_payment_orders SET status = $2 WHERE payment_id = $1 AND status = $3")
+                        .bind(&$pid).bind(OrderStatus::Rejected.as_str()).bind(OrderStatus::Requested.as_str()).execute(&mut *$tx).await?;
+                }
+                _ => {}
+            }
+            None
+        }
+    }};
+}
+pub(crate) use apply_request_or_decision;
+
 /// [`apply_status`], and in the same transaction the finished answers of
 /// the requests whose events these are (the group commit's last step).
 /// Returns the outcomes and the keys whose answer was stored (still owned).
@@ -691,7 +746,6 @@ pub async fn apply_status_and_finish(
     sqlx::Error,
 > {
     use crate::batch_sql::BatchSql;
-    use domain::payment::{OrderStatus, PaymentStatus};
     use std::collections::{HashMap, HashSet};
     let now = now_ms();
     let relevant = |env: &Envelope| {
@@ -784,46 +838,10 @@ pub async fn apply_status_and_finish(
             run.clear();
             let pid = payment.to_string();
             let at = env.occurred_at.as_micros();
-            match &env.event {
-                Event::PaymentRequested(r) => {
-                    let currency = r.orders.first().map(|o| o.amount.currency().code().to_owned()).unwrap_or_default();
-                    let total = r.orders.iter().try_fold(0i64, |acc, o| acc.checked_add(o.amount.amount_minor()));
-                    let Some(total) = total else {
-                        outcomes.push(Outcome::rejected("invalid_amount", "orders' total overflows"));
-                        continue;
-                    };
-                    sqlx::query("INSERT INTO handler_payments (payment_id, client_id, buyer_id, status, currency, total_minor, created_us, updated_us) \
-                                 VALUES ($1, $2, $3, $4, $5, $6, $7, $7) ON CONFLICT DO NOTHING")
-                        .bind(&pid).bind(r.client_id.as_str()).bind(r.buyer_id.as_str()).bind(PaymentStatus::Requested.as_str()).bind(&currency).bind(total).bind(at)
-                        .execute(&mut *tx).await?;
-                    for (i, o) in r.orders.iter().enumerate() {
-                        sqlx::query("INSERT INTO handler_payment_orders (order_id, payment_id, position, seller_id, amount_minor, currency, status) \
-                                     VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING")
-                            .bind(o.order_id.to_string()).bind(&pid).bind(i32::try_from(i).unwrap_or(i32::MAX)).bind(o.seller_id.as_str())
-                            .bind(o.amount.amount_minor()).bind(o.amount.currency().code()).bind(OrderStatus::Requested.as_str())
-                            .execute(&mut *tx).await?;
-                    }
-                    sqlx::query("INSERT INTO handler_risk_velocity (payment_id, buyer_id, currency, amount_minor, at_ms) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING")
-                        .bind(&pid).bind(r.buyer_id.as_str()).bind(&currency).bind(total).bind(env.occurred_at.as_millis())
-                        .execute(&mut *tx).await?;
-                }
-                // Compare-and-set on the status the domain's transition
-                // starts from (`payment::apply`: risk decisions apply to a
-                // requested payment only).
-                Event::RiskApproved(_) => {
-                    sqlx::query("UPDATE handler_payments SET status = $3, updated_us = $2 WHERE payment_id = $1 AND status = $4")
-                        .bind(&pid).bind(at).bind(PaymentStatus::Processing.as_str()).bind(PaymentStatus::Requested.as_str()).execute(&mut *tx).await?;
-                    sqlx::query("UPDATE handler_payment_orders SET status = $2 WHERE payment_id = $1 AND status = $3")
-                        .bind(&pid).bind(OrderStatus::Pending.as_str()).bind(OrderStatus::Requested.as_str()).execute(&mut *tx).await?;
-                }
-                Event::RiskRejected(r) => {
-                    sqlx::query("UPDATE handler_payments SET status = $5, rejection_rule = $2, rejection_reason = $3, updated_us = $4 WHERE payment_id = $1 AND status = $6")
-                        .bind(&pid).bind(&r.rule).bind(&r.reason).bind(at).bind(PaymentStatus::Rejected.as_str()).bind(PaymentStatus::Requested.as_str()).execute(&mut *tx).await?;
-                    sqlx::query("UPDATE handler_payment_orders SET status = $2 WHERE payment_id = $1 AND status = $3")
-                        .bind(&pid).bind(OrderStatus::Rejected.as_str()).bind(OrderStatus::Requested.as_str()).execute(&mut *tx).await?;
-                }
-                // Executor outcomes and refunds are folded (above).
-                _ => {}
+            // Executor outcomes and refunds are folded (above).
+            if let Some(refused) = apply_request_or_decision!(tx, env, pid, at) {
+                outcomes.push(refused);
+                continue;
             }
             outcomes.push(Outcome::Applied);
         }
