@@ -8,14 +8,12 @@
 
 mod bounds;
 mod dlq;
-mod ocf;
 mod output;
 mod select;
 mod store;
 
 pub use bounds::{Bound, parse_bound};
 pub use dlq::{DeadLetterInfo, H_REDRIVEN_FROM, hex_dump};
-pub use ocf::OcfWriter;
 pub use output::{CSV_COLUMNS, Summary, run as replay_summary};
 
 use anyhow::Context as _;

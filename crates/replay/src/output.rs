@@ -1,11 +1,11 @@
 //! The replay loop: read, range-filter, decode, event-filter, write.
 
 use crate::bounds::rfc3339_ms;
-use crate::ocf::OcfWriter;
 use crate::select::Selection;
 use crate::{Format, ReplayArgs, resolve_topic};
 use anyhow::Context as _;
-use events::{Envelope, TopicKind, avro, json};
+use events::avro::{self, ContainerWriter};
+use events::{Envelope, TopicKind, json};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -70,7 +70,7 @@ pub const CSV_COLUMNS: [&str; 16] = [
 enum Sink<'a> {
     Jsonl(&'a mut (dyn Write + Send)),
     Csv(Box<csv::Writer<&'a mut (dyn Write + Send)>>),
-    Avro(OcfWriter<&'a mut (dyn Write + Send)>),
+    Avro(ContainerWriter<&'a mut (dyn Write + Send)>),
 }
 
 impl Sink<'_> {
@@ -107,17 +107,9 @@ impl Sink<'_> {
                 ])?;
             }
             Sink::Avro(w) => {
-                // The current schema's body: the bytes as they are when they
-                // were written with it, re-encoded when written with an
-                // older version (the container declares the current one).
-                let current = avro::read_header(&rec.payload)
-                    .is_ok_and(|fp| fp == avro::current_fingerprint());
-                if current {
-                    w.append(&rec.payload[avro::HEADER_LEN..])?;
-                } else {
-                    let bytes = avro::encode(env)?;
-                    w.append(&bytes[avro::HEADER_LEN..])?;
-                }
+                // The container declares the current schema: an event
+                // written with an older version is re-encoded.
+                w.append(&avro::current_body(&rec.payload, env)?)?;
             }
         }
         Ok(())
@@ -232,7 +224,7 @@ pub async fn run(
             w.write_record(CSV_COLUMNS)?;
             Sink::Csv(Box::new(w))
         }
-        Format::Avro => Sink::Avro(OcfWriter::new(out, avro::ENVELOPE_SCHEMA_JSON)?),
+        Format::Avro => Sink::Avro(ContainerWriter::new(out, avro::ENVELOPE_SCHEMA_JSON)?),
     };
     let mut s = Summary::default();
     for mut reader in readers {

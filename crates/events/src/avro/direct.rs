@@ -423,11 +423,12 @@ pub(super) fn decode_body(
 // ---------- encode ----------
 
 /// Appends the current schema's binary body of values, as apache-avro's
-/// writer lays them out (maps and arrays as one block then 0).
-struct Writer<'a>(&'a mut Vec<u8>);
+/// writer lays them out (maps and arrays as one block then 0). The
+/// container writer (`container.rs`) uses its `long` and `str` too.
+pub(super) struct Writer<'a>(pub(super) &'a mut Vec<u8>);
 
 impl Writer<'_> {
-    fn long(&mut self, n: i64) {
+    pub(super) fn long(&mut self, n: i64) {
         // Zig-zag then varint; the casts reinterpret the 64 bits.
         #[allow(clippy::cast_sign_loss)]
         let mut z = ((n << 1) ^ (n >> 63)) as u64;
@@ -449,7 +450,7 @@ impl Writer<'_> {
         self.0.push(u8::from(b));
     }
 
-    fn str(&mut self, s: &str) {
+    pub(super) fn str(&mut self, s: &str) {
         self.len(s.len());
         self.0.extend_from_slice(s.as_bytes());
     }

@@ -6,14 +6,20 @@
 //! one and `schemas/history/`), reads the body with that writer schema and
 //! resolves it to the current schema, so old events stay readable.
 //!
+//! Envelopes also go into Avro object container files (`paystream replay
+//! --format avro`): [`ContainerWriter`] writes them, [`current_body`] gives
+//! each envelope's body in the schema the file declares.
+//!
 //! This module is the only place in paystream that knows Avro.
 
 mod canonical;
 pub mod compat;
+pub mod container;
 mod convert;
 mod direct;
 
 pub use canonical::{SchemaError, crc64_avro, fingerprint, parsing_canonical_form};
+pub use container::ContainerWriter;
 
 use crate::event::{Envelope, EventType};
 use apache_avro::Schema;
@@ -228,6 +234,22 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, DecodeError> {
     paths::decode_generic(bytes)
 }
 
+/// The current schema's binary body of `envelope`, decoded from the
+/// single-object `datum`: the datum's own body when it was written with
+/// the current schema, else `envelope` encoded afresh. What a
+/// [`ContainerWriter`] declaring [`ENVELOPE_SCHEMA_JSON`] takes.
+pub fn current_body<'a>(
+    datum: &'a [u8],
+    envelope: &Envelope,
+) -> Result<std::borrow::Cow<'a, [u8]>, EncodeError> {
+    if read_header(datum).is_ok_and(|fp| fp == current_fingerprint()) {
+        return Ok(std::borrow::Cow::Borrowed(&datum[HEADER_LEN..]));
+    }
+    let mut bytes = encode(envelope)?;
+    bytes.drain(..HEADER_LEN);
+    Ok(std::borrow::Cow::Owned(bytes))
+}
+
 /// The two implementations behind [`encode`] and [`decode`], each on its
 /// own, for the tests that prove them equal and the benchmark that compares
 /// them. Not for production use: call [`encode`] and [`decode`].
@@ -345,6 +367,24 @@ mod tests {
         assert!(paths::direct_enabled());
         // And it reads every history version (all only appended branches).
         assert_eq!(CODEC.direct.len(), 1 + HISTORY.len());
+    }
+
+    #[test]
+    fn container_bodies_are_the_current_schemas() {
+        use std::borrow::Cow;
+        let start = crate::event::Timestamp::from_micros(1_700_000_000_000_000);
+        let env = crate::samples::one_of_each("c", "k", start).remove(0);
+        let datum = encode(&env).unwrap();
+        let body = current_body(&datum, &env).unwrap();
+        assert!(matches!(body, Cow::Borrowed(_)), "current: taken as it is");
+        assert_eq!(&*body, &datum[HEADER_LEN..]);
+        // Another schema's datum (its body is not the current layout):
+        // the envelope is encoded afresh.
+        let mut old = header(fingerprint(HISTORY[0].1).unwrap()).to_vec();
+        old.extend_from_slice(b"\x00 not the current layout");
+        let body = current_body(&old, &env).unwrap();
+        assert!(matches!(body, Cow::Owned(_)));
+        assert_eq!(&*body, &datum[HEADER_LEN..]);
     }
 
     #[test]

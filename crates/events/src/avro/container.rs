@@ -4,8 +4,11 @@
 //! (record count, byte size, the records' binary bodies, the sync marker).
 //!
 //! The records are written as given: binary bodies of the schema in the
-//! header, without the single-object header (`C3 01` + fingerprint).
+//! header, without the single-object header (`C3 01` + fingerprint); for
+//! envelopes, [`super::current_body`] gives them. The numbers are written
+//! with the direct writer's primitives (`direct.rs`).
 
+use super::direct::Writer;
 use std::io::Write;
 
 /// Records per block; a block is also closed when its bodies reach
@@ -14,9 +17,12 @@ pub const BLOCK_RECORDS: i64 = 1000;
 /// Bytes of bodies per block (a soft limit: one record may exceed it).
 pub const BLOCK_BYTES: usize = 1 << 16;
 
+/// The container's magic bytes.
+const MAGIC: &[u8; 4] = b"Obj\x01";
+
 /// Writes an object container file to `W`.
 #[derive(Debug)]
-pub struct OcfWriter<W: Write> {
+pub struct ContainerWriter<W: Write> {
     out: W,
     sync: [u8; 16],
     block: Vec<u8>,
@@ -24,38 +30,24 @@ pub struct OcfWriter<W: Write> {
     records: u64,
 }
 
-/// Avro `long`: zig-zag, then base-128 varint, low group first.
-pub fn write_long(buf: &mut Vec<u8>, n: i64) {
-    let mut v = u64::from_ne_bytes(((n << 1) ^ (n >> 63)).to_ne_bytes());
-    while v >= 0x80 {
-        buf.push(u8::try_from(v & 0x7f).expect("7 bits") | 0x80);
-        v >>= 7;
-    }
-    buf.push(u8::try_from(v).expect("below 0x80"));
-}
-
-/// Avro `bytes` / `string`: length as a long, then the bytes.
-pub fn write_bytes(buf: &mut Vec<u8>, b: &[u8]) {
-    write_long(buf, i64::try_from(b.len()).expect("length fits in i64"));
-    buf.extend_from_slice(b);
-}
-
-impl<W: Write> OcfWriter<W> {
+impl<W: Write> ContainerWriter<W> {
     /// Writes the header for `schema_json`.
-    pub fn new(mut out: W, schema_json: &str) -> std::io::Result<OcfWriter<W>> {
+    pub fn new(mut out: W, schema_json: &str) -> std::io::Result<ContainerWriter<W>> {
         let sync = *uuid::Uuid::new_v4().as_bytes();
         let mut h = Vec::with_capacity(schema_json.len() + 64);
-        h.extend_from_slice(b"Obj\x01");
+        h.extend_from_slice(MAGIC);
+        let mut w = Writer(&mut h);
         // The metadata map: one block of two entries, then the end marker.
-        write_long(&mut h, 2);
-        write_bytes(&mut h, b"avro.schema");
-        write_bytes(&mut h, schema_json.as_bytes());
-        write_bytes(&mut h, b"avro.codec");
-        write_bytes(&mut h, b"null");
-        write_long(&mut h, 0);
+        // Its values are Avro `bytes`, laid out as a `string` is.
+        w.long(2);
+        w.str("avro.schema");
+        w.str(schema_json);
+        w.str("avro.codec");
+        w.str("null");
+        w.long(0);
         h.extend_from_slice(&sync);
         out.write_all(&h)?;
-        Ok(OcfWriter {
+        Ok(ContainerWriter {
             out,
             sync,
             block: Vec::with_capacity(BLOCK_BYTES),
@@ -80,11 +72,9 @@ impl<W: Write> OcfWriter<W> {
             return Ok(());
         }
         let mut h = Vec::with_capacity(20);
-        write_long(&mut h, self.count);
-        write_long(
-            &mut h,
-            i64::try_from(self.block.len()).expect("block size fits in i64"),
-        );
+        let mut w = Writer(&mut h);
+        w.long(self.count);
+        w.long(i64::try_from(self.block.len()).expect("block size fits in i64"));
         self.out.write_all(&h)?;
         self.out.write_all(&self.block)?;
         self.out.write_all(&self.sync)?;
@@ -109,33 +99,34 @@ impl<W: Write> OcfWriter<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::avro::{ENVELOPE_SCHEMA_JSON, convert, current_body, encode};
+    use crate::event::Timestamp;
+
+    fn long(n: i64) -> Vec<u8> {
+        let mut b = Vec::new();
+        Writer(&mut b).long(n);
+        b
+    }
 
     #[test]
     fn longs_are_zigzag_varints() {
-        let enc = |n| {
-            let mut b = Vec::new();
-            write_long(&mut b, n);
-            b
-        };
-        assert_eq!(enc(0), [0x00]);
-        assert_eq!(enc(-1), [0x01]);
-        assert_eq!(enc(1), [0x02]);
-        assert_eq!(enc(-64), [0x7f]);
-        assert_eq!(enc(64), [0x80, 0x01]);
-        assert_eq!(enc(i64::MAX).len(), 10);
+        assert_eq!(long(0), [0x00]);
+        assert_eq!(long(-1), [0x01]);
+        assert_eq!(long(1), [0x02]);
+        assert_eq!(long(-64), [0x7f]);
+        assert_eq!(long(64), [0x80, 0x01]);
+        assert_eq!(long(i64::MAX).len(), 10);
         assert_eq!(
-            enc(i64::MIN),
+            long(i64::MIN),
             [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01]
         );
     }
 
     #[test]
     fn layout_is_header_blocks_and_sync_markers() {
-        let mut w = OcfWriter::new(Vec::new(), "\"long\"").unwrap();
+        let mut w = ContainerWriter::new(Vec::new(), "\"long\"").unwrap();
         for n in [1i64, 2, 3] {
-            let mut b = Vec::new();
-            write_long(&mut b, n);
-            w.append(&b).unwrap();
+            w.append(&long(n)).unwrap();
         }
         assert_eq!(w.records(), 3);
         let sync = w.sync;
@@ -149,5 +140,26 @@ mod tests {
         // count 3, size 3, bodies 02 04 06, sync
         assert_eq!(&bytes[header_end..header_end + 5], [6, 6, 2, 4, 6]);
         assert_eq!(&bytes[header_end + 5..], sync);
+    }
+
+    #[test]
+    fn apache_avro_reads_a_file_of_envelopes_over_several_blocks() {
+        let start = Timestamp::from_micros(1_700_000_000_000_000);
+        let mut sent = Vec::new();
+        for i in 0..150 {
+            sent.extend(crate::samples::one_of_each("c", &format!("k{i}"), start));
+        }
+        assert!(i64::try_from(sent.len()).unwrap() > BLOCK_RECORDS);
+        let mut w = ContainerWriter::new(Vec::new(), ENVELOPE_SCHEMA_JSON).unwrap();
+        for env in &sent {
+            let datum = encode(env).unwrap();
+            w.append(&current_body(&datum, env).unwrap()).unwrap();
+        }
+        let bytes = w.finish().unwrap();
+        let reader = apache_avro::Reader::new(&bytes[..]).unwrap();
+        let got: Vec<_> = reader
+            .map(|v| convert::from_value(v.unwrap()).unwrap())
+            .collect();
+        assert_eq!(got, sent);
     }
 }
