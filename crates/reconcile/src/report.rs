@@ -20,6 +20,14 @@ impl From<events::Money> for MoneyView {
     }
 }
 
+/// Money stored as `(currency, amount_minor)`, for a report.
+pub(crate) fn view_money(m: &Option<(String, i64)>) -> Option<MoneyView> {
+    m.as_ref().map(|(c, a)| MoneyView {
+        amount_minor: *a,
+        currency: c.clone(),
+    })
+}
+
 /// One difference as reported.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiscrepancyView {
