@@ -1,7 +1,6 @@
-//! `paystream serve reconciler`: the nightly run on its [`schedule`]
-//! (catching up from the watermark), retried after a failure.
-//!
-//! [`schedule`]: crate::schedule
+//! `paystream serve reconciler`: the nightly run at the time and for the
+//! days `schedule.rs` says (catching up from the watermark), retried after
+//! a failure.
 
 use crate::args::ReconcilerArgs;
 use crate::matching::Tolerance;
