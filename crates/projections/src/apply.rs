@@ -2,7 +2,10 @@
 //! exactly once per event id.
 //!
 //! 1. Record the batch's new event ids in `applied_events`
-//!    (`ON CONFLICT DO NOTHING RETURNING`): the ids that come back are new,
+//!    (`ON CONFLICT DO NOTHING RETURNING`), except those of types the
+//!    booking rules never book ([`booking::books_by_type`]: risk verdicts,
+//!    execution starts, failures, requests), which are ignored without a
+//!    row: the ids that come back are new,
 //!    the rest were applied before (or are being applied by another member
 //!    during a rebalance, whose row lock makes us wait and then see them).
 //! 2. Load the orders and booking keys the new events refer to.
@@ -223,12 +226,19 @@ pub async fn apply_batch(
     let mut tx = Tx::begin(db).await?;
 
     // 1. Claim the event ids; the first occurrence in the batch counts.
+    // Types the booking rules never book are ignored here, unclaimed.
     let mut seen = HashSet::new();
     let mut first: Vec<usize> = Vec::new();
     for (i, inc) in batch.iter().enumerate() {
-        if seen.insert(inc.envelope.event_id) {
+        if !booking::books_by_type(inc.envelope.event_type()) {
+            outcomes[i] = Outcome::Ignored;
+        } else if seen.insert(inc.envelope.event_id) {
             first.push(i);
         }
+    }
+    if first.is_empty() {
+        tx.commit().await?;
+        return Ok(outcomes);
     }
     // Sorted, so two members claiming overlapping batches lock rows in the
     // same order and cannot deadlock.

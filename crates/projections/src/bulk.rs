@@ -236,6 +236,11 @@ impl Replay {
         let mut fresh: Vec<usize> = Vec::new();
         let mut before: Vec<usize> = Vec::new();
         for (i, inc) in batch.iter().enumerate() {
+            // Types never booked: ignored without a row, as apply_batch.
+            if !booking::books_by_type(inc.envelope.event_type()) {
+                outcomes[i] = Outcome::Ignored;
+                continue;
+            }
             let id = inc.envelope.event_id.as_uuid();
             if !first_seen.insert(id) {
                 continue;

@@ -3,8 +3,8 @@
 use events::{
     BuyerId, ClientId, CorrelationId, Currency, DiscrepancyId, Envelope, Event, EventId, Money,
     OrderId, OrderSettledByWebhook, OrderSucceeded, PaymentId, PaymentOrder, PaymentRequested,
-    ReconciliationDiscrepancyResolved, RefundId, RefundSucceeded, ResolutionAction, SellerId,
-    Timestamp,
+    ReconciliationDiscrepancyResolved, RefundId, RefundSucceeded, ResolutionAction, RiskApproved,
+    SellerId, Timestamp,
 };
 use projections::{Projection, ProjectionHandler};
 use std::collections::BTreeMap;
@@ -55,8 +55,11 @@ fn eur(m: i64) -> Money {
 pub struct History {
     /// Every message to produce, duplicates included.
     pub envs: Vec<Envelope>,
-    /// Distinct event ids.
+    /// Distinct event ids of the types the projections book.
     pub distinct: usize,
+    /// Messages of types the projections never book (a risk approval per
+    /// payment, copies included): ignored each time, no dedup row.
+    pub unbooked: usize,
     pub payments: usize,
     /// Orders captured (each booked once).
     pub captures: usize,
@@ -102,6 +105,15 @@ pub fn history(unique: &str, n: usize, base_us: i64) -> History {
             }
             .into(),
         )];
+        envs.push(envelope(
+            Some(payment),
+            "approved",
+            at + 50,
+            RiskApproved {
+                rule_set: "ops-test".into(),
+            }
+            .into(),
+        ));
         let succeeded = envelope(
             Some(payment),
             "succeeded",
@@ -169,10 +181,12 @@ pub fn history(unique: &str, n: usize, base_us: i64) -> History {
         if captured {
             *h.wallets.entry(seller).or_default() += wallet;
         }
-        h.distinct += envs.len();
+        h.distinct += envs.len() - 1;
+        h.unbooked += 1;
         if i.is_multiple_of(5) {
             let again = envs.clone();
             envs.extend(again);
+            h.unbooked += 1;
         }
         h.payments += 1;
         h.envs.extend(envs);

@@ -72,6 +72,17 @@ pub async fn apply_both(db: &Db, envs: &[Envelope], batch: usize) -> Vec<Outcome
     l
 }
 
+/// What an event applied before gets when delivered again: `Duplicate`,
+/// or `Ignored` for the types the booking rules never book (they leave no
+/// `applied_events` row to recognise them by).
+pub fn again(e: &Envelope) -> Outcome {
+    if projections::booking::books_by_type(e.event_type()) {
+        Outcome::Duplicate
+    } else {
+        Outcome::Ignored
+    }
+}
+
 pub async fn strings(db: &Db, sql: &str) -> Vec<String> {
     let mut v = match db {
         Db::Postgres(p) => sqlx::query_scalar::<_, String>(sql).fetch_all(p).await,
