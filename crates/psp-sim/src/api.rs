@@ -5,7 +5,7 @@
 
 use crate::config::{Account, Outcome, Resolution};
 use crate::settlement::{self, InjectionSpec};
-use crate::store::{self, ChargeRow, Claim, NewCharge, RefundRefused};
+use crate::store::{self, ChargeRow, Claim, ClaimArgs, NewCharge, NewRefund, RefundRefused};
 use crate::{AppState, ConnKill, workers};
 use axum::Router;
 use axum::body::Bytes;
@@ -300,10 +300,15 @@ async fn create_charge(
         let st = st.clone();
         tokio::spawn(async move {
             let owner = uuid::Uuid::new_v4().simple().to_string();
-            let now = st.clock.now_ms();
-            let reference = Some(req.reference.as_str());
-            let claim = store::claim(&st.db, &account.id, &key, &hash, &owner, now, reference);
-            let attempt = match claim.await? {
+            let claim = ClaimArgs {
+                account: account.id.clone(),
+                key: key.clone(),
+                request_hash: hash,
+                owner: owner.clone(),
+                now_ms: st.clock.now_ms(),
+                count_reference: Some(req.reference.clone()),
+            };
+            let attempt = match st.writer.run(claim, store::claim).await? {
                 Claim::Owned { attempt } => attempt,
                 Claim::Replay { body } => return Ok(Action::Replay(body)),
                 Claim::Reused => return Err(key_reused()),
@@ -313,7 +318,8 @@ async fn create_charge(
             if !matches!(action, Action::Created(_)) {
                 // No final answer stored (or it was stored before a simulated
                 // timeout, in which case this is a no-op): free the key.
-                if let Err(e) = store::release(&st.db, &account.id, &key, &owner).await {
+                let hold = (account.id.clone(), key, owner);
+                if let Err(e) = st.writer.run(hold, store::release).await {
                     tracing::error!(error = %e, "releasing an idempotency key failed");
                 }
             }
@@ -468,11 +474,12 @@ async fn create(
     let new = NewCharge {
         row: row.clone(),
         idempotency_key: key.to_owned(),
+        owner: owner.to_owned(),
         description: description.clone(),
         resolve_at_ms: resolve.map(|r| r.0),
         resolve_to: resolve.map(|r| r.1),
     };
-    match store::create_charge(&st.db, &new, owner).await {
+    match st.writer.run(new, store::create_charge).await {
         Ok(body) => {
             if resolve.is_some() {
                 st.clock.advanced.notify_waiters();
@@ -559,53 +566,62 @@ async fn create_refund(
         let st = st.clone();
         tokio::spawn(async move {
             let owner = uuid::Uuid::new_v4().simple().to_string();
-            let now = st.clock.now_ms();
-            match store::claim(&st.db, &account.id, &key, &hash, &owner, now, None).await? {
+            let claim = ClaimArgs {
+                account: account.id.clone(),
+                key: key.clone(),
+                request_hash: hash,
+                owner: owner.clone(),
+                now_ms: st.clock.now_ms(),
+                count_reference: None,
+            };
+            match st.writer.run(claim, store::claim).await? {
                 Claim::Owned { .. } => {}
                 Claim::Replay { body } => return Ok(Action::Replay(body)),
                 Claim::Reused => return Err(key_reused()),
                 Claim::InUse => return Err(key_in_use()),
             }
-            let refund_id = format!("re_{}", uuid::Uuid::now_v7().simple());
             let plan = workers::webhook_plan(&st, &account);
-            let result = store::create_refund(
-                &st.db,
-                &account.id,
-                &charge_id,
-                req.amount_minor,
-                &key,
-                &owner,
-                &refund_id,
-                st.clock.now_ms(),
-                plan.as_ref(),
-            )
-            .await;
-            let result = result.map_err(|refused| match refused {
-                RefundRefused::NotFound => not_found("charge"),
-                RefundRefused::NotRefundable(status) => ApiError::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "charge_not_refundable",
-                    format!("only succeeded charges can be refunded; this one is {status}"),
-                ),
-                RefundRefused::ExceedsRefundable { refundable } => ApiError {
-                    field: Some("amount_minor"),
-                    ..ApiError::new(
+            let webhook = plan.is_some();
+            let refund = NewRefund {
+                account: account.id.clone(),
+                charge_id,
+                amount: req.amount_minor,
+                key: key.clone(),
+                owner: owner.clone(),
+                refund_id: format!("re_{}", uuid::Uuid::now_v7().simple()),
+                now_ms: st.clock.now_ms(),
+                webhook: plan,
+            };
+            let result = match st.writer.run(refund, store::create_refund).await {
+                Ok(Ok(body)) => Ok(body),
+                Ok(Err(refused)) => Err(match refused {
+                    RefundRefused::NotFound => not_found("charge"),
+                    RefundRefused::NotRefundable(status) => ApiError::new(
                         StatusCode::UNPROCESSABLE_ENTITY,
-                        "amount_exceeds_refundable",
-                        format!("at most {refundable} minor units can still be refunded"),
-                    )
-                },
-                RefundRefused::Sql(e) => ApiError::internal(e),
-            });
+                        "charge_not_refundable",
+                        format!("only succeeded charges can be refunded; this one is {status}"),
+                    ),
+                    RefundRefused::ExceedsRefundable { refundable } => ApiError {
+                        field: Some("amount_minor"),
+                        ..ApiError::new(
+                            StatusCode::UNPROCESSABLE_ENTITY,
+                            "amount_exceeds_refundable",
+                            format!("at most {refundable} minor units can still be refunded"),
+                        )
+                    },
+                }),
+                Err(e) => Err(ApiError::internal(e)),
+            };
             match result {
                 Ok(body) => {
-                    if plan.is_some() {
+                    if webhook {
                         st.webhooks_due.notify_one();
                     }
                     Ok(Action::Created(body))
                 }
                 Err(e) => {
-                    if let Err(e) = store::release(&st.db, &account.id, &key, &owner).await {
+                    let hold = (account.id.clone(), key, owner);
+                    if let Err(e) = st.writer.run(hold, store::release).await {
                         tracing::error!(error = %e, "releasing an idempotency key failed");
                     }
                     Err(e)

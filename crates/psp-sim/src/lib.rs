@@ -12,13 +12,16 @@ pub mod config;
 mod settlement;
 mod store;
 mod workers;
+mod writer;
 
 pub use config::{Account, Behaviour, Durability, LatencyMs, Matcher, Outcome, Resolution, Rule};
 pub use settlement::{Injected, InjectionSpec};
+pub use writer::WriteBatches;
 
 use anyhow::Context as _;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
+use sqlx::sqlite::SqliteSynchronous;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -55,7 +58,9 @@ pub struct PspSimArgs {
     /// `full` (default): every commit is fsynced, as a PSP's records must
     /// be. `relaxed`, for benchmarks: commits are not fsynced (the WAL is,
     /// at checkpoints); same idempotency and behaviour, survives a killed
-    /// process but not a power cut.
+    /// process but not a power cut. `batched`, for benchmarks: as
+    /// `relaxed`, and concurrent requests' writes share one commit (a
+    /// group commit), each request answered after it.
     #[arg(
         long,
         env = "PAYSTREAM_PSP_DURABILITY",
@@ -122,8 +127,8 @@ impl SimConfig {
             )?;
         }
         behaviour.accounts = accounts;
-        if args.durability == Durability::Relaxed {
-            behaviour.durability = Durability::Relaxed;
+        if args.durability != Durability::Full {
+            behaviour.durability = args.durability;
         }
         behaviour.validate()?;
         Ok(SimConfig {
@@ -153,9 +158,16 @@ pub struct RunningSim {
     pub webhook_secret: Secret,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    batches: Option<Arc<writer::BatchCounters>>,
 }
 
 impl RunningSim {
+    /// The group commit's counters so far; None unless the durability is
+    /// `batched`.
+    pub fn write_batches(&self) -> Option<WriteBatches> {
+        self.batches.as_ref().map(|b| b.snapshot())
+    }
+
     /// `http://127.0.0.1:<port>`
     pub fn base_url(&self) -> String {
         format!("http://{}", self.addr)
@@ -178,7 +190,7 @@ pub async fn spawn(config: SimConfig) -> anyhow::Result<RunningSim> {
         .into_iter()
         .find(|a| a.id == config::DEFAULT_ACCOUNT)
         .expect("acct_default is always in effect");
-    let (addr, run) = start(config, shutdown.clone()).await?;
+    let (addr, run, batches) = start_counted(config, shutdown.clone()).await?;
     let task = tokio::spawn(run);
     Ok(RunningSim {
         addr,
@@ -186,6 +198,7 @@ pub async fn spawn(config: SimConfig) -> anyhow::Result<RunningSim> {
         webhook_secret: default.webhook_secret,
         shutdown,
         task,
+        batches,
     })
 }
 
@@ -229,7 +242,10 @@ pub(crate) fn wall_ms() -> i64 {
 /// Shared by handlers and workers.
 #[derive(Debug)]
 pub(crate) struct AppState {
+    /// Reads; writes go through `writer`.
     pub(crate) db: sqlx::SqlitePool,
+    /// Commits the writes, one transaction each or in groups.
+    pub(crate) writer: writer::Writer,
     pub(crate) behaviour: Behaviour,
     pub(crate) accounts: Vec<Account>,
     pub(crate) clock: SimClock,
@@ -250,6 +266,19 @@ async fn start(
     config: SimConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<(SocketAddr, impl Future<Output = anyhow::Result<()>>)> {
+    let (addr, run, _) = start_counted(config, shutdown).await?;
+    Ok((addr, run))
+}
+
+/// [`start`], and the group commit's counters (`batched` only).
+async fn start_counted(
+    config: SimConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<(
+    SocketAddr,
+    impl Future<Output = anyhow::Result<()>>,
+    Option<Arc<writer::BatchCounters>>,
+)> {
     config.behaviour.validate()?;
     let mut pool = match storage::Db::connect(&config.db_url).await? {
         storage::Db::Sqlite(pool) => pool,
@@ -265,13 +294,32 @@ async fn start(
     // A previous process died while handling these keys; nobody works on
     // them any more, so later requests may retry them.
     store::release_all_in_flight(&pool).await?;
-    if config.behaviour.durability == Durability::Relaxed {
-        // `synchronous` is per connection: reopen the pool with it (the
-        // file and its migrations are the same).
-        pool.close().await;
-        pool = relaxed_pool(&config.db_url).await?;
-        tracing::info!("psp simulator: relaxed durability (commits are not fsynced)");
-    }
+    let writer = match config.behaviour.durability {
+        Durability::Full => writer::Writer::Direct(pool.clone()),
+        Durability::Relaxed => {
+            // `synchronous` is per connection: reopen the pool with it (the
+            // file and its migrations are the same).
+            pool.close().await;
+            pool = single_writer_pool(&config.db_url, SqliteSynchronous::Normal).await?;
+            tracing::info!("psp simulator: relaxed durability (commits are not fsynced)");
+            writer::Writer::Direct(pool.clone())
+        }
+        Durability::Batched => {
+            // Reads stay on the pool (which writes nothing any more); the
+            // committer writes on a connection of its own, with
+            // `synchronous=NORMAL` as `relaxed`.
+            let committer = single_writer_pool(&config.db_url, SqliteSynchronous::Normal).await?;
+            let conn = committer
+                .acquire()
+                .await
+                .context("opening the committer's connection")?;
+            tracing::info!(
+                "psp simulator: batched durability (group commit, commits are not fsynced)"
+            );
+            writer::Writer::batched(conn)
+        }
+    };
+    let batches = writer.counters();
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -282,6 +330,7 @@ async fn start(
         .effective_accounts(&config.api_key, &config.webhook_secret);
     let state = Arc::new(AppState {
         db: pool,
+        writer,
         behaviour: config.behaviour,
         accounts,
         clock: SimClock::default(),
@@ -298,23 +347,26 @@ async fn start(
                 tracing::error!(error = %e, "simulator worker panicked");
             }
         }
+        state.writer.close().await;
         state.db.close().await;
         Ok(())
     };
-    Ok((addr, run))
+    Ok((addr, run, batches))
 }
 
-/// The simulator's pool with `synchronous=NORMAL` (see
-/// [`Durability::Relaxed`]); otherwise as `storage::Db::connect` opens it.
-async fn relaxed_pool(db_url: &str) -> anyhow::Result<sqlx::SqlitePool> {
-    use sqlx::sqlite::{
-        SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
-    };
+/// A pool of one connection with the given `synchronous` (`relaxed`: see
+/// [`Durability::Relaxed`]; the committer's of `batched`); otherwise as
+/// `storage::Db::connect` opens it.
+async fn single_writer_pool(
+    db_url: &str,
+    synchronous: SqliteSynchronous,
+) -> anyhow::Result<sqlx::SqlitePool> {
+    use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
     use std::str::FromStr as _;
     let opts = SqliteConnectOptions::from_str(db_url)
         .context("parsing the simulator's database URL")?
         .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(SqliteSynchronous::Normal)
+        .synchronous(synchronous)
         .busy_timeout(storage::SQLITE_BUSY_TIMEOUT)
         .foreign_keys(true);
     SqlitePoolOptions::new()

@@ -1,10 +1,14 @@
 //! The simulator's SQL: idempotency claims, charges, refunds, webhook
-//! deliveries. Every write transaction starts with a write, so SQLite takes
-//! the write lock up front (a read-then-upgrade could fail with BUSY).
+//! deliveries. Each write is an op (`crate::writer::Op`): the statements of
+//! one transaction, run on the connection the writer gives it, which has
+//! begun the transaction with `BEGIN IMMEDIATE` (so SQLite takes the write
+//! lock up front) and commits it, alone or with other ops (`--durability
+//! batched`). Ops decide nothing from outside the database, so running one
+//! again after a rolled-back batch is the same as running it once.
 
+use futures::future::BoxFuture;
 use serde::Serialize;
-use sqlx::{Sqlite, SqlitePool, Transaction};
-use storage::BeginWrite;
+use sqlx::{SqliteConnection, SqliteExecutor, SqlitePool};
 
 /// Renders epoch milliseconds as RFC 3339 UTC.
 pub(crate) fn rfc3339(ms: i64) -> String {
@@ -122,27 +126,38 @@ pub(crate) enum Claim {
     InUse,
 }
 
+/// A request for an idempotency key.
+#[derive(Debug)]
+pub(crate) struct ClaimArgs {
+    pub account: String,
+    pub key: String,
+    pub request_hash: String,
+    /// This request's id.
+    pub owner: String,
+    pub now_ms: i64,
+    /// Counts a charge request for this reference in the stats.
+    pub count_reference: Option<String>,
+}
+
 /// Takes the key in one statement (an upsert), so of any number of
 /// concurrent requests exactly one becomes the owner.
 /// With `count_reference`, also counts a charge request for the stats, in
 /// the same transaction (one commit, one fsync, fewer than two).
-pub(crate) async fn claim(
-    pool: &SqlitePool,
-    account: &str,
-    key: &str,
-    request_hash: &str,
-    owner: &str,
-    now_ms: i64,
-    count_reference: Option<&str>,
-) -> Result<Claim, sqlx::Error> {
-    let mut tx = pool.begin_write().await?;
-    if let Some(reference) = count_reference {
+pub(crate) fn claim<'c>(
+    conn: &'c mut SqliteConnection,
+    a: &'c ClaimArgs,
+) -> BoxFuture<'c, Result<Claim, sqlx::Error>> {
+    Box::pin(claim_in(conn, a))
+}
+
+async fn claim_in(conn: &mut SqliteConnection, a: &ClaimArgs) -> Result<Claim, sqlx::Error> {
+    if let Some(reference) = &a.count_reference {
         sqlx::query(
             "INSERT INTO psp_create_requests (reference, requests) VALUES (?, 1)
              ON CONFLICT (reference) DO UPDATE SET requests = requests + 1",
         )
         .bind(reference)
-        .execute(&mut *tx)
+        .execute(&mut *conn)
         .await?;
     }
     let row: (String, String, String, i64, Option<String>) = sqlx::query_as(
@@ -158,16 +173,24 @@ pub(crate) async fn claim(
                              THEN 'in_flight' ELSE state END
          RETURNING request_hash, state, owner, attempts, response_body",
     )
-    .bind(account)
-    .bind(key)
-    .bind(request_hash)
-    .bind(owner)
-    .bind(now_ms)
-    .fetch_one(&mut *tx)
+    .bind(&a.account)
+    .bind(&a.key)
+    .bind(&a.request_hash)
+    .bind(&a.owner)
+    .bind(a.now_ms)
+    .fetch_one(&mut *conn)
     .await?;
-    tx.commit().await?;
+    Ok(classify_claim(&a.request_hash, &a.owner, row))
+}
+
+/// What the key's row, as the claim left it, means for this request.
+fn classify_claim(
+    request_hash: &str,
+    owner: &str,
+    row: (String, String, String, i64, Option<String>),
+) -> Claim {
     let (hash, state, row_owner, attempts, body) = row;
-    Ok(if hash != request_hash {
+    if hash != request_hash {
         Claim::Reused
     } else if state == "done" {
         Claim::Replay {
@@ -179,32 +202,35 @@ pub(crate) async fn claim(
         }
     } else {
         Claim::InUse
-    })
+    }
 }
 
+/// A key held by a request: (account, key, owner).
+pub(crate) type KeyHold = (String, String, String);
+
 /// Gives the key back without a final answer (transient failure).
-pub(crate) async fn release(
-    pool: &SqlitePool,
-    account: &str,
-    key: &str,
-    owner: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE psp_idempotency SET state = 'open'
-         WHERE account = ? AND idempotency_key = ? AND owner = ? AND state = 'in_flight'",
-    )
-    .bind(account)
-    .bind(key)
-    .bind(owner)
-    .execute(pool)
-    .await?;
-    Ok(())
+pub(crate) fn release<'c>(
+    conn: &'c mut SqliteConnection,
+    (account, key, owner): &'c KeyHold,
+) -> BoxFuture<'c, Result<(), sqlx::Error>> {
+    Box::pin(async move {
+        sqlx::query(
+            "UPDATE psp_idempotency SET state = 'open'
+             WHERE account = ? AND idempotency_key = ? AND owner = ? AND state = 'in_flight'",
+        )
+        .bind(account)
+        .bind(key)
+        .bind(owner)
+        .execute(conn)
+        .await?;
+        Ok(())
+    })
 }
 
 /// Stores the final answer under the key, inside the transaction that
 /// created the resource. Fails if this request no longer owns the key.
 async fn finish(
-    tx: &mut Transaction<'_, Sqlite>,
+    conn: &mut SqliteConnection,
     account: &str,
     key: &str,
     owner: &str,
@@ -220,7 +246,7 @@ async fn finish(
     .bind(account)
     .bind(key)
     .bind(owner)
-    .execute(&mut **tx)
+    .execute(conn)
     .await?;
     if done.rows_affected() != 1 {
         return Err(sqlx::Error::Protocol(format!(
@@ -235,6 +261,8 @@ async fn finish(
 pub(crate) struct NewCharge {
     pub row: ChargeRow,
     pub idempotency_key: String,
+    /// The request holding the key.
+    pub owner: String,
     pub description: Option<String>,
     pub resolve_at_ms: Option<i64>,
     pub resolve_to: Option<&'static str>,
@@ -242,13 +270,18 @@ pub(crate) struct NewCharge {
 
 /// Creates the charge and stores the answer under its key, atomically; the
 /// unique (account, key) constraint makes a second charge impossible.
-pub(crate) async fn create_charge(
-    pool: &SqlitePool,
+pub(crate) fn create_charge<'c>(
+    conn: &'c mut SqliteConnection,
+    c: &'c NewCharge,
+) -> BoxFuture<'c, Result<String, sqlx::Error>> {
+    Box::pin(create_charge_in(conn, c))
+}
+
+async fn create_charge_in(
+    conn: &mut SqliteConnection,
     c: &NewCharge,
-    owner: &str,
 ) -> Result<String, sqlx::Error> {
     let body = serde_json::to_string(&c.row.json()).expect("charges serialise");
-    let mut tx = pool.begin_write().await?;
     sqlx::query(
         "INSERT INTO psp_charges (id, account, idempotency_key, reference, amount_minor,
              currency, card_token, description, status, fee_minor, decline_code,
@@ -270,23 +303,22 @@ pub(crate) async fn create_charge(
     .bind(c.row.settled_at_ms)
     .bind(c.resolve_at_ms)
     .bind(c.resolve_to)
-    .execute(&mut *tx)
+    .execute(&mut *conn)
     .await?;
     finish(
-        &mut tx,
+        conn,
         &c.row.account,
         &c.idempotency_key,
-        owner,
+        &c.owner,
         201,
         &body,
     )
     .await?;
-    tx.commit().await?;
     Ok(body)
 }
 
 pub(crate) async fn get_charge(
-    pool: &SqlitePool,
+    ex: impl SqliteExecutor<'_>,
     account: &str,
     id: &str,
 ) -> Result<Option<ChargeRow>, sqlx::Error> {
@@ -295,7 +327,7 @@ pub(crate) async fn get_charge(
     ))
     .bind(account)
     .bind(id)
-    .fetch_optional(pool)
+    .fetch_optional(ex)
     .await
 }
 
@@ -329,19 +361,12 @@ pub(crate) async fn stats(pool: &SqlitePool, reference: &str) -> Result<(i64, i6
     Ok((charges, requests.unwrap_or(0)))
 }
 
-/// Why a refund was refused.
+/// Why a refund was refused (nothing was written).
 #[derive(Debug)]
 pub(crate) enum RefundRefused {
     NotFound,
     NotRefundable(String),
     ExceedsRefundable { refundable: i64 },
-    Sql(sqlx::Error),
-}
-
-impl From<sqlx::Error> for RefundRefused {
-    fn from(e: sqlx::Error) -> Self {
-        RefundRefused::Sql(e)
-    }
 }
 
 /// A webhook to enqueue in the same transaction as its cause.
@@ -354,23 +379,47 @@ pub(crate) struct WebhookPlan {
     pub first_attempt_at_ms: i64,
 }
 
+/// A refund about to be made.
+#[derive(Debug)]
+pub(crate) struct NewRefund {
+    pub account: String,
+    pub charge_id: String,
+    /// None: everything left.
+    pub amount: Option<i64>,
+    pub key: String,
+    /// The request holding the key.
+    pub owner: String,
+    pub refund_id: String,
+    pub now_ms: i64,
+    pub webhook: Option<WebhookPlan>,
+}
+
 /// Refunds `amount` (None = everything left) of a succeeded charge. The
 /// guarded update makes over-refunding impossible even for concurrent
-/// refunds with different keys.
-#[allow(clippy::too_many_arguments)]
-pub(crate) async fn create_refund(
-    pool: &SqlitePool,
-    account: &str,
-    charge_id: &str,
-    amount: Option<i64>,
-    key: &str,
-    owner: &str,
-    refund_id: &str,
-    now_ms: i64,
-    webhook: Option<&WebhookPlan>,
-) -> Result<String, RefundRefused> {
-    let mut tx = pool.begin_write().await?;
-    // Write first (see the module doc); the amount is resolved inside SQL.
+/// refunds with different keys. A refusal writes nothing.
+pub(crate) fn create_refund<'c>(
+    conn: &'c mut SqliteConnection,
+    r: &'c NewRefund,
+) -> BoxFuture<'c, Result<Result<String, RefundRefused>, sqlx::Error>> {
+    Box::pin(create_refund_in(conn, r))
+}
+
+async fn create_refund_in(
+    conn: &mut SqliteConnection,
+    r: &NewRefund,
+) -> Result<Result<String, RefundRefused>, sqlx::Error> {
+    let NewRefund {
+        account,
+        charge_id,
+        amount,
+        key,
+        owner,
+        refund_id,
+        now_ms,
+        webhook,
+    } = r;
+    let (amount, now_ms) = (*amount, *now_ms);
+    // The amount is resolved inside SQL.
     let updated: Option<(i64, String)> = sqlx::query_as(
         "UPDATE psp_charges
          SET refunded_minor = refunded_minor + COALESCE(?1, amount_minor - refunded_minor)
@@ -382,17 +431,18 @@ pub(crate) async fn create_refund(
     .bind(amount)
     .bind(account)
     .bind(charge_id)
-    .fetch_optional(&mut *tx)
+    .fetch_optional(&mut *conn)
     .await?;
     let Some((refunded_after, currency)) = updated else {
-        tx.rollback().await?;
-        return Err(match get_charge(pool, account, charge_id).await? {
+        // Nothing was updated: say why.
+        let charge = get_charge(&mut *conn, account, charge_id).await?;
+        return Ok(Err(match charge {
             None => RefundRefused::NotFound,
             Some(c) if c.status != "succeeded" => RefundRefused::NotRefundable(c.status),
             Some(c) => RefundRefused::ExceedsRefundable {
                 refundable: c.amount_minor - c.refunded_minor,
             },
-        });
+        }));
     };
     let amount_minor: i64 = match amount {
         Some(a) => a,
@@ -403,7 +453,7 @@ pub(crate) async fn create_refund(
                 "SELECT COALESCE(SUM(amount_minor), 0) FROM psp_refunds WHERE charge_id = ?",
             )
             .bind(charge_id)
-            .fetch_one(&mut *tx)
+            .fetch_one(&mut *conn)
             .await?;
             refunded_after - before
         }
@@ -433,21 +483,20 @@ pub(crate) async fn create_refund(
     .bind(&refund.currency)
     .bind(&refund.status)
     .bind(refund.created_at_ms)
-    .execute(&mut *tx)
+    .execute(&mut *conn)
     .await?;
     let body = serde_json::to_string(&refund.json()).expect("refunds serialise");
     if let Some(plan) = webhook {
         let data = serde_json::to_value(refund.json()).expect("refunds serialise");
-        enqueue_webhook(&mut tx, account, plan, "refund.succeeded", data, now_ms).await?;
+        enqueue_webhook(conn, account, plan, "refund.succeeded", data, now_ms).await?;
     }
-    finish(&mut tx, account, key, owner, 201, &body).await?;
-    tx.commit().await?;
-    Ok(body)
+    finish(conn, account, key, owner, 201, &body).await?;
+    Ok(Ok(body))
 }
 
 /// Writes the delivery rows of one event.
-pub(crate) async fn enqueue_webhook(
-    tx: &mut Transaction<'_, Sqlite>,
+async fn enqueue_webhook(
+    conn: &mut SqliteConnection,
     account: &str,
     plan: &WebhookPlan,
     event_type: &str,
@@ -476,7 +525,7 @@ pub(crate) async fn enqueue_webhook(
         .bind(&plan.url)
         .bind(&body)
         .bind(plan.first_attempt_at_ms)
-        .execute(&mut **tx)
+        .execute(&mut *conn)
         .await?;
     }
     Ok(())
@@ -497,15 +546,31 @@ pub(crate) async fn due_pending(
     .await
 }
 
+/// A pending charge's resolution.
+#[derive(Debug)]
+pub(crate) struct Resolve {
+    pub id: String,
+    pub succeed: bool,
+    pub sim_now_ms: i64,
+    pub webhook: Option<WebhookPlan>,
+}
+
 /// Resolves one pending charge and enqueues its webhook, atomically.
-pub(crate) async fn resolve_charge(
-    pool: &SqlitePool,
-    id: &str,
-    succeed: bool,
-    sim_now_ms: i64,
-    webhook: Option<&WebhookPlan>,
-) -> Result<(), sqlx::Error> {
-    let mut tx = pool.begin_write().await?;
+pub(crate) fn resolve_charge<'c>(
+    conn: &'c mut SqliteConnection,
+    r: &'c Resolve,
+) -> BoxFuture<'c, Result<(), sqlx::Error>> {
+    Box::pin(resolve_charge_in(conn, r))
+}
+
+async fn resolve_charge_in(conn: &mut SqliteConnection, r: &Resolve) -> Result<(), sqlx::Error> {
+    let Resolve {
+        id,
+        succeed,
+        sim_now_ms,
+        webhook,
+    } = r;
+    let (succeed, sim_now_ms) = (*succeed, *sim_now_ms);
     let updated: Option<ChargeRow> = if succeed {
         sqlx::query_as(&format!(
             "UPDATE psp_charges SET status = 'succeeded', settled_at_ms = ?
@@ -513,7 +578,7 @@ pub(crate) async fn resolve_charge(
         ))
         .bind(sim_now_ms)
         .bind(id)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&mut *conn)
         .await?
     } else {
         sqlx::query_as(&format!(
@@ -522,7 +587,7 @@ pub(crate) async fn resolve_charge(
              WHERE id = ? AND status = 'pending' RETURNING {CHARGE_COLUMNS}"
         ))
         .bind(id)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&mut *conn)
         .await?
     };
     if let (Some(charge), Some(plan)) = (updated, webhook) {
@@ -532,9 +597,9 @@ pub(crate) async fn resolve_charge(
         } else {
             "charge.failed"
         };
-        enqueue_webhook(&mut tx, &charge.account, plan, kind, data, sim_now_ms).await?;
+        enqueue_webhook(conn, &charge.account, plan, kind, data, sim_now_ms).await?;
     }
-    tx.commit().await
+    Ok(())
 }
 
 #[derive(Debug, sqlx::FromRow)]
@@ -571,40 +636,47 @@ pub(crate) async fn next_delivery_at(pool: &SqlitePool) -> Result<Option<i64>, s
     .await
 }
 
-pub(crate) async fn delivery_done(
-    pool: &SqlitePool,
-    seq: i64,
-    wall_now_ms: i64,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE psp_webhook_deliveries SET delivered_at_ms = ?, attempts = attempts + 1,
-             last_error = NULL
-         WHERE seq = ?",
-    )
-    .bind(wall_now_ms)
-    .bind(seq)
-    .execute(pool)
-    .await?;
-    Ok(())
+/// A delivery attempt's result: (seq, wall-clock ms now).
+pub(crate) type Delivered = (i64, i64);
+
+pub(crate) fn delivery_done<'c>(
+    conn: &'c mut SqliteConnection,
+    &(seq, wall_now_ms): &'c Delivered,
+) -> BoxFuture<'c, Result<(), sqlx::Error>> {
+    Box::pin(async move {
+        sqlx::query(
+            "UPDATE psp_webhook_deliveries SET delivered_at_ms = ?, attempts = attempts + 1,
+                 last_error = NULL
+             WHERE seq = ?",
+        )
+        .bind(wall_now_ms)
+        .bind(seq)
+        .execute(conn)
+        .await?;
+        Ok(())
+    })
 }
 
-pub(crate) async fn delivery_failed(
-    pool: &SqlitePool,
-    seq: i64,
-    next_attempt_at_ms: i64,
-    error: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE psp_webhook_deliveries SET attempts = attempts + 1, next_attempt_at_ms = ?,
-             last_error = ?
-         WHERE seq = ?",
-    )
-    .bind(next_attempt_at_ms)
-    .bind(error)
-    .bind(seq)
-    .execute(pool)
-    .await?;
-    Ok(())
+/// A failed attempt: (seq, wall-clock ms of the next attempt, error).
+pub(crate) type DeliveryFailed = (i64, i64, String);
+
+pub(crate) fn delivery_failed<'c>(
+    conn: &'c mut SqliteConnection,
+    (seq, next_attempt_at_ms, error): &'c DeliveryFailed,
+) -> BoxFuture<'c, Result<(), sqlx::Error>> {
+    Box::pin(async move {
+        sqlx::query(
+            "UPDATE psp_webhook_deliveries SET attempts = attempts + 1, next_attempt_at_ms = ?,
+                 last_error = ?
+             WHERE seq = ?",
+        )
+        .bind(next_attempt_at_ms)
+        .bind(error)
+        .bind(seq)
+        .execute(conn)
+        .await?;
+        Ok(())
+    })
 }
 
 /// One settlement-file row before rendering.

@@ -47,16 +47,13 @@ pub(crate) async fn resolve_pending(st: Arc<AppState>, shutdown: CancellationTok
             Ok(due) => {
                 full = due.len() >= 100;
                 for (id, account_id, to) in due {
-                    let plan = st.account(&account_id).and_then(|a| webhook_plan(&st, a));
-                    let r = store::resolve_charge(
-                        &st.db,
-                        &id,
-                        to == "succeed",
-                        st.clock.now_ms(),
-                        plan.as_ref(),
-                    )
-                    .await;
-                    match r {
+                    let resolve = store::Resolve {
+                        id: id.clone(),
+                        succeed: to == "succeed",
+                        sim_now_ms: st.clock.now_ms(),
+                        webhook: st.account(&account_id).and_then(|a| webhook_plan(&st, a)),
+                    };
+                    match st.writer.run(resolve, store::resolve_charge).await {
                         Ok(()) => st.webhooks_due.notify_one(),
                         Err(e) => tracing::warn!(error = %e, charge = %id, "resolving failed"),
                     }
@@ -145,7 +142,7 @@ async fn deliver_one(st: &AppState, client: &reqwest::Client, d: store::Delivery
     )
     .increment(1);
     let stored = match result {
-        Ok(()) => store::delivery_done(&st.db, d.seq, now).await,
+        Ok(()) => st.writer.run((d.seq, now), store::delivery_done).await,
         Err(error) => {
             let w = &st.behaviour.webhooks;
             let doublings = u32::try_from(d.attempts.clamp(0, 40)).expect("clamped");
@@ -155,7 +152,8 @@ async fn deliver_one(st: &AppState, client: &reqwest::Client, d: store::Delivery
                 .min(w.max_backoff_ms);
             let backoff = i64::try_from(backoff).unwrap_or(i64::MAX);
             tracing::debug!(seq = d.seq, %error, backoff_ms = backoff, "webhook not acknowledged");
-            store::delivery_failed(&st.db, d.seq, now.saturating_add(backoff), &error).await
+            let failed = (d.seq, now.saturating_add(backoff), error);
+            st.writer.run(failed, store::delivery_failed).await
         }
     };
     if let Err(e) = stored {

@@ -1,6 +1,8 @@
 //! The simulator over real HTTP on a random port, with its own SQLite file;
 //! webhooks go to a small axum receiver that verifies signatures.
 
+mod batched;
+
 use psp_sim::{Account, Behaviour, Durability, RunningSim, SimConfig};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
