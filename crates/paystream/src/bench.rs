@@ -144,8 +144,9 @@ async fn measure(
         psp: pipeline::port(true, 0)?,
         psp_db_url: format!("sqlite://{}", psp_dir.join("psp-sim.db").display()),
         psp_rules: Vec::new(),
-        // The simulator is an outside party, not what is measured.
-        psp_durability: "relaxed",
+        // The simulator is an outside party, not what is measured: a
+        // group commit without fsyncs.
+        psp_durability: "batched",
         webhook_duplicate_percent: 0,
         pending_poll_after_secs: None,
         projection_batch: 1000,

@@ -21,8 +21,10 @@ pub struct Options {
     pub psp_db_url: String,
     /// Extra simulator rules (evaluated before its built-in card tokens).
     pub psp_rules: Vec<Value>,
-    /// The simulator's fsyncs: `full` (as a PSP would) or `relaxed`
-    /// (benchmarks: commits share the checkpoint's fsync; same answers).
+    /// The simulator's fsyncs: `full` (as a PSP would), `relaxed`
+    /// (benchmarks: commits share the checkpoint's fsync; same answers) or
+    /// `batched` (benchmarks: as `relaxed`, and concurrent requests' writes
+    /// share one commit; same answers).
     pub psp_durability: &'static str,
     /// Share of webhooks the simulator sends twice.
     pub webhook_duplicate_percent: u32,
