@@ -175,15 +175,53 @@ async fn run(app: App, mut rx: mpsc::Receiver<Admission>, limits: Limits) {
         while let Some(a) = deferred.pop_back() {
             carry.push_front(a);
         }
+        let waited = std::time::Instant::now();
         let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
             return;
         };
+        tracing::debug!(
+            requests = batch.len(),
+            waited_ms = waited.elapsed().as_millis(),
+            "group commit batch admitted"
+        );
         let app = app.clone();
         tokio::spawn(async move {
             run_batch(&app, batch).await;
             drop(permit);
         });
         metrics::counter!("paystream_handler_group_commit_batches_total").increment(1);
+    }
+}
+
+/// Milliseconds spent in each phase of a batch, for debug logs.
+struct PhaseClock {
+    at: std::time::Instant,
+    laps: Vec<(&'static str, u128)>,
+}
+
+impl PhaseClock {
+    fn start() -> PhaseClock {
+        PhaseClock {
+            at: std::time::Instant::now(),
+            laps: Vec::new(),
+        }
+    }
+    fn lap(&mut self, phase: &'static str) {
+        let now = std::time::Instant::now();
+        self.laps.push((phase, (now - self.at).as_millis()));
+        self.at = now;
+    }
+}
+
+impl std::fmt::Display for PhaseClock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (phase, ms)) in self.laps.iter().enumerate() {
+            if i > 0 {
+                f.write_str(" ")?;
+            }
+            write!(f, "{phase}={ms}ms")?;
+        }
+        Ok(())
     }
 }
 
@@ -280,6 +318,8 @@ async fn steps(app: &App, items: &mut [Item]) -> bool {
         expires_ms: now.saturating_add(policy.retention_ms),
     };
     let window = app.risk.velocity_window_ms();
+    // Phase timings for `RUST_LOG=payment_handler::group=debug`.
+    let mut clock = PhaseClock::start();
 
     // ---- Tx 1: claims, kept fingerprints, legacy payments, velocity rows.
     let tx1 = async {
@@ -333,6 +373,7 @@ async fn steps(app: &App, items: &mut [Item]) -> bool {
         }
     }
 
+    clock.lap("tx1");
     // ---- Window read, then decisions in memory.
     let activity: HashMap<String, (i64, i64)> = match window {
         Some(w) if !velocity.is_empty() => {
@@ -410,6 +451,7 @@ async fn steps(app: &App, items: &mut [Item]) -> bool {
         }
     }
 
+    clock.lap("decide");
     // ---- Tx 2: the decided events under their keys.
     let pending: Vec<PendingRow> = items
         .iter()
@@ -454,6 +496,7 @@ async fn steps(app: &App, items: &mut [Item]) -> bool {
         }
     }
 
+    clock.lap("tx2");
     // ---- One produce round: send all, then await all.
     let sends: Vec<(usize, _)> = items
         .iter()
@@ -484,6 +527,7 @@ async fn steps(app: &App, items: &mut [Item]) -> bool {
         it.done = Some(Admitted::Answered(Err(e)));
     }
 
+    clock.lap("produce");
     // ---- Tx 3: status projection and the finished answers.
     for it in items
         .iter_mut()
@@ -538,6 +582,8 @@ async fn steps(app: &App, items: &mut [Item]) -> bool {
         }
         Err(e) => fail_all(items.iter_mut(), &format!("database: {e}")),
     }
+    clock.lap("tx3");
+    tracing::debug!(requests = items.len(), phases = %clock, "group commit batch");
     true
 }
 
