@@ -1,0 +1,59 @@
+//! The test kit: what paystream's integration tests and benches share, in
+//! one dev-only crate instead of a copy per crate and instead of `testing`
+//! modules inside production crates.
+//!
+//! - fresh databases of either backend, one per test ([`db`]), and one way
+//!   to run a test body on both ([`both!`], [`BACKENDS`]);
+//! - fresh topics under a unique prefix on the test broker ([`kafka`]);
+//! - envelope builders ([`envelope`], [`eur`]);
+//! - waiting for a positive condition with a deadline instead of sleeping
+//!   ([`wait`]): [`wait_until`], [`wait_for`], [`wait_caught_up`].
+//!
+//! Helpers here panic on failure with a message saying what did not happen:
+//! they only ever run inside tests and benches.
+
+pub mod db;
+pub mod envelope;
+pub mod kafka;
+pub mod wait;
+
+pub use db::{
+    BACKENDS, FreshDb, TEST_DB_PREFIX, admin_url, count, exec, fresh_postgres, fresh_postgres_url,
+    fresh_sqlite, strings,
+};
+pub use envelope::{envelope, envelope_now, eur};
+pub use kafka::{TestKafka, brokers, fresh_config, produce_all, read_topic};
+pub use storage::Backend;
+pub use wait::{wait_caught_up, wait_for, wait_until};
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Runs an async test body on a fresh PostgreSQL and a fresh SQLite
+/// database, each migrated first: `both!(name, body, crate::migrate)` makes
+/// the tests `name::postgres` and `name::sqlite`, each calling
+/// `body(db: storage::Db)`.
+#[macro_export]
+macro_rules! both {
+    ($name:ident, $body:ident, $migrate:path) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                let db = $crate::fresh_postgres().await.expect("fresh postgres");
+                $migrate(&db).await.expect("migrate");
+                super::$body(db).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                let (db, _dir) = $crate::fresh_sqlite().await.expect("fresh sqlite");
+                $migrate(&db).await.expect("migrate");
+                super::$body(db).await;
+            }
+        }
+    };
+}
