@@ -98,12 +98,9 @@ async fn check_ledger(db: &Db) {
 
 async fn fresh(postgres: bool) -> (Db, Option<tempfile::TempDir>) {
     let (db, dir) = if postgres {
-        (
-            storage::testing::fresh_postgres().await.expect("postgres"),
-            None,
-        )
+        (testkit::fresh_postgres().await.expect("postgres"), None)
     } else {
-        let (db, dir) = storage::testing::fresh_sqlite().await.expect("sqlite");
+        let (db, dir) = testkit::fresh_sqlite().await.expect("sqlite");
         (db, Some(dir))
     };
     projections::migrate(&db).await.expect("migrate");

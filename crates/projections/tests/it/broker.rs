@@ -14,13 +14,12 @@ use tokio_util::sync::CancellationToken;
 /// A fresh database of the backend, as a URL (SQLite's directory is kept
 /// alive by the returned guard).
 async fn fresh_url(postgres: bool) -> (String, Option<tempfile::TempDir>) {
-    if postgres {
-        (storage::testing::fresh_postgres_url().await.unwrap(), None)
+    let backend = if postgres {
+        testkit::Backend::Postgres
     } else {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("p.db").display());
-        (url, Some(dir))
-    }
+        testkit::Backend::Sqlite
+    };
+    testkit::FreshDb::new(backend).await.into_parts()
 }
 
 fn topics(cfg: &KafkaConfig) -> Vec<String> {

@@ -126,8 +126,8 @@ proptest! {
     fn replay_equals_live_sqlite(specs in prop::collection::vec(payment(), 1..8), batch in 1usize..20, dup in 1usize..6) {
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async {
-            let (live, _d1) = storage::testing::fresh_sqlite().await.unwrap();
-            let (bulk, _d2) = storage::testing::fresh_sqlite().await.unwrap();
+            let (live, _d1) = testkit::fresh_sqlite().await.unwrap();
+            let (bulk, _d2) = testkit::fresh_sqlite().await.unwrap();
             projections::migrate(&live).await.unwrap();
             projections::migrate(&bulk).await.unwrap();
             check(live, bulk, specs, batch, dup).await;
@@ -141,8 +141,8 @@ proptest! {
     fn replay_equals_live_postgres(specs in prop::collection::vec(payment(), 1..8), batch in 1usize..20, dup in 1usize..6) {
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async {
-            let live = storage::testing::fresh_postgres().await.unwrap();
-            let bulk = storage::testing::fresh_postgres().await.unwrap();
+            let live = testkit::fresh_postgres().await.unwrap();
+            let bulk = testkit::fresh_postgres().await.unwrap();
             projections::migrate(&live).await.unwrap();
             projections::migrate(&bulk).await.unwrap();
             check(live.clone(), bulk.clone(), specs, batch, dup).await;

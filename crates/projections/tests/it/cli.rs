@@ -4,15 +4,13 @@ use projections::{LedgerCommand, run_ledger_command};
 use std::process::ExitCode;
 
 async fn ledger_commands(postgres: bool) {
-    let (url, _dir) = if postgres {
-        (storage::testing::fresh_postgres_url().await.unwrap(), None)
+    let (url, _dir) = testkit::FreshDb::new(if postgres {
+        testkit::Backend::Postgres
     } else {
-        let dir = tempfile::tempdir().unwrap();
-        (
-            format!("sqlite://{}", dir.path().join("c.db").display()),
-            Some(dir),
-        )
-    };
+        testkit::Backend::Sqlite
+    })
+    .await
+    .into_parts();
     let db = projections::cli::open(&url).await.unwrap();
     let evs = samples::one_of_each("c1", "cli", Timestamp::from_micros(1_700_000_000_000_000));
     apply_both(&db, &evs, 100).await;

@@ -94,7 +94,7 @@ async fn in_batch_duplicates_apply_once(db: Db) {
     let outcomes = apply_both(&db, &doubled, 10_000).await;
     let expected: Vec<Outcome> = evs.iter().map(again).collect();
     assert_eq!(outcomes[evs.len()..], expected[..]);
-    let (db2, _d) = storage::testing::fresh_sqlite().await.unwrap();
+    let (db2, _d) = testkit::fresh_sqlite().await.unwrap();
     projections::migrate(&db2).await.unwrap();
     apply_both(&db2, &evs, 10_000).await;
     assert_eq!(snapshot(&db).await, snapshot(&db2).await);

@@ -1,42 +1,22 @@
 #![allow(dead_code)]
 
+pub use testkit::{brokers, envelope, eur, exec, produce_all, strings, wait_caught_up};
+
 use events::{
-    BuyerId, ClientId, CorrelationId, Currency, Envelope, Event, EventId, Money, OrderId,
-    OrderSucceeded, PaymentId, PaymentOrder, PaymentRequested, SellerId, Timestamp,
+    BuyerId, ClientId, Envelope, Money, OrderId, OrderSucceeded, PaymentId, PaymentOrder,
+    PaymentRequested, SellerId, Timestamp,
 };
 use projections::{Incoming, Projection, apply_batch};
-use rdkafka::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use std::collections::BTreeMap;
-use std::time::Duration;
 use storage::Db;
 use streaming::{KafkaConfig, MessageMeta, Outcome};
 
-/// Runs an async test body against a fresh PostgreSQL and a fresh SQLite
-/// database: `both!(name, body_fn)` makes `name::postgres` and
-/// `name::sqlite`.
+/// `both!(name, body)`: [`testkit::both!`] on databases migrated for the
+/// projections (`name::postgres` and `name::sqlite`).
 #[macro_export]
 macro_rules! both {
     ($name:ident, $body:ident) => {
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() {
-                let db = storage::testing::fresh_postgres()
-                    .await
-                    .expect("fresh postgres");
-                projections::migrate(&db).await.expect("migrate");
-                super::$body(db).await;
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                let (db, _dir) = storage::testing::fresh_sqlite()
-                    .await
-                    .expect("fresh sqlite");
-                projections::migrate(&db).await.expect("migrate");
-                super::$body(db).await;
-            }
-        }
+        testkit::both!($name, $body, projections::migrate);
     };
 }
 
@@ -83,23 +63,6 @@ pub fn again(e: &Envelope) -> Outcome {
     }
 }
 
-pub async fn strings(db: &Db, sql: &str) -> Vec<String> {
-    let mut v = match db {
-        Db::Postgres(p) => sqlx::query_scalar::<_, String>(sql).fetch_all(p).await,
-        Db::Sqlite(p) => sqlx::query_scalar::<_, String>(sql).fetch_all(p).await,
-    }
-    .expect("snapshot query");
-    v.sort();
-    v
-}
-
-pub async fn exec(db: &Db, sql: &str) -> Result<(), sqlx::Error> {
-    match db {
-        Db::Postgres(p) => sqlx::query(sql).execute(p).await.map(drop),
-        Db::Sqlite(p) => sqlx::query(sql).execute(p).await.map(drop),
-    }
-}
-
 /// Every table's deterministic content (no wall-clock columns, no chain
 /// positions, which depend on how partitions interleave), sorted.
 pub async fn snapshot(db: &Db) -> BTreeMap<&'static str, Vec<String>> {
@@ -138,20 +101,6 @@ pub async fn snapshot(db: &Db) -> BTreeMap<&'static str, Vec<String>> {
         m.insert(name, strings(db, sql).await);
     }
     m
-}
-
-pub fn envelope(payment: Option<PaymentId>, tag: &str, at: i64, event: Event) -> Envelope {
-    let parent = payment.map(|p| p.as_uuid()).unwrap_or(uuid::Uuid::nil());
-    Envelope {
-        event_id: EventId::derive(parent, tag),
-        occurred_at: Timestamp::from_micros(at),
-        payment_id: payment,
-        correlation_id: CorrelationId::from_uuid(parent),
-        causation_id: None,
-        producer: "projections-test".into(),
-        schema_version: events::SCHEMA_VERSION,
-        event,
-    }
 }
 
 /// A one-order payment: (its PaymentRequested, payment id, order id).
@@ -219,74 +168,13 @@ pub fn succeeded(
     )
 }
 
-pub fn eur(m: i64) -> Money {
-    Money::new(m, Currency::EUR)
-}
-
 // ---- Kafka ----
 
-pub fn brokers() -> String {
-    std::env::var("PAYSTREAM_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
-}
-
-/// Fresh topics under a unique prefix.
+/// Fresh topics under a unique prefix: (their configuration, the unique
+/// part of the prefix).
 pub async fn test_kafka(partitions: i32) -> (KafkaConfig, String) {
-    let unique = uuid::Uuid::now_v7().simple().to_string();
-    let cfg = KafkaConfig::local(&brokers(), &format!("t{unique}."), partitions);
-    streaming::admin::ensure_topics(&cfg, &cfg.topology().specs())
-        .await
-        .expect("creating test topics");
-    (cfg, unique)
-}
-
-/// Waits until `group` has committed, on every partition of `topics`, the
-/// end of the partition: everything produced so far is applied.
-pub async fn wait_caught_up(cfg: &KafkaConfig, group: &str, topics: &[String]) {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &cfg.brokers)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let mut ends = TopicPartitionList::new();
-        let mut want = Vec::new();
-        for t in topics {
-            for p in 0..cfg.partitions {
-                let (_, high) = consumer
-                    .fetch_watermarks(t, p, Duration::from_secs(10))
-                    .unwrap();
-                ends.add_partition(t, p);
-                want.push((t.clone(), p, high));
-            }
-        }
-        let committed = consumer
-            .committed_offsets(ends, Duration::from_secs(10))
-            .unwrap();
-        let done = want.iter().all(|(t, p, high)| {
-            *high == 0
-                || matches!(committed.find_partition(t, *p).map(|e| e.offset()), Some(Offset::Offset(o)) if o >= *high)
-        });
-        if done {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "group {group} did not catch up: want {want:?}, committed {committed:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// Produces every envelope (concurrently, all acknowledged).
-pub async fn produce_all(producer: &streaming::EventProducer, envs: &[Envelope]) {
-    for chunk in envs.chunks(500) {
-        let results = futures::future::join_all(chunk.iter().map(|e| producer.append(e))).await;
-        for r in results {
-            r.expect("append");
-        }
-    }
+    let k = testkit::TestKafka::new(partitions).await;
+    (k.cfg, k.unique)
 }
 
 /// The events of `n` payments: sample stories (one event of each type).

@@ -242,7 +242,7 @@ both!(http_missing_key_table, missing_key_table_is_503);
 /// up by an exclusive lock on the ledger taken in another session.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_limits_postgres() {
-    let url = storage::testing::fresh_postgres_url().await.unwrap();
+    let url = testkit::fresh_postgres_url().await.unwrap();
     let db = Db::connect(&url).await.unwrap();
     projections::migrate(&db).await.unwrap();
     apply_both(

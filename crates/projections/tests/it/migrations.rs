@@ -86,12 +86,12 @@ async fn data_survives_3005_to_3007(db: Db) {
 // Not `both!`: that migrates to the latest version first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrations_3005_to_3007_postgres() {
-    let db = storage::testing::fresh_postgres().await.unwrap();
+    let db = testkit::fresh_postgres().await.unwrap();
     data_survives_3005_to_3007(db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrations_3005_to_3007_sqlite() {
-    let (db, _dir) = storage::testing::fresh_sqlite().await.unwrap();
+    let (db, _dir) = testkit::fresh_sqlite().await.unwrap();
     data_survives_3005_to_3007(db).await;
 }

@@ -99,9 +99,7 @@ async fn fill(conn: &mut sqlx::PgConnection, table: &str, n: i64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_lookups_use_the_key_in_the_generic_plan_without_statistics() {
-    let url = storage::testing::fresh_postgres_url()
-        .await
-        .expect("postgres");
+    let url = testkit::fresh_postgres_url().await.expect("postgres");
     let db = Db::connect(&url).await.expect("connect");
     projections::migrate(&db).await.expect("migrate");
     let Db::Postgres(pool) = &db else {

@@ -278,7 +278,7 @@ proptest! {
     fn random_sequences_sqlite(specs in prop::collection::vec(payment(), 1..8), batch in 1usize..20, dup in 1usize..6) {
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async {
-            let (db, _dir) = storage::testing::fresh_sqlite().await.unwrap();
+            let (db, _dir) = testkit::fresh_sqlite().await.unwrap();
             projections::migrate(&db).await.unwrap();
             check(db, specs, batch, dup).await;
         });
@@ -291,7 +291,7 @@ proptest! {
     fn random_sequences_postgres(specs in prop::collection::vec(payment(), 1..8), batch in 1usize..20, dup in 1usize..6) {
         let rt = tokio::runtime::Runtime::new().unwrap();
         rt.block_on(async {
-            let db = storage::testing::fresh_postgres().await.unwrap();
+            let db = testkit::fresh_postgres().await.unwrap();
             projections::migrate(&db).await.unwrap();
             check(db.clone(), specs, batch, dup).await;
             db.close().await;

@@ -295,12 +295,12 @@ async fn migration_moves_existing_data(db: Db) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migration_3004_postgres() {
-    let db = storage::testing::fresh_postgres().await.unwrap();
+    let db = testkit::fresh_postgres().await.unwrap();
     migration_moves_existing_data(db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migration_3004_sqlite() {
-    let (db, _dir) = storage::testing::fresh_sqlite().await.unwrap();
+    let (db, _dir) = testkit::fresh_sqlite().await.unwrap();
     migration_moves_existing_data(db).await;
 }
