@@ -656,7 +656,12 @@ async fn call_and_decide(
         Err(PspError::Final { .. }) => false,
     };
     if transient {
-        metrics::counter!(streaming::metrics::PSP_RETRIES).increment(1);
+        use streaming::metrics::events::{InternalEvent as _, PspRetryParked};
+        PspRetryParked {
+            order: &row.order_id,
+            attempt: n,
+        }
+        .emit();
     }
     let r = domain_rules(app);
     let now = store::now_ms();

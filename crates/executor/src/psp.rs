@@ -235,6 +235,7 @@ async fn observed<T, F: std::future::Future<Output = Result<T, PspError>>>(
     operation: &'static str,
     call: F,
 ) -> Result<T, PspError> {
+    use streaming::metrics::events::{InternalEvent as _, PspCalled};
     let started = std::time::Instant::now();
     let result = call.await;
     let outcome = match &result {
@@ -242,10 +243,14 @@ async fn observed<T, F: std::future::Future<Output = Result<T, PspError>>>(
         Err(PspError::Transient { .. }) => "transient",
         Err(PspError::Final { .. }) => "final",
     };
-    metrics::histogram!(streaming::metrics::PSP_DURATION, "operation" => operation)
-        .record(started.elapsed().as_secs_f64());
-    metrics::counter!(streaming::metrics::PSP_REQUESTS, "operation" => operation, "outcome" => outcome)
-        .increment(1);
+    let error = result.as_ref().err().map(ToString::to_string);
+    PspCalled {
+        operation,
+        outcome,
+        took: started.elapsed(),
+        error: error.as_deref(),
+    }
+    .emit();
     result
 }
 

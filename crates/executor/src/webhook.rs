@@ -213,14 +213,15 @@ async fn handle(app: &App, event: &WebhookEvent) -> anyhow::Result<Response> {
             if let Some(field) = mismatch(&order, &charge) {
                 // Signed, but not about the charge we made: settle nothing
                 // from it; ask the PSP itself (the poll fallback) instead.
-                tracing::warn!(
-                    order_id = %order.order_id,
-                    field,
-                    psp_event = %event.id,
-                    "webhook does not match the order; ignored, polling the PSP instead"
-                );
-                metrics::counter!(streaming::metrics::WEBHOOK_MISMATCHES, "field" => field)
-                    .increment(1);
+                {
+                    use streaming::metrics::events::{InternalEvent as _, WebhookMismatch};
+                    WebhookMismatch {
+                        order: &order.order_id,
+                        field,
+                        psp_event: &event.id,
+                    }
+                    .emit();
+                }
                 store::poll_now(&app.db, &order.order_id).await?;
                 app.work.notify_one();
                 return Ok(ok("mismatch"));

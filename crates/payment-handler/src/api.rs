@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use events::{ClientId, PaymentId};
 use serde_json::json;
+use streaming::metrics::events::IdempotencyResult;
 
 /// Every route, as (method, OpenAPI path). `openapi.json` must list exactly
 /// these (a test checks both ways).
@@ -222,8 +223,7 @@ async fn idempotent(app: App, work: Work, req: Request) -> Result<Response, ApiE
         {
             group::Admitted::PerRequest => {}
             group::Admitted::Answered(Ok(reply)) => {
-                metrics::counter!(streaming::metrics::IDEMPOTENCY, "result" => "owned")
-                    .increment(1);
+                idempotency(IdempotencyResult::Owned);
                 return Ok(reply_response(reply));
             }
             group::Admitted::Answered(Err(e)) => return Err(unavailable(e)),
@@ -234,18 +234,22 @@ async fn idempotent(app: App, work: Work, req: Request) -> Result<Response, ApiE
         .map_err(unavailable)?
     {
         Begin::Owned { token, pending } => {
-            metrics::counter!(streaming::metrics::IDEMPOTENCY, "result" => if pending.is_some() { "taken_over" } else { "owned" }).increment(1);
+            idempotency(if pending.is_some() {
+                IdempotencyResult::TakenOver
+            } else {
+                IdempotencyResult::Owned
+            });
             (token, pending)
         }
         Begin::Replay { status, body } => {
-            metrics::counter!(streaming::metrics::IDEMPOTENCY, "result" => "replay").increment(1);
+            idempotency(IdempotencyResult::Replay);
             let mut r = json_response(StatusCode::from_u16(status).unwrap_or(StatusCode::OK), body);
             r.headers_mut()
                 .insert(REPLAY_HEADER, HeaderValue::from_static("true"));
             return Ok(r);
         }
         Begin::Decided { kind, resource } => {
-            metrics::counter!(streaming::metrics::IDEMPOTENCY, "result" => "replay").increment(1);
+            idempotency(IdempotencyResult::Replay);
             let reply = service::decided_reply(&app, &client, &kind, &resource)
                 .await
                 .map_err(unavailable)?;
@@ -258,7 +262,7 @@ async fn idempotent(app: App, work: Work, req: Request) -> Result<Response, ApiE
             return Ok(r);
         }
         Begin::Mismatch => {
-            metrics::counter!(streaming::metrics::IDEMPOTENCY, "result" => "mismatch").increment(1);
+            idempotency(IdempotencyResult::Mismatch);
             let mut e = ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "idempotency_key_reused",
@@ -268,8 +272,7 @@ async fn idempotent(app: App, work: Work, req: Request) -> Result<Response, ApiE
             return Err(e);
         }
         Begin::InFlight { retry_after_s } => {
-            metrics::counter!(streaming::metrics::IDEMPOTENCY, "result" => "in_flight")
-                .increment(1);
+            idempotency(IdempotencyResult::InFlight);
             let mut e = ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "idempotency_key_in_use",
@@ -399,4 +402,10 @@ async fn readyz(State(app): State<App>) -> Response {
         },
         body.to_string(),
     )
+}
+
+/// Counts and logs what became of an `Idempotency-Key`.
+fn idempotency(result: IdempotencyResult) {
+    use streaming::metrics::events::{IdempotencyDecided, InternalEvent as _};
+    IdempotencyDecided { result }.emit();
 }

@@ -52,6 +52,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use storage::{BeginWrite, with_pool};
+use streaming::metrics::events::{GroupCommitBatch, InternalEvent as _};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 /// How a batched request ended.
@@ -179,17 +180,16 @@ async fn run(app: App, mut rx: mpsc::Receiver<Admission>, limits: Limits) {
         let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
             return;
         };
-        tracing::debug!(
-            requests = batch.len(),
-            waited_ms = waited.elapsed().as_millis(),
-            "group commit batch admitted"
-        );
+        GroupCommitBatch {
+            requests: batch.len(),
+            waited: waited.elapsed(),
+        }
+        .emit();
         let app = app.clone();
         tokio::spawn(async move {
             run_batch(&app, batch).await;
             drop(permit);
         });
-        metrics::counter!("paystream_handler_group_commit_batches_total").increment(1);
     }
 }
 

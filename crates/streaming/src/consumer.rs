@@ -40,6 +40,10 @@
 
 use crate::config::KafkaConfig;
 use crate::dlq::{self, DeadLetter};
+use crate::metrics::events::{
+    BatchFailed, BatchHandled, DeadLetterStored, EventRejected, InternalEvent as _, RebalanceKind,
+    Rebalanced,
+};
 use crate::producer::EventProducer;
 use events::{Envelope, avro};
 use rdkafka::ClientContext;
@@ -449,16 +453,29 @@ impl ConsumerContext for LoopContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(tpl) => {
-                tracing::info!(group = %self.group_id, partitions = %describe(tpl), "partitions revoked");
+                Rebalanced {
+                    group: &self.group_id,
+                    kind: RebalanceKind::Revoked,
+                    detail: &describe(tpl),
+                }
+                .emit();
                 self.revoke(consumer, tpl);
             }
             Rebalance::Assign(tpl) => {
-                tracing::info!(group = %self.group_id, partitions = %describe(tpl), "partitions assigned");
+                Rebalanced {
+                    group: &self.group_id,
+                    kind: RebalanceKind::Assigned,
+                    detail: &describe(tpl),
+                }
+                .emit();
                 self.assign(tpl);
             }
-            Rebalance::Error(e) => {
-                tracing::warn!(group = %self.group_id, error = %e, "rebalance error")
+            Rebalance::Error(e) => Rebalanced {
+                group: &self.group_id,
+                kind: RebalanceKind::Error,
+                detail: &e.to_string(),
             }
+            .emit(),
         }
     }
 
@@ -954,7 +971,12 @@ async fn apply<H: BatchHandler>(
             Outcome::Ignored => stats.ignored += 1,
             Outcome::Rejected { kind, reason } => {
                 let _g = d.span().entered();
-                tracing::warn!(error_kind = %kind, %reason, "event rejected; dead-lettering");
+                EventRejected {
+                    group: &settings.group_id,
+                    kind: &kind,
+                    reason: &reason,
+                }
+                .emit();
                 dead.push(Dead {
                     generation: d.generation,
                     letter: DeadLetter {
@@ -976,19 +998,14 @@ async fn apply<H: BatchHandler>(
     }
     stats.dead_lettered += dead.len() as u64;
     stats.batches += 1;
-    let group = &settings.group_id;
-    let count = |outcome: &'static str, n: u64| {
-        if n > 0 {
-            metrics::counter!(crate::metrics::EVENTS, "group" => group.clone(), "outcome" => outcome).increment(n);
-        }
-    };
-    count("applied", stats.applied - before.applied);
-    count("duplicate", stats.duplicates - before.duplicates);
-    count("ignored", stats.ignored - before.ignored);
-    count("dead_lettered", stats.dead_lettered - before.dead_lettered);
-    for d in &dead {
-        metrics::counter!(crate::metrics::DEAD_LETTERS, "group" => group.clone(), "kind" => d.letter.error_kind.clone()).increment(1);
+    BatchHandled {
+        group: &settings.group_id,
+        applied: stats.applied - before.applied,
+        duplicate: stats.duplicates - before.duplicates,
+        ignored: stats.ignored - before.ignored,
+        dead_lettered: stats.dead_lettered - before.dead_lettered,
     }
+    .emit();
 
     // Every message of the batch is either applied (durable) or
     // dead-lettered (acknowledged): its partitions may move past it.
@@ -1060,16 +1077,15 @@ async fn handle_with_retry<H: BatchHandler>(
         };
         match result {
             Ok(o) => outcomes.extend(o),
+            // Rejected: logged as such with the batch's other outcomes.
             Err(e) if part.len() == 1 => {
-                let _g = part[0].span().entered();
-                tracing::warn!(group = %settings.group_id, error_kind = %e.kind, error = %e, "message fails deterministically");
                 outcomes.push(Outcome::Rejected {
                     kind: e.kind,
                     reason: e.message,
                 });
             }
-            Err(e) => {
-                tracing::warn!(group = %settings.group_id, size = part.len(), error_kind = %e.kind, error = %e, "batch failed deterministically; narrowing it down");
+            // Logged by the failure itself (BatchFailed).
+            Err(_) => {
                 let mid = start + part.len() / 2;
                 todo.push((mid, end));
                 todo.push((start, mid));
@@ -1110,11 +1126,18 @@ async fn handle_until_not_transient<H: BatchHandler>(
                 return Handled::Done(Ok(outcomes));
             }
             Err(e) => {
-                metrics::counter!(crate::metrics::BATCH_FAILURES, "group" => settings.group_id.clone()).increment(1);
-                if e.is_deterministic() {
+                let deterministic = e.is_deterministic();
+                BatchFailed {
+                    group: &settings.group_id,
+                    size: batch.len(),
+                    attempt,
+                    error: &e,
+                    retry_in: (!deterministic).then_some(backoff),
+                }
+                .emit();
+                if deterministic {
                     return Handled::Done(Err(e));
                 }
-                tracing::error!(group = %settings.group_id, attempt, error = %e, retry_in_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX), "batch failed; will retry");
                 // Registered before the ownership check so a revocation
                 // in between still wakes the back-off.
                 let revoked = ctx.revoked.notified();
@@ -1172,7 +1195,15 @@ async fn send_dead_letter(
     loop {
         match d.send_as(producer, form, &cause).await {
             Ok(at) => {
-                tracing::info!(dlq_partition = at.partition, dlq_offset = at.offset, original_topic = %d.origin.topic, original_partition = d.origin.partition, original_offset = d.origin.offset, ?form, "dead letter stored");
+                DeadLetterStored {
+                    group: &d.consumer_group,
+                    kind: &d.error_kind,
+                    origin: &d.origin,
+                    dlq_partition: at.partition,
+                    dlq_offset: at.offset,
+                    form: form.as_str(),
+                }
+                .emit();
                 return true;
             }
             Err(e) if !e.is_retryable() && form != dlq::Form::Minimal => {

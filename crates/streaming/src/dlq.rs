@@ -91,6 +91,17 @@ pub enum Form {
     Minimal,
 }
 
+impl Form {
+    /// Its name in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Form::Whole => "whole",
+            Form::Stub => "stub",
+            Form::Minimal => "minimal",
+        }
+    }
+}
+
 fn sha256_hex(bytes: &[u8]) -> String {
     let digest = Sha256::digest(bytes);
     digest.iter().map(|b| format!("{b:02x}")).collect()

@@ -11,14 +11,21 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;
 use std::time::Instant;
 
+pub mod events;
+
 /// Consumer lag per partition: high watermark minus the next offset to read.
 pub const CONSUMER_LAG: &str = "paystream_consumer_lag";
 /// Events a consumer group handled, by outcome (applied, duplicate, ignored, dead_lettered).
 pub const EVENTS: &str = "paystream_events_total";
 /// Dead letters written, by group and error kind.
 pub const DEAD_LETTERS: &str = "paystream_dead_letters_total";
-/// Batches whose handler failed and will be retried, by group.
+/// Batches whose handler failed, by group and whether they are retried
+/// (`retry`: yes for transient failures, no for deterministic ones, which
+/// are narrowed down to the message that causes them).
 pub const BATCH_FAILURES: &str = "paystream_batch_failures_total";
+/// Rebalance callbacks a consumer member went through, by group and kind
+/// (assigned, revoked, error).
+pub const REBALANCES: &str = "paystream_rebalances_total";
 /// HTTP requests, by component, route template and status.
 pub const HTTP_REQUESTS: &str = "paystream_http_requests_total";
 /// HTTP latency, by component and route template.
@@ -29,6 +36,8 @@ pub const IDEMPOTENCY: &str = "paystream_idempotency_total";
 pub const PSP_REQUESTS: &str = "paystream_psp_requests_total";
 /// PSP latency by operation.
 pub const PSP_DURATION: &str = "paystream_psp_request_duration_seconds";
+/// Batches the payment handler's group commit ran.
+pub const GROUP_COMMIT_BATCHES: &str = "paystream_handler_group_commit_batches_total";
 /// Orders parked for a retry (transient PSP failures).
 pub const PSP_RETRIES: &str = "paystream_psp_retries_total";
 /// Correctly signed PSP webhooks refused because their charge id, amount or
@@ -46,9 +55,11 @@ pub const NAMES: &[&str] = &[
     EVENTS,
     DEAD_LETTERS,
     BATCH_FAILURES,
+    REBALANCES,
     HTTP_REQUESTS,
     HTTP_DURATION,
     IDEMPOTENCY,
+    GROUP_COMMIT_BATCHES,
     PSP_REQUESTS,
     PSP_DURATION,
     PSP_RETRIES,
