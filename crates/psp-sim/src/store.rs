@@ -151,17 +151,13 @@ pub(crate) fn claim<'c>(
 }
 
 async fn claim_in(conn: &mut SqliteConnection, a: &ClaimArgs) -> Result<Claim, sqlx::Error> {
-    if let Some(reference) = &a.count_reference {
-        sqlx::query(
-            "INSERT INTO psp_create_requests (reference, requests) VALUES (?, 1)
-             ON CONFLICT (reference) DO UPDATE SET requests = requests + 1",
-        )
-        .bind(reference)
-        .execute(&mut *conn)
-        .await?;
-    }
+    // Two statements, one round trip to the connection's thread: the
+    // request count (none without ?6), then the claim, whose row is
+    // returned.
     let row: (String, String, String, i64, Option<String>) = sqlx::query_as(
-        "INSERT INTO psp_idempotency
+        "INSERT INTO psp_create_requests (reference, requests) SELECT ?6, 1 WHERE ?6 IS NOT NULL
+         ON CONFLICT (reference) DO UPDATE SET requests = requests + 1;
+         INSERT INTO psp_idempotency
              (account, idempotency_key, request_hash, state, owner, attempts, created_at_ms)
          VALUES (?1, ?2, ?3, 'in_flight', ?4, 1, ?5)
          ON CONFLICT (account, idempotency_key) DO UPDATE SET
@@ -178,6 +174,7 @@ async fn claim_in(conn: &mut SqliteConnection, a: &ClaimArgs) -> Result<Claim, s
     .bind(&a.request_hash)
     .bind(&a.owner)
     .bind(a.now_ms)
+    .bind(&a.count_reference)
     .fetch_one(&mut *conn)
     .await?;
     Ok(classify_claim(&a.request_hash, &a.owner, row))
@@ -227,6 +224,22 @@ pub(crate) fn release<'c>(
     })
 }
 
+/// Stores the final answer under the key: binds status, body, account,
+/// key, owner; returns a row if this request still held the key.
+macro_rules! finish_sql {
+    () => {
+        "UPDATE psp_idempotency SET state = 'done', response_status = ?, response_body = ?
+         WHERE account = ? AND idempotency_key = ? AND owner = ? AND state = 'in_flight'
+         RETURNING 1"
+    };
+}
+
+fn no_longer_held(key: &str) -> sqlx::Error {
+    sqlx::Error::Protocol(format!(
+        "idempotency key {key:?} is no longer held by this request"
+    ))
+}
+
 /// Stores the final answer under the key, inside the transaction that
 /// created the resource. Fails if this request no longer owns the key.
 async fn finish(
@@ -237,23 +250,15 @@ async fn finish(
     status: u16,
     body: &str,
 ) -> Result<(), sqlx::Error> {
-    let done = sqlx::query(
-        "UPDATE psp_idempotency SET state = 'done', response_status = ?, response_body = ?
-         WHERE account = ? AND idempotency_key = ? AND owner = ? AND state = 'in_flight'",
-    )
-    .bind(i64::from(status))
-    .bind(body)
-    .bind(account)
-    .bind(key)
-    .bind(owner)
-    .execute(conn)
-    .await?;
-    if done.rows_affected() != 1 {
-        return Err(sqlx::Error::Protocol(format!(
-            "idempotency key {key:?} is no longer held by this request"
-        )));
-    }
-    Ok(())
+    let done: Option<i64> = sqlx::query_scalar(finish_sql!())
+        .bind(i64::from(status))
+        .bind(body)
+        .bind(account)
+        .bind(key)
+        .bind(owner)
+        .fetch_optional(conn)
+        .await?;
+    done.map(drop).ok_or_else(|| no_longer_held(key))
 }
 
 /// A charge about to be created.
@@ -282,12 +287,16 @@ async fn create_charge_in(
     c: &NewCharge,
 ) -> Result<String, sqlx::Error> {
     let body = serde_json::to_string(&c.row.json()).expect("charges serialise");
-    sqlx::query(
+    // The charge, then the answer under its key (as `finish`): two
+    // statements, one round trip to the connection's thread.
+    let done: Option<i64> = sqlx::query_scalar(concat!(
         "INSERT INTO psp_charges (id, account, idempotency_key, reference, amount_minor,
              currency, card_token, description, status, fee_minor, decline_code,
              created_at_ms, settled_at_ms, resolve_at_ms, resolve_to, refunded_minor)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)",
-    )
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0);
+         ",
+        finish_sql!()
+    ))
     .bind(&c.row.id)
     .bind(&c.row.account)
     .bind(&c.idempotency_key)
@@ -303,18 +312,15 @@ async fn create_charge_in(
     .bind(c.row.settled_at_ms)
     .bind(c.resolve_at_ms)
     .bind(c.resolve_to)
-    .execute(&mut *conn)
+    .bind(201_i64)
+    .bind(&body)
+    .bind(&c.row.account)
+    .bind(&c.idempotency_key)
+    .bind(&c.owner)
+    .fetch_optional(&mut *conn)
     .await?;
-    finish(
-        conn,
-        &c.row.account,
-        &c.idempotency_key,
-        &c.owner,
-        201,
-        &body,
-    )
-    .await?;
-    Ok(body)
+    done.map(|_| body)
+        .ok_or_else(|| no_longer_held(&c.idempotency_key))
 }
 
 pub(crate) async fn get_charge(
