@@ -1,10 +1,13 @@
 //! The SQL database behind paystream's state and projections: PostgreSQL in
 //! production, SQLite as the embedded default, chosen by URL.
 //!
-//! Each component keeps its own migrations (one directory per backend) and
-//! applies them at start-up. All components may share one database, so
-//! migration versions are unique across components by convention:
-//! payment-handler 1xxx, executor 2xxx, projections 3xxx.
+//! Each component keeps its own migrations and applies them at start-up:
+//! one directory per backend (executor, projections, reconcile, replay),
+//! one directory for both (payment-handler), or SQLite only (the PSP
+//! simulator, which has its own file). All components may share one
+//! database, so migration versions are unique across components by
+//! convention: payment-handler 1xxx, executor 2xxx, projections 3xxx,
+//! reconcile 4xxx, replay 5xxx.
 
 use sqlx::ConnectOptions;
 use sqlx::migrate::Migrator;
