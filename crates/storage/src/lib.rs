@@ -7,7 +7,7 @@
 //! simulator, which has its own file). All components may share one
 //! database, so migration versions are unique across components by
 //! convention: payment-handler 1xxx, executor 2xxx, projections 3xxx,
-//! reconcile 4xxx, replay 5xxx.
+//! reconcile 4xxx, replay 5xxx, the PSP simulator 9xxx.
 
 use sqlx::ConnectOptions;
 use sqlx::migrate::Migrator;
