@@ -126,7 +126,7 @@ fn file(n: usize, day_us: i64) -> Vec<u8> {
 
 async fn bench(name: &str, db: Db, n: usize) {
     reconcile::migrate(&db).await.expect("migrate");
-    let k = streaming::testing::TestKafka::new(1).await;
+    let k = testkit::TestKafka::new(1).await;
     let date = reconcile::settlement::parse_date(DAY).expect("date");
     let day_us = reconcile::settlement::day_start_ms(date) * 1_000;
     let t = Instant::now();
@@ -198,13 +198,9 @@ fn main() {
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let pg = storage::testing::fresh_postgres()
-            .await
-            .expect("fresh postgres");
+        let pg = testkit::fresh_postgres().await.expect("fresh postgres");
         bench("postgres", pg, n).await;
-        let (lite, _dir) = storage::testing::fresh_sqlite()
-            .await
-            .expect("fresh sqlite");
+        let (lite, _dir) = testkit::fresh_sqlite().await.expect("fresh sqlite");
         bench("sqlite", lite, n).await;
     });
 }

@@ -9,7 +9,7 @@ use reconcile::matching::Tolerance;
 use storage::Db;
 
 async fn body(db: Db) {
-    let k = streaming::testing::TestKafka::new(1).await;
+    let k = testkit::TestKafka::new(1).await;
     let date = reconcile::settlement::parse_date("2026-05-06").unwrap();
     let day_us = reconcile::settlement::day_start_ms(date) * 1_000;
     let mut evs = Vec::new();
@@ -109,7 +109,7 @@ async fn body(db: Db) {
 
 async fn reconciliation_bytes_again(
     db: &Db,
-    k: &streaming::testing::TestKafka,
+    k: &testkit::TestKafka,
     file: &str,
 ) -> (reconcile::report::Report, reconcile::Timings) {
     reconcile::reconcile_bytes(

@@ -92,7 +92,7 @@ async fn claims_of(db: &Db, run_id: &str) -> BTreeSet<(String, String)> {
 }
 
 async fn body(db: Db) {
-    let k = streaming::testing::TestKafka::new(1).await;
+    let k = testkit::TestKafka::new(1).await;
     let u = &k.unique;
     let date = reconcile::settlement::parse_date("2026-07-08").unwrap();
     let day = reconcile::settlement::format_date(date);

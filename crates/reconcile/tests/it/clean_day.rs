@@ -13,9 +13,9 @@ async fn a_clean_day_of_100k_orders_has_no_differences() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100_000);
-    let (db, _dir) = storage::testing::fresh_sqlite().await.unwrap();
+    let (db, _dir) = testkit::fresh_sqlite().await.unwrap();
     reconcile::migrate(&db).await.unwrap();
-    let k = streaming::testing::TestKafka::new(1).await;
+    let k = testkit::TestKafka::new(1).await;
     let date = reconcile::settlement::parse_date("2026-03-14").unwrap();
     let day_us = reconcile::settlement::day_start_ms(date) * 1_000;
     let step = 86_400_000_000 / n;

@@ -48,7 +48,7 @@ async fn psp_receivable(db: &Db) -> i64 {
 }
 
 async fn body(db: Db) {
-    let k = streaming::testing::TestKafka::new(1).await;
+    let k = testkit::TestKafka::new(1).await;
     let dir = tempfile::tempdir().unwrap();
     let sim = psp_sim::spawn(psp_sim::SimConfig {
         api_key: streaming::secret::Secret::new(KEY.as_str()),

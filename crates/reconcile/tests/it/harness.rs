@@ -1,52 +1,24 @@
 #![allow(dead_code)]
 
+pub use testkit::{count, envelope, eur};
+
 use events::{
-    BuyerId, ClientId, CorrelationId, Currency, Envelope, Event, EventId, Money, OrderId,
-    PaymentId, PaymentOrder, PaymentRequested, SellerId, Timestamp,
+    BuyerId, ClientId, Envelope, Money, OrderId, PaymentId, PaymentOrder, PaymentRequested,
+    SellerId,
 };
 use projections::{Incoming, Projection, apply_batch};
 use std::collections::BTreeMap;
 use storage::Db;
 use streaming::MessageMeta;
+use testkit::TestKafka;
 
-/// `both!(name, body)`: `name::postgres` and `name::sqlite`, each on a
-/// fresh, migrated database.
+/// `both!(name, body)`: [`testkit::both!`] on databases migrated for
+/// reconciliation (`name::postgres` and `name::sqlite`).
 #[macro_export]
 macro_rules! both {
     ($name:ident, $body:ident) => {
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() {
-                let db = storage::testing::fresh_postgres()
-                    .await
-                    .expect("fresh postgres");
-                reconcile::migrate(&db).await.expect("migrate");
-                super::$body(db).await;
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                let (db, _dir) = storage::testing::fresh_sqlite()
-                    .await
-                    .expect("fresh sqlite");
-                reconcile::migrate(&db).await.expect("migrate");
-                super::$body(db).await;
-            }
-        }
+        testkit::both!($name, $body, reconcile::migrate);
     };
-}
-
-pub fn envelope(payment: Option<PaymentId>, tag: &str, at: i64, event: Event) -> Envelope {
-    let parent = payment.map(|p| p.as_uuid()).unwrap_or(uuid::Uuid::nil());
-    Envelope {
-        event_id: EventId::derive(parent, tag),
-        occurred_at: Timestamp::from_micros(at),
-        payment_id: payment,
-        correlation_id: CorrelationId::from_uuid(parent),
-        causation_id: None,
-        producer: "reconcile-test".into(),
-        schema_version: events::SCHEMA_VERSION,
-        event,
-    }
 }
 
 /// A one-order payment: (its PaymentRequested, payment id, order id).
@@ -72,10 +44,6 @@ pub fn request(key: &str, amount: Money, at: i64) -> (Envelope, PaymentId, Order
         .into(),
     );
     (env, payment, order)
-}
-
-pub fn eur(m: i64) -> Money {
-    Money::new(m, Currency::EUR)
 }
 
 /// Applies `envs` to both projections with the real projection code, in
@@ -108,28 +76,15 @@ pub async fn apply(db: &Db, envs: &[Envelope], batch: usize, projections: &[Proj
     }
 }
 
-pub async fn count(db: &Db, sql: &str) -> i64 {
-    match db {
-        Db::Postgres(p) => sqlx::query_scalar::<_, i64>(sql).fetch_one(p).await,
-        Db::Sqlite(p) => sqlx::query_scalar::<_, i64>(sql).fetch_one(p).await,
-    }
-    .expect("count query")
-}
-
 /// Decoded events of the test's reconciliation topic (exactly `n`).
-pub async fn reconciliation_events(k: &streaming::testing::TestKafka, n: usize) -> Vec<Envelope> {
-    let recs =
-        streaming::testing::read_topic(&k.cfg, &k.topic(events::TopicKind::Reconciliation), n)
-            .await;
+pub async fn reconciliation_events(k: &TestKafka, n: usize) -> Vec<Envelope> {
+    let recs = testkit::read_topic(&k.cfg, &k.topic(events::TopicKind::Reconciliation), n).await;
     recs.iter()
         .map(|r| events::avro::decode(&r.payload).expect("decodes"))
         .collect()
 }
 
+/// Runs one statement; panics on error.
 pub async fn exec(db: &Db, sql: &str) {
-    match db {
-        Db::Postgres(p) => sqlx::query(sql).execute(p).await.map(drop),
-        Db::Sqlite(p) => sqlx::query(sql).execute(p).await.map(drop),
-    }
-    .expect("statement")
+    testkit::exec(db, sql).await.expect("statement")
 }

@@ -24,7 +24,7 @@ fn good(n: usize) -> String {
 type Case = (&'static str, Vec<u8>, Option<time::Date>, Vec<&'static str>);
 
 async fn body(db: Db) {
-    let k = streaming::testing::TestKafka::new(1).await;
+    let k = testkit::TestKafka::new(1).await;
     let date = reconcile::settlement::parse_date("2026-11-20").unwrap();
     let cases: Vec<Case> = vec![
         (

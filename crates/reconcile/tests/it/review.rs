@@ -30,7 +30,7 @@ async fn receivable_of(db: &Db, payment: &str) -> i64 {
 }
 
 async fn body(db: Db) {
-    let k = streaming::testing::TestKafka::new(1).await;
+    let k = testkit::TestKafka::new(1).await;
     let u = &k.unique;
     let d1 = reconcile::settlement::parse_date("2026-03-10").unwrap();
     let day1 = reconcile::settlement::day_start_ms(d1) * 1_000;
@@ -271,7 +271,7 @@ async fn body(db: Db) {
 }
 
 /// Every event of the test's reconciliation topic so far.
-async fn read_all(k: &streaming::testing::TestKafka) -> Vec<events::Envelope> {
+async fn read_all(k: &testkit::TestKafka) -> Vec<events::Envelope> {
     let topic = k.topic(events::TopicKind::Reconciliation);
     let high: i64 = streaming::reader::watermarks(&k.cfg, &topic)
         .expect("watermarks")
@@ -288,7 +288,7 @@ both!(review_fixes_hold, body);
 /// accept_psp_amount is refused when the row also has a status mismatch
 /// or the two amounts differ in sign.
 async fn refund_body(db: Db) {
-    let k = streaming::testing::TestKafka::new(1).await;
+    let k = testkit::TestKafka::new(1).await;
     let u = &k.unique;
     let d = reconcile::settlement::parse_date("2026-03-12").unwrap();
     let day = reconcile::settlement::day_start_ms(d) * 1_000;

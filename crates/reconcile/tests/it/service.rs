@@ -14,7 +14,7 @@ struct Cli {
 }
 
 async fn once(db_url: String) {
-    let k = streaming::testing::TestKafka::new(1).await;
+    let k = testkit::TestKafka::new(1).await;
     let dir = tempfile::tempdir().unwrap();
     let sim = psp_sim::spawn(psp_sim::SimConfig::for_tests(format!(
         "sqlite://{}",
@@ -179,7 +179,7 @@ async fn once(db_url: String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_once_fetches_and_reconciles_postgres() {
-    once(storage::testing::fresh_postgres_url().await.unwrap()).await;
+    once(testkit::fresh_postgres_url().await.unwrap()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
