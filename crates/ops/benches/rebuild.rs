@@ -29,7 +29,7 @@ use projections::Projection;
 use std::time::Instant;
 use storage::Db;
 use streaming::reader::{End, Start, TopicReader};
-use streaming::testing::TestKafka;
+use testkit::TestKafka;
 
 fn payment_events(unique: &str, i: usize) -> Vec<Envelope> {
     let client = ClientId::parse("bench").expect("valid");
@@ -220,9 +220,7 @@ async fn main() {
         "raw read      {raw_n:>9} events in {raw_ms:>7} ms = {raw:>7} events/s (TopicReader + decode)"
     );
 
-    let pg_url = storage::testing::fresh_postgres_url()
-        .await
-        .expect("postgres");
+    let pg_url = testkit::fresh_postgres_url().await.expect("postgres");
     let pg = Db::connect(&pg_url).await.expect("connect");
     let (n, ms) = rebuild(&k, &pg, &pg_url, "pg").await;
     let r = rate(n, ms);

@@ -1,10 +1,12 @@
 #![allow(dead_code)]
 
+use testkit::eur;
+pub use testkit::{count, envelope, exec, produce_all, strings};
+
 use events::{
-    BuyerId, ClientId, CorrelationId, Currency, DiscrepancyId, Envelope, Event, EventId, Money,
-    OrderId, OrderSettledByWebhook, OrderSucceeded, PaymentId, PaymentOrder, PaymentRequested,
-    ReconciliationDiscrepancyResolved, RefundId, RefundSucceeded, ResolutionAction, RiskApproved,
-    SellerId, Timestamp,
+    BuyerId, ClientId, DiscrepancyId, Envelope, OrderId, OrderSettledByWebhook, OrderSucceeded,
+    PaymentId, PaymentOrder, PaymentRequested, ReconciliationDiscrepancyResolved, RefundId,
+    RefundSucceeded, ResolutionAction, RiskApproved, SellerId,
 };
 use projections::{Projection, ProjectionHandler};
 use std::collections::BTreeMap;
@@ -16,38 +18,16 @@ use tokio_util::sync::CancellationToken;
 /// A fresh, migrated database of either backend; the URL and the guard of
 /// an SQLite file's directory.
 pub async fn fresh_db(postgres: bool) -> (Db, String, Option<tempfile::TempDir>) {
-    if postgres {
-        let url = storage::testing::fresh_postgres_url()
-            .await
-            .expect("fresh postgres");
-        let db = Db::connect(&url).await.expect("connect");
-        projections::migrate(&db).await.expect("migrate");
-        (db, url, None)
+    let fresh = testkit::FreshDb::new(if postgres {
+        testkit::Backend::Postgres
     } else {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let url = format!("sqlite://{}", dir.path().join("live.db").display());
-        let db = Db::connect(&url).await.expect("connect");
-        projections::migrate(&db).await.expect("migrate");
-        (db, url, Some(dir))
-    }
-}
-
-pub fn envelope(payment: Option<PaymentId>, tag: &str, at_us: i64, event: Event) -> Envelope {
-    let parent = payment.map(|p| p.as_uuid()).unwrap_or(uuid::Uuid::nil());
-    Envelope {
-        event_id: EventId::derive(parent, tag),
-        occurred_at: Timestamp::from_micros(at_us),
-        payment_id: payment,
-        correlation_id: CorrelationId::from_uuid(parent),
-        causation_id: None,
-        producer: "ops-test".into(),
-        schema_version: events::SCHEMA_VERSION,
-        event,
-    }
-}
-
-fn eur(m: i64) -> Money {
-    Money::new(m, Currency::EUR)
+        testkit::Backend::Sqlite
+    })
+    .await;
+    let db = fresh.connect().await;
+    projections::migrate(&db).await.expect("migrate");
+    let (url, dir) = fresh.into_parts();
+    (db, url, dir)
 }
 
 /// A realistic history and what it should amount to.
@@ -227,16 +207,6 @@ pub fn history(unique: &str, n: usize, base_us: i64) -> History {
     h
 }
 
-/// Produces every envelope (concurrently, all acknowledged).
-pub async fn produce_all(producer: &streaming::EventProducer, envs: &[Envelope]) {
-    for chunk in envs.chunks(500) {
-        let results = futures::future::join_all(chunk.iter().map(|e| producer.append(e))).await;
-        for r in results {
-            r.expect("append");
-        }
-    }
-}
-
 /// A running live projection consumer.
 pub struct Live {
     pub stop: CancellationToken,
@@ -275,24 +245,7 @@ pub fn start_live(kafka: &KafkaConfig, db: &Db, projection: Projection, group: &
 /// Waits until `group` has committed the high watermark of every
 /// partition of the projection topics.
 pub async fn wait_caught_up(kafka: &KafkaConfig, group: &str) {
-    let topics = ops::projection::projection_topics(kafka);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let rows = ops::groups::offsets(kafka, group, &topics)
-            .await
-            .expect("offsets");
-        if rows
-            .iter()
-            .all(|r| r.high == 0 || r.committed.is_some_and(|c| c >= r.high))
-        {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "group {group} did not catch up: {rows:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    testkit::wait_caught_up(kafka, group, &ops::projection::projection_topics(kafka)).await;
 }
 
 /// Waits until the broker reports `group` as active.
@@ -325,24 +278,6 @@ pub async fn wait_inactive(kafka: &KafkaConfig, group: &str) {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-pub async fn strings(db: &Db, sql: &str) -> Vec<String> {
-    let mut v = match db {
-        Db::Postgres(p) => sqlx::query_scalar::<_, String>(sql).fetch_all(p).await,
-        Db::Sqlite(p) => sqlx::query_scalar::<_, String>(sql).fetch_all(p).await,
-    }
-    .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    v.sort();
-    v
-}
-
-pub async fn count(db: &Db, sql: &str) -> i64 {
-    match db {
-        Db::Postgres(p) => sqlx::query_scalar::<_, i64>(sql).fetch_one(p).await,
-        Db::Sqlite(p) => sqlx::query_scalar::<_, i64>(sql).fetch_one(p).await,
-    }
-    .unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
 
 /// One projection's content as sets (no wall-clock columns, no chain
@@ -429,14 +364,6 @@ pub async fn run_live_to_end(kafka: &KafkaConfig, db: &Db) {
     w.stop().await;
     wait_inactive(kafka, &lg).await;
     wait_inactive(kafka, &wg).await;
-}
-
-/// Runs one statement on `db`.
-pub async fn exec(db: &Db, sql: &str) -> Result<(), sqlx::Error> {
-    match db {
-        Db::Postgres(p) => sqlx::query(sql).execute(p).await.map(drop),
-        Db::Sqlite(p) => sqlx::query(sql).execute(p).await.map(drop),
-    }
 }
 
 /// Rows a rebuild must remove: a bogus applied event of `p` and, for the

@@ -5,7 +5,7 @@ use crate::harness::*;
 use ops::groups::{self, Target};
 use projections::Projection;
 use std::collections::BTreeMap;
-use streaming::testing::TestKafka;
+use testkit::TestKafka;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reset_targets() {
@@ -97,7 +97,7 @@ async fn reset_targets() {
             .filter(|r| &r.topic == topic)
             .map(|r| usize::try_from(r.high - r.low).unwrap())
             .sum();
-        for rec in streaming::testing::read_topic(&k.cfg, topic, n).await {
+        for rec in testkit::read_topic(&k.cfg, topic, n).await {
             if rec.timestamp_ms.unwrap() >= t {
                 let e = expected
                     .entry((rec.topic.clone(), rec.partition))

@@ -3,7 +3,7 @@
 use crate::harness::*;
 use ops::project::project_as_of;
 use projections::Projection;
-use streaming::testing::TestKafka;
+use testkit::TestKafka;
 
 async fn as_of(postgres: bool) {
     let k = TestKafka::new(3).await;
@@ -45,15 +45,13 @@ async fn as_of(postgres: bool) {
     let offsets_before = ops::groups::offsets(&k.cfg, &lg, &topics).await.unwrap();
 
     // The target: a fresh database of the other backend than production.
-    let (into, _into_dir) = if postgres {
-        (storage::testing::fresh_postgres_url().await.unwrap(), None)
+    let (into, _into_dir) = testkit::FreshDb::new(if postgres {
+        testkit::Backend::Postgres
     } else {
-        let d = tempfile::tempdir().unwrap();
-        (
-            format!("sqlite://{}", d.path().join("analysis.db").display()),
-            Some(d),
-        )
-    };
+        testkit::Backend::Sqlite
+    })
+    .await
+    .into_parts();
     let both = [Projection::Ledger, Projection::Wallet];
     let e = project_as_of(&k.cfg, &prod_url, &prod_url, as_of_us, &both, 100)
         .await

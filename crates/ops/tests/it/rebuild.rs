@@ -4,7 +4,7 @@
 use crate::harness::*;
 use ops::projection::{RunOptions, execute_rebuild, execute_reset, plan_rebuild, plan_reset};
 use projections::Projection;
-use streaming::testing::TestKafka;
+use testkit::TestKafka;
 
 async fn rebuilt_equals_live(postgres: bool) {
     let k = TestKafka::new(4).await;

@@ -10,7 +10,7 @@ use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use streaming::reader::{End, Start, TopicReader};
-use streaming::testing::TestKafka;
+use testkit::TestKafka;
 
 /// Every record of `topic` now.
 async fn read_all(cfg: &streaming::KafkaConfig, topic: &str) -> Vec<streaming::reader::Record> {
@@ -195,7 +195,7 @@ async fn lag_is_dead_lettered_after_rebuild(postgres: bool) {
     wait_caught_up(&k.cfg, &lg).await;
     live.stop().await;
     wait_inactive(&k.cfg, &lg).await;
-    let dead = streaming::testing::read_topic(&k.cfg, &dlq, dlq_before + 1).await;
+    let dead = testkit::read_topic(&k.cfg, &dlq, dlq_before + 1).await;
     let ids: Vec<events::EventId> = dead
         .iter()
         .filter_map(|r| events::avro::decode(&r.payload).ok())

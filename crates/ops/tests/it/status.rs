@@ -3,7 +3,7 @@
 use crate::harness::*;
 use ops::projection::status;
 use projections::Projection;
-use streaming::testing::TestKafka;
+use testkit::TestKafka;
 
 async fn status_counts(postgres: bool) {
     let k = TestKafka::new(3).await;
