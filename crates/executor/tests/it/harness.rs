@@ -3,9 +3,8 @@
 //! everything appended there is collected for the assertions.
 
 use events::{
-    BuyerId, ClientId, CorrelationId, Currency, Envelope, Event, EventId, Money, OrderId,
-    PaymentId, PaymentOrder, PaymentRequested, RefundId, RefundRequested, RiskApproved,
-    SCHEMA_VERSION, SellerId, Timestamp, TopicKind,
+    BuyerId, ClientId, Envelope, Event, OrderId, PaymentId, PaymentOrder, PaymentRequested,
+    RefundId, RefundRequested, RiskApproved, SellerId, TopicKind,
 };
 use executor::ExecutorArgs;
 use psp_sim::{Behaviour, RunningSim, SimConfig};
@@ -19,23 +18,7 @@ use streaming::secret::Secret;
 use streaming::{EventProducer, KafkaConfig};
 use tokio_util::sync::CancellationToken;
 
-pub fn brokers() -> String {
-    std::env::var("PAYSTREAM_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    Postgres,
-    Sqlite,
-}
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use testkit::{Backend, brokers, eur, free_port};
 
 pub struct Env {
     pub producer: EventProducer,
@@ -49,7 +32,13 @@ pub struct Env {
     pub http: reqwest::Client,
     pub stop: CancellationToken,
     pub seen: Arc<Mutex<Vec<Envelope>>>,
-    _dirs: Vec<tempfile::TempDir>,
+    /// Per partition of the payments topic, the offset after the last
+    /// message the collector read.
+    read_up_to: Arc<Mutex<BTreeMap<i32, i64>>>,
+    kafka: KafkaConfig,
+    sim_db: String,
+    _db: Option<tempfile::TempDir>,
+    _sim_dir: tempfile::TempDir,
 }
 
 impl Drop for Env {
@@ -79,10 +68,8 @@ impl Default for Setup {
 }
 
 pub async fn start(setup: Setup) -> Env {
-    let mut dirs = Vec::new();
     let sim_dir = tempfile::tempdir().unwrap();
     let sim_db = format!("sqlite://{}", sim_dir.path().join("sim.db").display());
-    dirs.push(sim_dir);
     let port = free_port();
     let mut behaviour = setup.behaviour;
     let psp_key = Secret::generate("sk_test_");
@@ -102,26 +89,14 @@ pub async fn start(setup: Setup) -> Env {
         behaviour,
         api_key: psp_key.clone(),
         webhook_secret: webhook_secret.clone(),
-        ..SimConfig::for_tests(sim_db)
+        ..SimConfig::for_tests(sim_db.clone())
     })
     .await
     .unwrap();
     let sim_url = sim.base_url();
 
-    let db_url = match setup.backend {
-        Backend::Postgres => storage::testing::fresh_postgres_url().await.unwrap(),
-        Backend::Sqlite => {
-            let dir = tempfile::tempdir().unwrap();
-            let url = format!("sqlite://{}", dir.path().join("exec.db").display());
-            dirs.push(dir);
-            url
-        }
-    };
-    let kafka = KafkaConfig::local(
-        &brokers(),
-        &format!("t{}.", uuid::Uuid::now_v7().simple()),
-        2,
-    );
+    let (db_url, db_dir) = testkit::FreshDb::new(setup.backend).await.into_parts();
+    let (kafka, _) = testkit::fresh_config(2);
     let producer = EventProducer::new(&kafka, "test-producer").unwrap();
     let stop = CancellationToken::new();
     let mut args = ExecutorArgs::for_tests(&sim_url, psp_key.clone(), webhook_secret.clone());
@@ -134,7 +109,8 @@ pub async fn start(setup: Setup) -> Env {
     tokio::spawn(running.wait());
 
     let seen = Arc::new(Mutex::new(Vec::new()));
-    collect(&kafka, seen.clone(), stop.clone());
+    let read_up_to = Arc::new(Mutex::new(BTreeMap::new()));
+    collect(&kafka, seen.clone(), read_up_to.clone(), stop.clone());
     Env {
         producer,
         _sim: sim,
@@ -146,12 +122,22 @@ pub async fn start(setup: Setup) -> Env {
         http: reqwest::Client::new(),
         stop,
         seen,
-        _dirs: dirs,
+        read_up_to,
+        kafka,
+        sim_db,
+        _db: db_dir,
+        _sim_dir: sim_dir,
     }
 }
 
-/// Reads the payments topic from the start into `seen` until `stop`.
-fn collect(kafka: &KafkaConfig, seen: Arc<Mutex<Vec<Envelope>>>, stop: CancellationToken) {
+/// Reads the payments topic from the start into `seen` until `stop`,
+/// noting in `read_up_to` how far it has read each partition.
+fn collect(
+    kafka: &KafkaConfig,
+    seen: Arc<Mutex<Vec<Envelope>>>,
+    read_up_to: Arc<Mutex<BTreeMap<i32, i64>>>,
+    stop: CancellationToken,
+) {
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", &kafka.brokers)
         .set("group.id", format!("reader-{}", uuid::Uuid::now_v7()))
@@ -167,12 +153,13 @@ fn collect(kafka: &KafkaConfig, seen: Arc<Mutex<Vec<Envelope>>>, stop: Cancellat
             tokio::select! {
                 _ = stop.cancelled() => break,
                 m = consumer.recv() => {
-                    if let Ok(m) = m
-                        && let Some(p) = m.payload()
+                    let Ok(m) = m else { continue };
+                    if let Some(p) = m.payload()
                         && let Ok(env) = events::avro::decode(p)
                     {
                         seen.lock().unwrap().push(env);
                     }
+                    read_up_to.lock().unwrap().insert(m.partition(), m.offset() + 1);
                 }
             }
         }
@@ -180,20 +167,7 @@ fn collect(kafka: &KafkaConfig, seen: Arc<Mutex<Vec<Envelope>>>, stop: Cancellat
 }
 
 pub fn envelope(payment: PaymentId, discriminator: &str, event: Event) -> Envelope {
-    Envelope {
-        event_id: EventId::derive(payment.as_uuid(), discriminator),
-        occurred_at: Timestamp::now(),
-        payment_id: Some(payment),
-        correlation_id: CorrelationId::from_uuid(payment.as_uuid()),
-        causation_id: None,
-        producer: "test".into(),
-        schema_version: SCHEMA_VERSION,
-        event,
-    }
-}
-
-pub fn eur(minor: i64) -> Money {
-    Money::new(minor, Currency::from_code("EUR").unwrap())
+    testkit::envelope_now(payment, discriminator, event)
 }
 
 impl Env {
@@ -266,6 +240,51 @@ impl Env {
 
     pub fn events(&self) -> Vec<Envelope> {
         self.seen.lock().unwrap().clone()
+    }
+
+    /// Waits for the positive sign that every event the executor has
+    /// produced so far is in [`Env::events`]: its outbox is empty (an event
+    /// leaves it only once appended) and the collector has read each
+    /// partition of the payments topic up to its end as of then. An absence
+    /// check ("no second settlement") asserts after this, not after a sleep.
+    pub async fn collected_everything(&self) {
+        let db = storage::Db::connect(&self.db_url).await.unwrap();
+        let topic = self.kafka.topology().name(TopicKind::Payments);
+        testkit::wait_until(
+            "the executor's outbox to drain and the collector to read every appended event",
+            Duration::from_secs(30),
+            async || {
+                if testkit::count(&db, "SELECT COUNT(*) FROM executor_outbox").await != 0 {
+                    return false;
+                }
+                let ends = streaming::reader::watermarks(&self.kafka, &topic).unwrap();
+                let read = self.read_up_to.lock().unwrap();
+                ends.iter()
+                    .all(|(p, low, high)| high <= low || read.get(p).is_some_and(|r| r >= high))
+            },
+        )
+        .await;
+        db.close().await;
+    }
+
+    /// Waits until the simulator has had every webhook it queued (each
+    /// duplicate copy included) acknowledged by the executor.
+    pub async fn webhooks_delivered(&self) {
+        let sim = storage::Db::connect(&self.sim_db).await.unwrap();
+        testkit::wait_until(
+            "the simulator's webhooks to be acknowledged",
+            Duration::from_secs(30),
+            async || {
+                testkit::count(
+                    &sim,
+                    "SELECT COUNT(*) FROM psp_webhook_deliveries WHERE delivered_at_ms IS NULL",
+                )
+                .await
+                    == 0
+            },
+        )
+        .await;
+        sim.close().await;
     }
 
     /// Waits until `pred` holds for the events seen so far (panics after

@@ -188,8 +188,11 @@ async fn pending_orders_settle_once_by_webhook() {
             is_final(evs, ok[0]) && is_final(evs, bad[0])
         })
         .await;
-    // Duplicated deliveries keep coming for a moment; give them time.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Duplicated deliveries keep coming for a moment: wait until the
+    // simulator has had every copy acknowledged and everything the
+    // executor appended for them is collected.
+    env.webhooks_delivered().await;
+    env.collected_everything().await;
     let evs2 = env.events();
     let settled: Vec<_> = evs2
         .iter()
@@ -253,7 +256,7 @@ async fn forged_stale_and_duplicate_webhooks_change_nothing() {
     assert_eq!(env.post_webhook(Some(&stale), &b).await.0, 401);
     // Nothing is settled (and the order was not even looked at:
     // `webhooks::a_forged_webhook_does_no_database_work`).
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    env.collected_everything().await;
     assert_eq!(count(&env.events(), EventType::OrderSettledByWebhook), 0);
 
     // Now the PSP resolves it (no webhook configured); a genuine delivery,
@@ -270,7 +273,7 @@ async fn forged_stale_and_duplicate_webhooks_change_nothing() {
     let (s, v) = env.post_webhook(Some(&sig), &again).await;
     assert_eq!((s, v["status"].as_str()), (200, Some("duplicate")));
     env.wait_for(15, "settled", |evs| is_final(evs, o[0])).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    env.collected_everything().await;
     assert_eq!(count(&env.events(), EventType::OrderSettledByWebhook), 1);
 }
 
@@ -447,7 +450,7 @@ async fn a_success_webhook_for_a_failed_order_is_a_discrepancy() {
     let sig = env.sign(now, &body);
     let (s, v) = env.post_webhook(Some(&sig), &body).await;
     assert_eq!((s, v["status"].as_str()), (200, Some("discrepancy")));
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    env.collected_everything().await;
     let evs = distinct(&env.events());
     let mine = of_order(&evs, o[0]);
     assert!(

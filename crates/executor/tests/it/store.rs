@@ -109,13 +109,13 @@ async fn a_retaken_lease_fences_its_old_holder(db: &Db) {
 
 #[tokio::test]
 async fn a_retaken_lease_fences_its_old_holder_postgres() {
-    let db = storage::testing::fresh_postgres().await.unwrap();
+    let db = testkit::fresh_postgres().await.unwrap();
     a_retaken_lease_fences_its_old_holder(&db).await;
 }
 
 #[tokio::test]
 async fn a_retaken_lease_fences_its_old_holder_sqlite() {
-    let (db, _dir) = storage::testing::fresh_sqlite().await.unwrap();
+    let (db, _dir) = testkit::fresh_sqlite().await.unwrap();
     a_retaken_lease_fences_its_old_holder(&db).await;
 }
 
@@ -170,13 +170,13 @@ async fn refunds_run_in_request_order(db: &Db) {
 
 #[tokio::test]
 async fn refunds_run_in_request_order_postgres() {
-    let db = storage::testing::fresh_postgres().await.unwrap();
+    let db = testkit::fresh_postgres().await.unwrap();
     refunds_run_in_request_order(&db).await;
 }
 
 #[tokio::test]
 async fn refunds_run_in_request_order_sqlite() {
-    let (db, _dir) = storage::testing::fresh_sqlite().await.unwrap();
+    let (db, _dir) = testkit::fresh_sqlite().await.unwrap();
     refunds_run_in_request_order(&db).await;
 }
 
@@ -374,13 +374,13 @@ async fn a_batch_writes_exactly_the_rows_that_keep_their_guard(db: &Db) {
 
 #[tokio::test]
 async fn a_batch_writes_exactly_the_rows_that_keep_their_guard_postgres() {
-    let db = storage::testing::fresh_postgres().await.unwrap();
+    let db = testkit::fresh_postgres().await.unwrap();
     a_batch_writes_exactly_the_rows_that_keep_their_guard(&db).await;
 }
 
 #[tokio::test]
 async fn a_batch_writes_exactly_the_rows_that_keep_their_guard_sqlite() {
-    let (db, _dir) = storage::testing::fresh_sqlite().await.unwrap();
+    let (db, _dir) = testkit::fresh_sqlite().await.unwrap();
     a_batch_writes_exactly_the_rows_that_keep_their_guard(&db).await;
 }
 
@@ -421,8 +421,8 @@ async fn intake_snapshot(
 async fn the_set_based_intake_equals_one_by_one_postgres() {
     use rand::{Rng, SeedableRng};
     let (a, b) = (
-        storage::testing::fresh_postgres().await.unwrap(),
-        storage::testing::fresh_postgres().await.unwrap(),
+        testkit::fresh_postgres().await.unwrap(),
+        testkit::fresh_postgres().await.unwrap(),
     );
     store::migrate(&a).await.unwrap();
     store::migrate(&b).await.unwrap();

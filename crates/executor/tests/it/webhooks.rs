@@ -74,6 +74,9 @@ async fn signed_webhooks_that_do_not_match_the_order_settle_nothing() {
     };
     let now = events::Timestamp::now().as_millis() / 1000;
     let fields = ["amount", "currency", "charge_id"];
+    // Before the first mismatch: the poll it triggers reschedules the
+    // order after this.
+    let first_post_ms = executor::store::now_ms();
     let mut before = Vec::new();
     for f in fields {
         before.push(mismatches(&env, f).await);
@@ -91,15 +94,27 @@ async fn signed_webhooks_that_do_not_match_the_order_settle_nothing() {
         assert_eq!(mismatches(&env, f).await, b + 1, "{f}");
     }
     // Each mismatch made the executor ask the PSP, which still says
-    // pending: nothing is settled, the order is still pending.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // pending: nothing is settled, the order is still pending. The sign
+    // that the poll has run: it rescheduled the next one an hour (the
+    // pending poll interval) after the mismatches.
+    let db = storage::Db::connect(&env.db_url).await.unwrap();
+    let row = testkit::wait_for(
+        "the poll the mismatches triggered",
+        Duration::from_secs(30),
+        async || {
+            let row = executor::store::order(&db, &o[0].to_string())
+                .await
+                .unwrap()
+                .unwrap();
+            row.next_attempt_ms
+                .is_some_and(|at| at >= first_post_ms + 3_600_000)
+                .then_some(row)
+        },
+    )
+    .await;
+    env.collected_everything().await;
     assert!(settlements(&env, o[0]).is_empty());
     assert!(!is_final(&env.events(), o[0]));
-    let db = storage::Db::connect(&env.db_url).await.unwrap();
-    let row = executor::store::order(&db, &o[0].to_string())
-        .await
-        .unwrap()
-        .unwrap();
     assert_eq!(row.state, "pending");
 
     // The PSP decides (no webhook configured: only a poll can learn it).
@@ -119,7 +134,7 @@ async fn signed_webhooks_that_do_not_match_the_order_settle_nothing() {
     assert_eq!((s, v["status"].as_str()), (200, Some("mismatch")), "{v}");
     env.wait_for(30, "settled by the poll", |evs| is_final(evs, o[0]))
         .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    env.collected_everything().await;
     let settled = settlements(&env, o[0]);
     assert_eq!(settled.len(), 1, "{settled:?}");
     assert!(settled[0].succeeded);
@@ -169,7 +184,7 @@ async fn a_forged_webhook_does_no_database_work() {
         (s, v["error"]["code"].as_str()),
         (401, Some("invalid_signature"))
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    env.collected_everything().await;
     let after = executor::store::order(&db, &id).await.unwrap().unwrap();
     assert_eq!(after.state, "pending");
     assert_eq!(
@@ -196,7 +211,7 @@ async fn healthz_does_not_leak_raw_errors() {
     let name = env.db_url.rsplit('/').next().unwrap().to_owned();
     let admin = sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
-        .connect(&storage::testing::admin_url())
+        .connect(&testkit::admin_url())
         .await
         .unwrap();
     sqlx::query(&format!("DROP DATABASE \"{name}\" WITH (FORCE)"))
