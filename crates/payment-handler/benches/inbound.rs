@@ -28,7 +28,7 @@ async fn run(label: &str, brokers: &str, messages: usize, group_commit_max: usiz
     streaming::admin::ensure_topics(&kafka, &kafka.topology().specs())
         .await
         .unwrap();
-    let db_url = storage::testing::fresh_postgres_url().await.unwrap();
+    let db_url = testkit::fresh_postgres_url().await.unwrap();
     let db = Db::connect(&db_url).await.unwrap();
     payment_handler::store::migrate(&db).await.unwrap();
     let key =
@@ -100,8 +100,7 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let brokers =
-            std::env::var("PAYSTREAM_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+        let brokers = testkit::brokers();
         let off = run("group commit off", &brokers, messages, 0).await;
         let on = run("group commit on", &brokers, messages, 256).await;
         println!("group commit on / off = {:.2}", on / off);

@@ -132,8 +132,7 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let brokers =
-            std::env::var("PAYSTREAM_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+        let brokers = testkit::brokers();
         let kafka = |tag: &str| {
             KafkaConfig::local(
                 &brokers,
@@ -149,7 +148,7 @@ fn main() {
         let raw = run_raw(raw_kafka, requests, concurrency).await;
         let pg = run_http(
             "postgres",
-            storage::testing::fresh_postgres_url().await.unwrap(),
+            testkit::fresh_postgres_url().await.unwrap(),
             kafka("pg"),
             requests,
             concurrency,

@@ -238,8 +238,8 @@ fn main() {
         compare(
             "postgres",
             [
-                storage::testing::fresh_postgres_url().await.unwrap(),
-                storage::testing::fresh_postgres_url().await.unwrap(),
+                testkit::fresh_postgres_url().await.unwrap(),
+                testkit::fresh_postgres_url().await.unwrap(),
             ],
             payments,
             batch,

@@ -9,13 +9,7 @@ use std::time::Duration;
 use streaming::KafkaConfig;
 use tokio_util::sync::CancellationToken;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    Postgres,
-    Sqlite,
-}
-
-pub const BOTH: [Backend; 2] = [Backend::Postgres, Backend::Sqlite];
+pub use testkit::{BACKENDS as BOTH, Backend};
 
 pub struct Handler {
     pub base: String,
@@ -24,7 +18,7 @@ pub struct Handler {
     pub http: reqwest::Client,
     pub stop: CancellationToken,
     pub app: payment_handler::service::App,
-    _dir: Option<tempfile::TempDir>,
+    _db: testkit::FreshDb,
 }
 
 impl Drop for Handler {
@@ -38,19 +32,9 @@ pub async fn start(backend: Backend) -> Handler {
 }
 
 pub async fn start_with(backend: Backend, args: HandlerArgs) -> Handler {
-    let (db_url, dir) = match backend {
-        Backend::Postgres => (storage::testing::fresh_postgres_url().await.unwrap(), None),
-        Backend::Sqlite => {
-            let dir = tempfile::tempdir().unwrap();
-            (
-                format!("sqlite://{}", dir.path().join("h.db").display()),
-                Some(dir),
-            )
-        }
-    };
-    let brokers =
-        std::env::var("PAYSTREAM_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
-    let kafka = KafkaConfig::local(&brokers, &format!("t{}.", uuid::Uuid::now_v7().simple()), 2);
+    let fresh = testkit::FreshDb::new(backend).await;
+    let db_url = fresh.url.clone();
+    let (kafka, _) = testkit::fresh_config(2);
     let stop = CancellationToken::new();
     let running = payment_handler::start(kafka.clone(), &db_url, args, stop.clone())
         .await
@@ -65,7 +49,7 @@ pub async fn start_with(backend: Backend, args: HandlerArgs) -> Handler {
         db_url,
         http: reqwest::Client::new(),
         stop,
-        _dir: dir,
+        _db: fresh,
     }
 }
 

@@ -99,7 +99,7 @@ async fn expired_idempotency_keys_are_reaped() {
     use payment_handler::store::{
         Begin, IdempotencyPolicy, idem_begin, idem_finish, idem_reap, migrate,
     };
-    let db = storage::testing::fresh_postgres().await.unwrap();
+    let db = testkit::fresh_postgres().await.unwrap();
     migrate(&db).await.unwrap();
     let c = events::ClientId::parse("c").unwrap();
     let short = IdempotencyPolicy {
@@ -169,7 +169,7 @@ fn the_201_of_a_payment_describes_every_status_it_can_carry() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn velocity_rows_older_than_the_window_are_pruned() {
     use payment_handler::store::{migrate, note_velocity, now_ms, recent_activity, velocity_prune};
-    let db = storage::testing::fresh_postgres().await.unwrap();
+    let db = testkit::fresh_postgres().await.unwrap();
     migrate(&db).await.unwrap();
     let c = events::ClientId::parse("c").unwrap();
     let old = events::PaymentId::derive(&c, "old");

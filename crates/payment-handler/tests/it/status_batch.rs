@@ -8,8 +8,8 @@
 
 use crate::harness::{BOTH, Backend};
 use events::{
-    BuyerId, ClientId, CorrelationId, Currency, Envelope, Event, EventId, Money, OrderId,
-    PaymentId, PaymentOrder, RefundId, SCHEMA_VERSION, SellerId, Timestamp,
+    BuyerId, ClientId, CorrelationId, Envelope, Event, EventId, OrderId, PaymentId, PaymentOrder,
+    RefundId, SCHEMA_VERSION, SellerId, Timestamp,
 };
 use payment_handler::status_per_event::apply_status_per_event;
 use payment_handler::store;
@@ -41,9 +41,7 @@ fn env(payment: Option<PaymentId>, id: EventId, at: Timestamp, event: Event) -> 
     }
 }
 
-fn eur(minor: i64) -> Money {
-    Money::new(minor, Currency::EUR)
-}
+use testkit::eur;
 
 /// (events the POST path applied before the consumer runs, the consumer's
 /// stream). Each payment's events are in their order except where a case
@@ -403,17 +401,10 @@ fn scenario() -> (Vec<Envelope>, Vec<Envelope>) {
     (pre, stream)
 }
 
-async fn fresh_db(backend: Backend, dirs: &mut Vec<tempfile::TempDir>) -> Db {
-    let url = match backend {
-        Backend::Postgres => storage::testing::fresh_postgres_url().await.unwrap(),
-        Backend::Sqlite => {
-            let dir = tempfile::tempdir().unwrap();
-            let url = format!("sqlite://{}", dir.path().join("s.db").display());
-            dirs.push(dir);
-            url
-        }
-    };
-    let db = Db::connect(&url).await.unwrap();
+async fn fresh_db(backend: Backend, dirs: &mut Vec<testkit::FreshDb>) -> Db {
+    let fresh = testkit::FreshDb::new(backend).await;
+    let db = fresh.connect().await;
+    dirs.push(fresh);
     store::migrate(&db).await.unwrap();
     db
 }
