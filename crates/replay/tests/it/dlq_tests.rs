@@ -9,7 +9,7 @@ use rdkafka::message::OwnedHeaders;
 use replay::{DlqCommand, DlqFilter, ListArgs, RedriveArgs, ShowArgs};
 use serde_json::Value;
 use storage::Db;
-use streaming::testing::{TestKafka, read_topic};
+use testkit::{TestKafka, read_topic};
 use tokio_util::sync::CancellationToken;
 
 fn list(json: bool, group: Option<String>, kind: Option<&str>) -> DlqCommand {

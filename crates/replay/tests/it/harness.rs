@@ -1,8 +1,7 @@
 #![allow(dead_code)]
 
-use rdkafka::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+pub use testkit::{count, wait_caught_up};
+
 use replay::{DlqCommand, ReplayArgs};
 use serde_json::Value;
 use std::path::Path;
@@ -67,13 +66,13 @@ impl ExitCodeEq {
 /// A fresh database of the backend, as a URL (SQLite's directory is kept
 /// alive by the returned guard).
 pub async fn fresh_url(postgres: bool) -> (String, Option<tempfile::TempDir>) {
-    if postgres {
-        (storage::testing::fresh_postgres_url().await.unwrap(), None)
+    testkit::FreshDb::new(if postgres {
+        testkit::Backend::Postgres
     } else {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("r.db").display());
-        (url, Some(dir))
-    }
+        testkit::Backend::Sqlite
+    })
+    .await
+    .into_parts()
 }
 
 /// Sum of the high watermarks of a topic.
@@ -83,43 +82,6 @@ pub fn high_total(cfg: &KafkaConfig, topic: &str) -> i64 {
         .iter()
         .map(|(_, _, hi)| hi)
         .sum()
-}
-
-/// Waits until `group` has committed the end of every partition of
-/// `topics`: everything produced so far is handled.
-pub async fn wait_caught_up(cfg: &KafkaConfig, group: &str, topics: &[String]) {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &cfg.brokers)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let mut ends = TopicPartitionList::new();
-        let mut want = Vec::new();
-        for t in topics {
-            for (p, _, high) in streaming::reader::watermarks(cfg, t).unwrap() {
-                ends.add_partition(t, p);
-                want.push((t.clone(), p, high));
-            }
-        }
-        let committed = consumer
-            .committed_offsets(ends, Duration::from_secs(10))
-            .unwrap();
-        let done = want.iter().all(|(t, p, high)| {
-            *high == 0
-                || matches!(committed.find_partition(t, *p).map(|e| e.offset()), Some(Offset::Offset(o)) if o >= *high)
-        });
-        if done {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "group {group} did not catch up: want {want:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// Reads an Avro container file with fastavro: (header facts, records).
@@ -147,20 +109,10 @@ pub fn fastavro_read(path: &Path) -> (Value, Vec<Value>) {
 
 /// Polls `sql` (one integer) until it returns `want`.
 pub async fn wait_count(db: &storage::Db, sql: &str, want: i64) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let n = count(db, sql).await;
-        if n == want {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{sql}: {n}, waited for {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-pub async fn count(db: &storage::Db, sql: &str) -> i64 {
-    storage::with_pool!(db, p => sqlx::query_scalar::<_, i64>(sql).fetch_one(p).await).unwrap()
+    testkit::wait_until(
+        format!("{sql} to return {want}"),
+        Duration::from_secs(60),
+        async || count(db, sql).await == want,
+    )
+    .await;
 }

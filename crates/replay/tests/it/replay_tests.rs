@@ -7,7 +7,7 @@ use replay::{CSV_COLUMNS, Format};
 use serde_json::Value;
 use std::collections::BTreeSet;
 use std::time::Duration;
-use streaming::testing::TestKafka;
+use testkit::TestKafka;
 
 /// Two sample payments (one event of each type each, on payments and
 /// reconciliation), the orders of `x` all sold by seller-x and those of `y`
