@@ -30,8 +30,8 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-use streaming::testing::TestKafka;
 use streaming::{BatchHandler, ConsumerSettings, Delivered, HandlerError, Outcome, run_consumer};
+use testkit::TestKafka;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 

@@ -3,7 +3,7 @@
 
 use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
-use streaming::testing::TestKafka;
+use testkit::TestKafka;
 
 #[tokio::test]
 async fn topics_are_created_with_unlimited_retention_and_max_message_bytes() {

@@ -2,7 +2,7 @@ use std::time::Duration;
 use streaming::{BatchHandler, Delivered, HandlerError, Outcome};
 use tokio::sync::mpsc;
 
-pub use streaming::testing::{TestKafka, read_topic};
+pub use testkit::{TestKafka, read_topic};
 
 /// A handler that forwards every event to a channel and applies it.
 pub struct Forward(pub mpsc::UnboundedSender<Delivered>);

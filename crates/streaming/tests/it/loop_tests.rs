@@ -93,7 +93,9 @@ async fn uncommitted_events_are_delivered_again_and_committed_ones_are_not() {
         next[0].envelope.event_id, marker.event_id,
         "a committed event was delivered again"
     );
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The group committing the end of every partition means the handler
+    // was given everything it would be given.
+    testkit::wait_caught_up(&k.cfg, &k.group("alo"), &[k.topic(TopicKind::Payments)]).await;
     assert!(
         rx.try_recv().is_err(),
         "nothing but the marker after the commit"
@@ -318,7 +320,9 @@ async fn shutdown_finishes_the_in_flight_batch_and_commits_it() {
     if rest_n > 0 {
         rest = ids(&recv_n(&mut rx, rest_n, Duration::from_secs(60)).await);
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The group committing the end of every partition means the handler
+    // was given everything it would be given.
+    testkit::wait_caught_up(&k.cfg, &k.group("drain"), &[k.topic(TopicKind::Payments)]).await;
     assert!(
         rx.try_recv().is_err(),
         "the finished batch was committed, not redelivered"

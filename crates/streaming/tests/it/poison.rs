@@ -97,15 +97,8 @@ fn events_for(k: &TestKafka, key: &str, n: usize) -> Vec<Envelope> {
     out
 }
 
-async fn wait_for<F: AsyncFnMut() -> bool>(what: &str, mut f: F) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !f().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+async fn wait_for<F: AsyncFnMut() -> bool>(what: &str, f: F) {
+    testkit::wait_until(what, Duration::from_secs(60), f).await;
 }
 
 async fn deterministic_sql_error_case(db: Db, poison_note: &str, expected_kind: &str) {
@@ -167,20 +160,20 @@ async fn deterministic_sql_error_case(db: Db, poison_note: &str, expected_kind: 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nul_byte_on_postgres_dead_letters_only_that_message() {
-    let db = storage::testing::fresh_postgres().await.unwrap();
+    let db = testkit::fresh_postgres().await.unwrap();
     // 22021: PostgreSQL text cannot hold 0x00.
     deterministic_sql_error_case(db, "bad\0byte", storage::KIND_DATA).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_check_violation_on_sqlite_dead_letters_only_that_message() {
-    let (db, _dir) = storage::testing::fresh_sqlite().await.unwrap();
+    let (db, _dir) = testkit::fresh_sqlite().await.unwrap();
     deterministic_sql_error_case(db, &"x".repeat(65), storage::KIND_INTEGRITY).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lock_timeout_is_retried_not_dead_lettered() {
-    let db = storage::testing::fresh_postgres().await.unwrap();
+    let db = testkit::fresh_postgres().await.unwrap();
     let Db::Postgres(p) = &db else { unreachable!() };
     sqlx::query(SCHEMA).execute(p).await.unwrap();
     sqlx::query("CREATE TABLE gate (id INT PRIMARY KEY, n INT NOT NULL)")

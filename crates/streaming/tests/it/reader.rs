@@ -3,7 +3,7 @@
 use events::{Timestamp, TopicKind};
 use std::collections::BTreeMap;
 use streaming::reader::{End, Start, TopicReader};
-use streaming::testing::TestKafka;
+use testkit::TestKafka;
 
 async fn read_all(r: &mut TopicReader) -> Vec<streaming::reader::Record> {
     let mut out = Vec::new();
