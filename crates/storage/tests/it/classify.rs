@@ -2,7 +2,7 @@
 //! errors are deterministic, lock waits and closed pools transient.
 
 use std::time::Duration;
-use storage::{Db, KIND_DATA, KIND_INTEGRITY, SqlErrorClass, sql_error_class, testing};
+use storage::{Db, KIND_DATA, KIND_INTEGRITY, SqlErrorClass, sql_error_class};
 
 fn class(r: Result<impl Sized, sqlx::Error>) -> SqlErrorClass {
     sql_error_class(&r.err().expect("the statement fails"))
@@ -10,7 +10,7 @@ fn class(r: Result<impl Sized, sqlx::Error>) -> SqlErrorClass {
 
 #[tokio::test]
 async fn postgres_data_and_integrity_errors_are_deterministic_lock_timeouts_transient() {
-    let db = testing::fresh_postgres().await.unwrap();
+    let db = testkit::fresh_postgres().await.unwrap();
     let Db::Postgres(p) = &db else { unreachable!() };
     sqlx::query(
         "CREATE TABLE t (id BIGINT PRIMARY KEY, note TEXT NOT NULL CHECK (length(note) < 10), n INT)",
@@ -96,7 +96,7 @@ async fn postgres_data_and_integrity_errors_are_deterministic_lock_timeouts_tran
 
 #[tokio::test]
 async fn sqlite_constraint_and_overflow_errors_are_deterministic_busy_transient() {
-    let (db, dir) = testing::fresh_sqlite().await.unwrap();
+    let (db, dir) = testkit::fresh_sqlite().await.unwrap();
     let Db::Sqlite(p) = &db else { unreachable!() };
     sqlx::query(
         "CREATE TABLE t (id INTEGER PRIMARY KEY, note TEXT NOT NULL CHECK (length(note) < 10), n INTEGER)",

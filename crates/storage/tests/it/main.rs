@@ -3,12 +3,12 @@
 mod classify;
 mod lock_wait;
 
-use storage::{Backend, Db, testing};
+use storage::{Backend, Db};
 
 #[tokio::test]
 async fn fresh_postgres_databases_are_separate() {
-    let a = testing::fresh_postgres().await.unwrap();
-    let b = testing::fresh_postgres().await.unwrap();
+    let a = testkit::fresh_postgres().await.unwrap();
+    let b = testkit::fresh_postgres().await.unwrap();
     assert_eq!(a.backend(), Backend::Postgres);
     a.ping().await.unwrap();
     let Db::Postgres(pa) = &a else { unreachable!() };
@@ -28,7 +28,7 @@ async fn fresh_postgres_databases_are_separate() {
 
 #[tokio::test]
 async fn sqlite_file_is_created_in_wal_mode() {
-    let (db, _dir) = testing::fresh_sqlite().await.unwrap();
+    let (db, _dir) = testkit::fresh_sqlite().await.unwrap();
     assert_eq!(db.backend(), Backend::Sqlite);
     db.ping().await.unwrap();
     let Db::Sqlite(p) = &db else { unreachable!() };
@@ -58,8 +58,8 @@ async fn unsupported_urls_are_a_clear_error() {
 
 #[tokio::test]
 async fn one_sql_string_serves_both_backends() {
-    let (sqlite, _dir) = testing::fresh_sqlite().await.unwrap();
-    for db in [testing::fresh_postgres().await.unwrap(), sqlite] {
+    let (sqlite, _dir) = testkit::fresh_sqlite().await.unwrap();
+    for db in [testkit::fresh_postgres().await.unwrap(), sqlite] {
         storage::with_pool!(&db, p => {
             sqlx::query("CREATE TABLE kv (k TEXT PRIMARY KEY, v BIGINT NOT NULL)").execute(p).await.unwrap();
             let inserted = sqlx::query("INSERT INTO kv (k, v) VALUES ($1, $2) ON CONFLICT DO NOTHING")
