@@ -18,7 +18,6 @@ pub mod secret;
 pub mod shutdown;
 pub mod supervise;
 pub mod telemetry;
-pub mod testing;
 
 pub use config::KafkaConfig;
 pub use consumer::{
