@@ -7,8 +7,7 @@ use serde_json::Value;
 use std::process::Command;
 
 fn bench(database_url: &str) -> Value {
-    let brokers =
-        std::env::var("PAYSTREAM_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let brokers = testkit::brokers();
     let out = Command::new(env!("CARGO_BIN_EXE_paystream"))
         .args([
             "bench",

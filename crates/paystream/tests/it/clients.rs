@@ -96,7 +96,7 @@ async fn clients_create_list_revoke(url: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_cli_postgres() {
-    let url = storage::testing::fresh_postgres_url().await.unwrap();
+    let url = testkit::fresh_postgres_url().await.unwrap();
     clients_create_list_revoke(&url).await;
 }
 

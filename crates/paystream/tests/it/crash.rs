@@ -13,10 +13,9 @@ use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_killed_after_appending_makes_no_second_payment_on_retry() {
-    let brokers =
-        std::env::var("PAYSTREAM_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let brokers = testkit::brokers();
     let prefix = format!("t{}.", uuid::Uuid::now_v7().simple());
-    let db = storage::testing::fresh_postgres_url().await.unwrap();
+    let db = testkit::fresh_postgres_url().await.unwrap();
     let env = vec![
         ("PAYSTREAM_BROKERS", brokers.clone()),
         ("PAYSTREAM_TOPIC_PREFIX", prefix.clone()),

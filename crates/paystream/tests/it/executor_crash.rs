@@ -9,8 +9,6 @@ use events::{
     PaymentId, PaymentOrder, PaymentRequested, RiskApproved, SCHEMA_VERSION, SellerId, Timestamp,
     TopicKind,
 };
-use rdkafka::ClientConfig;
-use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Command, Stdio};
@@ -99,8 +97,7 @@ fn final_orders(seen: &Mutex<BTreeMap<OrderId, Vec<Final>>>) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_executor_killed_repeatedly_charges_every_order_exactly_once() {
-    let brokers =
-        std::env::var("PAYSTREAM_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let brokers = testkit::brokers();
     let prefix = format!("t{}.", uuid::Uuid::now_v7().simple());
     let kafka = KafkaConfig::local(&brokers, &prefix, 4);
     streaming::admin::ensure_topics(&kafka, &kafka.topology().specs())
@@ -120,7 +117,7 @@ async fn an_executor_killed_repeatedly_charges_every_order_exactly_once() {
     })
     .await
     .unwrap();
-    let db = storage::testing::fresh_postgres_url().await.unwrap();
+    let db = testkit::fresh_postgres_url().await.unwrap();
     let env = vec![
         ("PAYSTREAM_BROKERS", brokers.clone()),
         ("PAYSTREAM_TOPIC_PREFIX", prefix.clone()),
@@ -136,16 +133,7 @@ async fn an_executor_killed_repeatedly_charges_every_order_exactly_once() {
 
     // Everything the executors append, read back as it comes.
     let done: Arc<Mutex<BTreeMap<OrderId, Vec<Final>>>> = Arc::default();
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("group.id", format!("reader-{}", uuid::Uuid::now_v7()))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    consumer
-        .subscribe(&[&kafka.topology().name(TopicKind::Payments)])
-        .unwrap();
+    let consumer = testkit::tail(&kafka, &[&kafka.topology().name(TopicKind::Payments)]);
     let reader = {
         let done = done.clone();
         tokio::spawn(async move {

@@ -4,7 +4,6 @@
 
 use events::{ClientId, OrderId, PaymentId};
 use std::time::Duration;
-use streaming::KafkaConfig;
 use tokio_util::sync::CancellationToken;
 
 /// (charges, create requests) the simulator saw for an order.
@@ -26,9 +25,7 @@ async fn charges(http: &reqwest::Client, sim: &str, order: OrderId) -> (i64, i64
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_reused_after_the_retention_charges_nothing_more_at_the_psp() {
-    let brokers =
-        std::env::var("PAYSTREAM_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
-    let kafka = KafkaConfig::local(&brokers, &format!("t{}.", uuid::Uuid::now_v7().simple()), 2);
+    let (kafka, _) = testkit::fresh_config(2);
     let stop = CancellationToken::new();
     let _stop = stop.clone().drop_guard();
     let dir = tempfile::tempdir().unwrap();
@@ -43,14 +40,14 @@ async fn a_key_reused_after_the_retention_charges_nothing_more_at_the_psp() {
         sim.api_key.clone(),
         sim.webhook_secret.clone(),
     );
-    let exec_db = storage::testing::fresh_postgres_url().await.unwrap();
+    let exec_db = testkit::fresh_postgres_url().await.unwrap();
     let executor = executor::start(kafka.clone(), &exec_db, exec_args, stop.clone())
         .await
         .unwrap();
     tokio::spawn(executor.wait());
     let mut h_args = payment_handler::HandlerArgs::for_tests();
     h_args.idempotency_retention_secs = Some(1);
-    let handler_db = storage::testing::fresh_postgres_url().await.unwrap();
+    let handler_db = testkit::fresh_postgres_url().await.unwrap();
     let handler = payment_handler::start(kafka.clone(), &handler_db, h_args, stop.clone())
         .await
         .unwrap();
@@ -116,8 +113,30 @@ async fn a_key_reused_after_the_retention_charges_nothing_more_at_the_psp() {
     let (s, b) = post(day1).await;
     assert_eq!(s, 201, "{b}");
 
-    // Give a wrongly accepted second decision time to be executed.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // A wrongly accepted second decision would be on the payments topic by
+    // now (the handler appends before it answers): wait until the executor
+    // has taken in everything there and has nothing left to send to the
+    // PSP, then look at what the PSP saw.
+    testkit::wait_caught_up(
+        &kafka,
+        &kafka.topology().group("executor"),
+        &[kafka.topology().name(events::TopicKind::Payments)],
+    )
+    .await;
+    let exec = storage::Db::connect(&exec_db).await.unwrap();
+    testkit::wait_until(
+        "the executor to finish every order it took in",
+        Duration::from_secs(60),
+        async || {
+            testkit::count(
+                &exec,
+                "SELECT COUNT(*) FROM executor_orders WHERE state IN ('ready', 'retry_wait', 'executing')",
+            )
+            .await
+                == 0
+        },
+    )
+    .await;
     let sim_url = sim.base_url();
     assert_eq!(charges(&http, &sim_url, first).await.0, 1, "one charge");
     for i in 1..3 {

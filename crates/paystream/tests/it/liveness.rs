@@ -28,8 +28,7 @@ fn exits_within(mut proc: Proc, limit: Duration) -> Option<(std::process::ExitSt
 }
 
 fn serve(component: &str, dir: &tempfile::TempDir, extra: &[&str]) -> Proc {
-    let brokers =
-        std::env::var("PAYSTREAM_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let brokers = testkit::brokers();
     let listen = format!("127.0.0.1:{}", free_port());
     let child = Command::new(env!("CARGO_BIN_EXE_paystream"))
         .args(["serve", component, "--listen", &listen])
@@ -99,8 +98,7 @@ fn a_healthy_handler_keeps_running() {
 #[test]
 fn a_consumer_restarted_after_kill_9_with_its_instance_id_resumes_within_10_s() {
     let dir = tempfile::tempdir().unwrap();
-    let brokers =
-        std::env::var("PAYSTREAM_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let brokers = testkit::brokers();
     let prefix = format!("t{}.", uuid::Uuid::now_v7().simple());
     let db_url = format!("sqlite://{}", dir.path().join("projections.db").display());
     let start = || {
@@ -189,9 +187,8 @@ fn a_consumer_restarted_after_kill_9_with_its_instance_id_resumes_within_10_s() 
 /// waiting the lease out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_of_a_dead_handler_are_answered_within_10_s_of_its_restart() {
-    let brokers =
-        std::env::var("PAYSTREAM_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
-    let db = storage::testing::fresh_postgres_url().await.unwrap();
+    let brokers = testkit::brokers();
+    let db = testkit::fresh_postgres_url().await.unwrap();
     let env = [
         ("PAYSTREAM_BROKERS", brokers),
         (

@@ -132,8 +132,7 @@ fn schema_check_accepts_a_compatible_change() {
 
 #[test]
 fn demo_round_trips_every_event_type_through_the_broker() {
-    let brokers =
-        std::env::var("PAYSTREAM_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let brokers = testkit::brokers();
     let prefix = format!("t{}.", uuid::Uuid::now_v7().simple());
     let out = bin()
         .args(["demo", "--timeout-secs", "60", "--partitions", "2"])

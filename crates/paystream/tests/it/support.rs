@@ -13,14 +13,7 @@ impl Drop for Proc {
     }
 }
 
-/// A port that was free a moment ago.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use testkit::free_port;
 
 /// `paystream serve handler` on `port` with `env`; with `fault`, it aborts
 /// right after appending a payment's events (before answering).

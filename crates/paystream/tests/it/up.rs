@@ -6,8 +6,7 @@ use std::process::Command;
 #[test]
 fn up_runs_everything_and_the_demo_load_ends_verified() {
     let dir = tempfile::tempdir().unwrap();
-    let brokers =
-        std::env::var("PAYSTREAM_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let brokers = testkit::brokers();
     let out = Command::new(env!("CARGO_BIN_EXE_paystream"))
         .args([
             "up",
