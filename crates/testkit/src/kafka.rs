@@ -3,6 +3,8 @@
 //! topic back. Moved here from `streaming::testing`.
 
 use events::{Envelope, Timestamp, TopicKind, Topology};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use std::time::Duration;
 use streaming::reader::{End, Record, Start, TopicReader};
 use streaming::{EventProducer, KafkaConfig};
@@ -79,6 +81,39 @@ pub async fn produce_all(producer: &EventProducer, envs: &[Envelope]) {
             r.expect("append");
         }
     }
+}
+
+/// A consumer of `topics` from their beginning, in a group of its own that
+/// commits nothing: it reads everything there is and everything to come.
+pub fn tail(cfg: &KafkaConfig, topics: &[&str]) -> StreamConsumer {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &cfg.brokers)
+        .set("group.id", format!("reader-{}", uuid::Uuid::now_v7()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("reader consumer");
+    consumer.subscribe(topics).expect("subscribing the reader");
+    consumer
+}
+
+/// Every record of `topic` now (from the beginning to the end as of the
+/// call).
+pub async fn read_all(cfg: &KafkaConfig, topic: &str) -> Vec<Record> {
+    let mut reader = TopicReader::open(
+        cfg,
+        &[topic.to_owned()],
+        Start::Beginning,
+        End::Latest,
+        None,
+    )
+    .await
+    .expect("opening a reader");
+    let mut out = Vec::new();
+    while let Some(batch) = reader.next_batch(1000).await.expect("reading") {
+        out.extend(batch);
+    }
+    out
 }
 
 /// Reads exactly `n` messages of `topic` from the beginning, waiting up to

@@ -21,8 +21,8 @@ pub use db::{
     BACKENDS, FreshDb, TEST_DB_PREFIX, admin_url, count, exec, fresh_postgres, fresh_postgres_url,
     fresh_sqlite, strings,
 };
-pub use envelope::{envelope, envelope_now, eur};
-pub use kafka::{TestKafka, brokers, fresh_config, produce_all, read_topic};
+pub use envelope::{envelope, envelope_now, eur, one_order_payment};
+pub use kafka::{TestKafka, brokers, fresh_config, produce_all, read_all, read_topic, tail};
 pub use storage::Backend;
 pub use wait::{wait_caught_up, wait_for, wait_until};
 
