@@ -3,7 +3,7 @@
 //! modules inside production crates.
 //!
 //! - fresh databases of either backend, one per test ([`db`]), and one way
-//!   to run a test body on both ([`both!`], [`BACKENDS`]);
+//!   to run a test body on both ([`both!`]; [`BACKENDS`] for a loop);
 //! - fresh topics under a unique prefix on the test broker ([`kafka`]);
 //! - envelope builders ([`envelope`], [`eur`]);
 //! - waiting for a positive condition with a deadline instead of sleeping
@@ -34,12 +34,27 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Runs an async test body on a fresh PostgreSQL and a fresh SQLite
-/// database, each migrated first: `both!(name, body, crate::migrate)` makes
-/// the tests `name::postgres` and `name::sqlite`, each calling
-/// `body(db: storage::Db)`.
+/// Runs an async test body once per backend, as two tests `name::postgres`
+/// and `name::sqlite`:
+///
+/// - `both!(name, body)` calls `body(backend: storage::Backend)`, for a
+///   body that makes its own database (e.g. with [`FreshDb::new`]);
+/// - `both!(name, body, crate::migrate)` calls `body(db: storage::Db)` with
+///   a fresh database of the backend, migrated by `migrate` first.
 #[macro_export]
 macro_rules! both {
+    ($name:ident, $body:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$body($crate::Backend::Postgres).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$body($crate::Backend::Sqlite).await;
+            }
+        }
+    };
     ($name:ident, $body:ident, $migrate:path) => {
         mod $name {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
