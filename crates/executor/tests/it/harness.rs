@@ -8,8 +8,6 @@ use events::{
 };
 use executor::ExecutorArgs;
 use psp_sim::{Behaviour, RunningSim, SimConfig};
-use rdkafka::ClientConfig;
-use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -138,16 +136,7 @@ fn collect(
     read_up_to: Arc<Mutex<BTreeMap<i32, i64>>>,
     stop: CancellationToken,
 ) {
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &kafka.brokers)
-        .set("group.id", format!("reader-{}", uuid::Uuid::now_v7()))
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    consumer
-        .subscribe(&[&kafka.topology().name(TopicKind::Payments)])
-        .unwrap();
+    let consumer = testkit::tail(kafka, &[&kafka.topology().name(TopicKind::Payments)]);
     tokio::spawn(async move {
         loop {
             tokio::select! {

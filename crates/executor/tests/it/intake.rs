@@ -167,12 +167,7 @@ async fn intake_refuses_what_it_must_never_charge(backend: Backend) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn intake_refuses_what_it_must_never_charge_postgres() {
-    intake_refuses_what_it_must_never_charge(Backend::Postgres).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn intake_refuses_what_it_must_never_charge_sqlite() {
-    intake_refuses_what_it_must_never_charge(Backend::Sqlite).await;
-}
+testkit::both!(
+    intake_refuses_what_it_must_never_charge,
+    intake_refuses_what_it_must_never_charge
+);

@@ -69,15 +69,10 @@ async fn charges_each_order_once(backend: Backend) {
     assert!(first_done < second_started);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn charges_each_order_once_and_reports_declines_postgres() {
-    charges_each_order_once(Backend::Postgres).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn smoke_on_sqlite() {
-    charges_each_order_once(Backend::Sqlite).await;
-}
+testkit::both!(
+    charges_each_order_once_and_reports_declines,
+    charges_each_order_once
+);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_failures_are_retried_then_given_up() {

@@ -18,7 +18,8 @@ fn started(payment_id: &str, order_id: &str) -> Outgoing {
 /// Two dispatchers, A then B (after A's lease ran out): once B holds the
 /// lease, A can neither renew nor release it, nor begin or record an
 /// attempt; B can.
-async fn a_retaken_lease_fences_its_old_holder(db: &Db) {
+async fn a_retaken_lease_fences_its_old_holder(db: Db) {
+    let db = &db;
     store::migrate(db).await.unwrap();
     let pay = uuid::Uuid::new_v4().to_string();
     let ord = uuid::Uuid::new_v4().to_string();
@@ -107,21 +108,16 @@ async fn a_retaken_lease_fences_its_old_holder(db: &Db) {
     assert!(store::release_payment(db, &pay, &b).await.unwrap());
 }
 
-#[tokio::test]
-async fn a_retaken_lease_fences_its_old_holder_postgres() {
-    let db = testkit::fresh_postgres().await.unwrap();
-    a_retaken_lease_fences_its_old_holder(&db).await;
-}
-
-#[tokio::test]
-async fn a_retaken_lease_fences_its_old_holder_sqlite() {
-    let (db, _dir) = testkit::fresh_sqlite().await.unwrap();
-    a_retaken_lease_fences_its_old_holder(&db).await;
-}
+testkit::both!(
+    a_retaken_lease_fences_its_old_holder,
+    a_retaken_lease_fences_its_old_holder,
+    executor::store::migrate
+);
 
 /// Refunds of one payment run in request (offset) order, even when they
 /// arrive in one batch and their random ids sort the other way.
-async fn refunds_run_in_request_order(db: &Db) {
+async fn refunds_run_in_request_order(db: Db) {
+    let db = &db;
     store::migrate(db).await.unwrap();
     let pay = uuid::Uuid::new_v4().to_string();
     let ord = uuid::Uuid::new_v4().to_string();
@@ -168,17 +164,11 @@ async fn refunds_run_in_request_order(db: &Db) {
     assert_eq!(ids, vec![late_id, early_id]);
 }
 
-#[tokio::test]
-async fn refunds_run_in_request_order_postgres() {
-    let db = testkit::fresh_postgres().await.unwrap();
-    refunds_run_in_request_order(&db).await;
-}
-
-#[tokio::test]
-async fn refunds_run_in_request_order_sqlite() {
-    let (db, _dir) = testkit::fresh_sqlite().await.unwrap();
-    refunds_run_in_request_order(&db).await;
-}
+testkit::both!(
+    refunds_run_in_request_order,
+    refunds_run_in_request_order,
+    executor::store::migrate
+);
 
 /// An outbox row of `order`'s event `what`.
 fn event(payment_id: &str, order_id: &str, what: &str) -> Outgoing {
@@ -199,7 +189,8 @@ async fn outbox_ids(db: &Db) -> Vec<String> {
 /// whose payment another owner took over and one whose attempts moved on
 /// write nothing (neither their order row nor their events), the other two
 /// write everything, in one batch of intents and one of outcomes.
-async fn a_batch_writes_exactly_the_rows_that_keep_their_guard(db: &Db) {
+async fn a_batch_writes_exactly_the_rows_that_keep_their_guard(db: Db) {
+    let db = &db;
     store::migrate(db).await.unwrap();
     let pays: Vec<String> = (0..4).map(|_| uuid::Uuid::new_v4().to_string()).collect();
     let ords: Vec<String> = (0..4).map(|_| uuid::Uuid::new_v4().to_string()).collect();
@@ -372,17 +363,11 @@ async fn a_batch_writes_exactly_the_rows_that_keep_their_guard(db: &Db) {
     assert_eq!(outbox_ids(db).await.len(), 6);
 }
 
-#[tokio::test]
-async fn a_batch_writes_exactly_the_rows_that_keep_their_guard_postgres() {
-    let db = testkit::fresh_postgres().await.unwrap();
-    a_batch_writes_exactly_the_rows_that_keep_their_guard(&db).await;
-}
-
-#[tokio::test]
-async fn a_batch_writes_exactly_the_rows_that_keep_their_guard_sqlite() {
-    let (db, _dir) = testkit::fresh_sqlite().await.unwrap();
-    a_batch_writes_exactly_the_rows_that_keep_their_guard(&db).await;
-}
+testkit::both!(
+    a_batch_writes_exactly_the_rows_that_keep_their_guard,
+    a_batch_writes_exactly_the_rows_that_keep_their_guard,
+    executor::store::migrate
+);
 
 /// The intake's rows and results as a comparable snapshot: payments, and
 /// orders with their state and whether they are due (the due time itself is
