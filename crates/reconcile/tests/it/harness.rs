@@ -2,12 +2,8 @@
 
 pub use testkit::{count, envelope, eur};
 
-use events::{
-    BuyerId, ClientId, Envelope, Money, OrderId, PaymentId, PaymentOrder, PaymentRequested,
-    SellerId,
-};
+use events::{Envelope, Money, OrderId, PaymentId};
 use projections::{Incoming, Projection, apply_batch};
-use std::collections::BTreeMap;
 use storage::Db;
 use streaming::MessageMeta;
 use testkit::TestKafka;
@@ -23,27 +19,7 @@ macro_rules! both {
 
 /// A one-order payment: (its PaymentRequested, payment id, order id).
 pub fn request(key: &str, amount: Money, at: i64) -> (Envelope, PaymentId, OrderId) {
-    let client = ClientId::parse("recon-client").unwrap();
-    let payment = PaymentId::derive(&client, key);
-    let order = OrderId::derive(payment, 0);
-    let env = envelope(
-        Some(payment),
-        "requested",
-        at,
-        PaymentRequested {
-            client_id: client,
-            idempotency_key: Some(key.into()),
-            buyer_id: BuyerId::parse("buyer-1").unwrap(),
-            orders: vec![PaymentOrder {
-                order_id: order,
-                seller_id: SellerId::parse("seller-1").unwrap(),
-                amount,
-            }],
-            metadata: BTreeMap::new(),
-        }
-        .into(),
-    );
-    (env, payment, order)
+    testkit::one_order_payment("recon-client", key, "buyer-1", "seller-1", amount, at)
 }
 
 /// Applies `envs` to both projections with the real projection code, in
