@@ -83,8 +83,8 @@ impl FreshDb {
         Db::connect(&self.url).await.expect("connect")
     }
 
-    /// The SQLite file's directory guard (`None` for PostgreSQL), for a test
-    /// that keeps the database beyond this value.
+    /// The URL and the SQLite file's directory guard (`None` for
+    /// PostgreSQL): the database lives as long as the guard.
     pub fn into_parts(self) -> (String, Option<tempfile::TempDir>) {
         (self.url, self.dir)
     }
