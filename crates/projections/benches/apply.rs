@@ -12,8 +12,8 @@
 //! flat with size means no slice more than 20 % below the first.
 
 use events::{
-    BuyerId, ClientId, CorrelationId, Currency, Envelope, EventId, Money, OrderId, OrderSucceeded,
-    PaymentId, PaymentOrder, PaymentRequested, SellerId, Timestamp,
+    BuyerId, ClientId, Currency, Envelope, Money, OrderId, OrderSucceeded, PaymentId, PaymentOrder,
+    PaymentRequested, SellerId,
 };
 use projections::{Incoming, Projection, ProjectionHandler, apply_batch};
 use std::sync::Arc;
@@ -38,16 +38,8 @@ fn events(unique: &str, payments: usize) -> Vec<Envelope> {
             1_000 + i64::try_from(i % 997).expect("small"),
             Currency::EUR,
         );
-        let env = |tag: &str, event: events::Event| Envelope {
-            event_id: EventId::derive(payment.as_uuid(), tag),
-            occurred_at: Timestamp::from_micros(at),
-            payment_id: Some(payment),
-            correlation_id: CorrelationId::from_uuid(payment.as_uuid()),
-            causation_id: None,
-            producer: "bench".into(),
-            schema_version: events::SCHEMA_VERSION,
-            event,
-        };
+        let env =
+            |tag: &str, event: events::Event| testkit::envelope(Some(payment), tag, at, event);
         out.push(env(
             "requested",
             PaymentRequested {

@@ -13,12 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 /// A fresh database of the backend, as a URL (SQLite's directory is kept
 /// alive by the returned guard).
-async fn fresh_url(postgres: bool) -> (String, Option<tempfile::TempDir>) {
-    let backend = if postgres {
-        testkit::Backend::Postgres
-    } else {
-        testkit::Backend::Sqlite
-    };
+async fn fresh_url(backend: Backend) -> (String, Option<tempfile::TempDir>) {
     testkit::FreshDb::new(backend).await.into_parts()
 }
 
@@ -39,12 +34,12 @@ fn args(unique: &str, run: &str) -> ProjectionsArgs {
     }
 }
 
-async fn duplicates_leave_tables_identical(postgres: bool) {
+async fn duplicates_leave_tables_identical(backend: Backend) {
     let (cfg, unique) = test_kafka(3).await;
     let producer = EventProducer::new(&cfg, "test").unwrap();
     let evs = stories(&unique, 15);
     produce_all(&producer, &evs).await;
-    let (url, _dir) = fresh_url(postgres).await;
+    let (url, _dir) = fresh_url(backend).await;
     let a = args(&unique, "dup");
     let stop = CancellationToken::new();
     let server = {
@@ -68,14 +63,7 @@ async fn duplicates_leave_tables_identical(postgres: bool) {
     server.await.unwrap().expect("serve ends cleanly");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn duplicates_postgres() {
-    duplicates_leave_tables_identical(true).await;
-}
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn duplicates_sqlite() {
-    duplicates_leave_tables_identical(false).await;
-}
+testkit::both!(duplicates, duplicates_leave_tables_identical);
 
 /// Applies `before_crash` batches normally, then applies one more and
 /// "dies" before the loop can commit its offset: the task hangs until it is
@@ -127,13 +115,13 @@ async fn run_groups(cfg: &KafkaConfig, db: &Db, unique: &str, run: &str) {
     }
 }
 
-async fn crash_mid_batch_then_restart(postgres: bool) {
+async fn crash_mid_batch_then_restart(backend: Backend) {
     let (cfg, unique) = test_kafka(2).await;
     let producer = EventProducer::new(&cfg, "test").unwrap();
     let evs: Vec<Envelope> = stories(&unique, 10);
     produce_all(&producer, &evs).await;
 
-    let (url, _dir) = fresh_url(postgres).await;
+    let (url, _dir) = fresh_url(backend).await;
     let db = projections::cli::open(&url).await.unwrap();
     // Crash both projections at different points.
     for (p, before) in [(Projection::Ledger, 3usize), (Projection::Wallet, 5)] {
@@ -163,7 +151,7 @@ async fn crash_mid_batch_then_restart(postgres: bool) {
     // Restart: the same groups pick up from the last commit.
     run_groups(&cfg, &db, &unique, "crash").await;
 
-    let (clean_url, _clean_dir) = fresh_url(postgres).await;
+    let (clean_url, _clean_dir) = fresh_url(backend).await;
     let clean = projections::cli::open(&clean_url).await.unwrap();
     run_groups(&cfg, &clean, &unique, "clean").await;
     let clean_snap = snapshot(&clean).await;
@@ -173,16 +161,9 @@ async fn crash_mid_batch_then_restart(postgres: bool) {
     assert!(report.is_ok(), "{report}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn crash_postgres() {
-    crash_mid_batch_then_restart(true).await;
-}
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn crash_sqlite() {
-    crash_mid_batch_then_restart(false).await;
-}
+testkit::both!(crash, crash_mid_batch_then_restart);
 
-async fn bad_events_go_to_the_dlq(postgres: bool) {
+async fn bad_events_go_to_the_dlq(backend: Backend) {
     let (cfg, unique) = test_kafka(1).await;
     let producer = EventProducer::new(&cfg, "test").unwrap();
     let topology = cfg.topology();
@@ -216,7 +197,7 @@ async fn bad_events_go_to_the_dlq(postgres: bool) {
         .unwrap();
     produce_all(&producer, &[good]).await;
 
-    let (url, _dir) = fresh_url(postgres).await;
+    let (url, _dir) = fresh_url(backend).await;
     let db = projections::cli::open(&url).await.unwrap();
     run_groups(&cfg, &db, &unique, "dlq").await;
     // The partition went on past the bad events: the good capture is booked.
@@ -242,17 +223,8 @@ async fn bad_events_go_to_the_dlq(postgres: bool) {
 
 /// (error kind, reason) of `n` dead letters.
 async fn read_dlq(cfg: &KafkaConfig, n: usize) -> Vec<(String, String)> {
-    use rdkafka::consumer::{Consumer, StreamConsumer};
     use rdkafka::message::Message;
-    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &cfg.brokers)
-        .set("group.id", format!("reader-{}", uuid::Uuid::now_v7()))
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    consumer
-        .subscribe(&[&cfg.topology().name(TopicKind::DeadLetter)])
-        .unwrap();
+    let consumer = testkit::tail(cfg, &[&cfg.topology().name(TopicKind::DeadLetter)]);
     let mut out = Vec::new();
     while out.len() < n {
         let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
@@ -270,18 +242,11 @@ async fn read_dlq(cfg: &KafkaConfig, n: usize) -> Vec<(String, String)> {
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dlq_postgres() {
-    bad_events_go_to_the_dlq(true).await;
-}
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dlq_sqlite() {
-    bad_events_go_to_the_dlq(false).await;
-}
+testkit::both!(dlq, bad_events_go_to_the_dlq);
 
 /// The child process of `kill_9_mid_run`: runs `serve` until killed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "run by kill_9_mid_run_* as a child process"]
+#[ignore = "run by kill_9_mid_run::* as a child process"]
 async fn kill9_child() {
     // Outside `kill_9_mid_run` (e.g. `cargo test -- --ignored`) there is
     // nothing to do.
@@ -304,12 +269,12 @@ async fn count_applied(db: &Db) -> usize {
 
 /// A real `kill -9` of a process running `serve`, in the middle of its
 /// work; a restart must converge to the tables of a clean run.
-async fn kill_9_mid_run(postgres: bool) {
+async fn kill_9_mid_run(backend: Backend) {
     let (cfg, unique) = test_kafka(2).await;
     let producer = EventProducer::new(&cfg, "test").unwrap();
     let evs = stories(&unique, 40);
     produce_all(&producer, &evs).await;
-    let (url, _dir) = fresh_url(postgres).await;
+    let (url, _dir) = fresh_url(backend).await;
     let db = projections::cli::open(&url).await.unwrap();
 
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
@@ -348,7 +313,7 @@ async fn kill_9_mid_run(postgres: bool) {
     stop.cancel();
     server.await.unwrap().unwrap();
 
-    let (clean_url, _clean_dir) = fresh_url(postgres).await;
+    let (clean_url, _clean_dir) = fresh_url(backend).await;
     let clean = projections::cli::open(&clean_url).await.unwrap();
     run_groups(&cfg, &clean, &unique, "clean").await;
     assert_eq!(snapshot(&db).await, snapshot(&clean).await);
@@ -356,27 +321,20 @@ async fn kill_9_mid_run(postgres: bool) {
     assert!(report.is_ok(), "{report}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_mid_run_postgres() {
-    kill_9_mid_run(true).await;
-}
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_mid_run_sqlite() {
-    kill_9_mid_run(false).await;
-}
+testkit::both!(kill_9_mid_run, kill_9_mid_run);
 
 /// M4 through the broker: a capture that would take a seller's stored
 /// balance beyond i64 is dead-lettered (total_overflow) by both groups and
 /// the payment behind it in the same partition is booked. Without the
 /// check the wallet's UPSERT fails in the database and the consumer
 /// retries the batch forever (the groups never catch up).
-async fn total_overflow_is_dead_lettered(postgres: bool) {
+async fn total_overflow_is_dead_lettered(backend: Backend) {
     let (cfg, unique) = test_kafka(1).await;
     let producer = EventProducer::new(&cfg, "test").unwrap();
     let (r1, p1, o1) = request(&format!("{unique}-1"), "b1", "seller-big", eur(1000), 10);
     let c1 = succeeded(p1, o1, "captured", eur(1000), eur(0), 11);
     produce_all(&producer, &[r1, c1]).await;
-    let (url, _dir) = fresh_url(postgres).await;
+    let (url, _dir) = fresh_url(backend).await;
     let db = projections::cli::open(&url).await.unwrap();
     run_groups(&cfg, &db, &unique, "overflow").await;
     // As after ~9,000 maximal payments to this seller.
@@ -418,14 +376,7 @@ async fn total_overflow_is_dead_lettered(postgres: bool) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn total_overflow_dlq_postgres() {
-    total_overflow_is_dead_lettered(true).await;
-}
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn total_overflow_dlq_sqlite() {
-    total_overflow_is_dead_lettered(false).await;
-}
+testkit::both!(total_overflow_dlq, total_overflow_is_dead_lettered);
 
 /// H5: the query API has its own small pool. Queries stuck behind a lock
 /// on the ledger (an exclusive lock taken in another session, standing in
@@ -436,7 +387,7 @@ async fn total_overflow_dlq_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queries_cannot_starve_consumers_postgres() {
     let (cfg, unique) = test_kafka(1).await;
-    let (url, _dir) = fresh_url(true).await;
+    let (url, _dir) = fresh_url(Backend::Postgres).await;
     let db = projections::cli::open(&url).await.unwrap();
     payment_handler::store::migrate(&db).await.unwrap();
     let ops = payment_handler::store::create_client_with_role(

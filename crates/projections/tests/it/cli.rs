@@ -3,14 +3,8 @@ use events::{Timestamp, samples};
 use projections::{LedgerCommand, run_ledger_command};
 use std::process::ExitCode;
 
-async fn ledger_commands(postgres: bool) {
-    let (url, _dir) = testkit::FreshDb::new(if postgres {
-        testkit::Backend::Postgres
-    } else {
-        testkit::Backend::Sqlite
-    })
-    .await
-    .into_parts();
+async fn ledger_commands(backend: Backend) {
+    let (url, _dir) = testkit::FreshDb::new(backend).await.into_parts();
     let db = projections::cli::open(&url).await.unwrap();
     let evs = samples::one_of_each("c1", "cli", Timestamp::from_micros(1_700_000_000_000_000));
     apply_both(&db, &evs, 100).await;
@@ -80,11 +74,4 @@ async fn ledger_commands(postgres: bool) {
     assert!(code == ExitCode::FAILURE);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ledger_commands_postgres() {
-    ledger_commands(true).await;
-}
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ledger_commands_sqlite() {
-    ledger_commands(false).await;
-}
+testkit::both!(ledger_commands, ledger_commands);

@@ -1,11 +1,8 @@
 #![allow(dead_code)]
 
-pub use testkit::{brokers, envelope, eur, exec, produce_all, strings, wait_caught_up};
+pub use testkit::{Backend, brokers, envelope, eur, exec, produce_all, strings, wait_caught_up};
 
-use events::{
-    BuyerId, ClientId, Envelope, Money, OrderId, OrderSucceeded, PaymentId, PaymentOrder,
-    PaymentRequested, SellerId, Timestamp,
-};
+use events::{Envelope, Money, OrderId, OrderSucceeded, PaymentId, Timestamp};
 use projections::{Incoming, Projection, apply_batch};
 use std::collections::BTreeMap;
 use storage::Db;
@@ -115,36 +112,7 @@ pub fn request(
 }
 
 /// [`request`] by another client.
-pub fn request_for(
-    client: &str,
-    key: &str,
-    buyer: &str,
-    seller: &str,
-    amount: Money,
-    at: i64,
-) -> (Envelope, PaymentId, OrderId) {
-    let client = ClientId::parse(client).unwrap();
-    let payment = PaymentId::derive(&client, key);
-    let order = OrderId::derive(payment, 0);
-    let env = envelope(
-        Some(payment),
-        "requested",
-        at,
-        PaymentRequested {
-            client_id: client,
-            idempotency_key: Some(key.into()),
-            buyer_id: BuyerId::parse(buyer).unwrap(),
-            orders: vec![PaymentOrder {
-                order_id: order,
-                seller_id: SellerId::parse(seller).unwrap(),
-                amount,
-            }],
-            metadata: BTreeMap::new(),
-        }
-        .into(),
-    );
-    (env, payment, order)
-}
+pub use testkit::one_order_payment as request_for;
 
 pub fn succeeded(
     payment: PaymentId,
