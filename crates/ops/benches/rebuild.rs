@@ -22,8 +22,8 @@
 //! 127.0.0.1:5432 (or PAYSTREAM_TEST_BROKERS / PAYSTREAM_TEST_DATABASE_URL).
 
 use events::{
-    BuyerId, ClientId, CorrelationId, Currency, Envelope, EventId, Money, OrderId, OrderSucceeded,
-    PaymentId, PaymentOrder, PaymentRequested, RefundId, RefundSucceeded, SellerId, Timestamp,
+    BuyerId, ClientId, Currency, Envelope, Money, OrderId, OrderSucceeded, PaymentId, PaymentOrder,
+    PaymentRequested, RefundId, RefundSucceeded, SellerId,
 };
 use projections::Projection;
 use std::time::Instant;
@@ -40,15 +40,8 @@ fn payment_events(unique: &str, i: usize) -> Vec<Envelope> {
     let at = 1_700_000_000_000_000 + n * 1000;
     let amount = 1_000 + n % 997;
     let eur = |m| Money::new(m, Currency::EUR);
-    let env = |tag: &str, dt: i64, event: events::Event| Envelope {
-        event_id: EventId::derive(payment.as_uuid(), tag),
-        occurred_at: Timestamp::from_micros(at + dt),
-        payment_id: Some(payment),
-        correlation_id: CorrelationId::from_uuid(payment.as_uuid()),
-        causation_id: None,
-        producer: "bench".into(),
-        schema_version: events::SCHEMA_VERSION,
-        event,
+    let env = |tag: &str, dt: i64, event: events::Event| {
+        testkit::envelope(Some(payment), tag, at + dt, event)
     };
     let mut out = vec![
         env(

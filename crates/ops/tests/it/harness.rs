@@ -1,7 +1,7 @@
 #![allow(dead_code)]
 
 use testkit::eur;
-pub use testkit::{count, envelope, exec, produce_all, strings};
+pub use testkit::{Backend, count, envelope, exec, produce_all, strings};
 
 use events::{
     BuyerId, ClientId, DiscrepancyId, Envelope, OrderId, OrderSettledByWebhook, OrderSucceeded,
@@ -17,13 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 /// A fresh, migrated database of either backend; the URL and the guard of
 /// an SQLite file's directory.
-pub async fn fresh_db(postgres: bool) -> (Db, String, Option<tempfile::TempDir>) {
-    let fresh = testkit::FreshDb::new(if postgres {
-        testkit::Backend::Postgres
-    } else {
-        testkit::Backend::Sqlite
-    })
-    .await;
+pub async fn fresh_db(backend: Backend) -> (Db, String, Option<tempfile::TempDir>) {
+    let fresh = testkit::FreshDb::new(backend).await;
     let db = fresh.connect().await;
     projections::migrate(&db).await.expect("migrate");
     let (url, dir) = fresh.into_parts();
@@ -250,34 +245,30 @@ pub async fn wait_caught_up(kafka: &KafkaConfig, group: &str) {
 
 /// Waits until the broker reports `group` as active.
 pub async fn wait_active(kafka: &KafkaConfig, group: &str) -> ops::groups::GroupState {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let g = ops::groups::describe(kafka, group).await.expect("describe");
-        if g.state == "Stable" {
-            return g;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "group {group} never became stable: {g:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    testkit::wait_for(
+        format!("group {group} to become stable"),
+        Duration::from_secs(60),
+        async || {
+            let g = ops::groups::describe(kafka, group).await.expect("describe");
+            (g.state == "Stable").then_some(g)
+        },
+    )
+    .await
 }
 
 /// Waits until the broker reports `group` as inactive (after its members left).
 pub async fn wait_inactive(kafka: &KafkaConfig, group: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let g = ops::groups::describe(kafka, group).await.expect("describe");
-        if !g.is_active() {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "group {group} stays active: {g:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    testkit::wait_until(
+        format!("group {group} to become inactive"),
+        Duration::from_secs(60),
+        async || {
+            !ops::groups::describe(kafka, group)
+                .await
+                .expect("describe")
+                .is_active()
+        },
+    )
+    .await;
 }
 
 /// One projection's content as sets (no wall-clock columns, no chain

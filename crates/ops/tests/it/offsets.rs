@@ -136,7 +136,7 @@ async fn reset_targets() {
     assert!(text.contains("NEW-OFFSET"), "{text}");
 
     // A member in the group: refused, nothing moved.
-    let (db, _url, _dir) = fresh_db(false).await;
+    let (db, _url, _dir) = fresh_db(Backend::Sqlite).await;
     let live = start_live(&k.cfg, &db, Projection::Ledger, &group);
     wait_caught_up(&k.cfg, &group).await;
     wait_active(&k.cfg, &group).await;

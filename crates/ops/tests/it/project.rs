@@ -5,9 +5,14 @@ use ops::project::project_as_of;
 use projections::Projection;
 use testkit::TestKafka;
 
-async fn as_of(postgres: bool) {
+async fn as_of(backend: Backend) {
     let k = TestKafka::new(3).await;
-    let (prod, prod_url, _dir) = fresh_db(!postgres).await;
+    // Production on the other backend than the target.
+    let (prod, prod_url, _dir) = fresh_db(match backend {
+        Backend::Postgres => Backend::Sqlite,
+        Backend::Sqlite => Backend::Postgres,
+    })
+    .await;
     let base1: i64 = 1_700_000_000_000_000;
     let phase1 = history(&format!("{}-a", k.unique), 40, base1);
     // T exactly on phase 1's last event (included: ≤), and phase 2 starting
@@ -45,13 +50,7 @@ async fn as_of(postgres: bool) {
     let offsets_before = ops::groups::offsets(&k.cfg, &lg, &topics).await.unwrap();
 
     // The target: a fresh database of the other backend than production.
-    let (into, _into_dir) = testkit::FreshDb::new(if postgres {
-        testkit::Backend::Postgres
-    } else {
-        testkit::Backend::Sqlite
-    })
-    .await
-    .into_parts();
+    let (into, _into_dir) = testkit::FreshDb::new(backend).await.into_parts();
     let both = [Projection::Ledger, Projection::Wallet];
     let e = project_as_of(&k.cfg, &prod_url, &prod_url, as_of_us, &both, 100)
         .await
@@ -167,15 +166,7 @@ async fn as_of(postgres: bool) {
     target.close().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn as_of_into_postgres() {
-    as_of(true).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn as_of_into_sqlite() {
-    as_of(false).await;
-}
+testkit::both!(as_of_into, as_of);
 
 #[test]
 fn instants_and_same_database() {

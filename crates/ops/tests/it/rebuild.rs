@@ -6,9 +6,9 @@ use ops::projection::{RunOptions, execute_rebuild, execute_reset, plan_rebuild, 
 use projections::Projection;
 use testkit::TestKafka;
 
-async fn rebuilt_equals_live(postgres: bool) {
+async fn rebuilt_equals_live(backend: Backend) {
     let k = TestKafka::new(4).await;
-    let (db, url, _dir) = fresh_db(postgres).await;
+    let (db, url, _dir) = fresh_db(backend).await;
     let h = history(&k.unique, 120, 1_700_000_000_000_000);
     produce_all(&k.producer, &h.envs).await;
     run_live_to_end(&k.cfg, &db).await;
@@ -106,19 +106,11 @@ async fn rebuilt_equals_live(postgres: bool) {
     assert!(report.is_ok(), "{report}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rebuild_equals_live_postgres() {
-    rebuilt_equals_live(true).await;
-}
+testkit::both!(rebuild_equals_live, rebuilt_equals_live);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rebuild_equals_live_sqlite() {
-    rebuilt_equals_live(false).await;
-}
-
-async fn reset_then_replay(postgres: bool) {
+async fn reset_then_replay(backend: Backend) {
     let k = TestKafka::new(3).await;
-    let (db, url, _dir) = fresh_db(postgres).await;
+    let (db, url, _dir) = fresh_db(backend).await;
     let h = history(&k.unique, 30, 1_700_000_000_000_000);
     produce_all(&k.producer, &h.envs).await;
     run_live_to_end(&k.cfg, &db).await;
@@ -182,19 +174,11 @@ async fn reset_then_replay(postgres: bool) {
     assert!(report.is_ok(), "{report}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reset_postgres() {
-    reset_then_replay(true).await;
-}
+testkit::both!(reset, reset_then_replay);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reset_sqlite() {
-    reset_then_replay(false).await;
-}
-
-async fn refused_while_active(postgres: bool) {
+async fn refused_while_active(backend: Backend) {
     let k = TestKafka::new(2).await;
-    let (db, url, _dir) = fresh_db(postgres).await;
+    let (db, url, _dir) = fresh_db(backend).await;
     let h = history(&k.unique, 10, 1_700_000_000_000_000);
     produce_all(&k.producer, &h.envs).await;
     let lg = k.cfg.topology().group("ledger");
@@ -267,12 +251,4 @@ async fn refused_while_active(postgres: bool) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn refused_while_active_postgres() {
-    refused_while_active(true).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn refused_while_active_sqlite() {
-    refused_while_active(false).await;
-}
+testkit::both!(refused_while_active, refused_while_active);

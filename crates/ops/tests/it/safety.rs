@@ -9,30 +9,13 @@ use projections::Projection;
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use streaming::reader::{End, Start, TopicReader};
 use testkit::TestKafka;
 
-/// Every record of `topic` now.
-async fn read_all(cfg: &streaming::KafkaConfig, topic: &str) -> Vec<streaming::reader::Record> {
-    let mut r = TopicReader::open(
-        cfg,
-        &[topic.to_owned()],
-        Start::Beginning,
-        End::Latest,
-        None,
-    )
-    .await
-    .unwrap();
-    let mut out = Vec::new();
-    while let Some(b) = r.next_batch(1000).await.unwrap() {
-        out.extend(b);
-    }
-    out
-}
+use testkit::read_all;
 
-async fn truncated_history_refused(postgres: bool) {
+async fn truncated_history_refused(backend: Backend) {
     let k = TestKafka::new(2).await;
-    let (db, url, _dir) = fresh_db(postgres).await;
+    let (db, url, _dir) = fresh_db(backend).await;
     let h = history(&k.unique, 12, 1_700_000_000_000_000);
     produce_all(&k.producer, &h.envs).await;
     run_live_to_end(&k.cfg, &db).await;
@@ -120,19 +103,11 @@ async fn truncated_history_refused(postgres: bool) {
     assert_eq!(s.events.read, u64::try_from(h.envs.len() - 3).unwrap());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn truncated_history_refused_postgres() {
-    truncated_history_refused(true).await;
-}
+testkit::both!(truncated_history_refused, truncated_history_refused);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn truncated_history_refused_sqlite() {
-    truncated_history_refused(false).await;
-}
-
-async fn lag_is_dead_lettered_after_rebuild(postgres: bool) {
+async fn lag_is_dead_lettered_after_rebuild(backend: Backend) {
     let k = TestKafka::new(3).await;
-    let (db, url, _dir) = fresh_db(postgres).await;
+    let (db, url, _dir) = fresh_db(backend).await;
     let h = history(&k.unique, 15, 1_700_000_000_000_000);
     produce_all(&k.producer, &h.envs).await;
     run_live_to_end(&k.cfg, &db).await;
@@ -213,19 +188,14 @@ async fn lag_is_dead_lettered_after_rebuild(postgres: bool) {
     assert!(report.is_ok(), "{report}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lag_dead_lettered_after_rebuild_postgres() {
-    lag_is_dead_lettered_after_rebuild(true).await;
-}
+testkit::both!(
+    lag_dead_lettered_after_rebuild,
+    lag_is_dead_lettered_after_rebuild
+);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lag_dead_lettered_after_rebuild_sqlite() {
-    lag_is_dead_lettered_after_rebuild(false).await;
-}
-
-async fn one_run_at_a_time(postgres: bool) {
+async fn one_run_at_a_time(backend: Backend) {
     let k = TestKafka::new(1).await;
-    let (db, url, _dir) = fresh_db(postgres).await;
+    let (db, url, _dir) = fresh_db(backend).await;
     let lg = k.cfg.topology().group("ledger");
     let held = RunLock::acquire(&db, &url, Projection::Ledger)
         .await
@@ -286,15 +256,7 @@ async fn one_run_at_a_time(postgres: bool) {
         .unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_run_at_a_time_postgres() {
-    one_run_at_a_time(true).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_run_at_a_time_sqlite() {
-    one_run_at_a_time(false).await;
-}
+testkit::both!(one_run_at_a_time, one_run_at_a_time);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn moved_offsets_are_reported() {

@@ -24,8 +24,8 @@ async fn apply(db: &Db, p: Projection, envs: &[events::Envelope]) {
     apply_batch(db, p, &batch).await.expect("apply");
 }
 
-async fn swap_replaces_one_projection(postgres: bool) {
-    let (db, url, _dir) = fresh_db(postgres).await;
+async fn swap_replaces_one_projection(backend: Backend) {
+    let (db, url, _dir) = fresh_db(backend).await;
     let big = history("shadow-big", 30, 1_700_000_000_000_000);
     let small = history("shadow-small", 6, 1_700_000_000_000_000);
     apply(&db, Projection::Ledger, &big.envs).await;
@@ -33,7 +33,7 @@ async fn swap_replaces_one_projection(postgres: bool) {
     let wallet_before = snapshot(&db, Projection::Wallet).await;
 
     // A reference of what the ledger should become.
-    let (reference, _u, _d) = fresh_db(postgres).await;
+    let (reference, _u, _d) = fresh_db(backend).await;
     apply(&reference, Projection::Ledger, &small.envs).await;
 
     let shadow = Shadow::create(&db, &url, Projection::Ledger).await.unwrap();
@@ -116,12 +116,4 @@ async fn swap_replaces_one_projection(postgres: bool) {
     assert_ne!(count(&db, "SELECT COUNT(*) FROM wallet_balances").await, 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn swap_postgres() {
-    swap_replaces_one_projection(true).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn swap_sqlite() {
-    swap_replaces_one_projection(false).await;
-}
+testkit::both!(swap, swap_replaces_one_projection);

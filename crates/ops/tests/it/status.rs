@@ -5,9 +5,9 @@ use ops::projection::status;
 use projections::Projection;
 use testkit::TestKafka;
 
-async fn status_counts(postgres: bool) {
+async fn status_counts(backend: Backend) {
     let k = TestKafka::new(3).await;
-    let (db, _url, _dir) = fresh_db(postgres).await;
+    let (db, _url, _dir) = fresh_db(backend).await;
     let first = history(&k.unique, 40, 1_700_000_000_000_000);
     produce_all(&k.producer, &first.envs).await;
     let produced = i64::try_from(first.envs.len()).unwrap();
@@ -84,12 +84,4 @@ async fn status_counts(postgres: bool) {
     assert!(text.contains(&lg) && text.contains(&wg), "{text}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn status_postgres() {
-    status_counts(true).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn status_sqlite() {
-    status_counts(false).await;
-}
+testkit::both!(status, status_counts);

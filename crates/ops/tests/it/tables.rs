@@ -1,11 +1,11 @@
 //! Every table `projections::migrate` creates is in ops' ownership list.
 
-use crate::harness::fresh_db;
+use crate::harness::{Backend, fresh_db};
 use ops::tables::{NOT_PROJECTION_DATA, TABLES, existing_tables, tables_of};
 use projections::Projection;
 
-async fn every_migrated_table_is_owned(postgres: bool) {
-    let (db, _url, _dir) = fresh_db(postgres).await;
+async fn every_migrated_table_is_owned(backend: Backend) {
+    let (db, _url, _dir) = fresh_db(backend).await;
     let have = existing_tables(&db).await.unwrap();
     assert!(have.contains("applied_events"), "{have:?}");
     for t in &have {
@@ -35,12 +35,4 @@ async fn every_migrated_table_is_owned(postgres: bool) {
     }
 }
 
-#[tokio::test]
-async fn every_migrated_table_is_owned_postgres() {
-    every_migrated_table_is_owned(true).await;
-}
-
-#[tokio::test]
-async fn every_migrated_table_is_owned_sqlite() {
-    every_migrated_table_is_owned(false).await;
-}
+testkit::both!(every_migrated_table_is_owned, every_migrated_table_is_owned);
