@@ -40,9 +40,9 @@ fn pick(evs: &[Envelope], t: EventType) -> Envelope {
     evs.iter().find(|e| e.event_type() == t).unwrap().clone()
 }
 
-async fn redrive_end_to_end(postgres: bool) {
+async fn redrive_end_to_end(backend: Backend) {
     let k = TestKafka::new(2).await;
-    let (url, _dir) = fresh_url(postgres).await;
+    let (url, _dir) = fresh_url(backend).await;
     let payments = k.topic(TopicKind::Payments);
     let dlq_topic = k.topic(TopicKind::DeadLetter);
     let story = k.samples("redrive");
@@ -386,15 +386,7 @@ async fn redrive_end_to_end(postgres: bool) {
     server.await.unwrap().expect("projections stop cleanly");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redrive_end_to_end_postgres() {
-    redrive_end_to_end(true).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redrive_end_to_end_sqlite() {
-    redrive_end_to_end(false).await;
-}
+testkit::both!(redrive_end_to_end, redrive_end_to_end);
 
 /// The bytes of the one message at `topic` `partition`@`offset` as the
 /// client library hands them over: None for a null value, Some(empty)
@@ -444,9 +436,9 @@ fn plans(v: &Value) -> Vec<String> {
 /// `redrive --all --execute` produces it once per run at most, and a
 /// second run produces nothing (its copy failed again) unless --force.
 /// The message's empty payload is produced empty, not null.
-async fn still_failing_message_is_not_multiplied(postgres: bool) {
+async fn still_failing_message_is_not_multiplied(backend: Backend) {
     let k = TestKafka::new(2).await;
-    let (url, _dir) = fresh_url(postgres).await;
+    let (url, _dir) = fresh_url(backend).await;
     let payments = k.topic(TopicKind::Payments);
     let dlq_topic = k.topic(TopicKind::DeadLetter);
     let pa = ProjectionsArgs {
@@ -562,12 +554,7 @@ async fn still_failing_message_is_not_multiplied(postgres: bool) {
     server.await.unwrap().expect("projections stop cleanly");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn still_failing_message_is_not_multiplied_postgres() {
-    still_failing_message_is_not_multiplied(true).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn still_failing_message_is_not_multiplied_sqlite() {
-    still_failing_message_is_not_multiplied(false).await;
-}
+testkit::both!(
+    still_failing_message_is_not_multiplied,
+    still_failing_message_is_not_multiplied
+);

@@ -1,6 +1,6 @@
 #![allow(dead_code)]
 
-pub use testkit::{count, wait_caught_up};
+pub use testkit::{Backend, count, wait_caught_up};
 
 use replay::{DlqCommand, ReplayArgs};
 use serde_json::Value;
@@ -65,14 +65,8 @@ impl ExitCodeEq {
 
 /// A fresh database of the backend, as a URL (SQLite's directory is kept
 /// alive by the returned guard).
-pub async fn fresh_url(postgres: bool) -> (String, Option<tempfile::TempDir>) {
-    testkit::FreshDb::new(if postgres {
-        testkit::Backend::Postgres
-    } else {
-        testkit::Backend::Sqlite
-    })
-    .await
-    .into_parts()
+pub async fn fresh_url(backend: Backend) -> (String, Option<tempfile::TempDir>) {
+    testkit::FreshDb::new(backend).await.into_parts()
 }
 
 /// Sum of the high watermarks of a topic.
