@@ -139,15 +139,15 @@ async fn control_characters_bad_amounts_and_missing_card_tokens_are_refused_at_h
 
 /// The inbound consumer's dead-letter kinds, sorted.
 async fn dead_letter_kinds(h: &Handler) -> Vec<(String, String)> {
-    let dlq = read_quiet(&h.kafka, &h.kafka.topology().name(TopicKind::DeadLetter)).await;
+    let dlq = h.dead_letters().await;
     let mut kinds: Vec<(String, String)> = dlq
         .iter()
-        .map(|(hs, _)| {
+        .map(|r| {
             (
-                streaming::dlq::header_str(hs, "dlq.error_kind")
+                streaming::dlq::header_str(&r.headers, "dlq.error_kind")
                     .unwrap()
                     .to_owned(),
-                streaming::dlq::header_str(hs, "dlq.reason")
+                streaming::dlq::header_str(&r.headers, "dlq.reason")
                     .unwrap_or_default()
                     .to_owned(),
             )

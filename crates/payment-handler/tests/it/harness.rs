@@ -1,11 +1,7 @@
 use events::{EventType, TopicKind, avro};
 use payment_handler::HandlerArgs;
-use rdkafka::ClientConfig;
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Message;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use std::time::Duration;
 use streaming::KafkaConfig;
 use tokio_util::sync::CancellationToken;
 
@@ -96,47 +92,55 @@ impl Handler {
         (s, r.json().await.unwrap())
     }
 
-    /// Every event on the payments topic, decoded, once the topic is quiet.
+    /// Waits for the positive sign that the handler's consumers have
+    /// handled everything on their topics so far: the inbound group has
+    /// committed the end of the inbound topic, then the status group the
+    /// end of the payments topic (a consumer commits only once its effects
+    /// and dead letters are written). What the HTTP API appends is on the
+    /// topic before it answers.
+    pub async fn consumers_caught_up(&self) {
+        let t = self.kafka.topology();
+        testkit::wait_caught_up(
+            &self.kafka,
+            &t.group("handler-inbound"),
+            &[t.name(TopicKind::Inbound)],
+        )
+        .await;
+        testkit::wait_caught_up(
+            &self.kafka,
+            &t.group("payment-status"),
+            &[t.name(TopicKind::Payments)],
+        )
+        .await;
+    }
+
+    /// Every event on the payments topic, decoded, once the consumers have
+    /// caught up.
     pub async fn payment_events(&self) -> Vec<events::Envelope> {
-        read_quiet(
+        self.consumers_caught_up().await;
+        testkit::read_all(
             &self.kafka,
             &self.kafka.topology().name(TopicKind::Payments),
         )
         .await
-        .into_iter()
-        .map(|(_, p)| avro::decode(&p).unwrap())
+        .iter()
+        .map(|r| avro::decode(&r.payload).unwrap())
         .collect()
+    }
+
+    /// Every dead letter, once the consumers have caught up.
+    pub async fn dead_letters(&self) -> Vec<streaming::reader::Record> {
+        self.consumers_caught_up().await;
+        testkit::read_all(
+            &self.kafka,
+            &self.kafka.topology().name(TopicKind::DeadLetter),
+        )
+        .await
     }
 }
 
 pub fn count_type(evs: &[events::Envelope], t: EventType) -> usize {
     evs.iter().filter(|e| e.event_type() == t).count()
-}
-
-/// Reads a topic from the beginning until nothing arrives for 2 s.
-pub async fn read_quiet(
-    kafka: &KafkaConfig,
-    topic: &str,
-) -> Vec<(Vec<(String, Option<Vec<u8>>)>, Vec<u8>)> {
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &kafka.brokers)
-        .set("group.id", format!("reader-{}", uuid::Uuid::now_v7()))
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[topic]).unwrap();
-    let mut out = Vec::new();
-    // The first message may take a while (group join); after that, quiet = done.
-    let mut wait = Duration::from_secs(15);
-    while let Ok(Ok(m)) = tokio::time::timeout(wait, consumer.recv()).await {
-        out.push((
-            streaming::dlq::owned_headers(m.headers()),
-            m.payload().unwrap_or_default().to_vec(),
-        ));
-        wait = Duration::from_secs(2);
-    }
-    out
 }
 
 pub fn payment(buyer: &str, orders: &[(&str, i64, &str)]) -> String {

@@ -67,11 +67,11 @@ async fn inbound_requests_are_validated_risk_checked_and_deduplicated() {
     let v = found.expect("the inbound payment appeared");
     assert_eq!(v["status"], "processing");
 
-    let dlq = read_quiet(&h.kafka, &h.kafka.topology().name(TopicKind::DeadLetter)).await;
+    let dlq = h.dead_letters().await;
     let mut kinds: Vec<String> = dlq
         .iter()
-        .map(|(hs, _)| {
-            streaming::dlq::header_str(hs, "dlq.error_kind")
+        .map(|r| {
+            streaming::dlq::header_str(&r.headers, "dlq.error_kind")
                 .unwrap()
                 .to_owned()
         })

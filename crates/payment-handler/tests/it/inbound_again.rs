@@ -26,10 +26,10 @@ async fn a_refused_inbound_message_delivered_again_is_dead_lettered_again() {
             .await
             .unwrap();
     }
-    let dlq = read_quiet(&h.kafka, &h.kafka.topology().name(TopicKind::DeadLetter)).await;
+    let dlq = h.dead_letters().await;
     let kinds: Vec<&str> = dlq
         .iter()
-        .map(|(hs, _)| streaming::dlq::header_str(hs, "dlq.error_kind").unwrap())
+        .map(|r| streaming::dlq::header_str(&r.headers, "dlq.error_kind").unwrap())
         .collect();
     assert_eq!(kinds.len(), 2, "{kinds:?}");
     assert_eq!(kinds[0], kinds[1], "{kinds:?}");
@@ -81,10 +81,10 @@ async fn a_burst_of_inbound_messages_gets_one_answer_per_message() {
     for i in [100, 101] {
         producer.append_to(&inbound, &request(i)).await.unwrap();
     }
-    let dlq = read_quiet(&h.kafka, &h.kafka.topology().name(TopicKind::DeadLetter)).await;
+    let dlq = h.dead_letters().await;
     let mut kinds: Vec<&str> = dlq
         .iter()
-        .map(|(hs, _)| streaming::dlq::header_str(hs, "dlq.error_kind").unwrap())
+        .map(|r| streaming::dlq::header_str(&r.headers, "dlq.error_kind").unwrap())
         .collect();
     kinds.sort();
     assert_eq!(
