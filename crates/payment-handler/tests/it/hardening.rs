@@ -428,50 +428,51 @@ testkit::both!(
     a_velocity_window_whose_sum_exceeds_64_bits_still_gets_an_answer
 );
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_takeover_never_acts_on_a_stale_read_of_the_key() {
+async fn a_takeover_never_acts_on_a_stale_read_of_the_key(backend: Backend) {
     use payment_handler::store::{
         Begin, IdempotencyPolicy, idem_begin, idem_seen, idem_store_pending, idem_take_over,
     };
-    for backend in BOTH {
-        let h = start(backend).await;
-        let db = storage::Db::connect(&h.db_url).await.unwrap();
-        let client = events::ClientId::parse("shop-l1").unwrap();
-        let policy = IdempotencyPolicy {
-            lease_ms: 0,
-            retention_ms: 60_000,
-        };
-        let Begin::Owned {
-            token: old,
-            pending: None,
-        } = idem_begin(&db, &client, "k", "fp", policy).await.unwrap()
-        else {
-            panic!("a new key is owned");
-        };
-        tokio::time::sleep(Duration::from_millis(20)).await; // its lease ran out
-        let stale = idem_seen(&db, &client, "k").await.unwrap().unwrap();
-        assert_eq!(stale.pending, None);
-        // The old holder stores its decision between that read and the
-        // takeover: the takeover must not happen on the stale read.
-        let payment = events::PaymentId::derive(&client, "k");
-        idem_store_pending(&db, &client, "k", &old, "decided", payment)
+    let h = start(backend).await;
+    let db = storage::Db::connect(&h.db_url).await.unwrap();
+    let client = events::ClientId::parse("shop-l1").unwrap();
+    let policy = IdempotencyPolicy {
+        lease_ms: 0,
+        retention_ms: 60_000,
+    };
+    let Begin::Owned {
+        token: old,
+        pending: None,
+    } = idem_begin(&db, &client, "k", "fp", policy).await.unwrap()
+    else {
+        panic!("a new key is owned");
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await; // its lease ran out
+    let stale = idem_seen(&db, &client, "k").await.unwrap().unwrap();
+    assert_eq!(stale.pending, None);
+    // The old holder stores its decision between that read and the
+    // takeover: the takeover must not happen on the stale read.
+    let payment = events::PaymentId::derive(&client, "k");
+    idem_store_pending(&db, &client, "k", &old, "decided", payment)
+        .await
+        .unwrap();
+    assert_eq!(
+        idem_take_over(&db, &client, "k", policy, &stale)
             .await
-            .unwrap();
-        assert_eq!(
-            idem_take_over(&db, &client, "k", policy, &stale)
-                .await
-                .unwrap(),
-            None,
-            "{backend:?}: a takeover on a stale read would decide again"
-        );
-        // A fresh read takes it over, with the decided events to re-append.
-        let fresh = idem_seen(&db, &client, "k").await.unwrap().unwrap();
-        assert_eq!(fresh.pending.as_deref(), Some("decided"));
-        assert!(
-            idem_take_over(&db, &client, "k", policy, &fresh)
-                .await
-                .unwrap()
-                .is_some()
-        );
-    }
+            .unwrap(),
+        None,
+        "{backend:?}: a takeover on a stale read would decide again"
+    );
+    // A fresh read takes it over, with the decided events to re-append.
+    let fresh = idem_seen(&db, &client, "k").await.unwrap().unwrap();
+    assert_eq!(fresh.pending.as_deref(), Some("decided"));
+    assert!(
+        idem_take_over(&db, &client, "k", policy, &fresh)
+            .await
+            .unwrap()
+            .is_some()
+    );
 }
+testkit::both!(
+    a_takeover_never_acts_on_a_stale_read_of_the_key,
+    a_takeover_never_acts_on_a_stale_read_of_the_key
+);

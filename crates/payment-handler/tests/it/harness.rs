@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 use streaming::KafkaConfig;
 use tokio_util::sync::CancellationToken;
 
-pub use testkit::{BACKENDS as BOTH, Backend};
+pub use testkit::Backend;
 
 pub struct Handler {
     pub base: String,
