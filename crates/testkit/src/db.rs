@@ -3,9 +3,6 @@
 
 use storage::{Backend, Db, StorageError};
 
-/// Both backends, for tests that loop over them.
-pub const BACKENDS: [Backend; 2] = [Backend::Postgres, Backend::Sqlite];
-
 /// Server-level URL tests create their databases through:
 /// `PAYSTREAM_TEST_DATABASE_URL`, default the local server.
 pub fn admin_url() -> String {

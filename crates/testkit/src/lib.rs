@@ -3,7 +3,7 @@
 //! modules inside production crates.
 //!
 //! - fresh databases of either backend, one per test ([`db`]), and one way
-//!   to run a test body on both ([`both!`]; [`BACKENDS`] for a loop);
+//!   to run a test body on both ([`both!`]);
 //! - fresh topics under a unique prefix on the test broker ([`kafka`]);
 //! - envelope builders ([`envelope`], [`eur`]);
 //! - waiting for a positive condition with a deadline instead of sleeping
@@ -18,7 +18,7 @@ pub mod kafka;
 pub mod wait;
 
 pub use db::{
-    BACKENDS, FreshDb, TEST_DB_PREFIX, admin_url, count, exec, fresh_postgres, fresh_postgres_url,
+    FreshDb, TEST_DB_PREFIX, admin_url, count, exec, fresh_postgres, fresh_postgres_url,
     fresh_sqlite, strings,
 };
 pub use envelope::{envelope, envelope_now, eur, one_order_payment};
