@@ -445,7 +445,14 @@ async fn queries_cannot_starve_consumers_postgres() {
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Every query connection is stuck behind the lock before any event
+    // comes (otherwise the wallet's progress would prove nothing).
+    testkit::wait_until(
+        "the query pool's connections to wait on the ledger lock",
+        Duration::from_secs(30),
+        async || lock_waiters(&db).await >= i64::from(projections::cli::QUERY_CONNECTIONS),
+    )
+    .await;
 
     let producer = EventProducer::new(&cfg, "test").unwrap();
     produce_all(&producer, &stories(&unique, 10)).await;

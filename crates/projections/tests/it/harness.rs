@@ -159,3 +159,12 @@ pub fn stories(unique: &str, n: usize) -> Vec<Envelope> {
         })
         .collect()
 }
+
+/// Sessions of this PostgreSQL database waiting for a lock.
+pub async fn lock_waiters(db: &Db) -> i64 {
+    testkit::count(
+        db,
+        "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    )
+    .await
+}

@@ -268,7 +268,13 @@ async fn http_limits_postgres() {
     };
     let held_one = started(one.clone(), ops.clone());
     let held_many = started(many.clone(), ops.clone());
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    // Both verifications are held up by the lock.
+    testkit::wait_until(
+        "both verifications to wait on the ledger lock",
+        std::time::Duration::from_secs(30),
+        async || lock_waiters(&db).await >= 2,
+    )
+    .await;
 
     let busy = |base: String, path: &'static str| {
         let ops = ops.clone();
