@@ -34,6 +34,24 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// What the PSP simulator at `sim_url` saw for a reference (an order id):
+/// (charges it made, charge-creation requests it got).
+pub async fn sim_stats(http: &reqwest::Client, sim_url: &str, reference: &str) -> (i64, i64) {
+    let v: serde_json::Value = http
+        .get(format!("{sim_url}/_sim/stats"))
+        .query(&[("reference", reference)])
+        .send()
+        .await
+        .expect("simulator stats")
+        .json()
+        .await
+        .expect("simulator stats JSON");
+    (
+        v["charges"].as_i64().expect("charges"),
+        v["create_requests"].as_i64().expect("create_requests"),
+    )
+}
+
 /// Runs an async test body once per backend, as two tests `name::postgres`
 /// and `name::sqlite`:
 ///

@@ -300,20 +300,7 @@ impl Env {
 
     /// (charges, create requests) the simulator saw for an order.
     pub async fn sim_stats(&self, order: OrderId) -> (i64, i64) {
-        let v: serde_json::Value = self
-            .http
-            .get(format!("{}/_sim/stats", self.sim_url))
-            .query(&[("reference", order.to_string())])
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        (
-            v["charges"].as_i64().unwrap(),
-            v["create_requests"].as_i64().unwrap(),
-        )
+        testkit::sim_stats(&self.http, &self.sim_url, &order.to_string()).await
     }
 
     pub async fn advance_sim_clock(&self, ms: u64) {

@@ -214,16 +214,8 @@ async fn an_executor_killed_repeatedly_charges_every_order_exactly_once() {
 
     let http = reqwest::Client::new();
     for o in &orders {
-        let v: serde_json::Value = http
-            .get(format!("{}/_sim/stats", sim.base_url()))
-            .query(&[("reference", o.to_string())])
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        assert_eq!(v["charges"], 1, "order {o} charged {}", v["charges"]);
+        let (charges, _) = testkit::sim_stats(&http, &sim.base_url(), &o.to_string()).await;
+        assert_eq!(charges, 1, "order {o} charged {charges}");
         let listed: serde_json::Value = http
             .get(format!("{}/v1/charges", sim.base_url()))
             .query(&[("reference", o.to_string())])

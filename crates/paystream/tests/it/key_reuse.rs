@@ -8,19 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 /// (charges, create requests) the simulator saw for an order.
 async fn charges(http: &reqwest::Client, sim: &str, order: OrderId) -> (i64, i64) {
-    let v: serde_json::Value = http
-        .get(format!("{sim}/_sim/stats"))
-        .query(&[("reference", order.to_string())])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    (
-        v["charges"].as_i64().unwrap(),
-        v["create_requests"].as_i64().unwrap(),
-    )
+    testkit::sim_stats(http, sim, &order.to_string()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
