@@ -538,6 +538,33 @@ mod tests {
     }
 
     #[test]
+    fn durability_comes_from_the_flag_or_the_behaviour_file() {
+        for (name, want) in [
+            ("full", Durability::Full),
+            ("relaxed", Durability::Relaxed),
+            ("batched", Durability::Batched),
+        ] {
+            let cli = Cli::try_parse_from([
+                "x",
+                "--api-key",
+                KEY,
+                "--webhook-secret",
+                WHSEC,
+                "--durability",
+                name,
+            ])
+            .unwrap();
+            let config = SimConfig::from_args(&cli.psp).unwrap();
+            assert_eq!(config.behaviour.durability, want);
+            let b: Behaviour =
+                serde_json::from_value(serde_json::json!({ "durability": name })).unwrap();
+            assert_eq!(b.durability, want);
+        }
+        let cli = Cli::try_parse_from(["x", "--durability", "memory"]);
+        assert!(cli.is_err(), "no such mode");
+    }
+
+    #[test]
     fn signature_matches_a_known_vector() {
         // printf '1700000000.{"a":1}' | openssl dgst -sha256 -hmac test_vector_key
         let s = sign(b"test_vector_key", 1_700_000_000, br#"{"a":1}"#);
