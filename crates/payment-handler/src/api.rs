@@ -1,6 +1,7 @@
 //! The HTTP API. Every error is JSON `{"error": {"code", "message",
 //! "field"}}` with a stable code.
 
+use crate::error_code::ErrorCode;
 use crate::group;
 use crate::request;
 use crate::service::{self, App};
@@ -49,11 +50,13 @@ pub fn router(app: App) -> Router {
             "/openapi.json",
             get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI_JSON) }),
         )
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such route")
+        })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
+                ErrorCode::MethodNotAllowed,
                 "method not allowed on this route",
             )
         })
@@ -83,14 +86,14 @@ fn json_response(status: StatusCode, body: String) -> Response {
 #[derive(Debug, Clone)]
 pub struct ApiError {
     pub status: StatusCode,
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub message: String,
     pub field: Option<String>,
     pub retry_after_s: Option<u64>,
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
             code,
@@ -101,7 +104,7 @@ impl ApiError {
     }
 
     fn body(&self) -> String {
-        json!({"error": {"code": self.code, "message": self.message, "field": self.field}})
+        json!({"error": {"code": self.code.as_str(), "message": self.message, "field": self.field}})
             .to_string()
     }
 }
@@ -121,7 +124,7 @@ fn unavailable(e: impl std::fmt::Display) -> ApiError {
     tracing::error!(error = %e, "dependency unavailable");
     let mut err = ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
-        "unavailable",
+        ErrorCode::Unavailable,
         "a dependency is unavailable; retry with the same Idempotency-Key",
     );
     err.retry_after_s = Some(1);
@@ -132,7 +135,7 @@ async fn authenticate(app: &App, headers: &HeaderMap) -> Result<ClientId, ApiErr
     let unauthorized = || {
         ApiError::new(
             StatusCode::UNAUTHORIZED,
-            "unauthenticated",
+            ErrorCode::Unauthenticated,
             "a valid API key is required: Authorization: Bearer psk_...",
         )
     };
@@ -154,7 +157,11 @@ async fn authenticate(app: &App, headers: &HeaderMap) -> Result<ClientId, ApiErr
 
 fn idempotency_key(headers: &HeaderMap) -> Result<String, ApiError> {
     let bad = |msg: &str| {
-        let mut e = ApiError::new(StatusCode::BAD_REQUEST, "invalid_idempotency_key", msg);
+        let mut e = ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidIdempotencyKey,
+            msg,
+        );
         e.field = Some("Idempotency-Key".into());
         e
     };
@@ -179,15 +186,15 @@ async fn read_body(req: Request, limit: usize) -> Result<Bytes, ApiError> {
         .map_err(|_| {
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
+                ErrorCode::PayloadTooLarge,
                 format!("request bodies are limited to {limit} bytes"),
             )
         })
 }
 
 /// The JSON body of an error.
-pub fn error_json(code: &str, message: &str, field: Option<&str>) -> String {
-    json!({"error": {"code": code, "message": message, "field": field}}).to_string()
+pub fn error_json(code: ErrorCode, message: &str, field: Option<&str>) -> String {
+    json!({"error": {"code": code.as_str(), "message": message, "field": field}}).to_string()
 }
 
 /// Which owned work an idempotent request runs.
@@ -265,7 +272,7 @@ async fn idempotent(app: App, work: Work, req: Request) -> Result<Response, ApiE
             idempotency(IdempotencyResult::Mismatch);
             let mut e = ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                "idempotency_key_reused",
+                ErrorCode::IdempotencyKeyReused,
                 "this Idempotency-Key was already used with a different request",
             );
             e.field = Some("Idempotency-Key".into());
@@ -275,7 +282,7 @@ async fn idempotent(app: App, work: Work, req: Request) -> Result<Response, ApiE
             idempotency(IdempotencyResult::InFlight);
             let mut e = ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
-                "idempotency_key_in_use",
+                ErrorCode::IdempotencyKeyInUse,
                 "a request with this Idempotency-Key is still being processed; retry later",
             );
             e.retry_after_s = Some(retry_after_s);
@@ -354,7 +361,7 @@ async fn get_payment(
     let not_found = || {
         ApiError::new(
             StatusCode::NOT_FOUND,
-            "payment_not_found",
+            ErrorCode::PaymentNotFound,
             "no such payment",
         )
     };

@@ -13,6 +13,7 @@
 
 pub mod api;
 pub mod batch_sql;
+pub mod error_code;
 pub mod group;
 pub mod inbound;
 pub mod instances;

@@ -2,6 +2,7 @@
 //! what comes out is a [`PaymentRequest`] whose every field is known good,
 //! or a [`FieldError`] naming the offending field.
 
+use crate::error_code::ErrorCode;
 use events::{BuyerId, Currency, Money, SellerId};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -23,7 +24,7 @@ pub fn check_text(path: &str, s: &str, max_chars: usize) -> Result<(), FieldErro
     if let Some(c) = s.chars().find(|c| c.is_control()) {
         return Err(FieldError::new(
             path,
-            "control_character",
+            ErrorCode::ControlCharacter,
             format!(
                 "{path} must not contain control characters (found U+{:04X})",
                 u32::from(c)
@@ -33,7 +34,7 @@ pub fn check_text(path: &str, s: &str, max_chars: usize) -> Result<(), FieldErro
     if s.chars().count() > max_chars {
         return Err(FieldError::new(
             path,
-            "too_long",
+            ErrorCode::TooLong,
             format!("{path} is limited to {max_chars} characters"),
         ));
     }
@@ -65,7 +66,7 @@ impl PaymentRequest {
         Money::checked_sum(self.currency(), self.orders.iter().map(|o| o.amount)).map_err(|_| {
             FieldError::new(
                 "orders",
-                "invalid_amount",
+                ErrorCode::InvalidAmount,
                 "the orders' total overflows 64-bit minor units",
             )
         })
@@ -76,14 +77,14 @@ impl PaymentRequest {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldError {
     pub field: String,
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub message: String,
 }
 
 impl FieldError {
     pub fn new(
         field: impl Into<String>,
-        code: &'static str,
+        code: ErrorCode,
         message: impl Into<String>,
     ) -> FieldError {
         FieldError {
@@ -99,13 +100,19 @@ fn require<'a>(
     field: &str,
     path: &str,
 ) -> Result<&'a Value, FieldError> {
-    obj.get(field)
-        .ok_or_else(|| FieldError::new(path, "missing_field", format!("{path} is required")))
+    obj.get(field).ok_or_else(|| {
+        FieldError::new(path, ErrorCode::MissingField, format!("{path} is required"))
+    })
 }
 
 fn string<'a>(v: &'a Value, path: &str) -> Result<&'a str, FieldError> {
-    v.as_str()
-        .ok_or_else(|| FieldError::new(path, "invalid_type", format!("{path} must be a string")))
+    v.as_str().ok_or_else(|| {
+        FieldError::new(
+            path,
+            ErrorCode::InvalidType,
+            format!("{path} must be a string"),
+        )
+    })
 }
 
 fn reject_unknown(
@@ -121,7 +128,7 @@ fn reject_unknown(
         };
         return Err(FieldError::new(
             path.clone(),
-            "unknown_field",
+            ErrorCode::UnknownField,
             format!("unknown field {path}"),
         ));
     }
@@ -130,65 +137,72 @@ fn reject_unknown(
 
 /// Parses `{"buyer_id", "orders": [{"seller_id", "amount_minor", "currency"}], "metadata"?}`.
 pub fn parse(body: &[u8]) -> Result<PaymentRequest, FieldError> {
-    let v: Value = serde_json::from_slice(body)
-        .map_err(|e| FieldError::new("", "invalid_json", format!("body is not valid JSON: {e}")))?;
+    let v: Value = serde_json::from_slice(body).map_err(|e| {
+        FieldError::new(
+            "",
+            ErrorCode::InvalidJson,
+            format!("body is not valid JSON: {e}"),
+        )
+    })?;
     let obj = v
         .as_object()
-        .ok_or_else(|| FieldError::new("", "invalid_type", "body must be a JSON object"))?;
+        .ok_or_else(|| FieldError::new("", ErrorCode::InvalidType, "body must be a JSON object"))?;
     reject_unknown(obj, &["buyer_id", "orders", "metadata"], "")?;
 
     let buyer = string(require(obj, "buyer_id", "buyer_id")?, "buyer_id")?;
     let buyer_id = BuyerId::parse(buyer)
-        .map_err(|e| FieldError::new("buyer_id", "invalid_id", e.to_string()))?;
+        .map_err(|e| FieldError::new("buyer_id", ErrorCode::InvalidId, e.to_string()))?;
 
     let orders_v = require(obj, "orders", "orders")?
         .as_array()
-        .ok_or_else(|| FieldError::new("orders", "invalid_type", "orders must be an array"))?;
+        .ok_or_else(|| {
+            FieldError::new("orders", ErrorCode::InvalidType, "orders must be an array")
+        })?;
     if orders_v.is_empty() {
         return Err(FieldError::new(
             "orders",
-            "no_orders",
+            ErrorCode::NoOrders,
             "a payment needs at least one order",
         ));
     }
     if orders_v.len() > ORDERS_MAX {
         return Err(FieldError::new(
             "orders",
-            "too_many_orders",
+            ErrorCode::TooManyOrders,
             format!("at most {ORDERS_MAX} orders per payment"),
         ));
     }
     let mut orders = Vec::with_capacity(orders_v.len());
     for (i, o) in orders_v.iter().enumerate() {
         let p = format!("orders[{i}]");
-        let o = o
-            .as_object()
-            .ok_or_else(|| FieldError::new(&p, "invalid_type", format!("{p} must be an object")))?;
+        let o = o.as_object().ok_or_else(|| {
+            FieldError::new(&p, ErrorCode::InvalidType, format!("{p} must be an object"))
+        })?;
         reject_unknown(o, &["seller_id", "amount_minor", "currency"], &p)?;
         let fp = format!("{p}.seller_id");
         let seller_id = SellerId::parse(string(require(o, "seller_id", &fp)?, &fp)?)
-            .map_err(|e| FieldError::new(&fp, "invalid_id", e.to_string()))?;
+            .map_err(|e| FieldError::new(&fp, ErrorCode::InvalidId, e.to_string()))?;
         let cp = format!("{p}.currency");
         let currency = Currency::from_code(string(require(o, "currency", &cp)?, &cp)?)
-            .map_err(|e| FieldError::new(&cp, "invalid_currency", e.to_string()))?;
+            .map_err(|e| FieldError::new(&cp, ErrorCode::InvalidCurrency, e.to_string()))?;
         let ap = format!("{p}.amount_minor");
         let amount_v = require(o, "amount_minor", &ap)?;
         // JSON numbers with a fraction or exponent are not minor units.
         let amount_minor = amount_v.as_i64().filter(|_| amount_v.is_i64() || amount_v.is_u64()).ok_or_else(|| {
             FieldError::new(
                 &ap,
-                "invalid_amount",
+                ErrorCode::InvalidAmount,
                 format!("{ap} must be an integer number of minor units (e.g. 1050 for 10.50 EUR), got {amount_v}"),
             )
         })?;
         let amount = Money::payable(amount_minor, currency)
-            .map_err(|e| FieldError::new(&ap, "invalid_amount", e.to_string()))?;
+            .map_err(|e| FieldError::new(&ap, ErrorCode::InvalidAmount, e.to_string()))?;
         if let Some(first) = orders.first().map(|o: &OrderRequest| o.amount.currency())
             && first != currency
         {
             return Err(FieldError::new(
                 &cp,
-                "mixed_currencies",
+                ErrorCode::MixedCurrencies,
                 format!(
                     "all orders of a payment must share one currency; orders[0] is {first}, {p} is {currency}"
                 ),
@@ -202,14 +216,14 @@ pub fn parse(body: &[u8]) -> Result<PaymentRequest, FieldError> {
         let m = m.as_object().ok_or_else(|| {
             FieldError::new(
                 "metadata",
-                "invalid_type",
+                ErrorCode::InvalidType,
                 "metadata must be an object of strings",
             )
         })?;
         if m.len() > METADATA_ENTRIES_MAX {
             return Err(FieldError::new(
                 "metadata",
-                "too_many_entries",
+                ErrorCode::TooManyEntries,
                 format!("at most {METADATA_ENTRIES_MAX} metadata entries"),
             ));
         }
@@ -219,7 +233,7 @@ pub fn parse(body: &[u8]) -> Result<PaymentRequest, FieldError> {
             if k.is_empty() || k.chars().count() > METADATA_KEY_LEN_MAX {
                 return Err(FieldError::new(
                     &p,
-                    "invalid_metadata",
+                    ErrorCode::InvalidMetadata,
                     format!("metadata keys must be 1 to {METADATA_KEY_LEN_MAX} characters"),
                 ));
             }
@@ -228,7 +242,7 @@ pub fn parse(body: &[u8]) -> Result<PaymentRequest, FieldError> {
             if s.chars().count() > METADATA_VALUE_LEN_MAX {
                 return Err(FieldError::new(
                     &p,
-                    "invalid_metadata",
+                    ErrorCode::InvalidMetadata,
                     format!("metadata values must be at most {METADATA_VALUE_LEN_MAX} characters"),
                 ));
             }
@@ -242,14 +256,14 @@ pub fn parse(body: &[u8]) -> Result<PaymentRequest, FieldError> {
         None => {
             return Err(FieldError::new(
                 &card_path,
-                "missing_payment_method",
+                ErrorCode::MissingPaymentMethod,
                 format!("{card_path} is required: the payment method to charge"),
             ));
         }
         Some(t) if t.is_empty() || t.len() > CARD_TOKEN_LEN_MAX => {
             return Err(FieldError::new(
                 &card_path,
-                "invalid_payment_method",
+                ErrorCode::InvalidPaymentMethod,
                 format!("{card_path} must be 1 to {CARD_TOKEN_LEN_MAX} bytes"),
             ));
         }
@@ -264,7 +278,7 @@ pub fn parse(body: &[u8]) -> Result<PaymentRequest, FieldError> {
     if !total.within_bound() {
         return Err(FieldError::new(
             "orders",
-            "invalid_amount",
+            ErrorCode::InvalidAmount,
             format!(
                 "the orders' total {} is above the bound of {} minor units",
                 total.amount_minor(),
@@ -288,18 +302,23 @@ pub const REFUND_REASON_LEN_MAX: usize = 500;
 
 /// Parses `{"order_id", "amount_minor"?, "reason"?}`.
 pub fn parse_refund(body: &[u8]) -> Result<RefundRequest, FieldError> {
-    let v: Value = serde_json::from_slice(body)
-        .map_err(|e| FieldError::new("", "invalid_json", format!("body is not valid JSON: {e}")))?;
+    let v: Value = serde_json::from_slice(body).map_err(|e| {
+        FieldError::new(
+            "",
+            ErrorCode::InvalidJson,
+            format!("body is not valid JSON: {e}"),
+        )
+    })?;
     let obj = v
         .as_object()
-        .ok_or_else(|| FieldError::new("", "invalid_type", "body must be a JSON object"))?;
+        .ok_or_else(|| FieldError::new("", ErrorCode::InvalidType, "body must be a JSON object"))?;
     reject_unknown(obj, &["order_id", "amount_minor", "reason"], "")?;
     let order_id = string(require(obj, "order_id", "order_id")?, "order_id")?
         .parse()
         .map_err(|_| {
             FieldError::new(
                 "order_id",
-                "invalid_id",
+                ErrorCode::InvalidId,
                 "order_id must be an order id (UUID)",
             )
         })?;
@@ -311,7 +330,7 @@ pub fn parse_refund(body: &[u8]) -> Result<RefundRequest, FieldError> {
                 .ok_or_else(|| {
                     FieldError::new(
                         "amount_minor",
-                        "invalid_amount",
+                        ErrorCode::InvalidAmount,
                         format!(
                             "amount_minor must be a positive integer number of minor units, at most {}",
                             Money::MAX_MINOR
@@ -327,7 +346,7 @@ pub fn parse_refund(body: &[u8]) -> Result<RefundRequest, FieldError> {
     if reason.chars().count() > REFUND_REASON_LEN_MAX {
         return Err(FieldError::new(
             "reason",
-            "invalid_reason",
+            ErrorCode::InvalidReason,
             format!("reason is limited to {REFUND_REASON_LEN_MAX} characters"),
         ));
     }
@@ -388,7 +407,7 @@ mod tests {
             r#"{"buyer_id":"b","orders":[{"seller_id":"s","amount_minor":10.5,"currency":"EUR"}]}"#,
         );
         assert_eq!(
-            (e.field.as_str(), e.code),
+            (e.field.as_str(), e.code.as_str()),
             ("orders[0].amount_minor", "invalid_amount")
         );
         let e = err(
@@ -403,21 +422,21 @@ mod tests {
             r#"{"buyer_id":"b","orders":[{"seller_id":"s","amount_minor":5,"currency":"eur"}]}"#,
         );
         assert_eq!(
-            (e.field.as_str(), e.code),
+            (e.field.as_str(), e.code.as_str()),
             ("orders[0].currency", "invalid_currency")
         );
         let e = err(
             r#"{"buyer_id":"b","orders":[{"seller_id":"s","amount_minor":5,"currency":"EUR"},{"seller_id":"s","amount_minor":5,"currency":"USD"}]}"#,
         );
         assert_eq!(
-            (e.field.as_str(), e.code),
+            (e.field.as_str(), e.code.as_str()),
             ("orders[1].currency", "mixed_currencies")
         );
         let e = err(
             r#"{"buyer_id":"b","orders":[{"seller_id":"s","amount_minor":5,"currency":"EUR","tip":1}]}"#,
         );
         assert_eq!(
-            (e.field.as_str(), e.code),
+            (e.field.as_str(), e.code.as_str()),
             ("orders[0].tip", "unknown_field")
         );
         let e = err(
@@ -446,7 +465,7 @@ mod tests {
                 &[5],
             ));
             assert_eq!(
-                (e.field.as_str(), e.code),
+                (e.field.as_str(), e.code.as_str()),
                 ("metadata.card_token", "control_character"),
                 "{bad:?}"
             );
@@ -455,7 +474,7 @@ mod tests {
                 &[5],
             ));
             assert_eq!(
-                (e.field.as_str(), e.code),
+                (e.field.as_str(), e.code.as_str()),
                 ("metadata.note", "control_character")
             );
             let e = err(&body(
@@ -469,7 +488,7 @@ mod tests {
                     .as_bytes(),
             )
             .unwrap_err();
-            assert_eq!((e.field.as_str(), e.code), ("reason", "control_character"));
+            assert_eq!((e.field.as_str(), e.code.as_str()), ("reason", "control_character"));
         }
         // Printable non-ASCII text is fine.
         assert!(
@@ -491,11 +510,11 @@ mod tests {
         assert!(parse(body(card(), &[max]).as_bytes()).is_ok());
         let e = err(&body(card(), &[max + 1]));
         assert_eq!(
-            (e.field.as_str(), e.code),
+            (e.field.as_str(), e.code.as_str()),
             ("orders[0].amount_minor", "invalid_amount")
         );
         let e = err(&body(card(), &[max, 1]));
-        assert_eq!((e.field.as_str(), e.code), ("orders", "invalid_amount"));
+        assert_eq!((e.field.as_str(), e.code.as_str()), ("orders", "invalid_amount"));
         let e = parse_refund(
             serde_json::json!({"order_id": uuid::Uuid::nil().to_string(), "amount_minor": max + 1})
                 .to_string()
@@ -511,14 +530,14 @@ mod tests {
             r#"{"buyer_id":"b","orders":[{"seller_id":"s","amount_minor":5,"currency":"EUR"}]}"#,
         );
         assert_eq!(
-            (e.field.as_str(), e.code),
+            (e.field.as_str(), e.code.as_str()),
             ("metadata.card_token", "missing_payment_method")
         );
         let e = err(&body(serde_json::json!({"cart": "c"}), &[5]));
         assert_eq!(e.field, "metadata.card_token");
         let e = err(&body(serde_json::json!({"card_token": ""}), &[5]));
         assert_eq!(
-            (e.field.as_str(), e.code),
+            (e.field.as_str(), e.code.as_str()),
             ("metadata.card_token", "invalid_payment_method")
         );
     }

@@ -1,6 +1,7 @@
 //! Configuration, shared state, the submit path shared by HTTP and the
 //! inbound topic, and `serve`.
 
+use crate::error_code::ErrorCode;
 use crate::request::PaymentRequest;
 use crate::risk::{RecentActivity, RiskCheck, RiskDecision, RiskRules};
 use crate::store::{self, IdempotencyPolicy};
@@ -362,7 +363,7 @@ pub async fn append_encoded(app: &App, env: &Envelope, payload: &[u8]) -> Result
 pub(crate) fn key_already_used() -> Reply {
     Reply::refusal(
         422,
-        "idempotency_key_reused",
+        ErrorCode::IdempotencyKeyReused,
         "a payment was already made under this Idempotency-Key",
         Some("Idempotency-Key"),
     )
@@ -425,7 +426,7 @@ impl Reply {
     }
     pub(crate) fn refusal(
         status: u16,
-        code: &str,
+        code: ErrorCode,
         message: impl Into<String>,
         field: Option<&str>,
     ) -> Reply {
@@ -433,7 +434,7 @@ impl Reply {
     }
     fn transient(
         status: u16,
-        code: &str,
+        code: ErrorCode,
         message: impl Into<String>,
         field: Option<&str>,
     ) -> Reply {
@@ -552,11 +553,12 @@ pub async fn run_owned_refund(
             };
             // Not found *yet* is not stored: the payment may still be on its
             // way through the inbound topic.
-            let not_found = || Reply::transient(404, "payment_not_found", "no such payment", None);
+            let not_found =
+                || Reply::transient(404, ErrorCode::PaymentNotFound, "no such payment", None);
             let Ok(payment) = payment_path.parse::<PaymentId>() else {
                 return Ok(Reply::refusal(
                     404,
-                    "payment_not_found",
+                    ErrorCode::PaymentNotFound,
                     "no such payment",
                     None,
                 ));
@@ -569,7 +571,7 @@ pub async fn run_owned_refund(
                     None => Ok(not_found()),
                     Some(_) => Ok(Reply::refusal(
                         400,
-                        "order_not_in_payment",
+                        ErrorCode::OrderNotInPayment,
                         "order_id is not an order of this payment",
                         Some("order_id"),
                     )),
@@ -608,7 +610,7 @@ pub async fn run_owned_refund(
             let too_much = |e: &RefundRejection| {
                 Reply::refusal(
                     422,
-                    "amount_exceeds_refundable",
+                    ErrorCode::AmountExceedsRefundable,
                     e.to_string(),
                     Some("amount_minor"),
                 )
@@ -618,7 +620,7 @@ pub async fn run_owned_refund(
                 Err(e @ RefundRejection::NotRefundable(_)) => {
                     return Ok(Reply::refusal(
                         422,
-                        "order_not_refundable",
+                        ErrorCode::OrderNotRefundable,
                         e.to_string(),
                         field,
                     ));
@@ -626,7 +628,7 @@ pub async fn run_owned_refund(
                 Err(e @ RefundRejection::NotCaptured(_)) => {
                     return Ok(Reply::transient(
                         409,
-                        "order_not_captured",
+                        ErrorCode::OrderNotCaptured,
                         e.to_string(),
                         field,
                     ));
@@ -637,7 +639,7 @@ pub async fn run_owned_refund(
                 Err(e @ RefundRejection::KeyReused) => {
                     return Ok(Reply::refusal(
                         422,
-                        "idempotency_key_reused",
+                        ErrorCode::IdempotencyKeyReused,
                         e.to_string(),
                         Some("Idempotency-Key"),
                     ));
