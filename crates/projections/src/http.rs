@@ -1,5 +1,6 @@
 //! The query API over HTTP. Errors are JSON
-//! `{"error": {"code", "message", "field"}}` with stable codes.
+//! `{"error": {"code", "message", "field"}}` with stable codes, the
+//! closed enum [`ErrorCode`] (each code has one status).
 //!
 //! Every `/v1` route needs `Authorization: Bearer <API key>` (the payment
 //! handler's keys, see [`crate::auth`]); a request without a well-formed
@@ -13,6 +14,7 @@
 //! that the answer is 503 with `Retry-After`.
 
 use crate::auth::{self, AuthError, Caller, Role};
+use crate::error_code::ErrorCode;
 use crate::query::{self, HISTORY_LIMIT_MAX};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
@@ -29,8 +31,7 @@ use tokio::sync::Semaphore;
 /// A failed request: HTTP status plus the stable error body.
 #[derive(Debug)]
 pub struct ApiError {
-    status: StatusCode,
-    code: &'static str,
+    code: ErrorCode,
     message: String,
     field: Option<&'static str>,
     /// Seconds for `Retry-After` (503 when saturated).
@@ -38,9 +39,8 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+    fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
         ApiError {
-            status,
             code,
             message: message.into(),
             field: None,
@@ -49,27 +49,24 @@ impl ApiError {
     }
 
     fn unauthenticated(message: &str) -> ApiError {
-        ApiError::new(StatusCode::UNAUTHORIZED, "unauthenticated", message)
+        ApiError::new(ErrorCode::Unauthenticated, message)
     }
 
     fn forbidden(message: String) -> ApiError {
-        ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
+        ApiError::new(ErrorCode::Forbidden, message)
     }
 
-    fn busy(code: &'static str, message: &str, seconds: u32) -> ApiError {
+    fn busy(code: ErrorCode, message: &str, seconds: u32) -> ApiError {
         ApiError {
             retry_after: Some(seconds),
-            ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
+            ..ApiError::new(code, message)
         }
     }
 
     fn invalid(field: &'static str, message: String) -> ApiError {
         ApiError {
-            status: StatusCode::BAD_REQUEST,
-            code: "invalid_parameter",
-            message,
             field: Some(field),
-            retry_after: None,
+            ..ApiError::new(ErrorCode::InvalidParameter, message)
         }
     }
 }
@@ -77,27 +74,24 @@ impl ApiError {
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> ApiError {
         tracing::error!(error = %e, "query failed");
-        ApiError {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            code: "database_unavailable",
-            message: "the projection database could not be read".into(),
-            field: None,
-            retry_after: None,
-        }
+        ApiError::new(
+            ErrorCode::DatabaseUnavailable,
+            "the projection database could not be read",
+        )
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({
-            "error": {"code": self.code, "message": self.message, "field": self.field}
+            "error": {"code": self.code.as_str(), "message": self.message, "field": self.field}
         });
-        let mut r = (self.status, Json(body)).into_response();
+        let mut r = (self.code.status(), Json(body)).into_response();
         if let Some(s) = self.retry_after {
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(s));
         }
-        if self.status == StatusCode::UNAUTHORIZED {
+        if self.code == ErrorCode::Unauthenticated {
             r.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
@@ -185,8 +179,12 @@ async fn guard(State(api): State<Api>, mut req: Request, next: Next) -> Response
     };
     // 2. Bounded concurrency: the query pool is small on purpose.
     let Ok(_permit) = api.in_flight.clone().try_acquire_owned() else {
-        return ApiError::busy("overloaded", "too many queries at once; retry shortly", 1)
-            .into_response();
+        return ApiError::busy(
+            ErrorCode::Overloaded,
+            "too many queries at once; retry shortly",
+            1,
+        )
+        .into_response();
     };
     // 3. The key.
     let caller = match auth::authenticate(&api.db, key_id, secret).await {
@@ -199,8 +197,7 @@ async fn guard(State(api): State<Api>, mut req: Request, next: Next) -> Response
                 tracing::error!(error = %e, "the API key table handler_api_keys is missing: every query is refused until the payment handler's migrations run on this database");
             }
             return ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "auth_unavailable",
+                ErrorCode::AuthUnavailable,
                 "API keys cannot be checked: the key table handler_api_keys is missing or outdated in this database; run the payment handler (or `paystream clients create`) against it",
             )
             .into_response();
@@ -325,8 +322,7 @@ async fn payment_entries(
         // Not the caller's (or unknown): the same answer either way, so a
         // client cannot probe for other clients' payments.
         return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
+            ErrorCode::NotFound,
             format!("no payment {id} of client {}", caller.client_id),
         ));
     }
@@ -342,7 +338,7 @@ async fn verify(
     // A verification walks the whole chain: one at a time.
     let Ok(_one) = api.verify.clone().try_acquire_owned() else {
         return Err(ApiError::busy(
-            "verify_in_progress",
+            ErrorCode::VerifyInProgress,
             "a ledger verification is running; retry when it is done",
             5,
         ));
@@ -358,33 +354,28 @@ async fn verify(
 
 async fn health(State(api): State<Api>) -> Response {
     let Ok(_permit) = api.in_flight.clone().try_acquire_owned() else {
-        return ApiError::busy("overloaded", "too many queries at once; retry shortly", 1)
-            .into_response();
+        return ApiError::busy(
+            ErrorCode::Overloaded,
+            "too many queries at once; retry shortly",
+            1,
+        )
+        .into_response();
     };
     match api.db.ping().await {
         Ok(()) => (StatusCode::OK, Json(serde_json::json!({"status": "ok"}))).into_response(),
         Err(e) => {
             tracing::warn!(error = %e, "health check failed");
-            ApiError {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                code: "database_unavailable",
-                message: "the projection database is not reachable".into(),
-                field: None,
-                retry_after: None,
-            }
+            ApiError::new(
+                ErrorCode::DatabaseUnavailable,
+                "the projection database is not reachable",
+            )
             .into_response()
         }
     }
 }
 
 async fn not_found() -> ApiError {
-    ApiError {
-        status: StatusCode::NOT_FOUND,
-        code: "not_found",
-        message: "no such route".into(),
-        field: None,
-        retry_after: None,
-    }
+    ApiError::new(ErrorCode::NotFound, "no such route")
 }
 
 /// Routes: `GET /v1/wallets/{seller}`, `GET /v1/buyers/{buyer}`,

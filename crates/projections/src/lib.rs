@@ -12,6 +12,7 @@ pub mod auth;
 pub mod booking;
 pub mod bulk;
 pub mod cli;
+pub mod error_code;
 pub mod http;
 pub mod query;
 mod sql;
@@ -19,6 +20,7 @@ pub mod verify;
 
 pub use apply::{Incoming, Projection, ProjectionHandler, apply_batch};
 pub use cli::{LedgerCommand, ProjectionsArgs, run_ledger_command, serve};
+pub use error_code::ErrorCode;
 pub use http::{QueryLimits, router, router_with};
 pub use verify::{VerifyReport, verify};
 

@@ -1,0 +1,138 @@
+//! Every `error.code` the query API answers with (issue 17 item 4): one
+//! closed enum, so a code is a variant the compiler checks, not a string
+//! each call site spells. Each code has exactly one HTTP status. The
+//! crate's README lists exactly these codes (the table under "Error
+//! codes" in its Queries section), and a test keeps the two equal.
+
+use axum::http::StatusCode;
+
+/// A stable, machine-readable error code of the query API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ErrorCode {
+    /// 400: a path or query parameter is malformed (`field` names it).
+    InvalidParameter,
+    /// 401: no, a malformed, an unknown or a revoked API key.
+    Unauthenticated,
+    /// 403: a client key reading what needs an operator key.
+    Forbidden,
+    /// 404: no such payment (or not the caller's), or no such route.
+    NotFound,
+    /// 503: the projection database could not be read.
+    DatabaseUnavailable,
+    /// 503: the API key table is missing, so no key can be checked.
+    AuthUnavailable,
+    /// 503: too many requests in flight; `Retry-After`.
+    Overloaded,
+    /// 503: a ledger verification is already running; `Retry-After`.
+    VerifyInProgress,
+}
+
+impl ErrorCode {
+    /// Every code, in declaration order.
+    pub const ALL: &'static [ErrorCode] = &[
+        ErrorCode::InvalidParameter,
+        ErrorCode::Unauthenticated,
+        ErrorCode::Forbidden,
+        ErrorCode::NotFound,
+        ErrorCode::DatabaseUnavailable,
+        ErrorCode::AuthUnavailable,
+        ErrorCode::Overloaded,
+        ErrorCode::VerifyInProgress,
+    ];
+
+    /// The code on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidParameter => "invalid_parameter",
+            ErrorCode::Unauthenticated => "unauthenticated",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::DatabaseUnavailable => "database_unavailable",
+            ErrorCode::AuthUnavailable => "auth_unavailable",
+            ErrorCode::Overloaded => "overloaded",
+            ErrorCode::VerifyInProgress => "verify_in_progress",
+        }
+    }
+
+    /// The HTTP status every answer with this code has.
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorCode::InvalidParameter => StatusCode::BAD_REQUEST,
+            ErrorCode::Unauthenticated => StatusCode::UNAUTHORIZED,
+            ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+            ErrorCode::NotFound => StatusCode::NOT_FOUND,
+            ErrorCode::DatabaseUnavailable
+            | ErrorCode::AuthUnavailable
+            | ErrorCode::Overloaded
+            | ErrorCode::VerifyInProgress => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for ErrorCode {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    /// The rows `| status | `code` | when |` of the README's error-code
+    /// table: the first table after the "### Error codes" heading.
+    fn readme_codes() -> Vec<(u16, String)> {
+        let readme = include_str!("../README.md");
+        let section = readme
+            .split_once("\n### Error codes\n")
+            .expect("README.md has a \"### Error codes\" section")
+            .1;
+        let section = section.split("\n#").next().unwrap_or(section);
+        section
+            .lines()
+            .filter_map(|l| {
+                let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+                // "", status, `code`, when, ""
+                let status = cells.get(1)?.parse::<u16>().ok()?;
+                let code = cells.get(2)?.strip_prefix('`')?.strip_suffix('`')?;
+                Some((status, code.to_owned()))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn readme_lists_exactly_the_codes_with_their_statuses() {
+        let listed = readme_codes();
+        let ours: Vec<(u16, String)> = ErrorCode::ALL
+            .iter()
+            .map(|c| (c.status().as_u16(), c.as_str().to_owned()))
+            .collect();
+        assert_eq!(
+            listed.iter().collect::<BTreeSet<_>>(),
+            ours.iter().collect::<BTreeSet<_>>()
+        );
+        assert_eq!(listed.len(), ours.len(), "a code listed twice");
+    }
+
+    #[test]
+    fn all_holds_every_variant_once() {
+        let mut seen = BTreeSet::new();
+        for c in ErrorCode::ALL {
+            assert!(seen.insert(*c), "{c} twice");
+            assert!(
+                c.as_str()
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'_')
+            );
+        }
+        // as_str's match names every variant; keep this count in step.
+        assert_eq!(seen.len(), 8);
+    }
+}
