@@ -4,6 +4,7 @@
 //! half-made, just as a real PSP finishes a charge whose caller timed out.
 
 use crate::config::{Account, Outcome, Resolution};
+use crate::error_code::ErrorCode;
 use crate::settlement::{self, InjectionSpec};
 use crate::store::{self, ChargeRow, Claim, ClaimArgs, NewCharge, NewRefund, RefundRefused};
 use crate::{AppState, ConnKill, workers};
@@ -33,24 +34,34 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/_sim/stats", get(sim_stats))
         .route("/_sim/clock/advance", post(sim_clock_advance))
         .route("/health", get(|| async { "ok" }))
-        .fallback(|| async {
-            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
-        });
+        .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such endpoint") });
     streaming::metrics::instrument(router, "psp-sim").with_state(state)
 }
 
-/// `{"error": {"code", "message", "field"}}` with a stable code.
+/// `{"error": {"code", "message", "field"}}` with a stable code, one of
+/// the closed enum [`ErrorCode`].
 #[derive(Debug)]
 pub(crate) struct ApiError {
     status: StatusCode,
-    code: &'static str,
+    code: ErrorCode,
     message: String,
     field: Option<&'static str>,
     retry_after_s: Option<u64>,
 }
 
 impl ApiError {
-    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    /// An error with `code`'s one status.
+    pub(crate) fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ApiError::with_status(code.status(), code, message)
+    }
+
+    /// A simulated failure, whose status the behaviour file chose among
+    /// `code`'s statuses.
+    fn with_status(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
+        debug_assert!(
+            code.statuses().contains(&status.as_u16()),
+            "{code} {status}"
+        );
         ApiError {
             status,
             code,
@@ -63,17 +74,13 @@ impl ApiError {
     fn invalid(field: &'static str, message: impl Into<String>) -> Self {
         ApiError {
             field: Some(field),
-            ..ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+            ..ApiError::new(ErrorCode::InvalidRequest, message)
         }
     }
 
     fn internal(e: impl std::fmt::Display) -> Self {
         tracing::error!(error = %e, "psp simulator internal error");
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal_error",
-            "internal error in the simulator",
-        )
+        ApiError::new(ErrorCode::InternalError, "internal error in the simulator")
     }
 }
 
@@ -85,8 +92,7 @@ impl From<sqlx::Error> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body =
-            json!({"error": {"code": self.code, "message": self.message, "field": self.field}});
+        let body = json!({"error": {"code": self.code.as_str(), "message": self.message, "field": self.field}});
         let mut resp = (self.status, axum::Json(body)).into_response();
         if let Some(s) = self.retry_after_s {
             resp.headers_mut()
@@ -118,8 +124,7 @@ fn replay(body: String) -> Response {
 fn authenticate<'a>(st: &'a AppState, headers: &HeaderMap) -> Result<&'a Account, ApiError> {
     let unauthorized = || {
         ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
+            ErrorCode::Unauthorized,
             "missing or unknown API key (Authorization: Bearer <key>)",
         )
     };
@@ -149,8 +154,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<String, ApiError> {
         return Err(ApiError {
             field: Some("Idempotency-Key"),
             ..ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "idempotency_key_missing",
+                ErrorCode::IdempotencyKeyMissing,
                 "the Idempotency-Key header is required",
             )
         });
@@ -178,22 +182,19 @@ fn request_hash(route: &str, canonical: &impl Serialize) -> String {
 fn parse_object(body: &[u8], allowed: &[&'static str]) -> Result<Map<String, Value>, ApiError> {
     let v: Value = serde_json::from_slice(body).map_err(|e| {
         ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
+            ErrorCode::InvalidRequest,
             format!("body is not valid JSON: {e}"),
         )
     })?;
     let Value::Object(map) = v else {
         return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
+            ErrorCode::InvalidRequest,
             "body must be a JSON object",
         ));
     };
     if let Some(k) = map.keys().find(|k| !allowed.contains(&k.as_str())) {
         return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
+            ErrorCode::InvalidRequest,
             format!("unknown field {k:?}"),
         ));
     }
@@ -346,8 +347,7 @@ fn key_reused() -> ApiError {
     ApiError {
         field: Some("Idempotency-Key"),
         ..ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "idempotency_key_reused",
+            ErrorCode::IdempotencyKeyReused,
             "this Idempotency-Key was used with a different request",
         )
     }
@@ -357,8 +357,7 @@ fn key_in_use() -> ApiError {
     ApiError {
         field: Some("Idempotency-Key"),
         ..ApiError::new(
-            StatusCode::CONFLICT,
-            "idempotency_key_in_use",
+            ErrorCode::IdempotencyKeyInUse,
             "a request with this Idempotency-Key is in progress; retry later",
         )
     }
@@ -405,9 +404,9 @@ async fn process_charge(
     match outcome {
         Outcome::Error { status, times } if attempt <= times => {
             let status = StatusCode::from_u16(status).expect("validated status");
-            return Action::Fail(ApiError::new(
+            return Action::Fail(ApiError::with_status(
                 status,
-                "psp_unavailable",
+                ErrorCode::PspUnavailable,
                 "simulated processing error; retry with the same Idempotency-Key",
             ));
         }
@@ -419,7 +418,11 @@ async fn process_charge(
             let status = StatusCode::from_u16(status).expect("validated status");
             return Action::Fail(ApiError {
                 retry_after_s: Some(retry_after_s),
-                ..ApiError::new(status, "rate_limited", "too many requests; retry later")
+                ..ApiError::with_status(
+                    status,
+                    ErrorCode::RateLimited,
+                    "too many requests; retry later",
+                )
             });
         }
         Outcome::Timeout {
@@ -511,11 +514,7 @@ async fn get_charge(
 }
 
 fn not_found(what: &str) -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        "not_found",
-        format!("no such {what}"),
-    )
+    ApiError::new(ErrorCode::NotFound, format!("no such {what}"))
 }
 
 #[derive(Debug, Deserialize)]
@@ -597,15 +596,13 @@ async fn create_refund(
                 Ok(Err(refused)) => Err(match refused {
                     RefundRefused::NotFound => not_found("charge"),
                     RefundRefused::NotRefundable(status) => ApiError::new(
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        "charge_not_refundable",
+                        ErrorCode::ChargeNotRefundable,
                         format!("only succeeded charges can be refunded; this one is {status}"),
                     ),
                     RefundRefused::ExceedsRefundable { refundable } => ApiError {
                         field: Some("amount_minor"),
                         ..ApiError::new(
-                            StatusCode::UNPROCESSABLE_ENTITY,
-                            "amount_exceeds_refundable",
+                            ErrorCode::AmountExceedsRefundable,
                             format!("at most {refundable} minor units can still be refunded"),
                         )
                     },

@@ -2,6 +2,7 @@
 //! webhook delivery quirks. Loaded from a JSON file (`--behaviour`), every
 //! field optional; the defaults make every charge succeed at once.
 
+use crate::error_code::ErrorCode;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use streaming::secret::Secret;
@@ -282,11 +283,15 @@ impl Behaviour {
                     return bad(format!("rule {i}: resolve_after_ms above {MAX_DELAY_MS}"));
                 }
                 Outcome::Pending { .. } => {}
-                Outcome::Error { status, .. } if ![500, 502, 503].contains(status) => {
+                Outcome::Error { status, .. }
+                    if !ErrorCode::PspUnavailable.statuses().contains(status) =>
+                {
                     return bad(format!("rule {i}: error status must be 500, 502 or 503"));
                 }
                 Outcome::Error { .. } => {}
-                Outcome::RateLimit { status, .. } if ![429, 503].contains(status) => {
+                Outcome::RateLimit { status, .. }
+                    if !ErrorCode::RateLimited.statuses().contains(status) =>
+                {
                     return bad(format!("rule {i}: rate_limit status must be 429 or 503"));
                 }
                 Outcome::RateLimit { .. } => {}

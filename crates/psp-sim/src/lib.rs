@@ -9,12 +9,14 @@
 
 mod api;
 pub mod config;
+pub mod error_code;
 mod settlement;
 mod store;
 mod workers;
 mod writer;
 
 pub use config::{Account, Behaviour, Durability, LatencyMs, Matcher, Outcome, Resolution, Rule};
+pub use error_code::ErrorCode;
 pub use settlement::{Injected, InjectionSpec};
 pub use writer::WriteBatches;
 

@@ -1,0 +1,165 @@
+//! Every `error.code` the simulator's HTTP API answers with (issue 17
+//! item 4): one closed enum, so a code is a variant the compiler checks,
+//! not a string each call site spells. The PSP contract in the crate's
+//! README ("HTTP contract", the table of codes) lists exactly these codes
+//! with their statuses, and a unit test keeps the two equal.
+
+use axum::http::StatusCode;
+
+/// A stable, machine-readable error code of the simulator's API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ErrorCode {
+    /// 400: malformed JSON, unknown field, missing or invalid field.
+    InvalidRequest,
+    /// 400: no `Idempotency-Key` header.
+    IdempotencyKeyMissing,
+    /// 401: missing or unknown API key.
+    Unauthorized,
+    /// 404: unknown charge (or route).
+    NotFound,
+    /// 409: another request with this key is being processed.
+    IdempotencyKeyInUse,
+    /// 422: the key was used before with a different request.
+    IdempotencyKeyReused,
+    /// 422: refunds would exceed the captured amount.
+    AmountExceedsRefundable,
+    /// 422: the charge is not `succeeded`.
+    ChargeNotRefundable,
+    /// 429 or 503 (the behaviour file chooses): simulated rate limit.
+    RateLimited,
+    /// 500, 502 or 503 (the behaviour file chooses): simulated transient
+    /// failure, no charge was made.
+    PspUnavailable,
+    /// 500: a bug or a database failure in the simulator.
+    InternalError,
+}
+
+impl ErrorCode {
+    /// Every code, in declaration order.
+    pub const ALL: &'static [ErrorCode] = &[
+        ErrorCode::InvalidRequest,
+        ErrorCode::IdempotencyKeyMissing,
+        ErrorCode::Unauthorized,
+        ErrorCode::NotFound,
+        ErrorCode::IdempotencyKeyInUse,
+        ErrorCode::IdempotencyKeyReused,
+        ErrorCode::AmountExceedsRefundable,
+        ErrorCode::ChargeNotRefundable,
+        ErrorCode::RateLimited,
+        ErrorCode::PspUnavailable,
+        ErrorCode::InternalError,
+    ];
+
+    /// The code on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::IdempotencyKeyMissing => "idempotency_key_missing",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::IdempotencyKeyInUse => "idempotency_key_in_use",
+            ErrorCode::IdempotencyKeyReused => "idempotency_key_reused",
+            ErrorCode::AmountExceedsRefundable => "amount_exceeds_refundable",
+            ErrorCode::ChargeNotRefundable => "charge_not_refundable",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::PspUnavailable => "psp_unavailable",
+            ErrorCode::InternalError => "internal_error",
+        }
+    }
+
+    /// The HTTP statuses an answer with this code may have: one, except
+    /// for the simulated failures, whose status the behaviour file picks
+    /// from these (and `Behaviour` validation checks against them).
+    pub fn statuses(self) -> &'static [u16] {
+        match self {
+            ErrorCode::InvalidRequest | ErrorCode::IdempotencyKeyMissing => &[400],
+            ErrorCode::Unauthorized => &[401],
+            ErrorCode::NotFound => &[404],
+            ErrorCode::IdempotencyKeyInUse => &[409],
+            ErrorCode::IdempotencyKeyReused
+            | ErrorCode::AmountExceedsRefundable
+            | ErrorCode::ChargeNotRefundable => &[422],
+            ErrorCode::RateLimited => &[429, 503],
+            ErrorCode::PspUnavailable => &[500, 502, 503],
+            ErrorCode::InternalError => &[500],
+        }
+    }
+
+    /// The status of a code that has one; the first listed otherwise.
+    pub fn status(self) -> StatusCode {
+        StatusCode::from_u16(self.statuses()[0]).expect("listed statuses are valid")
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for ErrorCode {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    /// The rows `| 429/503 | `code` | when |` of the contract's table of
+    /// codes: the table after "Codes are stable:" in "## HTTP contract".
+    fn readme_codes() -> Vec<(Vec<u16>, String)> {
+        let readme = include_str!("../README.md");
+        let section = readme
+            .split_once("\n## HTTP contract\n")
+            .expect("README.md has an \"## HTTP contract\" section")
+            .1;
+        let section = section.split("\n#").next().unwrap_or(section);
+        section
+            .lines()
+            .filter_map(|l| {
+                let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+                // "", status[/status...], `code`, when, ""
+                let statuses = cells
+                    .get(1)?
+                    .split('/')
+                    .map(|s| s.parse::<u16>().ok())
+                    .collect::<Option<Vec<u16>>>()?;
+                let code = cells.get(2)?.strip_prefix('`')?.strip_suffix('`')?;
+                Some((statuses, code.to_owned()))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_contract_lists_exactly_the_codes_with_their_statuses() {
+        let listed = readme_codes();
+        let ours: Vec<(Vec<u16>, String)> = ErrorCode::ALL
+            .iter()
+            .map(|c| (c.statuses().to_vec(), c.as_str().to_owned()))
+            .collect();
+        assert_eq!(
+            listed.iter().collect::<BTreeSet<_>>(),
+            ours.iter().collect::<BTreeSet<_>>()
+        );
+        assert_eq!(listed.len(), ours.len(), "a code listed twice");
+    }
+
+    #[test]
+    fn all_holds_every_variant_once() {
+        let mut seen = BTreeSet::new();
+        for c in ErrorCode::ALL {
+            assert!(seen.insert(*c), "{c} twice");
+            assert!(
+                c.as_str()
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'_')
+            );
+            assert!(!c.statuses().is_empty());
+        }
+        // as_str's match names every variant; keep this count in step.
+        assert_eq!(seen.len(), 11);
+    }
+}
