@@ -352,11 +352,15 @@ async fn swap_postgres(
             .with_context(|| format!("disabling the triggers of {t} for the swap"))?;
     }
     for step in swap_steps(p, tables, cols, "", &quote_ident(schema)) {
+        let started = std::time::Instant::now();
         let q = sqlx::query(&step.sql);
         let q = if step.binds_projection { q.bind(p) } else { q };
-        q.execute(&mut *tx)
+        let rows = q
+            .execute(&mut *tx)
             .await
-            .with_context(|| step.what.clone())?;
+            .with_context(|| step.what.clone())?
+            .rows_affected();
+        step.log(rows, started);
     }
     for t in &own {
         sqlx::query(&format!("ALTER TABLE {t} ENABLE TRIGGER USER"))
@@ -385,6 +389,18 @@ struct SwapStep {
     sql: String,
     binds_projection: bool,
     what: String,
+}
+
+impl SwapStep {
+    /// One line per step: where a swap's time goes.
+    fn log(&self, rows: u64, started: std::time::Instant) {
+        tracing::info!(
+            rows,
+            ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            "swap: {}",
+            self.what
+        );
+    }
 }
 
 /// The swap's statements, the same on both backends: the live tables'
@@ -507,11 +523,15 @@ async fn swap_sqlite_body(
             .with_context(|| format!("dropping trigger {name} for the swap"))?;
     }
     for step in swap_steps(p, tables, cols, "main.", "ops_shadow") {
+        let started = std::time::Instant::now();
         let q = sqlx::query(&step.sql);
         let q = if step.binds_projection { q.bind(p) } else { q };
-        q.execute(&mut *conn)
+        let rows = q
+            .execute(&mut *conn)
             .await
-            .with_context(|| step.what.clone())?;
+            .with_context(|| step.what.clone())?
+            .rows_affected();
+        step.log(rows, started);
     }
     for (name, sql) in &triggers {
         sqlx::query(sql)
