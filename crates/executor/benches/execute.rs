@@ -11,7 +11,7 @@
 //! transaction), so it is not what is measured; its own rate is printed
 //! for each durability. Needs the broker
 //! at PAYSTREAM_TEST_BROKERS (default 127.0.0.1:9092) and PostgreSQL
-//! (storage::testing).
+//! (testkit).
 //!
 //! `cargo bench -p executor --bench execute [-- <orders> [<max in flight>]]`
 //! (max in flight defaults to the executor's own default)
@@ -155,7 +155,7 @@ async fn executor_rate(n: usize, latency_ms: u64, in_flight: usize) -> f64 {
     .await
     .expect("sim");
     let kafka = kafka();
-    let db = storage::testing::fresh_postgres_url().await.expect("db");
+    let db = testkit::fresh_postgres_url().await.expect("db");
     let stop = CancellationToken::new();
     let mut args = executor::ExecutorArgs::for_tests(
         &sim.base_url(),
@@ -257,7 +257,7 @@ async fn sim_rate(n: usize, durability: psp_sim::Durability) -> (f64, Option<f64
 /// of its round trips per order.
 async fn raw_sql_rate(n: usize) -> f64 {
     const STEP: i64 = 256;
-    let url = storage::testing::fresh_postgres_url().await.expect("db");
+    let url = testkit::fresh_postgres_url().await.expect("db");
     let db = storage::Db::connect(&url).await.expect("connect");
     executor::store::migrate(&db).await.expect("migrate");
     let storage::Db::Postgres(pool) = &db else {

@@ -571,12 +571,12 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn one_snapshot_postgres() {
-        sees_one_snapshot(storage::testing::fresh_postgres().await.unwrap()).await;
+        sees_one_snapshot(testkit::fresh_postgres().await.unwrap()).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn one_snapshot_sqlite() {
-        let (db, _dir) = storage::testing::fresh_sqlite().await.unwrap();
+        let (db, _dir) = testkit::fresh_sqlite().await.unwrap();
         sees_one_snapshot(db).await;
     }
 }

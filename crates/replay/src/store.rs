@@ -360,8 +360,8 @@ mod tests {
     }
 
     async fn dbs() -> Vec<(Db, Option<tempfile::TempDir>)> {
-        let pg = storage::testing::fresh_postgres().await.unwrap();
-        let (lite, dir) = storage::testing::fresh_sqlite().await.unwrap();
+        let pg = testkit::fresh_postgres().await.unwrap();
+        let (lite, dir) = testkit::fresh_sqlite().await.unwrap();
         let mut v = vec![(pg, None), (lite, Some(dir))];
         for (db, _) in &mut v {
             crate::migrate(db).await.unwrap();

@@ -21,7 +21,6 @@ use std::time::Duration;
 mod classify;
 mod existing;
 pub mod lock_wait;
-pub mod testing;
 mod write;
 
 pub use classify::{KIND_DATA, KIND_INTEGRITY, SqlErrorClass, deterministic_kind, sql_error_class};

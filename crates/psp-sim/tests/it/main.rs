@@ -32,7 +32,7 @@ struct Sim {
 }
 
 async fn sqlite_url() -> (String, tempfile::TempDir) {
-    let (db, dir) = storage::testing::fresh_sqlite().await.unwrap();
+    let (db, dir) = testkit::fresh_sqlite().await.unwrap();
     db.close().await;
     let url = format!("sqlite://{}", dir.path().join("test.db").display());
     (url, dir)
