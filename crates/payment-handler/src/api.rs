@@ -3,6 +3,7 @@
 
 use crate::error_code::ErrorCode;
 use crate::group;
+use crate::limits::IDEMPOTENCY_KEY_LEN_MAX;
 use crate::request;
 use crate::service::{self, App};
 use crate::store::{self, Begin};
@@ -33,8 +34,6 @@ pub const OPENAPI_JSON: &str = include_str!("../openapi.json");
 
 /// Header marking a replayed response.
 pub const REPLAY_HEADER: &str = "idempotent-replayed";
-/// Longest accepted Idempotency-Key (the IETF draft and Stripe use 255).
-pub const IDEMPOTENCY_KEY_LEN_MAX: usize = 255;
 
 pub fn router(app: App) -> Router {
     let router = Router::new()

@@ -368,7 +368,7 @@ impl BatchSql for PgConnection {
         .bind(col(rows, |r| r.payment.clone()))
         .bind(since_ms)
         .bind(events::Money::MAX_MINOR)
-        .bind(i64::from(crate::risk::VELOCITY_COUNT_MAX))
+        .bind(i64::from(crate::limits::VELOCITY_COUNT_MAX))
         .fetch_all(&mut *self)
         .await?;
         Ok(got.into_iter().map(|(_, n, s)| (n, s)).collect())
@@ -712,7 +712,7 @@ impl BatchSql for SqliteConnection {
                     .bind(since_ms)
                     .bind(&r.payment)
                     .bind(events::Money::MAX_MINOR)
-                    .bind(i64::from(crate::risk::VELOCITY_COUNT_MAX))
+                    .bind(i64::from(crate::limits::VELOCITY_COUNT_MAX))
                     .fetch_one(&mut *self)
                     .await?,
             );

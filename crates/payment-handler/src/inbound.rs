@@ -139,7 +139,7 @@ impl Inbound {
             )));
         };
         if key.is_empty()
-            || key.len() > crate::api::IDEMPOTENCY_KEY_LEN_MAX
+            || key.len() > crate::limits::IDEMPOTENCY_KEY_LEN_MAX
             || !key.bytes().all(|b| b.is_ascii_graphic())
         {
             return Ok(Checked::Done(Outcome::rejected(

@@ -18,6 +18,7 @@ pub mod group;
 pub mod inbound;
 pub mod instances;
 pub mod keys;
+pub mod limits;
 pub mod request;
 pub mod risk;
 pub mod service;

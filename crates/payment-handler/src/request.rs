@@ -3,19 +3,16 @@
 //! or a [`FieldError`] naming the offending field.
 
 use crate::error_code::ErrorCode;
+use crate::limits::{
+    CARD_TOKEN_LEN_MAX, METADATA_ENTRIES_MAX, METADATA_KEY_LEN_MAX, METADATA_VALUE_LEN_MAX,
+    ORDERS_PER_PAYMENT_MAX, REFUND_REASON_LEN_MAX,
+};
 use events::{BuyerId, Currency, Money, SellerId};
 use serde_json::Value;
 use std::collections::BTreeMap;
 
-/// Most orders in one payment (one per seller in a cart).
-pub const ORDERS_MAX: usize = 100;
-pub const METADATA_ENTRIES_MAX: usize = 20;
-pub const METADATA_KEY_LEN_MAX: usize = 40;
-pub const METADATA_VALUE_LEN_MAX: usize = 500;
 /// The metadata key naming the payment method the executor charges.
 pub const CARD_TOKEN_KEY: &str = "card_token";
-/// Longest card token (the PSP's limit for `card_token`).
-pub const CARD_TOKEN_LEN_MAX: usize = 255;
 
 /// Free text (metadata keys and values, refund reasons) must be printable:
 /// no control characters (C0 including NUL, DEL, C1), which databases,
@@ -165,11 +162,11 @@ pub fn parse(body: &[u8]) -> Result<PaymentRequest, FieldError> {
             "a payment needs at least one order",
         ));
     }
-    if orders_v.len() > ORDERS_MAX {
+    if orders_v.len() > ORDERS_PER_PAYMENT_MAX {
         return Err(FieldError::new(
             "orders",
             ErrorCode::TooManyOrders,
-            format!("at most {ORDERS_MAX} orders per payment"),
+            format!("at most {ORDERS_PER_PAYMENT_MAX} orders per payment"),
         ));
     }
     let mut orders = Vec::with_capacity(orders_v.len());
@@ -297,8 +294,6 @@ pub struct RefundRequest {
     pub amount_minor: Option<i64>,
     pub reason: String,
 }
-
-pub const REFUND_REASON_LEN_MAX: usize = 500;
 
 /// Parses `{"order_id", "amount_minor"?, "reason"?}`.
 pub fn parse_refund(body: &[u8]) -> Result<RefundRequest, FieldError> {
@@ -488,7 +483,10 @@ mod tests {
                     .as_bytes(),
             )
             .unwrap_err();
-            assert_eq!((e.field.as_str(), e.code.as_str()), ("reason", "control_character"));
+            assert_eq!(
+                (e.field.as_str(), e.code.as_str()),
+                ("reason", "control_character")
+            );
         }
         // Printable non-ASCII text is fine.
         assert!(
@@ -514,7 +512,10 @@ mod tests {
             ("orders[0].amount_minor", "invalid_amount")
         );
         let e = err(&body(card(), &[max, 1]));
-        assert_eq!((e.field.as_str(), e.code.as_str()), ("orders", "invalid_amount"));
+        assert_eq!(
+            (e.field.as_str(), e.code.as_str()),
+            ("orders", "invalid_amount")
+        );
         let e = parse_refund(
             serde_json::json!({"order_id": uuid::Uuid::nil().to_string(), "amount_minor": max + 1})
                 .to_string()

@@ -2,6 +2,7 @@
 //! file (`config/risk-rules.toml` is the built-in default). Real risk
 //! engines are third parties; they implement [`RiskCheck`].
 
+use crate::limits::VELOCITY_COUNT_MAX;
 use crate::request::PaymentRequest;
 use events::{Currency, Money};
 use serde::Deserialize;
@@ -158,11 +159,6 @@ impl RiskRules {
         Ok(rules)
     }
 }
-
-/// Largest `velocity.max_count`. The velocity sum is taken over at most this
-/// many payments of at most `Money::MAX_MINOR` each, so it always fits in
-/// 64 bits (9 * 10^18 < i64::MAX): a buyer's window can never overflow.
-pub const VELOCITY_COUNT_MAX: u32 = 9_000;
 
 impl RiskCheck for RiskRules {
     fn rule_set(&self) -> &str {

@@ -2,6 +2,7 @@
 //! inbound topic, and `serve`.
 
 use crate::error_code::ErrorCode;
+use crate::limits;
 use crate::request::PaymentRequest;
 use crate::risk::{RecentActivity, RiskCheck, RiskDecision, RiskRules};
 use crate::store::{self, IdempotencyPolicy};
@@ -49,10 +50,10 @@ pub struct HandlerArgs {
     pub idempotency_retention_secs: Option<u64>,
     /// How long a request may hold its key before a retry may take it over
     /// (the holder is presumed crashed). Longer than any request takes.
-    #[arg(long, env = "PAYSTREAM_IDEMPOTENCY_LEASE_SECS", default_value_t = 120)]
+    #[arg(long, env = "PAYSTREAM_IDEMPOTENCY_LEASE_SECS", default_value_t = limits::IDEMPOTENCY_LEASE_SECS_DEFAULT)]
     pub idempotency_lease_secs: u64,
     /// Largest accepted request body.
-    #[arg(long, env = "PAYSTREAM_BODY_LIMIT_BYTES", default_value_t = 65_536)]
+    #[arg(long, env = "PAYSTREAM_BODY_LIMIT_BYTES", default_value_t = limits::BODY_LIMIT_BYTES_DEFAULT)]
     pub body_limit_bytes: usize,
     /// Testing only: `crash_after_append` aborts the process right after a
     /// payment's events were appended; `fail_after_append_once` answers 503
@@ -61,15 +62,15 @@ pub struct HandlerArgs {
     pub fault_inject: Option<String>,
     /// Group commit: most `POST /v1/payments` requests decided, stored and
     /// appended together (see `group`); 0 or 1 handles each request alone.
-    #[arg(long, env = "PAYSTREAM_GROUP_COMMIT_MAX", default_value_t = 256)]
+    #[arg(long, env = "PAYSTREAM_GROUP_COMMIT_MAX", default_value_t = limits::GROUP_COMMIT_MAX_DEFAULT)]
     pub group_commit_max: usize,
     /// Group commit: how long a batch waits for more requests once its
     /// first one arrived, in milliseconds.
-    #[arg(long, env = "PAYSTREAM_GROUP_COMMIT_WAIT_MS", default_value_t = 2)]
+    #[arg(long, env = "PAYSTREAM_GROUP_COMMIT_WAIT_MS", default_value_t = limits::GROUP_COMMIT_WAIT_MS_DEFAULT)]
     pub group_commit_wait_ms: u64,
     /// Group commit: how many batches may be in progress at once (one
     /// batch's produce round overlaps the next one's claims).
-    #[arg(long, env = "PAYSTREAM_GROUP_COMMIT_BATCHES", default_value_t = 4)]
+    #[arg(long, env = "PAYSTREAM_GROUP_COMMIT_BATCHES", default_value_t = limits::GROUP_COMMIT_BATCHES_DEFAULT)]
     pub group_commit_batches: usize,
 }
 
@@ -80,12 +81,12 @@ impl HandlerArgs {
             risk_rules: None,
             idempotency_retention_hours: 24,
             idempotency_retention_secs: None,
-            idempotency_lease_secs: 120,
-            body_limit_bytes: 65_536,
+            idempotency_lease_secs: limits::IDEMPOTENCY_LEASE_SECS_DEFAULT,
+            body_limit_bytes: limits::BODY_LIMIT_BYTES_DEFAULT,
             fault_inject: None,
-            group_commit_max: 256,
-            group_commit_wait_ms: 2,
-            group_commit_batches: 4,
+            group_commit_max: limits::GROUP_COMMIT_MAX_DEFAULT,
+            group_commit_wait_ms: limits::GROUP_COMMIT_WAIT_MS_DEFAULT,
+            group_commit_batches: limits::GROUP_COMMIT_BATCHES_DEFAULT,
         }
     }
 

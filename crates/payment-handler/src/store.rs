@@ -576,7 +576,7 @@ pub async fn velocity_prune(db: &Db, before_ms: i64) -> Result<u64, sqlx::Error>
 /// (number of payments, sum in `currency`) of a client's buyer since
 /// `since_ms`, not counting `exclude` (the payment being decided, on a
 /// retry). The sum cannot overflow: it adds at most
-/// `risk::VELOCITY_COUNT_MAX` amounts of at most `Money::MAX_MINOR` each
+/// `limits::VELOCITY_COUNT_MAX` amounts of at most `Money::MAX_MINOR` each
 /// (the count rule, checked first, rejects any buyer with more payments).
 pub async fn recent_activity(
     db: &Db,
@@ -588,7 +588,7 @@ pub async fn recent_activity(
 ) -> Result<(i64, i64), sqlx::Error> {
     Ok(with_pool!(db, p => sqlx::query_as(RECENT_ACTIVITY)
         .bind(client.as_str()).bind(buyer).bind(currency).bind(since_ms).bind(exclude.to_string())
-        .bind(events::Money::MAX_MINOR).bind(i64::from(crate::risk::VELOCITY_COUNT_MAX)).fetch_one(p).await?))
+        .bind(events::Money::MAX_MINOR).bind(i64::from(crate::limits::VELOCITY_COUNT_MAX)).fetch_one(p).await?))
 }
 
 /// `recent_activity`'s query: $1 client, $2 buyer, $3 currency, $4 since,
