@@ -15,6 +15,7 @@
 //! idempotency key makes the repeated call harmless, and the outbox
 //! re-appends what was recorded but not appended.
 
+use crate::limits::{OUTBOX_ROWS_PER_PASS_MAX, PAYMENTS_PER_BATCH_MAX};
 use crate::psp::{Charge, PspError};
 use crate::service::{App, PRODUCER};
 use crate::store::{self, OrderRow, OrderUpdate, Outgoing, PaymentRow, RefundRow, RefundUpdate};
@@ -39,17 +40,12 @@ const IDLE_TICK: Duration = Duration::from_millis(100);
 /// are being appended by the task that wrote them).
 const OUTBOX_SWEEP_AGE_MS: i64 = 10_000;
 const OUTBOX_SWEEP_EVERY: Duration = Duration::from_secs(5);
-/// Most outbox rows re-appended per pass.
-const OUTBOX_BATCH: i64 = 1_000;
 /// How soon a payment whose task hit an error (database, broker) is retried.
 const ERROR_RETRY_MS: i64 = 1_000;
 /// How soon a refund waiting for its order's outcome is looked at again.
 const REFUND_WAIT_MS: i64 = 1_000;
 /// How soon a failed status poll is tried again.
 const POLL_RETRY_MS: i64 = 5_000;
-/// Most payments leased and worked as one batch (the statements of a batch
-/// stay well below both backends' bind-parameter limits).
-const MAX_BATCH: usize = 256;
 /// How often the sweeper vacuums the executor's tables (PostgreSQL; see
 /// `store::vacuum`).
 const VACUUM_EVERY: Duration = Duration::from_secs(30);
@@ -74,7 +70,7 @@ pub async fn run(app: App, shutdown: CancellationToken) {
                 }
             }
         }
-        let free = permits.available_permits().min(MAX_BATCH);
+        let free = permits.available_permits().min(PAYMENTS_PER_BATCH_MAX);
         if free == 0 {
             // Wait for a batch to finish (or shutdown).
             tokio::select! {
@@ -451,10 +447,11 @@ pub async fn flush_outbox(
     older_than_ms: i64,
 ) -> anyhow::Result<()> {
     loop {
-        let rows = store::unappended(&app.db, payment_id, older_than_ms, OUTBOX_BATCH).await?;
+        let rows =
+            store::unappended(&app.db, payment_id, older_than_ms, OUTBOX_ROWS_PER_PASS_MAX).await?;
         let n = rows.len();
         append_rows(app, rows).await?;
-        if i64::try_from(n).unwrap_or(i64::MAX) < OUTBOX_BATCH {
+        if i64::try_from(n).unwrap_or(i64::MAX) < OUTBOX_ROWS_PER_PASS_MAX {
             return Ok(());
         }
     }

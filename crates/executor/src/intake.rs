@@ -2,6 +2,7 @@
 //! It never calls the PSP, so a slow PSP never holds up a partition; the
 //! dispatcher picks the recorded work up.
 
+use crate::limits::CARD_TOKEN_LEN_MAX;
 use crate::service::App;
 use crate::store::{self, IntakeOp, IntakeResult, NewOrder};
 use events::{Event, Money};
@@ -10,8 +11,6 @@ use streaming::{BatchHandler, Delivered, HandlerError, Outcome};
 /// The payment metadata key naming the payment method to charge. There is
 /// no default: a payment without one is dead-lettered, never charged.
 pub const CARD_TOKEN_KEY: &str = "card_token";
-/// Longest card token the PSP takes.
-pub const CARD_TOKEN_LEN_MAX: usize = 255;
 
 #[derive(Debug)]
 pub struct Intake {

@@ -16,6 +16,7 @@
 
 pub mod dispatch;
 pub mod intake;
+pub mod limits;
 pub mod psp;
 pub mod service;
 pub mod store;

@@ -2,13 +2,13 @@
 //! for the contract), and the classification of its answers into final and
 //! transient ones.
 
+use crate::limits::PSP_ANSWER_BYTES_MAX;
 use serde::Deserialize;
 use std::time::Duration;
 use streaming::secret::Secret;
 
-/// Largest PSP answer read; a longer one is not read further and counts as
-/// unreadable (a PSP's JSON answers are a few KiB).
-pub const MAX_ANSWER_BYTES: usize = 1024 * 1024;
+/// The old name of [`crate::limits::PSP_ANSWER_BYTES_MAX`], which tests use.
+pub use crate::limits::PSP_ANSWER_BYTES_MAX as MAX_ANSWER_BYTES;
 
 /// A charge as the PSP reports it.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -277,12 +277,14 @@ async fn read<T: serde::de::DeserializeOwned>(resp: reqwest::Response) -> Result
         .and_then(|v| v.to_str().ok())
         .and_then(|s| s.trim().parse::<u64>().ok())
         .map(Duration::from_secs);
-    let bytes = match read_limited(resp, MAX_ANSWER_BYTES).await? {
+    let bytes = match read_limited(resp, PSP_ANSWER_BYTES_MAX).await? {
         Some(b) => b,
         None => {
             return Err(PspError::Transient {
                 code: "psp_bad_answer".into(),
-                reason: format!("{status} answer longer than {MAX_ANSWER_BYTES} bytes; not read"),
+                reason: format!(
+                    "{status} answer longer than {PSP_ANSWER_BYTES_MAX} bytes; not read"
+                ),
                 retry_after: None,
                 // A 2xx may stand for a charge made; an error answer we
                 // cannot read may come from a proxy in front of one.

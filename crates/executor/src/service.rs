@@ -1,5 +1,6 @@
 //! Configuration, shared state and `serve`/`start`.
 
+use crate::limits;
 use crate::psp::PspClient;
 use crate::store;
 use anyhow::Context;
@@ -14,8 +15,9 @@ use tokio_util::sync::CancellationToken;
 
 pub(crate) const PRODUCER: &str = concat!("executor/", env!("CARGO_PKG_VERSION"));
 
-/// The default of `--max-in-flight` (see there why).
-pub const DEFAULT_MAX_IN_FLIGHT: usize = 512;
+/// The old name of [`limits::PAYMENTS_IN_FLIGHT_MAX_DEFAULT`], which the
+/// benches use.
+pub use crate::limits::PAYMENTS_IN_FLIGHT_MAX_DEFAULT as DEFAULT_MAX_IN_FLIGHT;
 
 /// `paystream serve executor` options.
 #[derive(Debug, Clone, clap::Args)]
@@ -44,7 +46,7 @@ pub struct ExecutorArgs {
     #[arg(long, env = "PAYSTREAM_PSP_WEBHOOK_SECRET", hide_env_values = true)]
     pub psp_webhook_secret: Option<Secret>,
     /// Timeout of one PSP request.
-    #[arg(long, env = "PAYSTREAM_PSP_TIMEOUT_MS", default_value_t = 10_000)]
+    #[arg(long, env = "PAYSTREAM_PSP_TIMEOUT_MS", default_value_t = limits::PSP_TIMEOUT_MS_DEFAULT)]
     pub psp_timeout_ms: u64,
     /// Most payments executed at once (orders of one payment run one after
     /// the other). The default hides 50 ms of PSP latency at the raw limit
@@ -55,27 +57,27 @@ pub struct ExecutorArgs {
     /// 512 is two full batches of 256, so one batch's commits and appends
     /// overlap the other's PSP calls. The PSP sees at most this many calls
     /// at once.
-    #[arg(long, env = "PAYSTREAM_EXECUTOR_MAX_IN_FLIGHT", default_value_t = DEFAULT_MAX_IN_FLIGHT)]
+    #[arg(long, env = "PAYSTREAM_EXECUTOR_MAX_IN_FLIGHT", default_value_t = limits::PAYMENTS_IN_FLIGHT_MAX_DEFAULT)]
     pub max_in_flight: usize,
     /// Most PSP attempts per order or refund before it fails for good.
-    #[arg(long, env = "PAYSTREAM_EXECUTOR_MAX_ATTEMPTS", default_value_t = 8)]
+    #[arg(long, env = "PAYSTREAM_EXECUTOR_MAX_ATTEMPTS", default_value_t = limits::ATTEMPTS_MAX_DEFAULT)]
     pub max_attempts: u32,
     /// Most time from the first attempt after which transient errors are
     /// no longer retried.
-    #[arg(long, env = "PAYSTREAM_EXECUTOR_MAX_RETRY_SECS", default_value_t = 600)]
+    #[arg(long, env = "PAYSTREAM_EXECUTOR_MAX_RETRY_SECS", default_value_t = limits::RETRY_SECS_MAX_DEFAULT)]
     pub max_retry_secs: u64,
     /// First retry delay (full jitter below it); doubles per attempt.
     #[arg(
         long,
         env = "PAYSTREAM_EXECUTOR_BACKOFF_BASE_MS",
-        default_value_t = 200
+        default_value_t = limits::BACKOFF_BASE_MS_DEFAULT
     )]
     pub backoff_base_ms: u64,
     /// Largest retry delay (Retry-After may ask for more and gets it).
     #[arg(
         long,
         env = "PAYSTREAM_EXECUTOR_BACKOFF_CAP_MS",
-        default_value_t = 30_000
+        default_value_t = limits::BACKOFF_CAP_MS_DEFAULT
     )]
     pub backoff_cap_ms: u64,
     /// Pending orders are polled at the PSP when no webhook resolved them
@@ -95,7 +97,7 @@ pub struct ExecutorArgs {
     pub webhook_tolerance_secs: u64,
     /// How long a payment claimed by an executor is reserved to it; a
     /// crashed executor's payments are retaken after this.
-    #[arg(long, env = "PAYSTREAM_EXECUTOR_LEASE_SECS", default_value_t = 60)]
+    #[arg(long, env = "PAYSTREAM_EXECUTOR_LEASE_SECS", default_value_t = limits::LEASE_SECS_DEFAULT)]
     pub lease_secs: u64,
     /// After the last PSP call whose outcome is unknown (timeout, 409 key
     /// in use, ...), how long the PSP's "no charge" answer is not trusted
@@ -118,15 +120,15 @@ impl ExecutorArgs {
             psp_url: psp_url.to_owned(),
             psp_api_key: Some(psp_api_key),
             psp_webhook_secret: Some(psp_webhook_secret),
-            psp_timeout_ms: 10_000,
-            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
-            max_attempts: 8,
-            max_retry_secs: 600,
-            backoff_base_ms: 200,
-            backoff_cap_ms: 30_000,
+            psp_timeout_ms: limits::PSP_TIMEOUT_MS_DEFAULT,
+            max_in_flight: limits::PAYMENTS_IN_FLIGHT_MAX_DEFAULT,
+            max_attempts: limits::ATTEMPTS_MAX_DEFAULT,
+            max_retry_secs: limits::RETRY_SECS_MAX_DEFAULT,
+            backoff_base_ms: limits::BACKOFF_BASE_MS_DEFAULT,
+            backoff_cap_ms: limits::BACKOFF_CAP_MS_DEFAULT,
             pending_poll_after_secs: 300,
             webhook_tolerance_secs: 300,
-            lease_secs: 60,
+            lease_secs: limits::LEASE_SECS_DEFAULT,
             unknown_outcome_grace_ms: None,
         }
     }
@@ -259,7 +261,7 @@ pub async fn start(
     // A lease shorter than a few PSP calls plus slack can run out while the
     // holder is still working (it is renewed during calls, but a stalled
     // database or scheduler can delay that).
-    let lease_floor_ms = args.psp_timeout_ms.saturating_mul(3).saturating_add(30_000);
+    let lease_floor_ms = limits::lease_floor_ms(args.psp_timeout_ms);
     if args.lease_secs.saturating_mul(1000) < lease_floor_ms {
         tracing::warn!(
             lease_secs = args.lease_secs,

@@ -8,6 +8,7 @@
 //! written to the outbox in the same transaction as the state change it
 //! reports, so a crash never loses it.
 
+use crate::limits::SQLITE_ROWS_PER_STATEMENT_MAX;
 use domain::order::StateName;
 use events::Envelope;
 use std::collections::HashMap;
@@ -620,10 +621,10 @@ pub struct Intent {
     pub started: Outgoing,
 }
 
-/// Rows per statement on SQLite: its round trips are in-process, so a
-/// batch is simply cut into multi-row statements (well below its
-/// bind-parameter limit) inside one transaction.
-const SQLITE_CHUNK: usize = 100;
+/// Parameters each row of the SQLite outcomes statement binds (the widest
+/// multi-row statement), and those bound once before the rows.
+pub(crate) const OUTCOME_ROW_PARAMS: usize = 10;
+pub(crate) const OUTCOME_LEADING_PARAMS: usize = 2;
 
 /// `($f,...,$f+cols-1),(...)`: `rows` tuples of numbered placeholders.
 fn value_rows(from: usize, cols: usize, rows: usize) -> String {
@@ -744,7 +745,7 @@ async fn sqlite_insert_outbox(
     now: i64,
 ) -> Result<Vec<(i64, String)>, sqlx::Error> {
     let mut inserted = Vec::with_capacity(events.len());
-    for chunk in events.chunks(SQLITE_CHUNK) {
+    for chunk in events.chunks(SQLITE_ROWS_PER_STATEMENT_MAX) {
         let sql = format!(
             "INSERT INTO executor_outbox (event_id, payment_id, body, created_ms) VALUES {} \
              ON CONFLICT DO NOTHING RETURNING seq, event_id",
@@ -826,7 +827,7 @@ pub async fn begin_attempts(
         Db::Sqlite(p) => {
             let mut tx = p.begin_write().await?;
             let mut changed = std::collections::HashSet::new();
-            for chunk in intents.chunks(SQLITE_CHUNK) {
+            for chunk in intents.chunks(SQLITE_ROWS_PER_STATEMENT_MAX) {
                 let sql = format!(
                     "WITH u(u_order, u_attempt, u_deadline) AS (VALUES {}) \
                      UPDATE executor_orders SET {} FROM u WHERE order_id = u.u_order AND {} RETURNING order_id",
@@ -941,11 +942,14 @@ pub async fn record_attempts(
         Db::Sqlite(p) => {
             let mut tx = p.begin_write().await?;
             let mut changed = std::collections::HashSet::new();
-            for (chunk, cols) in outcomes.chunks(SQLITE_CHUNK).zip(cols.chunks(SQLITE_CHUNK)) {
+            for (chunk, cols) in outcomes
+                .chunks(SQLITE_ROWS_PER_STATEMENT_MAX)
+                .zip(cols.chunks(SQLITE_ROWS_PER_STATEMENT_MAX))
+            {
                 let sql = format!(
                     "WITH u(u_order, u_attempt, u_state, u_next, u_charge, u_fee, u_err, u_pending, u_unknown, u_lookup) \
                      AS (VALUES {}) UPDATE executor_orders SET {} FROM u WHERE order_id = u.u_order AND {} RETURNING order_id",
-                    value_rows(3, 10, chunk.len()),
+                    value_rows(OUTCOME_LEADING_PARAMS + 1, OUTCOME_ROW_PARAMS, chunk.len()),
                     outcome_set("$1"),
                     outcome_guard("u.u_attempt", 2)
                 );

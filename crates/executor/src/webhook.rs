@@ -27,15 +27,14 @@ use serde::Deserialize;
 use serde_json::json;
 use sha2::Sha256;
 
-/// Largest accepted webhook body.
-const BODY_LIMIT: usize = 256 * 1024;
-
 pub fn router(app: App) -> Router {
     streaming::metrics::instrument(
         Router::new()
             .route("/healthz", get(healthz))
             .route("/v1/psp/webhooks", post(webhook))
-            .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
+            .layer(axum::extract::DefaultBodyLimit::max(
+                crate::limits::WEBHOOK_BODY_BYTES_MAX,
+            ))
             .with_state(app),
         "executor",
     )
