@@ -297,7 +297,7 @@ pub async fn apply_batch(
         .collect();
     // event id -> (stored rejection, stored position)
     let mut stored: HashMap<String, (Outcome, (String, i64, i64))> = HashMap::new();
-    for chunk in seen_before.chunks(crate::sql::ROWS_PER_STATEMENT) {
+    for chunk in seen_before.chunks(crate::limits::ROWS_PER_STATEMENT_MAX) {
         let (clause, ids) = in_clause(&tx, "event_id", chunk, 2);
         let sql = seen_before_sql(&clause);
         let mut vals = vec![V::T(p.to_owned())];
@@ -603,7 +603,7 @@ async fn load_orders(
     ids: &[String],
     state: &mut BookState,
 ) -> Result<(), sqlx::Error> {
-    for chunk in ids.chunks(crate::sql::ROWS_PER_STATEMENT) {
+    for chunk in ids.chunks(crate::limits::ROWS_PER_STATEMENT_MAX) {
         let (clause, list) = in_clause(tx, "order_id", chunk, 2);
         let sql = load_orders_sql(&clause);
         let mut vals = vec![V::T(p.to_owned())];
@@ -646,7 +646,7 @@ async fn load_bookings(
     keys: &[String],
     state: &mut BookState,
 ) -> Result<(), sqlx::Error> {
-    for chunk in keys.chunks(crate::sql::ROWS_PER_STATEMENT) {
+    for chunk in keys.chunks(crate::limits::ROWS_PER_STATEMENT_MAX) {
         let (sql, vals) = if projection == Projection::Ledger {
             let (clause, list) = in_clause(tx, "booking_key", chunk, 1);
             (ledger_bookings_sql(&clause), list)
@@ -892,7 +892,7 @@ async fn write_ledger(
 }
 
 /// Checks that the accepted effects `fx` keep every running total they
-/// change within `[-MAX_TOTAL_MINOR, MAX_TOTAL_MINOR]` (`totals` holds the
+/// change within `[-TOTAL_MINOR_MAX, TOTAL_MINOR_MAX]` (`totals` holds the
 /// stored values plus this batch's accepted deltas); if so, adds their
 /// deltas to `totals` and `deltas`, else changes nothing and says why.
 pub(crate) fn within_totals(
@@ -909,7 +909,7 @@ pub(crate) fn within_totals(
                 .or_else(|| totals.get(&key))
                 .copied()
                 .unwrap_or(0);
-            // Within ±MAX_TOTAL_MINOR (= i64::MAX): no overflow, not i64::MIN.
+            // Within ±TOTAL_MINOR_MAX (= i64::MAX): no overflow, not i64::MIN.
             let new = cur.checked_add(d).filter(|n| n.checked_abs().is_some());
             let Some(new) = new else {
                 return Err(format!(
@@ -919,7 +919,7 @@ pub(crate) fn within_totals(
                     key.currency,
                     key.party,
                     key.client,
-                    booking::MAX_TOTAL_MINOR
+                    crate::limits::TOTAL_MINOR_MAX
                 ));
             };
             next.insert(key.clone(), new);
@@ -943,7 +943,7 @@ async fn load_totals(
     parties: &[String],
 ) -> Result<HashMap<TotalKey, i64>, sqlx::Error> {
     let mut out = HashMap::new();
-    for chunk in parties.chunks(crate::sql::ROWS_PER_STATEMENT) {
+    for chunk in parties.chunks(crate::limits::ROWS_PER_STATEMENT_MAX) {
         let (clause, list) = in_clause(tx, "party_id", chunk, 2);
         let sql = load_totals_sql(&clause);
         let mut vals = vec![V::T(p.to_owned())];

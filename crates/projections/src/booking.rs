@@ -156,7 +156,7 @@ impl Booking {
     /// Every running total this booking changes, with its delta: the
     /// seller's balance and the buyer's paid and refunded totals. Both
     /// projections keep these (`projection_totals`) and refuse an event
-    /// that would take one beyond [`MAX_TOTAL_MINOR`], so the ledger and
+    /// that would take one beyond [`TOTAL_MINOR_MAX`], so the ledger and
     /// the wallet decide alike and a sum never overflows in the database.
     pub fn total_deltas(&self) -> Vec<(TotalKey, i64)> {
         let mut v: Vec<(TotalKey, i64)> = self
@@ -266,11 +266,9 @@ pub struct TotalKey {
     pub currency: Currency,
 }
 
-/// Largest magnitude a running total (wallet balance, buyer total, hence
-/// a merchant account's balance) may reach: `i64::MAX`. An event that
-/// would take one beyond it is rejected as `total_overflow` (dead-lettered)
-/// instead of failing in the database and stalling the partition.
-pub const MAX_TOTAL_MINOR: i64 = i64::MAX;
+/// The old name of [`AMOUNT_MINOR_MAX`], which tests and reconcile use.
+pub use crate::limits::AMOUNT_MINOR_MAX as MAX_AMOUNT_MINOR;
+pub use crate::limits::{AMOUNT_MINOR_MAX, PSP_REFERENCE_LEN_MAX, TOTAL_MINOR_MAX};
 
 /// An order as the projection knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -316,26 +314,18 @@ pub enum Decision {
     },
 }
 
-/// Largest amount (in minor units, either sign) one event may book:
-/// 10^15, ten trillion in a two-decimal currency. Far above any real
-/// payment, and far enough below `i64::MAX` (~9.2 * 10^18) that running
-/// totals (wallets, buyer totals, ledger sums) of thousands of maximal
-/// events still fit. Larger amounts are rejected as `overflow` in the pure
-/// decision, so a data problem never becomes a database error that blocks
-/// the partition (PostgreSQL `bigint out of range`) or a silent REAL
-/// (SQLite).
-pub const MAX_AMOUNT_MINOR: i64 = Money::MAX_MINOR;
-
+/// Whether `m` is within [`AMOUNT_MINOR_MAX`] (in minor units, either
+/// sign), the largest amount one event may book.
 fn within_bound(m: Money) -> bool {
     m.amount_minor()
         .checked_abs()
-        .is_some_and(|a| a <= MAX_AMOUNT_MINOR)
+        .is_some_and(|a| a <= AMOUNT_MINOR_MAX)
 }
 
 fn too_large(what: &str, m: Money) -> Decision {
     reject(
         "overflow",
-        format!("{what} {m} is above the bound of {MAX_AMOUNT_MINOR} minor units"),
+        format!("{what} {m} is above the bound of {AMOUNT_MINOR_MAX} minor units"),
     )
 }
 
@@ -751,10 +741,6 @@ impl BookState {
         }
     }
 }
-
-/// Longest PSP reference booked (the simulator's and real PSPs' ids are
-/// far shorter).
-pub const PSP_REFERENCE_LEN_MAX: usize = 255;
 
 /// The PSP reference text an event carries, if any.
 fn psp_reference_text(env: &Envelope) -> Option<&str> {

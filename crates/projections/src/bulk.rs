@@ -584,16 +584,13 @@ pub async fn load_finished(db: &Db, fin: &Finished) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
-/// Bytes per COPY message (PostgreSQL accepts any split).
-const COPY_CHUNK: usize = 1 << 20;
-
 async fn copy_in(conn: &mut sqlx::PgConnection, r: &Rows) -> Result<(), sqlx::Error> {
     if r.rows.is_empty() {
         return Ok(());
     }
     let sql = format!("COPY {} ({}) FROM STDIN", r.table, r.columns.join(", "));
     let mut copy = conn.copy_in_raw(&sql).await?;
-    let mut buf = String::with_capacity(COPY_CHUNK + 4096);
+    let mut buf = String::with_capacity(crate::limits::COPY_MESSAGE_BYTES_MAX + 4096);
     for row in &r.rows {
         for (c, v) in row.iter().enumerate() {
             if c > 0 {
@@ -608,7 +605,7 @@ async fn copy_in(conn: &mut sqlx::PgConnection, r: &Rows) -> Result<(), sqlx::Er
             }
         }
         buf.push('\n');
-        if buf.len() >= COPY_CHUNK {
+        if buf.len() >= crate::limits::COPY_MESSAGE_BYTES_MAX {
             copy.send(buf.as_bytes()).await?;
             buf.clear();
         }

@@ -29,8 +29,8 @@ pub struct ProjectionsArgs {
     #[arg(long, env = "PAYSTREAM_WALLET_GROUP")]
     pub wallet_group: Option<String>,
     /// Most events applied per database transaction.
-    #[arg(long, env = "PAYSTREAM_PROJECTIONS_BATCH", default_value_t = 1000,
-          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    #[arg(long, env = "PAYSTREAM_PROJECTIONS_BATCH", default_value_t = crate::limits::BATCH_EVENTS_DEFAULT,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::limits::BATCH_EVENTS_MAX)))]
     pub batch_size: u32,
 }
 
@@ -41,9 +41,9 @@ pub async fn open(db_url: &str) -> anyhow::Result<Db> {
     Ok(db)
 }
 
-/// Connections of the query API's own pool: queries can never take the
-/// consumers' connections, however many arrive.
-pub const QUERY_CONNECTIONS: u32 = 4;
+/// The old name of [`crate::limits::QUERY_CONNECTIONS_MAX`], which tests
+/// use.
+pub use crate::limits::QUERY_CONNECTIONS_MAX as QUERY_CONNECTIONS;
 
 /// A small pool for the query API, separate from the consumers' pool.
 /// On PostgreSQL its transactions are read-only (the API never writes).
@@ -59,7 +59,7 @@ pub async fn open_query_pool(db_url: &str) -> anyhow::Result<Db> {
             .options([("default_transaction_read_only", "on")]);
         Db::Postgres(
             PgPoolOptions::new()
-                .max_connections(QUERY_CONNECTIONS)
+                .max_connections(crate::limits::QUERY_CONNECTIONS_MAX)
                 .acquire_timeout(Duration::from_secs(5))
                 .connect_with(opts)
                 .await
@@ -73,7 +73,7 @@ pub async fn open_query_pool(db_url: &str) -> anyhow::Result<Db> {
             .busy_timeout(Duration::from_secs(10));
         Db::Sqlite(
             SqlitePoolOptions::new()
-                .max_connections(QUERY_CONNECTIONS)
+                .max_connections(crate::limits::QUERY_CONNECTIONS_MAX)
                 .acquire_timeout(Duration::from_secs(5))
                 .connect_with(opts)
                 .await
@@ -209,7 +209,7 @@ pub enum LedgerCommand {
     /// An account's entries in booking order, one page at a time.
     History {
         account: String,
-        #[arg(long, default_value_t = 100)]
+        #[arg(long, default_value_t = crate::limits::HISTORY_LIMIT_DEFAULT)]
         limit: i64,
         /// Chain position to continue after (`next_after` of the previous page).
         #[arg(long)]
@@ -288,9 +288,9 @@ pub async fn run_ledger_command(db_url: &str, cmd: LedgerCommand) -> anyhow::Res
             after,
         } => {
             anyhow::ensure!(
-                (1..=crate::query::HISTORY_LIMIT_MAX).contains(&limit),
+                (1..=crate::limits::HISTORY_LIMIT_MAX).contains(&limit),
                 "--limit must be between 1 and {}",
-                crate::query::HISTORY_LIMIT_MAX
+                crate::limits::HISTORY_LIMIT_MAX
             );
             print(serde_json::to_value(
                 crate::query::account_history(&db, &account, after, limit).await?,

@@ -15,7 +15,8 @@
 
 use crate::auth::{self, AuthError, Caller, Role};
 use crate::error_code::ErrorCode;
-use crate::query::{self, HISTORY_LIMIT_MAX};
+use crate::limits::{HISTORY_LIMIT_DEFAULT, HISTORY_LIMIT_MAX};
+use crate::query;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -144,7 +145,9 @@ pub struct QueryLimits {
 
 impl Default for QueryLimits {
     fn default() -> QueryLimits {
-        QueryLimits { max_in_flight: 32 }
+        QueryLimits {
+            max_in_flight: crate::limits::QUERIES_IN_FLIGHT_MAX_DEFAULT,
+        }
     }
 }
 
@@ -297,7 +300,7 @@ async fn history(
 ) -> Result<Response, ApiError> {
     check_account(&account)?;
     may_read_account(&caller, &account)?;
-    let limit = int_param(&p, "limit")?.unwrap_or(100);
+    let limit = int_param(&p, "limit")?.unwrap_or(HISTORY_LIMIT_DEFAULT);
     let after = int_param(&p, "after")?;
     if !(1..=HISTORY_LIMIT_MAX).contains(&limit) {
         return Err(ApiError::invalid(

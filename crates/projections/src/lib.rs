@@ -14,6 +14,7 @@ pub mod bulk;
 pub mod cli;
 pub mod error_code;
 pub mod http;
+pub mod limits;
 pub mod query;
 mod sql;
 pub mod verify;

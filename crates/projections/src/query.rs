@@ -5,8 +5,7 @@ use crate::sql::{Tx, Ty, V};
 use serde::Serialize;
 use storage::Db;
 
-/// Most rows one history page returns.
-pub const HISTORY_LIMIT_MAX: i64 = 1000;
+pub use crate::limits::HISTORY_LIMIT_MAX;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Balance {

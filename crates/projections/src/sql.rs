@@ -175,9 +175,7 @@ impl Tx {
     }
 }
 
-/// Most rows per multi-row statement: keeps bind parameters well under
-/// both backends' limits (PostgreSQL 65,535; SQLite 32,766).
-pub(crate) const ROWS_PER_STATEMENT: usize = 1000;
+use crate::limits::{INSERT_COLUMNS_MAX, ROWS_PER_STATEMENT_MAX};
 
 /// `$first,$first+1,...` for an `IN (...)` list of `n` items.
 pub(crate) fn in_list(n: usize, first: usize) -> String {
@@ -210,6 +208,11 @@ pub(crate) async fn insert_many(
     for r in rows {
         assert_eq!(r.len(), cols.len(), "row width must match the columns");
     }
+    debug_assert!(
+        cols.len() <= INSERT_COLUMNS_MAX,
+        "{table} has {} columns; raise limits::INSERT_COLUMNS_MAX (its SQLite bind budget is checked)",
+        cols.len()
+    );
     if tx.is_postgres() {
         let mut arrays = Vec::with_capacity(cols.len());
         let mut casts = Vec::with_capacity(cols.len());
@@ -238,7 +241,7 @@ pub(crate) async fn insert_many(
         }
         return Ok(out);
     }
-    for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+    for chunk in rows.chunks(ROWS_PER_STATEMENT_MAX) {
         // Anonymous `?` placeholders: SQLite looks a numbered parameter's
         // name up by walking a list, which makes binding thousands of `$n`
         // quadratic.
@@ -260,7 +263,7 @@ pub(crate) async fn insert_many(
 
 /// `column IN (...)` for SQLite, `column = ANY($n)` for PostgreSQL (one
 /// statement text whatever the list length), with its parameters numbered
-/// from `first`. Callers chunk SQLite lists by [`ROWS_PER_STATEMENT`].
+/// from `first`. Callers chunk SQLite lists by [`ROWS_PER_STATEMENT_MAX`].
 pub(crate) fn in_clause(tx: &Tx, column: &str, items: &[String], first: usize) -> (String, Vec<V>) {
     if tx.is_postgres() {
         (

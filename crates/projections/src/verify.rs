@@ -13,8 +13,7 @@ use storage::Db;
 const MERCHANT_PAYABLE_MATCH: &str = "substr(account, 1, 17) = 'merchant_payable:'";
 const _: () = assert!(MERCHANT_PAYABLE_PREFIX.len() == 17);
 
-/// Most violations listed per check; the count is always complete.
-pub const VIOLATIONS_LISTED_MAX: usize = 50;
+pub use crate::limits::VIOLATIONS_LISTED_MAX;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Check {
@@ -409,9 +408,6 @@ async fn run(db: &Db) -> Result<VerifyReport, sqlx::Error> {
     })
 }
 
-/// Transactions read per round trip while walking the chain.
-const CHAIN_PAGE: i64 = 5000;
-
 async fn verify_chain(
     tx: &mut Tx,
     chain: &mut Check,
@@ -426,7 +422,7 @@ async fn verify_chain(
             .rows(
                 "SELECT seq, id, event_id, payment_id, kind, occurred_at, booked_at, prev_hash, hash \
                  FROM ledger_transactions WHERE seq > $1 ORDER BY seq LIMIT $2",
-                &[V::I(expected_seq), V::I(CHAIN_PAGE)],
+                &[V::I(expected_seq), V::I(crate::limits::CHAIN_PAGE_ROWS_MAX)],
                 &[Ty::I, Ty::T, Ty::T, Ty::N, Ty::T, Ty::I, Ty::I, Ty::T, Ty::T],
             )
             .await?;
@@ -437,7 +433,7 @@ async fn verify_chain(
         // no transaction has would otherwise escape the hashes.
         let ids: Vec<String> = txns.iter().map(|t| t[1].text()).collect();
         let mut entries: HashMap<String, Vec<(String, String, i64)>> = HashMap::new();
-        for chunk in ids.chunks(crate::sql::ROWS_PER_STATEMENT) {
+        for chunk in ids.chunks(crate::limits::ROWS_PER_STATEMENT_MAX) {
             let (clause, list) = in_clause(tx, "e.transaction_id", chunk, 1);
             let sql = format!(
                 "SELECT e.transaction_id, e.seq, t.seq, e.line, e.account, e.currency, e.amount_minor \
