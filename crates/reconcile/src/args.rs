@@ -103,7 +103,7 @@ pub struct ReconcilerArgs {
     #[arg(long, env = "PAYSTREAM_PSP_API_KEY", hide_env_values = true)]
     pub psp_api_key: Option<Secret>,
     /// Timeout of one PSP request.
-    #[arg(long, env = "PAYSTREAM_PSP_TIMEOUT_MS", default_value_t = 10_000)]
+    #[arg(long, env = "PAYSTREAM_PSP_TIMEOUT_MS", default_value_t = crate::limits::PSP_TIMEOUT_MS_DEFAULT)]
     pub psp_timeout_ms: u64,
     /// Time of day (UTC, HH:MM) of the nightly run.
     #[arg(long, env = "PAYSTREAM_RECONCILE_AT", default_value = "02:30")]
@@ -113,7 +113,7 @@ pub struct ReconcilerArgs {
     pub lag_days: u16,
     /// Attempts to fetch a file (exponential back-off, Retry-After
     /// honoured) before the run is given up until the next day.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = crate::limits::FETCH_ATTEMPTS_MAX_DEFAULT)]
     pub fetch_attempts: u32,
     /// Minutes to wait before retrying a failed scheduled run (instead of
     /// waiting for the next day).
@@ -121,7 +121,7 @@ pub struct ReconcilerArgs {
     pub retry_after_min: u64,
     /// Retries of a failed scheduled run before waiting for the next
     /// scheduled time.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = crate::limits::RUN_RETRIES_MAX_DEFAULT)]
     pub retry_attempts: u32,
     /// Run once now and exit (non-zero on failure): without --date, the
     /// schedule's catch-up (every day after the watermark up to today - lag).

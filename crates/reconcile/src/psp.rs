@@ -24,9 +24,6 @@ pub struct PspSource {
     pub max_retry_after: Duration,
 }
 
-/// Default cap of a PSP's `Retry-After` between fetch attempts.
-pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
-
 impl PspSource {
     /// A simulator's (or PSP's) account at `base_url` with its API key.
     pub fn simulator(base_url: &str, api_key: Secret) -> PspSource {
@@ -36,7 +33,7 @@ impl PspSource {
             query: None,
             timeout: Duration::from_secs(30),
             attempts: 5,
-            max_retry_after: MAX_RETRY_AFTER,
+            max_retry_after: crate::limits::RETRY_AFTER_MAX_DEFAULT,
         }
     }
 

@@ -9,9 +9,6 @@ use std::collections::HashSet;
 use storage::Db;
 use streaming::EventProducer;
 
-/// Discrepancy events sent before awaiting their acknowledgements.
-const PUBLISH_CHUNK: usize = 10_000;
-
 /// Appends what a recorded run has not published yet: its discrepancies
 /// first found by it, then the run event; marks each as published.
 pub(crate) async fn publish_run(
@@ -34,7 +31,7 @@ pub(crate) async fn publish_run(
     // longer costs two round trips each. Chunked only to bound memory.
     // Whatever was acknowledged is marked even when another send failed;
     // the rest is sent again by the next attempt (same event ids).
-    for chunk in pending.chunks(PUBLISH_CHUNK) {
+    for chunk in pending.chunks(crate::limits::EVENTS_PER_PUBLISH_ROUND_MAX) {
         let envelopes = chunk
             .iter()
             .map(|d| found_envelope(d))

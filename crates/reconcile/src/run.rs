@@ -60,10 +60,6 @@ enum FromParser {
     Valid,
 }
 
-/// Messages of [`settlement::PROGRESS_ROWS`] references in flight from the
-/// parser: enough that it seldom waits for the database.
-const PARSER_MESSAGES_IN_FLIGHT: usize = 128;
-
 /// Work done while the file is read.
 #[derive(Debug)]
 struct Early {
@@ -179,9 +175,6 @@ fn retryable(e: &anyhow::Error) -> bool {
     })
 }
 
-/// Attempts of a run that collided with a concurrent one ([`retryable`]).
-const RUN_ATTEMPTS: u32 = 3;
-
 /// Reconciles a settlement file's bytes. Re-running the same bytes for the
 /// same day returns the recorded report and publishes nothing new (except
 /// what a crashed earlier attempt had not published yet).
@@ -196,7 +189,7 @@ pub async fn reconcile_bytes(
     let mut attempt = 1;
     loop {
         match reconcile_once(db, producer, bytes, source, date, tolerance).await {
-            Err(e) if attempt < RUN_ATTEMPTS && retryable(&e) => {
+            Err(e) if attempt < crate::limits::RUN_ATTEMPTS_MAX && retryable(&e) => {
                 tracing::warn!(error = %format!("{e:#}"), attempt, "reconciliation collided with a concurrent run; trying again");
                 attempt += 1;
             }
@@ -216,7 +209,8 @@ async fn reconcile_once(
     let started = Instant::now();
     // The file is read on a thread of its own; meanwhile the day's ledger
     // references are read and (PostgreSQL) the claims copied.
-    let (to_prepare, mut rx) = tokio::sync::mpsc::channel(PARSER_MESSAGES_IN_FLIGHT);
+    let (to_prepare, mut rx) =
+        tokio::sync::mpsc::channel(crate::limits::PARSER_MESSAGES_IN_FLIGHT_MAX);
     let owned = bytes.to_vec();
     let parser = tokio::task::spawn_blocking(move || {
         let t = Instant::now();

@@ -1,6 +1,7 @@
 //! The calendar of `serve reconciler`: the time of day of the nightly run
 //! and the days a run reconciles. Pure: the current time comes in.
 
+use crate::limits::CATCH_UP_DAYS_MAX;
 use anyhow::{Context, bail};
 use time::Date;
 
@@ -33,17 +34,13 @@ pub(crate) fn next_at(
     })
 }
 
-/// Most days the schedule reconciles in one go (catching up after an
-/// outage), counting the target day.
-pub const MAX_CATCH_UP_DAYS: i64 = 31;
-
 /// The days a scheduled run reconciles, oldest first: every day after the
 /// watermark (the last day the schedule reconciled successfully) up to
-/// `today - lag_days`, at most [`MAX_CATCH_UP_DAYS`]; without a watermark
+/// `today - lag_days`, at most [`CATCH_UP_DAYS_MAX`]; without a watermark
 /// (first start) only `today - lag_days`.
 pub fn day_plan(watermark: Option<Date>, today: Date, lag_days: u16) -> Vec<Date> {
     let target = today - time::Duration::days(i64::from(lag_days));
-    let oldest = target - time::Duration::days(MAX_CATCH_UP_DAYS - 1);
+    let oldest = target - time::Duration::days(CATCH_UP_DAYS_MAX - 1);
     let start = match watermark {
         Some(w) => (w + time::Duration::days(1)).max(oldest),
         None => target,
@@ -97,7 +94,7 @@ mod tests {
                 date!(2026 - 11 - 24)
             ]
         );
-        // Long outage: bounded to MAX_CATCH_UP_DAYS, ending at today - lag.
+        // Long outage: bounded to CATCH_UP_DAYS_MAX, ending at today - lag.
         let p = day_plan(Some(date!(2026 - 01 - 01)), today, 2);
         assert_eq!(p.len(), 31);
         assert_eq!(p.last(), Some(&date!(2026 - 11 - 23)));

@@ -3,8 +3,9 @@
 //! a failure.
 
 use crate::args::ReconcilerArgs;
+use crate::limits::RETRY_AFTER_MAX_DEFAULT;
 use crate::matching::Tolerance;
-use crate::psp::{MAX_RETRY_AFTER, PspSource};
+use crate::psp::PspSource;
 use crate::run::reconcile_from_psp;
 use crate::schedule::{day_plan, next_at, parse_at};
 use crate::{now_us, open, print, settlement, store};
@@ -67,7 +68,7 @@ pub async fn serve(
         query: None,
         timeout: Duration::from_millis(args.psp_timeout_ms),
         attempts: args.fetch_attempts,
-        max_retry_after: MAX_RETRY_AFTER,
+        max_retry_after: RETRY_AFTER_MAX_DEFAULT,
     };
     let (db, producer) = open(&kafka, db_url).await?;
     if args.once {

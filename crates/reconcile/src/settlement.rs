@@ -25,8 +25,7 @@ pub const COLUMNS: [&str; 7] = [
 /// sums of theirs).
 pub const BATCH_SEPARATOR: char = ';';
 
-/// Most problems listed in one error (the total is always given).
-pub const PROBLEMS_SHOWN_MAX: usize = 50;
+pub use crate::limits::{PROBLEMS_SHOWN_MAX, PROGRESS_ROWS};
 
 /// The PSP's status of a settlement row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -165,9 +164,6 @@ fn line_col(bytes: &[u8], offset: usize) -> (u64, usize) {
 pub fn parse(bytes: &[u8], date: Option<Date>) -> Result<SettlementFile, FileError> {
     parse_with(bytes, date, |_| {})
 }
-
-/// Rows handed to [`parse_with`]'s callback at a time.
-pub const PROGRESS_ROWS: usize = 20_000;
 
 /// What [`parse_with`] reports while it reads.
 #[derive(Debug, Clone, Copy)]

@@ -1,6 +1,7 @@
 //! SQL: the ledger's PSP references (read) and the reconciliation tables
 //! (`reconcile_runs`, `reconcile_discrepancies`), on both backends.
 
+use crate::limits::{SQLITE_IN_LIST_VALUES_MAX, SQLITE_JSON_ROWS_MAX, SQLITE_ROWS_PER_INSERT_MAX};
 use crate::matching::LedgerRef;
 use events::Currency;
 use sqlx::Row as _;
@@ -8,15 +9,8 @@ use std::collections::{HashMap, HashSet};
 use storage::BeginWrite;
 use storage::Db;
 
-/// Values per SQLite `IN (...)` list (its bound-parameter limit was 999
-/// before 3.32). PostgreSQL takes any number of values in one array
-/// parameter (`= ANY($1)`, `UNNEST`), so it is never chunked.
-const SQLITE_CHUNK: usize = 900;
-/// Rows per multi-row `VALUES` insert on SQLite (one transaction holds
-/// them all; the chunk only bounds the statement's parameters).
-const SQLITE_ROWS: usize = 400;
-/// Claims per statement on SQLite (one JSON parameter).
-const SQLITE_JSON_ROWS: usize = 50_000;
+/// Parameters each row of the SQLite discrepancies insert binds.
+pub(crate) const DISCREPANCY_ROW_PARAMS: usize = 15;
 /// A table that got at least this many rows from one statement batch is
 /// analysed afterwards: the planner must not depend on autovacuum (off on
 /// these machines) to learn a table grew from nothing to a million rows.
@@ -279,7 +273,7 @@ pub async fn refs_claimed_where_in(
             }
         }
         Db::Sqlite(p) => {
-            for chunk in values.chunks(SQLITE_CHUNK) {
+            for chunk in values.chunks(SQLITE_IN_LIST_VALUES_MAX) {
                 let list = (2..chunk.len() + 2)
                     .map(|i| format!("${i}"))
                     .collect::<Vec<_>>()
@@ -314,7 +308,7 @@ pub async fn refs_where_in(
             }
         }
         Db::Sqlite(p) => {
-            for chunk in values.chunks(SQLITE_CHUNK) {
+            for chunk in values.chunks(SQLITE_IN_LIST_VALUES_MAX) {
                 let list = vec!["?"; chunk.len()].join(",");
                 let sql = format!(
                     "SELECT {REF_COLS} FROM ledger_psp_references WHERE {column} IN ({list})"
@@ -356,7 +350,7 @@ pub async fn payment_ids(
             }
         }
         Db::Sqlite(p) => {
-            for chunk in orders.chunks(SQLITE_CHUNK) {
+            for chunk in orders.chunks(SQLITE_IN_LIST_VALUES_MAX) {
                 let list = vec!["?"; chunk.len()].join(",");
                 let sql = format!(
                     "SELECT order_id, payment_id FROM projection_orders WHERE projection = ? AND order_id IN ({list})"
@@ -1041,11 +1035,11 @@ impl BulkRows for sqlx::Sqlite {
         rows: &[DiscrepancyRow],
         now: i64,
     ) -> Result<HashSet<String>, sqlx::Error> {
-        // 15 parameters a row: SQLITE_ROWS / 8 rows stay under SQLite's
-        // old limit of 999 parameters.
+        // 15 parameters a row: SQLITE_ROWS_PER_INSERT_MAX / 8 rows stay
+        // under SQLite's old limit of 999 parameters (checked in limits).
         let mut inserted = HashSet::new();
-        for chunk in rows.chunks(SQLITE_ROWS / 8) {
-            let values = values_list(chunk.len(), 15, 2, ", 0, 'open', $1");
+        for chunk in rows.chunks(SQLITE_ROWS_PER_INSERT_MAX / 8) {
+            let values = values_list(chunk.len(), DISCREPANCY_ROW_PARAMS, 2, ", 0, 'open', $1");
             let sql = format!(
                 "INSERT INTO reconcile_discrepancies (discrepancy_id, settlement_date, run_id, class, psp_reference, order_ids, payment_id, \
                  ours_currency, ours_minor, theirs_currency, theirs_minor, detail, line, found_event_id, theirs_fee_minor, \
@@ -1098,7 +1092,7 @@ impl BulkRows for sqlx::Sqlite {
     ) -> Result<(), sqlx::Error> {
         // The pairs as one JSON parameter per chunk: binding two values a
         // row costs more than SQLite's own JSON reading.
-        for chunk in claimed.chunks(SQLITE_JSON_ROWS) {
+        for chunk in claimed.chunks(SQLITE_JSON_ROWS_MAX) {
             let pairs =
                 serde_json::to_string(chunk).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
             sqlx::query(
@@ -1160,7 +1154,7 @@ pub async fn mark_found_published_many(db: &Db, ids: &[String]) -> Result<(), sq
         }
         Db::Sqlite(p) => {
             let mut tx = p.begin_write().await?;
-            for chunk in ids.chunks(SQLITE_CHUNK) {
+            for chunk in ids.chunks(SQLITE_IN_LIST_VALUES_MAX) {
                 let list = vec!["?"; chunk.len()].join(",");
                 let sql = format!(
                     "UPDATE reconcile_discrepancies SET found_published = 1 WHERE discrepancy_id IN ({list})"
