@@ -139,6 +139,53 @@ mod tests {
         );
     }
 
+    /// `openapi.json` states the request limits; they are these.
+    #[test]
+    fn openapi_states_these_limits() {
+        let doc: serde_json::Value =
+            serde_json::from_str(crate::api::OPENAPI_JSON).expect("openapi.json is JSON");
+        let schemas = &doc["components"]["schemas"];
+        let payment = &schemas["PaymentRequest"]["properties"];
+        let metadata = &payment["metadata"];
+        let stated = |v: &serde_json::Value| v.as_u64().map(|n| n as usize);
+        assert_eq!(
+            stated(&payment["orders"]["maxItems"]),
+            Some(ORDERS_PER_PAYMENT_MAX)
+        );
+        assert_eq!(
+            stated(&metadata["maxProperties"]),
+            Some(METADATA_ENTRIES_MAX)
+        );
+        assert_eq!(
+            stated(&metadata["propertyNames"]["maxLength"]),
+            Some(METADATA_KEY_LEN_MAX)
+        );
+        assert_eq!(
+            stated(&metadata["additionalProperties"]["maxLength"]),
+            Some(METADATA_VALUE_LEN_MAX)
+        );
+        assert_eq!(
+            stated(&metadata["properties"]["card_token"]["maxLength"]),
+            Some(CARD_TOKEN_LEN_MAX)
+        );
+        assert_eq!(
+            stated(&schemas["RefundRequest"]["properties"]["reason"]["maxLength"]),
+            Some(REFUND_REASON_LEN_MAX)
+        );
+        for (path, at) in [
+            ("/v1/payments", 0),
+            ("/v1/payments/{payment_id}/refunds", 1),
+        ] {
+            let key = &doc["paths"][path]["post"]["parameters"][at];
+            assert_eq!(key["name"], "Idempotency-Key", "{path}");
+            assert_eq!(
+                stated(&key["schema"]["maxLength"]),
+                Some(IDEMPOTENCY_KEY_LEN_MAX),
+                "{path}"
+            );
+        }
+    }
+
     #[test]
     fn the_largest_valid_refund_fits_the_bound() {
         let body = serde_json::to_vec(&serde_json::json!({
