@@ -147,7 +147,7 @@ mod tests {
         let schemas = &doc["components"]["schemas"];
         let payment = &schemas["PaymentRequest"]["properties"];
         let metadata = &payment["metadata"];
-        let stated = |v: &serde_json::Value| v.as_u64().map(|n| n as usize);
+        let stated = |v: &serde_json::Value| v.as_u64().and_then(|n| usize::try_from(n).ok());
         assert_eq!(
             stated(&payment["orders"]["maxItems"]),
             Some(ORDERS_PER_PAYMENT_MAX)
