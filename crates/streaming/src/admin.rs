@@ -21,32 +21,12 @@ pub enum AdminError {
     },
 }
 
-/// `max.message.bytes` of every topic: the largest record batch (after
-/// compression) the broker accepts. Kafka's default (1 MiB + 12), stated
-/// explicitly so a cluster with a smaller default cannot refuse what we
-/// produce: our producer's batches are at most
-/// [`MESSAGE_MAX_BYTES`](crate::producer::MESSAGE_MAX_BYTES) (1,000,000)
-/// plus the batch header, and a dead-letter stub is at most
-/// [`STUB_PAYLOAD_MAX`](crate::dlq::STUB_PAYLOAD_MAX) +
-/// [`STUB_HEADERS_MAX`](crate::dlq::STUB_HEADERS_MAX) +
-/// [`STUB_KEY_MAX`](crate::dlq::STUB_KEY_MAX) + the `dlq.*` headers
-/// (about 140 KiB). An upstream writer can still put a larger message on
-/// the inbound topic when it compresses to under this limit; the consumer
-/// then dead-letters it as a stub.
-pub const TOPIC_MAX_MESSAGE_BYTES: usize = 1_048_588;
-
-const _: () = assert!(crate::producer::MESSAGE_MAX_BYTES + 1024 <= TOPIC_MAX_MESSAGE_BYTES);
-const _: () = assert!(
-    crate::dlq::STUB_PAYLOAD_MAX
-        + crate::dlq::STUB_HEADERS_MAX
-        + crate::dlq::STUB_KEY_MAX
-        + 2 * crate::dlq::REASON_LEN_MAX
-        + 4096
-        <= crate::producer::MESSAGE_MAX_BYTES
-);
+/// The old name of [`TOPIC_MESSAGE_BYTES_MAX`], which tests use.
+pub use crate::limits::TOPIC_MESSAGE_BYTES_MAX as TOPIC_MAX_MESSAGE_BYTES;
+use crate::limits::TOPIC_MESSAGE_BYTES_MAX;
 
 /// Creates the topics that do not exist yet, with unlimited retention and
-/// [`TOPIC_MAX_MESSAGE_BYTES`]; existing ones are left as they are (Kafka cannot shrink partitions, and
+/// [`TOPIC_MESSAGE_BYTES_MAX`]; existing ones are left as they are (Kafka cannot shrink partitions, and
 /// growing them re-maps keys; retention of an existing topic is the
 /// operator's to set).
 /// Returns the names that were created.
@@ -57,7 +37,7 @@ pub async fn ensure_topics(
     let mut cc = cfg.client_config("paystream-admin");
     cfg.apply_overrides(&mut cc);
     let admin: AdminClient<DefaultClientContext> = cc.create().map_err(AdminError::Client)?;
-    let max_message_bytes = TOPIC_MAX_MESSAGE_BYTES.to_string();
+    let max_message_bytes = TOPIC_MESSAGE_BYTES_MAX.to_string();
     let new: Vec<NewTopic<'_>> = specs
         .iter()
         .map(|s| {

@@ -271,7 +271,7 @@ impl ConsumerSettings {
         let mut s = ConsumerSettings {
             group_id: group_id.into(),
             topics,
-            batch_max: 500,
+            batch_max: crate::limits::CONSUMER_BATCH_MAX_DEFAULT,
             batch_linger: Duration::from_millis(20),
             retry_backoff: Duration::from_millis(100),
             retry_backoff_max: Duration::from_secs(10),
@@ -360,11 +360,7 @@ struct LoopContext {
     changes: AtomicU64,
 }
 
-/// How long a revocation waits for a handler call already running on the
-/// revoked partitions. Past it the partitions move anyway: that call's
-/// offsets are never stored (its generation is gone), so its events are
-/// delivered again to the new owner and deduplicated there.
-const REVOKE_WAIT: Duration = Duration::from_secs(60);
+use crate::limits::REVOKE_WAIT;
 
 impl LoopContext {
     fn lock(&self) -> MutexGuard<'_, Ownership> {

@@ -41,17 +41,7 @@ pub const H_HEADERS_DROPPED: &str = "dlq.original_headers_dropped";
 /// SHA-256 (hex) of an original key too long to keep ([`STUB_KEY_MAX`]).
 pub const H_ORIGINAL_KEY_SHA256: &str = "dlq.original_key_sha256";
 
-/// Most payload bytes a stub keeps.
-pub const STUB_PAYLOAD_MAX: usize = 64 * 1024;
-/// Most bytes of original headers (keys + values) a stub keeps; beyond
-/// that they are left out and counted in [`H_HEADERS_DROPPED`].
-pub const STUB_HEADERS_MAX: usize = 64 * 1024;
-/// Longest original key a stub keeps; a longer one is replaced by its hash.
-pub const STUB_KEY_MAX: usize = 4 * 1024;
-
-/// Longest reason kept in a header; longer ones are cut (with a marker) so
-/// a huge error message cannot push the dead letter over the size limit.
-pub const REASON_LEN_MAX: usize = 4096;
+pub use crate::limits::{REASON_LEN_MAX, STUB_HEADERS_MAX, STUB_KEY_MAX, STUB_PAYLOAD_MAX};
 
 /// One message on its way to the dead-letter topic.
 #[derive(Debug, Clone)]

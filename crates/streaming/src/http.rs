@@ -58,8 +58,8 @@ impl Default for HttpLimits {
         HttpLimits {
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(10),
-            max_body_bytes: 1024 * 1024,
-            max_concurrent_requests: 256,
+            max_body_bytes: crate::limits::HTTP_BODY_BYTES_MAX_DEFAULT,
+            max_concurrent_requests: crate::limits::HTTP_CONCURRENT_REQUESTS_MAX_DEFAULT,
             retry_after_secs: 1,
         }
     }

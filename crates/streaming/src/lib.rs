@@ -10,6 +10,7 @@ pub mod config;
 pub mod consumer;
 pub mod dlq;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 pub mod producer;
 pub mod progress;

@@ -73,13 +73,8 @@ impl std::fmt::Debug for EventProducer {
     }
 }
 
-/// The producer's `message.max.bytes`: the largest message it sends.
-pub const MESSAGE_MAX_BYTES: usize = 1_000_000;
-
-/// How long an append may wait for the broker before it fails; the caller
-/// then decides (retry, or answer the client with an error). Bounded so a
-/// lost broker turns into an error instead of a hung request.
-pub const DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
+pub use crate::limits::DELIVERY_TIMEOUT;
+use crate::limits::MESSAGE_BYTES_MAX;
 
 /// The headers every appended envelope carries: its event type, event id
 /// and content type.
@@ -129,8 +124,8 @@ impl EventProducer {
         // Largest message (and request) we produce: Kafka's default broker
         // limit; larger events are a bug, and a dead letter this large is
         // sent as a bounded stub instead (`dlq`). Topics are created to
-        // accept it (`admin::TOPIC_MAX_MESSAGE_BYTES`).
-        c.set("message.max.bytes", MESSAGE_MAX_BYTES.to_string());
+        // accept it (`limits::TOPIC_MESSAGE_BYTES_MAX`).
+        c.set("message.max.bytes", MESSAGE_BYTES_MAX.to_string());
         // The Java client's partitioner, so a key maps to the same partition
         // whichever client (ours, or an upstream JVM service writing to the
         // inbound topic) produced it.

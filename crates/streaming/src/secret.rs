@@ -1,7 +1,7 @@
 //! Secrets from flags, environment or configuration files (PSP API keys,
 //! webhook signing secrets): a [`Secret`] never shows its value through
 //! `Debug` or `Display`, and [`Secret::check`] refuses values an attacker
-//! could guess: empty, shorter than [`MIN_LEN`] characters, a well-known
+//! could guess: empty, shorter than [`SECRET_LEN_MIN`] characters, a well-known
 //! default or placeholder (`sk_test_default`, `whsec_default`, `change-me`,
 //! ...), or one character repeated.
 //!
@@ -12,12 +12,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-/// Shortest accepted secret, in characters: 32 characters of a random
-/// hex string are 128 bits, which no one guesses.
-pub const MIN_LEN: usize = 32;
-
-/// Longest accepted secret (it travels in an HTTP header).
-pub const MAX_LEN: usize = 1024;
+pub use crate::limits::{SECRET_LEN_MAX, SECRET_LEN_MIN};
 
 /// How to make a good secret, for error messages and docs.
 pub const GENERATE_HINT: &str = "generate one with `openssl rand -hex 32`";
@@ -90,14 +85,14 @@ impl Secret {
             return Err(Weakness::NotVisibleAscii);
         }
         let len = v.len();
-        if len > MAX_LEN {
+        if len > SECRET_LEN_MAX {
             return Err(Weakness::TooLong { len });
         }
         let lower = v.to_ascii_lowercase();
         if WELL_KNOWN.iter().any(|w| lower.contains(w)) {
             return Err(Weakness::WellKnown);
         }
-        if len < MIN_LEN {
+        if len < SECRET_LEN_MIN {
             return Err(Weakness::TooShort { len });
         }
         let mut distinct: Vec<u8> = v.bytes().collect();
@@ -149,9 +144,9 @@ pub enum Weakness {
     Empty,
     #[error("has characters other than visible ASCII (no spaces or control characters)")]
     NotVisibleAscii,
-    #[error("is {len} characters long; at least {MIN_LEN} are required")]
+    #[error("is {len} characters long; at least {SECRET_LEN_MIN} are required")]
     TooShort { len: usize },
-    #[error("is {len} characters long; at most {MAX_LEN} are accepted")]
+    #[error("is {len} characters long; at most {SECRET_LEN_MAX} are accepted")]
     TooLong { len: usize },
     #[error("is (or contains) a well-known default or placeholder")]
     WellKnown,
@@ -225,8 +220,10 @@ mod tests {
         );
         assert_eq!(weak(&"ab".repeat(20)), Weakness::Repetitive);
         assert_eq!(
-            weak(&"x1".repeat(MAX_LEN)),
-            Weakness::TooLong { len: 2 * MAX_LEN }
+            weak(&"x1".repeat(SECRET_LEN_MAX)),
+            Weakness::TooLong {
+                len: 2 * SECRET_LEN_MAX
+            }
         );
         let e = require(None, "--psp-api-key / PAYSTREAM_PSP_API_KEY").unwrap_err();
         assert!(e.to_string().contains("openssl rand -hex 32"), "{e}");
