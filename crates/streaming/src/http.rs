@@ -211,3 +211,63 @@ pub async fn spawn_server_with(
     let task = tokio::spawn(serve(listener, router, limits, shutdown));
     Ok((bound, task))
 }
+
+/// Declares the closed enum of an HTTP API's error codes: the enum (each
+/// variant with its code on the wire), `ALL` (every variant, in
+/// declaration order, generated so it cannot miss one), `as_str`,
+/// `Display` and comparison with a `&str`. The payment handler, the query
+/// API and the PSP simulator each declare theirs with it and add what is
+/// their own (statuses, the document their tests check the codes against).
+///
+/// ```
+/// streaming::error_codes! {
+///     /// The codes of an API.
+///     pub enum Code {
+///         /// 404: no such thing.
+///         NotFound = "not_found",
+///         Unavailable = "unavailable",
+///     }
+/// }
+/// assert_eq!(Code::ALL, &[Code::NotFound, Code::Unavailable]);
+/// assert_eq!(Code::NotFound.as_str(), "not_found");
+/// assert_eq!(Code::Unavailable, "unavailable");
+/// ```
+#[macro_export]
+macro_rules! error_codes {
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $name:ident {
+            $( $(#[$vmeta:meta])* $variant:ident = $code:literal ),+ $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        $vis enum $name {
+            $( $(#[$vmeta])* $variant, )+
+        }
+
+        impl $name {
+            /// Every code, in declaration order.
+            pub const ALL: &'static [$name] = &[$($name::$variant,)+];
+
+            /// The code on the wire.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $( $name::$variant => $code, )+
+                }
+            }
+        }
+
+        impl ::std::fmt::Display for $name {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl ::std::cmp::PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                self.as_str() == *other
+            }
+        }
+    };
+}
