@@ -49,23 +49,13 @@ mod tests {
     use super::*;
     use std::collections::BTreeSet;
 
-    /// The rows `| status | `code` | when |` of the README's error-code
-    /// table: the first table after the "### Error codes" heading.
+    /// The README's error-code table: (status, code) per row.
     fn readme_codes() -> Vec<(u16, String)> {
-        let readme = include_str!("../README.md");
-        let section = readme
-            .split_once("\n### Error codes\n")
-            .expect("README.md has a \"### Error codes\" section")
-            .1;
-        let section = section.split("\n#").next().unwrap_or(section);
-        section
-            .lines()
-            .filter_map(|l| {
-                let cells: Vec<&str> = l.split('|').map(str::trim).collect();
-                // "", status, `code`, when, ""
-                let status = cells.get(1)?.parse::<u16>().ok()?;
-                let code = cells.get(2)?.strip_prefix('`')?.strip_suffix('`')?;
-                Some((status, code.to_owned()))
+        testkit::documented_codes(include_str!("../README.md"), "### Error codes")
+            .into_iter()
+            .map(|(statuses, code)| {
+                assert_eq!(statuses.len(), 1, "{code}: one status per code");
+                (statuses[0], code)
             })
             .collect()
     }

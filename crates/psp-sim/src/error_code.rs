@@ -65,29 +65,10 @@ mod tests {
     use super::*;
     use std::collections::BTreeSet;
 
-    /// The rows `| 429/503 | `code` | when |` of the contract's table of
-    /// codes: the table after "Codes are stable:" in "## HTTP contract".
+    /// The contract's table of codes ("## HTTP contract"): the statuses
+    /// and the code of each row.
     fn readme_codes() -> Vec<(Vec<u16>, String)> {
-        let readme = include_str!("../README.md");
-        let section = readme
-            .split_once("\n## HTTP contract\n")
-            .expect("README.md has an \"## HTTP contract\" section")
-            .1;
-        let section = section.split("\n#").next().unwrap_or(section);
-        section
-            .lines()
-            .filter_map(|l| {
-                let cells: Vec<&str> = l.split('|').map(str::trim).collect();
-                // "", status[/status...], `code`, when, ""
-                let statuses = cells
-                    .get(1)?
-                    .split('/')
-                    .map(|s| s.parse::<u16>().ok())
-                    .collect::<Option<Vec<u16>>>()?;
-                let code = cells.get(2)?.strip_prefix('`')?.strip_suffix('`')?;
-                Some((statuses, code.to_owned()))
-            })
-            .collect()
+        testkit::documented_codes(include_str!("../README.md"), "## HTTP contract")
     }
 
     #[test]

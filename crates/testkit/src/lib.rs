@@ -90,3 +90,30 @@ macro_rules! both {
         }
     };
 }
+
+/// The error codes a document lists, with their statuses: the rows
+/// `| status[/status...] | `code` | ... |` of the section that starts at the
+/// line `heading`, up to the next heading. What the HTTP APIs' tests check
+/// their `ErrorCode` enums against (the query API's and the simulator's
+/// READMEs).
+pub fn documented_codes(doc: &str, heading: &str) -> Vec<(Vec<u16>, String)> {
+    let section = doc
+        .split_once(&format!("\n{heading}\n"))
+        .unwrap_or_else(|| panic!("the document has a {heading:?} section"))
+        .1;
+    let section = section.split("\n#").next().unwrap_or(section);
+    section
+        .lines()
+        .filter_map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            // "", status[/status...], `code`, when, ""
+            let statuses = cells
+                .get(1)?
+                .split('/')
+                .map(|s| s.parse::<u16>().ok())
+                .collect::<Option<Vec<u16>>>()?;
+            let code = cells.get(2)?.strip_prefix('`')?.strip_suffix('`')?;
+            Some((statuses, code.to_owned()))
+        })
+        .collect()
+}
