@@ -493,8 +493,14 @@ async fn create(
                 "declined" => "declined",
                 _ => "other",
             };
-            metrics::counter!(streaming::metrics::PSP_SIM_CHARGES, "outcome" => outcome)
-                .increment(1);
+            {
+                use streaming::metrics::events::{InternalEvent as _, SimChargeCreated};
+                SimChargeCreated {
+                    charge: &row.id,
+                    outcome,
+                }
+                .emit();
+            }
             Action::Created(body)
         }
         Err(e) => Action::Fail(ApiError::internal(e)),

@@ -136,11 +136,14 @@ async fn deliver_one(st: &AppState, client: &reqwest::Client, d: store::Delivery
         }
     };
     let now = wall_ms();
-    metrics::counter!(
-        streaming::metrics::PSP_SIM_WEBHOOKS,
-        "result" => if result.is_ok() { "delivered" } else { "failed" }
-    )
-    .increment(1);
+    {
+        use streaming::metrics::events::{InternalEvent as _, SimWebhookAttempted};
+        SimWebhookAttempted {
+            seq: d.seq,
+            error: result.as_ref().err().map(String::as_str),
+        }
+        .emit();
+    }
     let stored = match result {
         Ok(()) => st.writer.run((d.seq, now), store::delivery_done).await,
         Err(error) => {
@@ -151,7 +154,6 @@ async fn deliver_one(st: &AppState, client: &reqwest::Client, d: store::Delivery
                 .saturating_mul(1u64 << doublings)
                 .min(w.max_backoff_ms);
             let backoff = i64::try_from(backoff).unwrap_or(i64::MAX);
-            tracing::debug!(seq = d.seq, %error, backoff_ms = backoff, "webhook not acknowledged");
             let failed = (d.seq, now.saturating_add(backoff), error);
             st.writer.run(failed, store::delivery_failed).await
         }

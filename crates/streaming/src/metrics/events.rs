@@ -353,6 +353,51 @@ impl InternalEvent for GroupCommitBatch {
     }
 }
 
+/// A charge the PSP simulator created: `paystream_psp_sim_charges_total`
+/// by outcome and a debug line.
+#[derive(Debug, Clone, Copy)]
+pub struct SimChargeCreated<'a> {
+    pub charge: &'a str,
+    /// `succeeded`, `pending`, `declined` or `other`.
+    pub outcome: &'static str,
+}
+
+impl InternalEvent for SimChargeCreated<'_> {
+    fn emit(self) {
+        tracing::debug!(
+            charge = self.charge,
+            outcome = self.outcome,
+            "charge created"
+        );
+        metrics::counter!(super::PSP_SIM_CHARGES, "outcome" => self.outcome).increment(1);
+    }
+}
+
+/// One webhook delivery attempt of the PSP simulator:
+/// `paystream_psp_sim_webhook_deliveries_total` by result and a debug
+/// line (the error when the receiver did not acknowledge it).
+#[derive(Debug, Clone, Copy)]
+pub struct SimWebhookAttempted<'a> {
+    pub seq: i64,
+    pub error: Option<&'a str>,
+}
+
+impl InternalEvent for SimWebhookAttempted<'_> {
+    fn emit(self) {
+        let result = match self.error {
+            None => {
+                tracing::debug!(seq = self.seq, "webhook delivered");
+                "delivered"
+            }
+            Some(error) => {
+                tracing::debug!(seq = self.seq, error, "webhook not acknowledged");
+                "failed"
+            }
+        };
+        metrics::counter!(super::PSP_SIM_WEBHOOKS, "result" => result).increment(1);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -474,9 +519,21 @@ mod tests {
                 waited: Duration::from_millis(3),
             }
             .emit();
+            SimChargeCreated {
+                charge: "ch_1",
+                outcome: "declined",
+            }
+            .emit();
+            SimWebhookAttempted {
+                seq: 4,
+                error: Some("receiver answered 500"),
+            }
+            .emit();
         });
         let lines: Vec<&str> = logs.lines().collect();
-        assert_eq!(lines.len(), 11, "one line per event: {logs}");
+        assert_eq!(lines.len(), 13, "one line per event: {logs}");
+        assert!(lines[11].contains("ch_1"), "{}", lines[11]);
+        assert!(lines[12].contains("receiver answered 500"), "{}", lines[12]);
         assert!(lines[8].contains("taken_over"), "{}", lines[8]);
         assert!(lines[9].contains("amount") && lines[9].contains("does not match"));
         assert!(lines[10].contains("requests=17"), "{}", lines[10]);
@@ -516,6 +573,8 @@ mod tests {
             r#"paystream_idempotency_total{result="taken_over"} 1"#,
             r#"paystream_webhook_mismatches_total{field="amount"} 1"#,
             r#"paystream_handler_group_commit_batches_total 1"#,
+            r#"paystream_psp_sim_charges_total{outcome="declined"} 1"#,
+            r#"paystream_psp_sim_webhook_deliveries_total{result="failed"} 1"#,
         ] {
             assert!(
                 metrics.contains(series),
