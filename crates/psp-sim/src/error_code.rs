@@ -63,39 +63,14 @@ impl ErrorCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeSet;
-
-    /// The contract's table of codes ("## HTTP contract"): the statuses
-    /// and the code of each row.
-    fn readme_codes() -> Vec<(Vec<u16>, String)> {
-        testkit::documented_codes(include_str!("../README.md"), "## HTTP contract")
-    }
 
     #[test]
     fn the_contract_lists_exactly_the_codes_with_their_statuses() {
-        let listed = readme_codes();
+        let listed = testkit::documented_codes(include_str!("../README.md"), "## HTTP contract");
         let ours: Vec<(Vec<u16>, String)> = ErrorCode::ALL
             .iter()
             .map(|c| (c.statuses().to_vec(), c.as_str().to_owned()))
             .collect();
-        assert_eq!(
-            listed.iter().collect::<BTreeSet<_>>(),
-            ours.iter().collect::<BTreeSet<_>>()
-        );
-        assert_eq!(listed.len(), ours.len(), "a code listed twice");
-    }
-
-    #[test]
-    fn all_holds_every_variant_once() {
-        let mut seen = BTreeSet::new();
-        for c in ErrorCode::ALL {
-            assert!(seen.insert(*c), "{c} twice");
-            assert!(
-                c.as_str()
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b == b'_')
-            );
-            assert!(!c.statuses().is_empty());
-        }
+        testkit::assert_documented_codes(&listed, &ours);
     }
 }

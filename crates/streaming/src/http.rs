@@ -232,6 +232,26 @@ pub async fn spawn_server_with(
 /// assert_eq!(Code::NotFound.as_str(), "not_found");
 /// assert_eq!(Code::Unavailable, "unavailable");
 /// ```
+///
+/// Codes are checked at compile time: non-empty `snake_case`, each spelled
+/// once.
+///
+/// ```compile_fail
+/// streaming::error_codes! {
+///     pub enum Code {
+///         NotFound = "not_found",
+///         Missing = "not_found",
+///     }
+/// }
+/// ```
+///
+/// ```compile_fail
+/// streaming::error_codes! {
+///     pub enum Code {
+///         NotFound = "Not-Found",
+///     }
+/// }
+/// ```
 #[macro_export]
 macro_rules! error_codes {
     (
@@ -245,6 +265,18 @@ macro_rules! error_codes {
         $vis enum $name {
             $( $(#[$vmeta])* $variant, )+
         }
+
+        const _: () = {
+            let codes: &[&str] = &[$($code,)+];
+            assert!(
+                $crate::http::codes_are_snake_case(codes),
+                "an error code is not non-empty snake_case"
+            );
+            assert!(
+                $crate::http::codes_are_distinct(codes),
+                "an error code is spelled twice"
+            );
+        };
 
         impl $name {
             /// Every code, in declaration order.
@@ -270,4 +302,51 @@ macro_rules! error_codes {
             }
         }
     };
+}
+
+/// Whether every code is non-empty and only `a`-`z` and `_` (checked at
+/// compile time by [`error_codes!`]).
+#[doc(hidden)]
+pub const fn codes_are_snake_case(codes: &[&str]) -> bool {
+    let mut i = 0;
+    while i < codes.len() {
+        let c = codes[i].as_bytes();
+        if c.is_empty() {
+            return false;
+        }
+        let mut k = 0;
+        while k < c.len() {
+            if !(c[k].is_ascii_lowercase() || c[k] == b'_') {
+                return false;
+            }
+            k += 1;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// Whether no code is spelled twice (checked at compile time by
+/// [`error_codes!`]).
+#[doc(hidden)]
+pub const fn codes_are_distinct(codes: &[&str]) -> bool {
+    let mut i = 0;
+    while i < codes.len() {
+        let mut j = 0;
+        while j < i {
+            let (a, b) = (codes[i].as_bytes(), codes[j].as_bytes());
+            if a.len() == b.len() {
+                let mut k = 0;
+                while k < a.len() && a[k] == b[k] {
+                    k += 1;
+                }
+                if k == a.len() {
+                    return false;
+                }
+            }
+            j += 1;
+        }
+        i += 1;
+    }
+    true
 }

@@ -117,3 +117,15 @@ pub fn documented_codes(doc: &str, heading: &str) -> Vec<(Vec<u16>, String)> {
         })
         .collect()
 }
+
+/// Asserts that a document lists exactly an API's error codes with their
+/// statuses ([`documented_codes`] against the enum's `ALL`), each once.
+pub fn assert_documented_codes(listed: &[(Vec<u16>, String)], ours: &[(Vec<u16>, String)]) {
+    use std::collections::BTreeSet;
+    assert_eq!(
+        listed.iter().collect::<BTreeSet<_>>(),
+        ours.iter().collect::<BTreeSet<_>>(),
+        "the document's codes and statuses (left) differ from the enum's (right)"
+    );
+    assert_eq!(listed.len(), ours.len(), "a code listed twice");
+}
