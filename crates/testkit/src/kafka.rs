@@ -109,6 +109,11 @@ pub async fn read_all(cfg: &KafkaConfig, topic: &str) -> Vec<Record> {
     )
     .await
     .expect("opening a reader");
+    drain(&mut reader).await
+}
+
+/// Every record a reader has left to read.
+async fn drain(reader: &mut TopicReader) -> Vec<Record> {
     let mut out = Vec::new();
     while let Some(batch) = reader.next_batch(1000).await.expect("reading") {
         out.extend(batch);
@@ -133,10 +138,7 @@ pub async fn read_topic(cfg: &KafkaConfig, topic: &str, n: usize) -> Vec<Record>
         .expect("opening a reader");
         let total = usize::try_from(reader.total()).expect("fits");
         if total >= n || tokio::time::Instant::now() >= deadline {
-            let mut out = Vec::new();
-            while let Some(batch) = reader.next_batch(1000).await.expect("reading") {
-                out.extend(batch);
-            }
+            let out = drain(&mut reader).await;
             assert!(
                 out.len() >= n,
                 "timed out reading {topic}: {} of {n} messages",
