@@ -218,15 +218,10 @@ pub async fn apply_batch(
     batch: &[Incoming<'_>],
 ) -> Result<Vec<Outcome>, sqlx::Error> {
     let mut outcomes = vec![Outcome::Duplicate; batch.len()];
-    if batch.is_empty() {
-        return Ok(outcomes);
-    }
-    let p = projection.as_str();
-    let now = events::Timestamp::now().as_micros();
-    let mut tx = Tx::begin(db).await?;
 
     // 1. Claim the event ids; the first occurrence in the batch counts.
-    // Types the booking rules never book are ignored here, unclaimed.
+    // Types the booking rules never book are ignored here, unclaimed: a
+    // batch of nothing else (or an empty one) opens no transaction.
     let mut seen = HashSet::new();
     let mut first: Vec<usize> = Vec::new();
     for (i, inc) in batch.iter().enumerate() {
@@ -237,9 +232,11 @@ pub async fn apply_batch(
         }
     }
     if first.is_empty() {
-        tx.commit().await?;
         return Ok(outcomes);
     }
+    let p = projection.as_str();
+    let now = events::Timestamp::now().as_micros();
+    let mut tx = Tx::begin(db).await?;
     // Sorted, so two members claiming overlapping batches lock rows in the
     // same order and cannot deadlock.
     first.sort_by_key(|&i| batch[i].envelope.event_id);
