@@ -4,6 +4,7 @@
 //! See this crate's README.md for each command's flags and guarantees.
 
 pub mod groups;
+pub mod limits;
 pub mod lock;
 pub mod project;
 pub mod projection;

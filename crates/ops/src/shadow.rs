@@ -1,32 +1,53 @@
-//! The shadow a rebuild writes into, and the atomic swap into the live
-//! tables.
+//! The shadow a rebuild writes into, and the swap into the live tables.
 //!
-//! - PostgreSQL: a schema `ops_shadow_<projection>` in the same database,
-//!   migrated like the live one; the rebuild's connections put it first on
-//!   their `search_path`, so the projection code runs unchanged. The swap
-//!   is one transaction on the live database: disable the user triggers of
-//!   the projection's own tables (the ledger's immutability triggers refuse
-//!   `DELETE`), `DELETE` its rows (children first), `INSERT ... SELECT`
-//!   everything from the shadow, re-enable the triggers, commit. Trigger
-//!   enabling is transactional, so nobody else sees them disabled. `DELETE`
-//!   (unlike `TRUNCATE`) is MVCC-safe: readers see the old contents until
-//!   the commit, and a REPEATABLE READ reader with an older snapshot keeps
-//!   seeing them; nobody sees a half-built projection.
+//! - PostgreSQL: a schema `ops_shadow_<projection>` in the same database
+//!   holding one table per table of the projection, each `LIKE` the live
+//!   table that holds exactly that projection's rows (its own tables, and
+//!   its partition `<table>_<projection>` of each shared table; migration
+//!   3008), under the shared table's name, so the projection code runs
+//!   unchanged with the shadow first on its `search_path`. The swap is
+//!   O(1) in the number of rows: no row is copied or deleted.
+//!   1. The shadow gets the live tables' keys, indexes and triggers (a
+//!      bulk load strips them first and they are built here, once, over
+//!      sorted input), and statistics (`ANALYZE`).
+//!   2. It waits until no transaction's snapshot is older than the
+//!      shadow's rows (like `CREATE INDEX CONCURRENTLY` does): every
+//!      snapshot alive at the swap then sees them, so a reader whose
+//!      statement resolves a table after the swap sees the whole rebuilt
+//!      projection, never an empty table. A reader that is still inside a
+//!      REPEATABLE READ transaction that started before the rebuild ended
+//!      is waited for, and keeps seeing the old projection to its end.
+//!   3. One transaction takes every live table of the projection (the
+//!      shared parents with them) `ACCESS EXCLUSIVE`, each attempt waiting
+//!      at most [`SWAP_LOCK_ATTEMPT_MAX`] per lock and letting go of all of
+//!      them otherwise (so a reader is never the victim of a deadlock with
+//!      the swap), then detaches and drops the old partitions and tables
+//!      and moves the shadow's in: `DETACH PARTITION`, `DROP TABLE`,
+//!      `RENAME`, `SET SCHEMA`, `ATTACH PARTITION` (the CHECK of the
+//!      projection spares the scan). A reader holding one of the old
+//!      tables keeps it to the end of its transaction (the swap waits).
 //! - SQLite: a separate file next to the database
 //!   (`<db file>.ops-shadow-<projection>`), `ATTACH`ed to one connection
 //!   of the live database for the swap: `BEGIN IMMEDIATE`, save and drop
 //!   the projection's triggers (SQLite has no `TRUNCATE`, and the ledger's
 //!   triggers refuse `DELETE`), delete, `INSERT ... SELECT` from the
 //!   shadow, re-create the triggers from their saved SQL, `COMMIT`. In WAL
-//!   mode readers keep seeing the old rows until the commit.
+//!   mode readers keep seeing the old rows until the commit. This swap
+//!   copies rows: O(n).
 //!
-//! The shadow is written without durability (`synchronous_commit = off`,
-//! and a rebuild makes its tables UNLOGGED; SQLite `synchronous = OFF`): a crash during the rebuild only means
-//! running it again. The swap itself runs with the live database's full
-//! durability. The shadow is removed after the swap (and replaced if a
-//! previous rebuild left one behind). Callers hold the projection's run
-//! lock (`crate::lock`), so two runs never share a shadow.
+//! The shadow is written without waiting for durability
+//! (`synchronous_commit = off`; SQLite `synchronous = OFF`): a crash
+//! during the rebuild only means running it again. The swap itself runs
+//! with the live database's full durability (on PostgreSQL its commit
+//! flushes the WAL that holds the shadow's rows). The shadow is removed
+//! after the swap (and replaced if a previous rebuild left one behind).
+//! Callers hold the projection's run lock (`crate::lock`), so two runs
+//! never share a shadow.
 
+use crate::limits::{
+    SWAP_LOCK_ATTEMPT_MAX, SWAP_LOCK_BACKOFF_MAX, SWAP_LOCKS_WAIT_MAX, SWAP_OLD_SNAPSHOTS_WAIT_MAX,
+    SWAP_WAIT_LOG_EVERY_MAX,
+};
 use crate::tables::{OwnedTable, columns, present_tables_of, primary_key};
 use anyhow::Context as _;
 use projections::Projection;
@@ -38,7 +59,7 @@ use sqlx::sqlite::{
 };
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use storage::Db;
 
 /// A migrated, initially empty copy of the projection tables.
@@ -51,8 +72,15 @@ pub struct Shadow {
 
 #[derive(Debug, Clone)]
 enum Place {
-    Postgres { schema: String },
-    Sqlite { path: PathBuf, main: PathBuf },
+    /// `schema` the shadow's, `live` the live tables' schema.
+    Postgres {
+        schema: String,
+        live: String,
+    },
+    Sqlite {
+        path: PathBuf,
+        main: PathBuf,
+    },
 }
 
 /// The file of an SQLite database's main schema.
@@ -91,6 +119,10 @@ impl Shadow {
         match main {
             Db::Postgres(p) => {
                 let schema = format!("ops_shadow_{}", projection.as_str());
+                let live: String = sqlx::query_scalar("SELECT current_schema()::TEXT")
+                    .fetch_one(p)
+                    .await
+                    .context("reading the live schema")?;
                 sqlx::query(&format!(
                     "DROP SCHEMA IF EXISTS {} CASCADE",
                     quote_ident(&schema)
@@ -102,6 +134,30 @@ impl Shadow {
                     .execute(p)
                     .await
                     .context("creating the shadow schema")?;
+                for t in present_tables_of(main, projection).await? {
+                    let from = LiveTable::new(&live, &t, projection);
+                    sqlx::query(&format!(
+                        "CREATE TABLE {}.{} (LIKE {} INCLUDING ALL EXCLUDING INDEXES)",
+                        quote_ident(&schema),
+                        quote_ident(t.name),
+                        from.qualified()
+                    ))
+                    .execute(p)
+                    .await
+                    .with_context(|| format!("creating the shadow's {}", t.name))?;
+                    complete_postgres(p, &from, &schema, t.name).await?;
+                }
+                // What the migrations seed: the ledger's genesis chain head.
+                if projection == Projection::Ledger {
+                    sqlx::query(&format!(
+                        "INSERT INTO {}.ledger_chain_head (id, seq, hash) VALUES (1, 0, $1)",
+                        quote_ident(&schema)
+                    ))
+                    .bind(projections::apply::GENESIS_HASH)
+                    .execute(p)
+                    .await
+                    .context("seeding the shadow's chain head")?;
+                }
                 let opts = PgConnectOptions::from_str(main_url)
                     .context("parsing the database URL")?
                     .options([
@@ -114,13 +170,9 @@ impl Shadow {
                     .connect_with(opts)
                     .await
                     .context("connecting to the shadow schema")?;
-                let db = Db::Postgres(pool);
-                projections::migrate(&db)
-                    .await
-                    .context("migrating the shadow schema")?;
                 Ok(Shadow {
-                    db,
-                    place: Place::Postgres { schema },
+                    db: Db::Postgres(pool),
+                    place: Place::Postgres { schema, live },
                 })
             }
             Db::Sqlite(_) => {
@@ -159,10 +211,12 @@ impl Shadow {
     /// Drops every index and key constraint of the shadow's tables, so a
     /// bulk load appends rows without maintaining random-key B-trees or
     /// checking keys row by row (the rows come from one in-memory decision
-    /// that already holds every key once). The shadow is only the staging
-    /// area of the swap, which copies its rows into the live tables, whose
-    /// own keys and constraints check every row again: the shadow needs no
-    /// index of its own.
+    /// that already holds every key once). On PostgreSQL the swap builds
+    /// them again, each once over all rows, before the tables go live (a
+    /// duplicate key fails the swap there, and the live projection stays
+    /// as it was); on SQLite the shadow is only the staging area of a
+    /// swap that copies its rows into the live tables, whose keys check
+    /// every row again.
     pub async fn strip_indexes(&self) -> anyhow::Result<()> {
         match &self.db {
             Db::Postgres(p) => {
@@ -184,21 +238,6 @@ impl Shadow {
                     .execute(p)
                     .await
                     .with_context(|| format!("dropping {name} of the shadow's {table}"))?;
-                }
-                // Unlogged: the shadow is thrown away after a crash anyway
-                // (the next rebuild replaces it), so its bulk load need not
-                // write WAL. The swap copies into the logged live tables.
-                let tables: Vec<String> = sqlx::query_scalar(
-                    "SELECT quote_ident(tablename::TEXT) FROM pg_tables WHERE schemaname = current_schema()",
-                )
-                .fetch_all(p)
-                .await
-                .context("listing the shadow's tables")?;
-                for t in tables {
-                    sqlx::query(&format!("ALTER TABLE {t} SET UNLOGGED"))
-                        .execute(p)
-                        .await
-                        .with_context(|| format!("making the shadow's {t} unlogged"))?;
                 }
                 let idx: Vec<String> = sqlx::query_scalar(
                     "SELECT indexname::TEXT FROM pg_indexes WHERE schemaname = current_schema()",
@@ -246,42 +285,44 @@ impl Shadow {
     /// Where the shadow lives, for messages.
     pub fn describe(&self) -> String {
         match &self.place {
-            Place::Postgres { schema } => format!("schema {schema}"),
+            Place::Postgres { schema, .. } => format!("schema {schema}"),
             Place::Sqlite { path, .. } => format!("file {}", path.display()),
         }
     }
 
     /// Replaces `projection`'s rows in `main` with the shadow's, in one
-    /// transaction, then removes the shadow.
+    /// transaction, then removes the shadow. See the module docs for how
+    /// each backend does it.
     pub async fn swap(self, main: &Db, projection: Projection) -> anyhow::Result<()> {
         let tables = present_tables_of(main, projection).await?;
-        let mut cols = Vec::new();
-        for t in &tables {
-            cols.push(TableCopy {
-                columns: columns(main, t.name).await?.join(", "),
-                key: primary_key(main, t.name).await?,
-            });
-        }
         self.db.close().await;
         let place = self.place.clone();
-        let result = match (&place, main) {
-            (Place::Postgres { schema }, Db::Postgres(p)) => {
-                swap_postgres(p, schema, projection, &tables, &cols).await
+        match (&place, main) {
+            (Place::Postgres { schema, live }, Db::Postgres(p)) => {
+                swap_postgres(p, schema, live, projection, &tables).await?;
             }
             (Place::Sqlite { path, main: file }, Db::Sqlite(_)) => {
-                swap_sqlite(file, path, projection, &tables, &cols).await
+                let mut cols = Vec::new();
+                for t in &tables {
+                    cols.push(TableCopy {
+                        columns: columns(main, t.name).await?.join(", "),
+                        key: primary_key(main, t.name).await?,
+                    });
+                }
+                swap_sqlite(file, path, projection, &tables, &cols).await?;
             }
-            _ => Err(anyhow::anyhow!(
-                "shadow and live database differ in backend"
-            )),
-        };
-        result?;
+            _ => anyhow::bail!("shadow and live database differ in backend"),
+        }
         discard_place(&place, main).await?;
         // The live tables just received every row at once: statistics now,
         // not whenever something else takes them (autovacuum may be off).
+        // On PostgreSQL the swapped-in tables brought theirs along; the
+        // shared parents' need taking again.
+        let started = Instant::now();
         projections::apply::analyze(main, projection)
             .await
             .context("taking statistics of the swapped-in tables")?;
+        tracing::info!(ms = millis(started), "swap: statistics taken");
         Ok(())
     }
 
@@ -294,7 +335,7 @@ impl Shadow {
 
 async fn discard_place(place: &Place, main: &Db) -> anyhow::Result<()> {
     match (place, main) {
-        (Place::Postgres { schema }, Db::Postgres(p)) => {
+        (Place::Postgres { schema, .. }, Db::Postgres(p)) => {
             sqlx::query(&format!(
                 "DROP SCHEMA IF EXISTS {} CASCADE",
                 quote_ident(schema)
@@ -325,51 +366,356 @@ fn remove_sqlite_files(path: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn millis(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The live PostgreSQL table that holds exactly one projection's rows of
+/// one of its tables.
+#[derive(Debug, Clone)]
+struct LiveTable {
+    schema: String,
+    /// The projection's partition of a shared table, or the table.
+    physical: String,
+    /// The shared parent, for a partition.
+    parent: Option<&'static str>,
+}
+
+impl LiveTable {
+    fn new(schema: &str, t: &OwnedTable, projection: Projection) -> LiveTable {
+        LiveTable {
+            schema: schema.to_owned(),
+            physical: t.postgres_physical(projection),
+            parent: t.shared.then_some(t.name),
+        }
+    }
+
+    fn qualified(&self) -> String {
+        format!(
+            "{}.{}",
+            quote_ident(&self.schema),
+            quote_ident(&self.physical)
+        )
+    }
+}
+
+/// The keys, indexes and triggers of a live table, as DDL that names the
+/// table `on` (what PostgreSQL prints, schema-qualified), by name.
+#[derive(Debug, Default)]
+struct Definitions {
+    /// (name, `PRIMARY KEY (...)` / `UNIQUE (...)`)
+    constraints: Vec<(String, String)>,
+    /// (name, `CREATE INDEX ... ON <on> USING ...`)
+    indexes: Vec<(String, String)>,
+    /// (name, `CREATE TRIGGER ... ON <on> ...`)
+    triggers: Vec<(String, String)>,
+    on: String,
+}
+
+/// Reads `table`'s definitions with `search_path` empty, so PostgreSQL
+/// qualifies every name it prints (the DDL then means the same from any
+/// schema).
+async fn definitions(pool: &sqlx::PgPool, table: &LiveTable) -> anyhow::Result<Definitions> {
+    let what = || {
+        format!(
+            "reading the keys, indexes and triggers of {}",
+            table.physical
+        )
+    };
+    let mut tx = pool.begin().await.with_context(what)?;
+    sqlx::query("SET LOCAL search_path = pg_catalog")
+        .execute(&mut *tx)
+        .await
+        .with_context(what)?;
+    let rel = table.qualified();
+    let on: String = sqlx::query_scalar("SELECT $1::TEXT::regclass::TEXT")
+        .bind(&rel)
+        .fetch_one(&mut *tx)
+        .await
+        .with_context(what)?;
+    let constraints = sqlx::query_as(
+        "SELECT conname::TEXT, pg_get_constraintdef(oid) FROM pg_constraint \
+         WHERE conrelid = $1::TEXT::regclass AND contype IN ('p', 'u', 'x') ORDER BY conname",
+    )
+    .bind(&rel)
+    .fetch_all(&mut *tx)
+    .await
+    .with_context(what)?;
+    let indexes = sqlx::query_as(
+        "SELECT i.relname::TEXT, pg_get_indexdef(x.indexrelid) FROM pg_index x \
+         JOIN pg_class i ON i.oid = x.indexrelid \
+         WHERE x.indrelid = $1::TEXT::regclass \
+         AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conindid = x.indexrelid \
+                         AND c.conrelid = x.indrelid) \
+         ORDER BY 1",
+    )
+    .bind(&rel)
+    .fetch_all(&mut *tx)
+    .await
+    .with_context(what)?;
+    // Not the internal ones (constraint triggers) nor the clones of a
+    // partitioned parent's triggers (attaching makes those).
+    let triggers = sqlx::query_as(
+        "SELECT tgname::TEXT, pg_get_triggerdef(oid) FROM pg_trigger \
+         WHERE tgrelid = $1::TEXT::regclass AND NOT tgisinternal AND tgparentid = 0 \
+         ORDER BY tgname",
+    )
+    .bind(&rel)
+    .fetch_all(&mut *tx)
+    .await
+    .with_context(what)?;
+    tx.commit().await.with_context(what)?;
+    Ok(Definitions {
+        constraints,
+        indexes,
+        triggers,
+        on,
+    })
+}
+
+/// `ddl` with the table it is ON (`" ON <live> "`) replaced by `to`;
+/// exactly one occurrence, or an error.
+fn retarget(ddl: &str, on: &str, to: &str) -> anyhow::Result<String> {
+    let from = format!(" ON {on} ");
+    anyhow::ensure!(
+        ddl.matches(&from).count() == 1,
+        "cannot retarget {ddl:?} from {on} (expected exactly one `{from}`)"
+    );
+    Ok(ddl.replacen(&from, &format!(" ON {to} "), 1))
+}
+
+/// Gives the shadow's `name` the keys, indexes and triggers `live` has
+/// and it lacks (by name): all of them after `CREATE TABLE ... LIKE`, the
+/// keys and indexes again after [`Shadow::strip_indexes`].
+async fn complete_postgres(
+    pool: &sqlx::PgPool,
+    live: &LiveTable,
+    schema: &str,
+    name: &str,
+) -> anyhow::Result<()> {
+    let defs = definitions(pool, live).await?;
+    let target = format!("{}.{}", quote_ident(schema), quote_ident(name));
+    let have: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname::TEXT FROM pg_index x JOIN pg_class c ON c.oid = x.indexrelid \
+         WHERE x.indrelid = $1::TEXT::regclass \
+         UNION ALL SELECT tgname::TEXT FROM pg_trigger WHERE tgrelid = $1::TEXT::regclass",
+    )
+    .bind(&target)
+    .fetch_all(pool)
+    .await
+    .with_context(|| format!("reading the shadow's indexes of {name}"))?;
+    let mut ddl = Vec::new();
+    for (con, def) in &defs.constraints {
+        if !have.contains(con) {
+            ddl.push((
+                con,
+                format!(
+                    "ALTER TABLE {target} ADD CONSTRAINT {} {def}",
+                    quote_ident(con)
+                ),
+            ));
+        }
+    }
+    for (idx, def) in &defs.indexes {
+        if !have.contains(idx) {
+            ddl.push((idx, retarget(def, &defs.on, &target)?));
+        }
+    }
+    for (trg, def) in &defs.triggers {
+        if !have.contains(trg) {
+            ddl.push((trg, retarget(def, &defs.on, &target)?));
+        }
+    }
+    for (what, sql) in ddl {
+        let started = Instant::now();
+        sqlx::query(&sql)
+            .execute(pool)
+            .await
+            .with_context(|| format!("building {what} of the shadow's {name}"))?;
+        tracing::debug!(ms = millis(started), "shadow: built {what} of {name}");
+    }
+    Ok(())
+}
+
+/// Waits until no other session of this database holds a snapshot older
+/// than now (the shadow's rows are committed): such a snapshot would not
+/// see the rebuilt rows in the swapped-in tables. A marker transaction's
+/// id, taken after the shadow's last commit, is the horizon; a snapshot
+/// whose `xmin` precedes it may predate that commit.
+async fn wait_for_older_snapshots(pool: &sqlx::PgPool) -> anyhow::Result<()> {
+    let what = "waiting for transactions older than the rebuilt tables";
+    let mut tx = pool.begin().await.context(what)?;
+    let marker: String = sqlx::query_scalar(
+        "SELECT (pg_current_xact_id()::TEXT::NUMERIC % 4294967296)::BIGINT::TEXT",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .context(what)?;
+    tx.commit().await.context(what)?;
+    let started = Instant::now();
+    let mut said = started;
+    loop {
+        let older: Vec<(i32, String, String)> = sqlx::query_as(
+            "SELECT pid, COALESCE(state, ''), COALESCE(LEFT(query, 100), '') \
+             FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid() \
+             AND backend_xmin IS NOT NULL AND age(backend_xmin) > age($1::TEXT::xid) \
+             ORDER BY pid",
+        )
+        .bind(&marker)
+        .fetch_all(pool)
+        .await
+        .context(what)?;
+        if older.is_empty() {
+            tracing::info!(
+                ms = millis(started),
+                "swap: no snapshot older than the shadow"
+            );
+            return Ok(());
+        }
+        let list = || {
+            older
+                .iter()
+                .map(|(pid, state, q)| format!("pid {pid} ({state}): {q}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        anyhow::ensure!(
+            started.elapsed() < SWAP_OLD_SNAPSHOTS_WAIT_MAX,
+            "{} transaction(s) older than the rebuilt tables were still open after {} s, so \
+             the swap could not go ahead without showing them empty tables: {}. End them \
+             (or wait for them) and run the rebuild again",
+            older.len(),
+            SWAP_OLD_SNAPSHOTS_WAIT_MAX.as_secs(),
+            list()
+        );
+        if said.elapsed() >= SWAP_WAIT_LOG_EVERY_MAX {
+            tracing::info!(
+                waited_ms = millis(started),
+                "swap: waiting for {} transaction(s) older than the rebuilt tables: {}",
+                older.len(),
+                list()
+            );
+            said = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn lock_not_available(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some("55P03"))
+}
+
 async fn swap_postgres(
     pool: &sqlx::PgPool,
     schema: &str,
+    live: &str,
     projection: Projection,
     tables: &[OwnedTable],
-    cols: &[TableCopy],
 ) -> anyhow::Result<()> {
     let p = projection.as_str();
-    let mut tx = pool.begin().await.context("starting the swap")?;
-    let own: Vec<&str> = tables
+    let qs = quote_ident(schema);
+    let ql = quote_ident(live);
+    let live_tables: Vec<LiveTable> = tables
         .iter()
-        .filter(|t| !t.shared)
-        .map(|t| t.name)
+        .map(|t| LiveTable::new(live, t, projection))
         .collect();
-    // DELETE, not TRUNCATE: TRUNCATE is not MVCC-safe (a REPEATABLE READ
-    // reader with an older snapshot, e.g. `ledger verify`, would see the
-    // tables empty). The immutability triggers refuse DELETE, so they are
-    // disabled for this transaction only: ALTER TABLE ... DISABLE/ENABLE
-    // TRIGGER is transactional, nobody else ever sees them disabled, and a
-    // failure rolls it back with everything else.
-    for t in &own {
-        sqlx::query(&format!("ALTER TABLE {t} DISABLE TRIGGER USER"))
-            .execute(&mut *tx)
-            .await
-            .with_context(|| format!("disabling the triggers of {t} for the swap"))?;
+    // 1. Keys, indexes, triggers and statistics, as the live tables have.
+    let started = Instant::now();
+    for (t, l) in tables.iter().zip(&live_tables) {
+        complete_postgres(pool, l, schema, t.name).await?;
     }
-    for step in swap_steps(p, tables, cols, "", &quote_ident(schema)) {
-        let started = std::time::Instant::now();
-        let q = sqlx::query(&step.sql);
-        let q = if step.binds_projection { q.bind(p) } else { q };
-        let rows = q
-            .execute(&mut *tx)
+    tracing::info!(ms = millis(started), "swap: shadow keys and indexes built");
+    let started = Instant::now();
+    for t in tables {
+        sqlx::query(&format!("ANALYZE {qs}.{}", quote_ident(t.name)))
+            .execute(pool)
             .await
-            .with_context(|| step.what.clone())?
-            .rows_affected();
-        step.log(rows, started);
+            .with_context(|| format!("taking statistics of the shadow's {}", t.name))?;
     }
-    for t in &own {
-        sqlx::query(&format!("ALTER TABLE {t} ENABLE TRIGGER USER"))
-            .execute(&mut *tx)
-            .await
-            .with_context(|| format!("re-enabling the triggers of {t}"))?;
+    tracing::info!(ms = millis(started), "swap: shadow statistics taken");
+    // 2. Every snapshot from here on sees the shadow's rows.
+    wait_for_older_snapshots(pool).await?;
+    // 3. The exchange, in one transaction.
+    let mut lock: Vec<String> = tables
+        .iter()
+        .zip(&live_tables)
+        .map(|(t, l)| {
+            if t.shared {
+                format!("{ql}.{}", quote_ident(t.name))
+            } else {
+                l.qualified()
+            }
+        })
+        .collect();
+    lock.dedup();
+    let lock = format!("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE", lock.join(", "));
+    let mut steps = Vec::new();
+    for (t, l) in tables.iter().zip(&live_tables) {
+        let (name, phys) = (quote_ident(t.name), quote_ident(&l.physical));
+        match l.parent {
+            Some(parent) => {
+                let parent = format!("{ql}.{}", quote_ident(parent));
+                steps.push(format!("ALTER TABLE {parent} DETACH PARTITION {ql}.{phys}"));
+                steps.push(format!("DROP TABLE {ql}.{phys}"));
+                steps.push(format!("ALTER TABLE {qs}.{name} RENAME TO {phys}"));
+                steps.push(format!("ALTER TABLE {qs}.{phys} SET SCHEMA {ql}"));
+                steps.push(format!(
+                    "ALTER TABLE {parent} ATTACH PARTITION {ql}.{phys} FOR VALUES IN ({})",
+                    quote_literal(p)
+                ));
+            }
+            None => {
+                steps.push(format!("DROP TABLE {ql}.{phys}"));
+                steps.push(format!("ALTER TABLE {qs}.{name} SET SCHEMA {ql}"));
+            }
+        }
     }
-    tx.commit().await.context("committing the swap")?;
-    Ok(())
+    let started = Instant::now();
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        let mut tx = pool.begin().await.context("starting the swap")?;
+        sqlx::query(&format!(
+            "SET LOCAL lock_timeout = '{}ms'",
+            SWAP_LOCK_ATTEMPT_MAX.as_millis()
+        ))
+        .execute(&mut *tx)
+        .await
+        .context("starting the swap")?;
+        match sqlx::query(&lock).execute(&mut *tx).await {
+            Ok(_) => {}
+            Err(e) if lock_not_available(&e) && started.elapsed() < SWAP_LOCKS_WAIT_MAX => {
+                drop(tx); // rolls back: lets go of the locks taken so far
+                let pause = Duration::from_millis(50 * u64::from(attempts.min(10)));
+                tokio::time::sleep(pause.min(SWAP_LOCK_BACKOFF_MAX)).await;
+                continue;
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "taking the live {p} tables for the swap ({attempts} attempt(s) in {} ms)",
+                        millis(started)
+                    )
+                });
+            }
+        }
+        let locked = millis(started);
+        for sql in &steps {
+            sqlx::query(sql)
+                .execute(&mut *tx)
+                .await
+                .with_context(|| format!("swapping the rebuilt {p} tables in: {sql}"))?;
+        }
+        tx.commit().await.context("committing the swap")?;
+        tracing::info!(
+            attempts,
+            lock_ms = locked,
+            ms = millis(started),
+            "swap: rebuilt {p} tables exchanged for the live ones"
+        );
+        return Ok(());
+    }
 }
 
 /// How the swap copies one table: its columns, and its primary key, the

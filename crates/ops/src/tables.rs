@@ -14,7 +14,9 @@ use storage::{Db, with_pool};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Owner {
     /// Shared bookkeeping: rows keyed by a `projection` column
-    /// (`ledger` / `wallet`); only that projection's rows are touched.
+    /// (`ledger` / `wallet`); only that projection's rows are touched. On
+    /// PostgreSQL the table is LIST-partitioned by that column, one
+    /// partition per projection (`<table>_<projection>`, migration 3008).
     Shared,
     /// Only the ledger writes it: the whole table is the ledger's.
     Ledger,
@@ -50,6 +52,18 @@ pub struct OwnedTable {
     pub shared: bool,
 }
 
+impl OwnedTable {
+    /// The table that holds exactly `projection`'s rows on PostgreSQL: the
+    /// projection's partition of a shared table, or the table itself.
+    pub fn postgres_physical(&self, projection: Projection) -> String {
+        if self.shared {
+            format!("{}_{}", self.name, projection.as_str())
+        } else {
+            self.name.to_owned()
+        }
+    }
+}
+
 /// The tables `projection` writes, in insertion order.
 pub fn tables_of(projection: Projection) -> Vec<OwnedTable> {
     TABLES
@@ -74,10 +88,13 @@ pub fn tables_of(projection: Projection) -> Vec<OwnedTable> {
 pub async fn existing_tables(db: &Db) -> anyhow::Result<BTreeSet<String>> {
     let names: Vec<String> =
         match db {
+            // Tables and partitioned tables, not their partitions (a
+            // shared table's per-projection partitions are part of it).
             Db::Postgres(p) => {
                 sqlx::query_scalar(
-                    "SELECT table_name::TEXT FROM information_schema.tables \
-                 WHERE table_schema = current_schema() AND table_type = 'BASE TABLE'",
+                    "SELECT relname::TEXT FROM pg_class \
+                 WHERE relnamespace = current_schema()::regnamespace \
+                 AND relkind IN ('r', 'p') AND NOT relispartition",
                 )
                 .fetch_all(p)
                 .await

@@ -44,37 +44,57 @@ async fn swap_replaces_one_projection(backend: Backend) {
         i64::try_from(big.captures + big.refunds + big.adjustments).unwrap()
     );
     // PostgreSQL: a REPEATABLE READ reader (like `ledger verify`) whose
-    // snapshot predates the swap keeps seeing the old ledger (TRUNCATE
-    // would show it empty tables).
-    let mut reader = match &db {
+    // snapshot predates the rebuilt tables keeps seeing the old ledger to
+    // its end: the O(1) swap (tables exchanged, not rows) waits for it,
+    // because its snapshot could not see the rebuilt rows.
+    match &db {
         Db::Postgres(_) => {
             use sqlx::Connection as _;
-            let mut c = sqlx::PgConnection::connect(&url).await.unwrap();
+            let mut reader = sqlx::PgConnection::connect(&url).await.unwrap();
             sqlx::query("BEGIN ISOLATION LEVEL REPEATABLE READ")
-                .execute(&mut c)
+                .execute(&mut reader)
                 .await
                 .unwrap();
             // Takes the snapshot without touching the ledger's tables.
             let _: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM wallet_balances")
-                .fetch_one(&mut c)
+                .fetch_one(&mut reader)
                 .await
                 .unwrap();
-            Some(c)
+            let live = db.clone();
+            let swap = tokio::spawn(async move { shadow.swap(&live, Projection::Ledger).await });
+            // The swap built the shadow's keys and took its statistics:
+            // what comes next is the wait for this reader.
+            testkit::wait_until(
+                "the shadow's statistics",
+                std::time::Duration::from_secs(60),
+                async || {
+                    count(
+                        &db,
+                        "SELECT COUNT(*) FROM pg_stats WHERE schemaname = 'ops_shadow_ledger' \
+                         AND tablename = 'ledger_transactions'",
+                    )
+                    .await
+                        > 0
+                },
+            )
+            .await;
+            let old: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM ledger_transactions")
+                .fetch_one(&mut reader)
+                .await
+                .unwrap();
+            assert_eq!(
+                old,
+                i64::try_from(big.captures + big.refunds + big.adjustments).unwrap(),
+                "an older snapshot must still see the old ledger"
+            );
+            assert!(
+                !swap.is_finished(),
+                "the swap went ahead while a snapshot older than the rebuilt tables was open"
+            );
+            sqlx::query("COMMIT").execute(&mut reader).await.unwrap();
+            swap.await.unwrap().unwrap();
         }
-        Db::Sqlite(_) => None,
-    };
-    shadow.swap(&db, Projection::Ledger).await.unwrap();
-    if let Some(c) = reader.as_mut() {
-        let old: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM ledger_transactions")
-            .fetch_one(&mut *c)
-            .await
-            .unwrap();
-        assert_eq!(
-            old,
-            i64::try_from(big.captures + big.refunds + big.adjustments).unwrap(),
-            "an older snapshot must still see the old ledger"
-        );
-        sqlx::query("COMMIT").execute(&mut *c).await.unwrap();
+        Db::Sqlite(_) => shadow.swap(&db, Projection::Ledger).await.unwrap(),
     }
 
     assert_eq!(

@@ -1,6 +1,7 @@
 //! Migrations 3005 (selective key columns first), 3006 (no entry foreign
-//! key) and 3007 (the ledger's booking keys only in its transactions) on a
-//! database with data: every row survives (the ledger's copies of its
+//! key), 3007 (the ledger's booking keys only in its transactions) and
+//! 3008 (PostgreSQL: the shared tables partitioned by projection) on a
+//! database with data: every row survives (in its projection's partition) (the ledger's copies of its
 //! booking keys exactly as its transactions hold them), `ledger verify` is
 //! green before and after, and the projections go on applying.
 
@@ -10,7 +11,7 @@ use std::borrow::Cow;
 use storage::Db;
 use streaming::Outcome;
 
-async fn data_survives_3005_to_3007(db: Db) {
+async fn data_survives_3005_to_3008(db: Db) {
     let upto = |mut m: sqlx::migrate::Migrator| {
         m.migrations = Cow::Owned(
             m.migrations
@@ -62,6 +63,29 @@ async fn data_survives_3005_to_3007(db: Db) {
     }
     let report = verify(&db).await;
     assert!(report.is_ok(), "{report}");
+    if let Db::Postgres(_) = &db {
+        for table in [
+            "applied_events",
+            "projection_orders",
+            "projection_bookings",
+            "projection_totals",
+        ] {
+            for p in ["ledger", "wallet"] {
+                let whole = testkit::count(
+                    &db,
+                    &format!("SELECT COUNT(*) FROM {table} WHERE projection = '{p}'"),
+                )
+                .await;
+                let part =
+                    testkit::count(&db, &format!("SELECT COUNT(*) FROM ONLY {table}_{p}")).await;
+                assert_eq!(part, whole, "{table}: {p}'s rows are in its partition");
+            }
+        }
+        assert!(
+            testkit::count(&db, "SELECT COUNT(*) FROM applied_events_wallet").await > 0,
+            "the wallet's partition holds its rows"
+        );
+    }
     // Redelivered: duplicates and the stored rejection, nothing changes.
     let again = apply(&db, Projection::Ledger, &evs, 11).await;
     assert!(again[..60].iter().all(|o| *o == Outcome::Duplicate));
@@ -85,13 +109,13 @@ async fn data_survives_3005_to_3007(db: Db) {
 }
 // Not `both!`: that migrates to the latest version first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn migrations_3005_to_3007_postgres() {
+async fn migrations_3005_to_3008_postgres() {
     let db = testkit::fresh_postgres().await.unwrap();
-    data_survives_3005_to_3007(db).await;
+    data_survives_3005_to_3008(db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn migrations_3005_to_3007_sqlite() {
+async fn migrations_3005_to_3008_sqlite() {
     let (db, _dir) = testkit::fresh_sqlite().await.unwrap();
-    data_survives_3005_to_3007(db).await;
+    data_survives_3005_to_3008(db).await;
 }
