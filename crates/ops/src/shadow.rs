@@ -28,11 +28,15 @@
 //!      tables keeps it to the end of its transaction (the swap waits).
 //! - SQLite: a separate file next to the database
 //!   (`<db file>.ops-shadow-<projection>`), `ATTACH`ed to one connection
-//!   of the live database for the swap: `BEGIN IMMEDIATE`, save and drop
-//!   the projection's triggers (SQLite has no `TRUNCATE`, and the ledger's
-//!   triggers refuse `DELETE`), delete, `INSERT ... SELECT` from the
-//!   shadow, re-create the triggers from their saved SQL, `COMMIT`. In WAL
-//!   mode readers keep seeing the old rows until the commit. This swap
+//!   of the live database for the swap: `BEGIN IMMEDIATE`; save the
+//!   definitions of the projection's own tables, their indexes and
+//!   triggers; drop the own tables whole and create them again empty
+//!   (SQLite has no `TRUNCATE`, and dropping beats deleting row by row);
+//!   delete the projection's rows of the shared tables; `INSERT ...
+//!   SELECT` everything from the shadow in key order; create the saved
+//!   indexes (each built once over all rows) and triggers again;
+//!   `COMMIT`. All of it is transactional in SQLite, and in WAL mode
+//!   readers keep seeing the old tables until the commit. This swap
 //!   copies rows: O(n).
 //!
 //! The shadow is written without waiting for durability
@@ -749,10 +753,10 @@ impl SwapStep {
     }
 }
 
-/// The swap's statements, the same on both backends: the live tables'
-/// rows deleted (children first; of the shared tables only projection
-/// `p`'s), then copied from the shadow. `live` prefixes the live tables
-/// (`""` or `"main."`), `shadow` is the shadow's schema.
+/// The SQLite swap's statements: the shared tables' rows of projection
+/// `p` deleted (the own tables were dropped and created again), then
+/// every table copied from the shadow. `live` prefixes the live tables
+/// (`"main."`), `shadow` is the shadow's schema.
 fn swap_steps(
     p: &str,
     tables: &[OwnedTable],
@@ -761,15 +765,10 @@ fn swap_steps(
     shadow: &str,
 ) -> Vec<SwapStep> {
     let mut steps = Vec::new();
-    for t in tables.iter().rev() {
-        let sql = if t.shared {
-            format!("DELETE FROM {live}{} WHERE projection = $1", t.name)
-        } else {
-            format!("DELETE FROM {live}{}", t.name)
-        };
+    for t in tables.iter().rev().filter(|t| t.shared) {
         steps.push(SwapStep {
-            sql,
-            binds_projection: t.shared,
+            sql: format!("DELETE FROM {live}{} WHERE projection = $1", t.name),
+            binds_projection: true,
             what: format!("deleting {p} rows of {}", t.name),
         });
     }
@@ -854,20 +853,54 @@ async fn swap_sqlite_body(
     cols: &[TableCopy],
 ) -> anyhow::Result<()> {
     let p = projection.as_str();
-    let names: Vec<String> = tables.iter().map(|t| quote_literal(t.name)).collect();
-    let triggers: Vec<(String, String)> = sqlx::query_as(&format!(
-        "SELECT name, sql FROM main.sqlite_master WHERE type = 'trigger' AND tbl_name IN ({})",
-        names.join(", ")
+    let list = |shared: Option<bool>| {
+        tables
+            .iter()
+            .filter(|t| shared.is_none_or(|s| t.shared == s))
+            .map(|t| quote_literal(t.name))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    // The projection's own tables are dropped whole and created again
+    // empty (no row-by-row delete), their secondary indexes built after
+    // the copy, each over all rows at once; the shared tables lose only
+    // this projection's rows. What comes back afterwards, in this order:
+    // the own tables' definitions, then indexes, then every trigger (the
+    // ledger's refuse the delete).
+    let saved: Vec<(String, String, String)> = sqlx::query_as(&format!(
+        "SELECT type, name, sql FROM main.sqlite_master WHERE sql IS NOT NULL AND \
+         ((type IN ('table', 'index') AND tbl_name IN ({own})) \
+          OR (type = 'trigger' AND tbl_name IN ({all}))) \
+         ORDER BY CASE type WHEN 'table' THEN 0 WHEN 'index' THEN 1 ELSE 2 END, rowid",
+        own = list(Some(false)),
+        all = list(None),
     ))
     .fetch_all(&mut *conn)
     .await
-    .context("reading the projection's triggers")?;
-    for (name, _) in &triggers {
+    .context("reading the projection's table definitions")?;
+    let started = Instant::now();
+    for (kind, name, _) in saved.iter().filter(|(k, _, _)| k == "trigger") {
         sqlx::query(&format!("DROP TRIGGER main.{}", quote_ident(name)))
             .execute(&mut *conn)
             .await
-            .with_context(|| format!("dropping trigger {name} for the swap"))?;
+            .with_context(|| format!("dropping {kind} {name} for the swap"))?;
     }
+    for t in tables.iter().rev().filter(|t| !t.shared) {
+        sqlx::query(&format!("DROP TABLE main.{}", quote_ident(t.name)))
+            .execute(&mut *conn)
+            .await
+            .with_context(|| format!("dropping the old {}", t.name))?;
+    }
+    for (_, name, sql) in saved.iter().filter(|(k, _, _)| k == "table") {
+        sqlx::query(sql)
+            .execute(&mut *conn)
+            .await
+            .with_context(|| format!("creating {name} again"))?;
+    }
+    tracing::info!(
+        ms = millis(started),
+        "swap: own {p} tables dropped and created empty"
+    );
     for step in swap_steps(p, tables, cols, "main.", "ops_shadow") {
         let started = std::time::Instant::now();
         let q = sqlx::query(&step.sql);
@@ -879,11 +912,16 @@ async fn swap_sqlite_body(
             .rows_affected();
         step.log(rows, started);
     }
-    for (name, sql) in &triggers {
+    let started = Instant::now();
+    for (kind, name, sql) in saved.iter().filter(|(k, _, _)| k != "table") {
         sqlx::query(sql)
             .execute(&mut *conn)
             .await
-            .with_context(|| format!("re-creating trigger {name}"))?;
+            .with_context(|| format!("creating {kind} {name} again"))?;
     }
+    tracing::info!(
+        ms = millis(started),
+        "swap: indexes and triggers created again"
+    );
     Ok(())
 }
