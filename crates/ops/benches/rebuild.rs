@@ -176,6 +176,13 @@ async fn rebuild(k: &TestKafka, db: &Db, url: &str, label: &str) -> (u64, u128) 
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    // RUST_LOG=info shows where a swap's time goes, step by step.
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let target: usize = std::env::args()
         .skip(1)
         .find_map(|a| a.replace('_', "").parse().ok())

@@ -22,7 +22,16 @@ pub const SWAP_LOCK_BACKOFF_MAX: Duration = Duration::from_millis(500);
 /// How often a waiting swap says what it waits for.
 pub const SWAP_WAIT_LOG_EVERY_MAX: Duration = Duration::from_secs(5);
 
+/// Index builds (and `ANALYZE`s) of a shadow running at once, each on its
+/// own connection: one per core of the machine this was tuned on.
+pub const SHADOW_INDEX_BUILDS_MAX: usize = 2;
+/// `maintenance_work_mem` of one shadow index build, in MiB (PostgreSQL's
+/// default, 64, makes the larger key sorts spill to disk).
+pub const SHADOW_INDEX_BUILD_MEMORY_MB_MAX: usize = 256;
+
 const _: () = {
+    assert!(SHADOW_INDEX_BUILDS_MAX >= 1);
+    assert!(SHADOW_INDEX_BUILD_MEMORY_MB_MAX >= 64);
     assert!(SWAP_LOCK_ATTEMPT_MAX.as_millis() < 1_000);
     assert!(SWAP_LOCK_BACKOFF_MAX.as_millis() < SWAP_LOCKS_WAIT_MAX.as_millis());
     assert!(SWAP_WAIT_LOG_EVERY_MAX.as_millis() < SWAP_OLD_SNAPSHOTS_WAIT_MAX.as_millis());

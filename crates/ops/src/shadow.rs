@@ -49,7 +49,8 @@
 //! never share a shadow.
 
 use crate::limits::{
-    SWAP_LOCK_ATTEMPT_MAX, SWAP_LOCK_BACKOFF_MAX, SWAP_LOCKS_WAIT_MAX, SWAP_OLD_SNAPSHOTS_WAIT_MAX,
+    SHADOW_INDEX_BUILD_MEMORY_MB_MAX, SHADOW_INDEX_BUILDS_MAX, SWAP_LOCK_ATTEMPT_MAX,
+    SWAP_LOCK_BACKOFF_MAX, SWAP_LOCKS_WAIT_MAX, SWAP_OLD_SNAPSHOTS_WAIT_MAX,
     SWAP_WAIT_LOG_EVERY_MAX,
 };
 use crate::tables::{OwnedTable, columns, present_tables_of, primary_key};
@@ -149,7 +150,9 @@ impl Shadow {
                     .execute(p)
                     .await
                     .with_context(|| format!("creating the shadow's {}", t.name))?;
-                    complete_postgres(p, &from, &schema, t.name).await?;
+                    let mut c = Completion::default();
+                    completion(p, &from, &schema, t.name, &mut c).await?;
+                    c.run(p).await?;
                 }
                 // What the migrations seed: the ledger's genesis chain head.
                 if projection == Projection::Ledger {
@@ -320,12 +323,24 @@ impl Shadow {
         discard_place(&place, main).await?;
         // The live tables just received every row at once: statistics now,
         // not whenever something else takes them (autovacuum may be off).
-        // On PostgreSQL the swapped-in tables brought theirs along; the
-        // shared parents' need taking again.
+        // On PostgreSQL the swapped-in tables brought theirs along; only
+        // the shared parents' (over both partitions) need taking again.
         let started = Instant::now();
-        projections::apply::analyze(main, projection)
-            .await
-            .context("taking statistics of the swapped-in tables")?;
+        match main {
+            Db::Postgres(p) => {
+                let parents: Vec<&str> =
+                    tables.iter().filter(|t| t.shared).map(|t| t.name).collect();
+                if !parents.is_empty() {
+                    sqlx::query(&format!("ANALYZE {}", parents.join(", ")))
+                        .execute(p)
+                        .await
+                        .context("taking statistics of the shared tables")?;
+                }
+            }
+            Db::Sqlite(_) => projections::apply::analyze(main, projection)
+                .await
+                .context("taking statistics of the swapped-in tables")?,
+        }
         tracing::info!(ms = millis(started), "swap: statistics taken");
         Ok(())
     }
@@ -407,8 +422,9 @@ impl LiveTable {
 /// table `on` (what PostgreSQL prints, schema-qualified), by name.
 #[derive(Debug, Default)]
 struct Definitions {
-    /// (name, `PRIMARY KEY (...)` / `UNIQUE (...)`)
-    constraints: Vec<(String, String)>,
+    /// (name, kind `p`/`u`/`x`, `PRIMARY KEY (...)`-style definition,
+    /// `CREATE UNIQUE INDEX ... ON <on> ...` of its index)
+    constraints: Vec<(String, String, String, String)>,
     /// (name, `CREATE INDEX ... ON <on> USING ...`)
     indexes: Vec<(String, String)>,
     /// (name, `CREATE TRIGGER ... ON <on> ...`)
@@ -438,7 +454,8 @@ async fn definitions(pool: &sqlx::PgPool, table: &LiveTable) -> anyhow::Result<D
         .await
         .with_context(what)?;
     let constraints = sqlx::query_as(
-        "SELECT conname::TEXT, pg_get_constraintdef(oid) FROM pg_constraint \
+        "SELECT conname::TEXT, contype::TEXT, pg_get_constraintdef(oid), \
+         pg_get_indexdef(conindid) FROM pg_constraint \
          WHERE conrelid = $1::TEXT::regclass AND contype IN ('p', 'u', 'x') ORDER BY conname",
     )
     .bind(&rel)
@@ -488,55 +505,159 @@ fn retarget(ddl: &str, on: &str, to: &str) -> anyhow::Result<String> {
     Ok(ddl.replacen(&from, &format!(" ON {to} "), 1))
 }
 
-/// Gives the shadow's `name` the keys, indexes and triggers `live` has
-/// and it lacks (by name): all of them after `CREATE TABLE ... LIKE`, the
-/// keys and indexes again after [`Shadow::strip_indexes`].
-async fn complete_postgres(
+/// DDL that gives shadow tables what they lack: index builds, which are
+/// independent of each other (they run [`SHADOW_INDEX_BUILDS_MAX`] at a
+/// time, largest table first), then what uses them (key constraints over
+/// the built indexes, triggers), in order. Each entry: (what, SQL).
+#[derive(Debug, Default)]
+struct Completion {
+    builds: Vec<(u64, String, String)>,
+    then: Vec<(String, String)>,
+}
+
+impl Completion {
+    async fn run(mut self, pool: &sqlx::PgPool) -> anyhow::Result<()> {
+        self.builds.sort_by(|a, b| b.0.cmp(&a.0));
+        let builds: Vec<(String, String)> = self
+            .builds
+            .into_iter()
+            .map(|(_, w, sql)| (w, sql))
+            .collect();
+        run_parallel(pool, builds, SHADOW_INDEX_BUILDS_MAX).await?;
+        for (what, sql) in self.then {
+            let started = Instant::now();
+            sqlx::query(&sql)
+                .execute(pool)
+                .await
+                .with_context(|| format!("building {what}"))?;
+            tracing::debug!(ms = millis(started), "shadow: built {what}");
+        }
+        Ok(())
+    }
+}
+
+/// Runs `jobs` (what, SQL) on `workers` connections of `pool` at once,
+/// each in its own transaction with [`SHADOW_INDEX_BUILD_MEMORY_MB_MAX`]
+/// of `maintenance_work_mem` (an index build sorts in memory instead of
+/// merging runs from disk); the first failure is returned once all
+/// workers stopped.
+async fn run_parallel(
+    pool: &sqlx::PgPool,
+    jobs: Vec<(String, String)>,
+    workers: usize,
+) -> anyhow::Result<()> {
+    let queue = std::sync::Arc::new(std::sync::Mutex::new(
+        jobs.into_iter().collect::<std::collections::VecDeque<_>>(),
+    ));
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..workers.max(1) {
+        let (pool, queue) = (pool.clone(), queue.clone());
+        set.spawn(async move {
+            loop {
+                let next = queue
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("poisoned"))?
+                    .pop_front();
+                let Some((what, sql)) = next else {
+                    return anyhow::Ok(());
+                };
+                let started = Instant::now();
+                let mut tx = pool
+                    .begin()
+                    .await
+                    .with_context(|| format!("building {what}"))?;
+                sqlx::query(&format!(
+                    "SET LOCAL maintenance_work_mem = '{SHADOW_INDEX_BUILD_MEMORY_MB_MAX}MB'"
+                ))
+                .execute(&mut *tx)
+                .await
+                .with_context(|| format!("building {what}"))?;
+                sqlx::query(&sql)
+                    .execute(&mut *tx)
+                    .await
+                    .with_context(|| format!("building {what}"))?;
+                tx.commit()
+                    .await
+                    .with_context(|| format!("building {what}"))?;
+                tracing::debug!(ms = millis(started), "shadow: built {what}");
+            }
+        });
+    }
+    let mut first = None;
+    while let Some(done) = set.join_next().await {
+        let r = done.context("an index build task panicked").and_then(|r| r);
+        if let Err(e) = r {
+            first.get_or_insert(e);
+        }
+    }
+    first.map_or(Ok(()), Err)
+}
+
+/// What the shadow's `name` lacks (by name) of the keys, indexes and
+/// triggers `live` has: all of them after `CREATE TABLE ... LIKE`, the
+/// keys and indexes again after [`Shadow::strip_indexes`]. A key
+/// constraint is built as its unique index first, then declared over it
+/// (`ADD CONSTRAINT ... USING INDEX`), so every index build can run
+/// beside the others.
+async fn completion(
     pool: &sqlx::PgPool,
     live: &LiveTable,
     schema: &str,
     name: &str,
+    into: &mut Completion,
 ) -> anyhow::Result<()> {
     let defs = definitions(pool, live).await?;
     let target = format!("{}.{}", quote_ident(schema), quote_ident(name));
-    let have: Vec<String> = sqlx::query_scalar(
-        "SELECT c.relname::TEXT FROM pg_index x JOIN pg_class c ON c.oid = x.indexrelid \
-         WHERE x.indrelid = $1::TEXT::regclass \
-         UNION ALL SELECT tgname::TEXT FROM pg_trigger WHERE tgrelid = $1::TEXT::regclass",
+    let (have, size): (Vec<String>, i64) = sqlx::query_as(
+        "SELECT ARRAY(SELECT c.relname::TEXT FROM pg_index x JOIN pg_class c ON c.oid = x.indexrelid \
+                      WHERE x.indrelid = $1::TEXT::regclass \
+                      UNION ALL SELECT tgname::TEXT FROM pg_trigger WHERE tgrelid = $1::TEXT::regclass \
+                      UNION ALL SELECT conname::TEXT FROM pg_constraint WHERE conrelid = $1::TEXT::regclass), \
+                pg_relation_size($1::TEXT::regclass)",
     )
     .bind(&target)
-    .fetch_all(pool)
+    .fetch_one(pool)
     .await
     .with_context(|| format!("reading the shadow's indexes of {name}"))?;
-    let mut ddl = Vec::new();
-    for (con, def) in &defs.constraints {
-        if !have.contains(con) {
-            ddl.push((
-                con,
-                format!(
-                    "ALTER TABLE {target} ADD CONSTRAINT {} {def}",
-                    quote_ident(con)
-                ),
-            ));
+    let size = u64::try_from(size).unwrap_or(0);
+    let of = |what: &str| format!("{what} of the shadow's {name}");
+    for (con, kind, def, index) in &defs.constraints {
+        if have.contains(con) {
+            continue;
+        }
+        let using = match kind.as_str() {
+            "p" => Some("PRIMARY KEY"),
+            "u" => Some("UNIQUE"),
+            _ => None,
+        };
+        let q = quote_ident(con);
+        match using {
+            Some(using) => {
+                // The live index has the constraint's name, so the built
+                // one does too.
+                into.builds
+                    .push((size, of(con), retarget(index, &defs.on, &target)?));
+                into.then.push((
+                    of(&format!("{con} (the key)")),
+                    format!("ALTER TABLE {target} ADD CONSTRAINT {q} {using} USING INDEX {q}"),
+                ));
+            }
+            None => into.then.push((
+                of(con),
+                format!("ALTER TABLE {target} ADD CONSTRAINT {q} {def}"),
+            )),
         }
     }
     for (idx, def) in &defs.indexes {
         if !have.contains(idx) {
-            ddl.push((idx, retarget(def, &defs.on, &target)?));
+            into.builds
+                .push((size, of(idx), retarget(def, &defs.on, &target)?));
         }
     }
     for (trg, def) in &defs.triggers {
         if !have.contains(trg) {
-            ddl.push((trg, retarget(def, &defs.on, &target)?));
+            into.then.push((of(trg), retarget(def, &defs.on, &target)?));
         }
-    }
-    for (what, sql) in ddl {
-        let started = Instant::now();
-        sqlx::query(&sql)
-            .execute(pool)
-            .await
-            .with_context(|| format!("building {what} of the shadow's {name}"))?;
-        tracing::debug!(ms = millis(started), "shadow: built {what} of {name}");
     }
     Ok(())
 }
@@ -626,17 +747,23 @@ async fn swap_postgres(
         .collect();
     // 1. Keys, indexes, triggers and statistics, as the live tables have.
     let started = Instant::now();
+    let mut c = Completion::default();
     for (t, l) in tables.iter().zip(&live_tables) {
-        complete_postgres(pool, l, schema, t.name).await?;
+        completion(pool, l, schema, t.name, &mut c).await?;
     }
+    c.run(pool).await?;
     tracing::info!(ms = millis(started), "swap: shadow keys and indexes built");
     let started = Instant::now();
-    for t in tables {
-        sqlx::query(&format!("ANALYZE {qs}.{}", quote_ident(t.name)))
-            .execute(pool)
-            .await
-            .with_context(|| format!("taking statistics of the shadow's {}", t.name))?;
-    }
+    let analyze = tables
+        .iter()
+        .map(|t| {
+            (
+                format!("statistics of the shadow's {}", t.name),
+                format!("ANALYZE {qs}.{}", quote_ident(t.name)),
+            )
+        })
+        .collect();
+    run_parallel(pool, analyze, SHADOW_INDEX_BUILDS_MAX).await?;
     tracing::info!(ms = millis(started), "swap: shadow statistics taken");
     // 2. Every snapshot from here on sees the shadow's rows.
     wait_for_older_snapshots(pool).await?;

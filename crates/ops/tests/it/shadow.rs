@@ -137,3 +137,34 @@ async fn swap_replaces_one_projection(backend: Backend) {
 }
 
 testkit::both!(swap, swap_replaces_one_projection);
+
+/// A shadow holding one key twice (what a faulty bulk load would write)
+/// fails the swap where the keys are built or checked, and the live
+/// projection stays exactly as it was.
+async fn duplicate_keys_fail_the_swap(backend: Backend) {
+    let (db, url, _dir) = fresh_db(backend).await;
+    let h = history("shadow-dup", 5, 1_700_000_000_000_000);
+    apply(&db, Projection::Ledger, &h.envs).await;
+    let before = snapshot(&db, Projection::Ledger).await;
+    let shadow = Shadow::create(&db, &url, Projection::Ledger).await.unwrap();
+    shadow.strip_indexes().await.unwrap();
+    for _ in 0..2 {
+        testkit::exec(
+            &shadow.db,
+            "INSERT INTO applied_events (projection, event_id, applied_at, topic, \
+             kafka_partition, kafka_offset) VALUES ('ledger', 'twice', 0, 't', 0, 0)",
+        )
+        .await
+        .unwrap();
+    }
+    let err = shadow.swap(&db, Projection::Ledger).await.unwrap_err();
+    assert!(format!("{err:#}").contains("applied_events"), "{err:#}");
+    assert_eq!(snapshot(&db, Projection::Ledger).await, before);
+    assert_ledger_immutable(&db).await;
+    // The next shadow replaces the one the failed swap left behind.
+    let again = Shadow::create(&db, &url, Projection::Ledger).await.unwrap();
+    assert_eq!(count(&again.db, "SELECT COUNT(*) FROM applied_events").await, 0);
+    again.discard(&db).await.unwrap();
+}
+
+testkit::both!(duplicate_keys, duplicate_keys_fail_the_swap);
