@@ -174,6 +174,119 @@ async fn rebuild(k: &TestKafka, db: &Db, url: &str, label: &str) -> (u64, u128) 
     (s.events.read, millis)
 }
 
+/// Produces payments `from..to` (their events) into `k`'s topics.
+async fn produce_payments(k: &TestKafka, from: usize, to: usize) -> usize {
+    let mut produced = 0;
+    let mut i = from;
+    while i < to {
+        let mut chunk = Vec::new();
+        while chunk.len() < 20_000 && i < to {
+            chunk.extend(payment_events(&k.unique, i));
+            i += 1;
+        }
+        let results = futures::future::join_all(chunk.iter().map(|e| k.producer.append(e))).await;
+        for r in results {
+            r.expect("append");
+        }
+        produced += chunk.len();
+    }
+    produced
+}
+
+/// Every record of the projection's topics, in the order a reader from
+/// the beginning returns them (each partition in its order).
+async fn read_all(k: &TestKafka) -> Vec<streaming::reader::Record> {
+    let mut reader = TopicReader::open(
+        &k.cfg,
+        &ops::projection::projection_topics(&k.cfg),
+        Start::Beginning,
+        End::Latest,
+        None,
+    )
+    .await
+    .expect("reader");
+    let mut out = Vec::new();
+    while let Some(batch) = reader.next_batch(1000).await.expect("read") {
+        out.extend(batch);
+    }
+    out
+}
+
+/// Applies `records` to the live ledger the way its consumer does
+/// (`apply_batch`, batches of 1000); events/s.
+async fn live_apply(db: &Db, records: &[streaming::reader::Record]) -> u64 {
+    let started = Instant::now();
+    for chunk in records.chunks(1000) {
+        let envs: Vec<Envelope> = chunk
+            .iter()
+            .map(|r| events::avro::decode(&r.payload).expect("decodable"))
+            .collect();
+        let metas: Vec<streaming::MessageMeta> = chunk.iter().map(|r| r.meta()).collect();
+        let batch: Vec<projections::Incoming<'_>> = envs
+            .iter()
+            .zip(&metas)
+            .map(|(envelope, meta)| projections::Incoming { envelope, meta })
+            .collect();
+        projections::apply_batch(db, Projection::Ledger, &batch)
+            .await
+            .expect("apply");
+    }
+    rate(
+        u64::try_from(records.len()).expect("fits"),
+        started.elapsed().as_millis(),
+    )
+}
+
+/// Issue 14's last figure: the live projection applies as fast after a
+/// rebuild as before it. A ledger grown live to `base` payments applies
+/// `more` further payments (rate before); then it is rebuilt from the
+/// topics, and applies `more` new payments again (rate after).
+async fn live_after_rebuild(label: &str, db: &Db, url: &str, base: usize, more: usize) {
+    let k = TestKafka::new(12).await;
+    projections::migrate(db).await.expect("migrate");
+    produce_payments(&k, 0, base + more).await;
+    let first = read_all(&k).await;
+    let split = first.len() * base / (base + more);
+    live_apply(db, &first[..split]).await;
+    let before = live_apply(db, &first[split..]).await;
+    let group = format!("{}-live-{label}", k.cfg.topology().group("ledger"));
+    ops::projection::execute_rebuild(
+        &k.cfg,
+        url,
+        db,
+        Projection::Ledger,
+        &group,
+        1000,
+        ops::projection::RunOptions::default(),
+    )
+    .await
+    .expect("rebuild");
+    let new_events = produce_payments(&k, base + more, base + 2 * more).await;
+    let all = read_all(&k).await;
+    let known: std::collections::HashSet<(i32, i64, String)> = first
+        .iter()
+        .map(|r| (r.partition, r.offset, r.topic.clone()))
+        .collect();
+    let fresh: Vec<_> = all
+        .into_iter()
+        .filter(|r| !known.contains(&(r.partition, r.offset, r.topic.clone())))
+        .collect();
+    assert_eq!(
+        fresh.len(),
+        new_events,
+        "the new events are the ones read anew"
+    );
+    let after = live_apply(db, &fresh).await;
+    let report = projections::verify(db).await;
+    assert!(report.error.is_none(), "{report}");
+    println!(
+        "live {label:<6} {} events applied at {before:>6} events/s before the rebuild, {} at {after:>6} events/s after it = {}% of before",
+        first.len() - split,
+        fresh.len(),
+        after * 100 / before.max(1)
+    );
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     // RUST_LOG=info shows where a swap's time goes, step by step.
@@ -195,19 +308,9 @@ async fn main() {
     let k = TestKafka::new(12).await;
     eprintln!("producing {target} events into {} ...", k.cfg.topic_prefix);
     let started = Instant::now();
-    let (mut produced, mut i) = (0usize, 0usize);
-    while produced < target {
-        let mut chunk = Vec::new();
-        while chunk.len() < 20_000 && produced + chunk.len() < target {
-            chunk.extend(payment_events(&k.unique, i));
-            i += 1;
-        }
-        let results = futures::future::join_all(chunk.iter().map(|e| k.producer.append(e))).await;
-        for r in results {
-            r.expect("append");
-        }
-        produced += chunk.len();
-    }
+    // 2.1 events per payment: a tenth of them are refunded.
+    let i = target * 10 / 21;
+    let produced = produce_payments(&k, 0, i).await;
     let produce_ms = started.elapsed().as_millis();
     let produced = u64::try_from(produced).expect("fits");
     println!(
@@ -259,5 +362,18 @@ async fn main() {
         r * 100 / raw.max(1),
         r * 1000 / raw.max(1) % 10
     );
+    lite.close().await;
+
+    // The live rate before and after a rebuild, a fifth of the size above
+    // grown live (events ≈ 2.1 per payment), a tenth applied each time.
+    let (base, more) = (i / 5, i / 10);
+    let pg_url = testkit::fresh_postgres_url().await.expect("postgres");
+    let pg = Db::connect(&pg_url).await.expect("connect");
+    live_after_rebuild("PG", &pg, &pg_url, base, more).await;
+    pg.close().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}", dir.path().join("live.db").display());
+    let lite = Db::connect(&url).await.expect("connect");
+    live_after_rebuild("SQLite", &lite, &url, base, more).await;
     lite.close().await;
 }

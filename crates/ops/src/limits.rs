@@ -29,7 +29,14 @@ pub const SHADOW_INDEX_BUILDS_MAX: usize = 2;
 /// default, 64, makes the larger key sorts spill to disk).
 pub const SHADOW_INDEX_BUILD_MEMORY_MB_MAX: usize = 256;
 
+/// SQLite page cache of the swap's connection, in KiB: the copy inserts
+/// into the live tables' key B-trees in random key order (a table has one
+/// row order but can have several unique keys), which stays in memory
+/// instead of re-reading pages when the cache holds those B-trees.
+pub const SQLITE_SWAP_CACHE_KIB_MAX: u32 = 512 * 1024;
+
 const _: () = {
+    assert!(SQLITE_SWAP_CACHE_KIB_MAX >= storage::SQLITE_CACHE_KIB);
     assert!(SHADOW_INDEX_BUILDS_MAX >= 1);
     assert!(SHADOW_INDEX_BUILD_MEMORY_MB_MAX >= 64);
     assert!(SWAP_LOCK_ATTEMPT_MAX.as_millis() < 1_000);

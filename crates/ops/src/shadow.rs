@@ -49,8 +49,8 @@
 //! never share a shadow.
 
 use crate::limits::{
-    SHADOW_INDEX_BUILD_MEMORY_MB_MAX, SHADOW_INDEX_BUILDS_MAX, SWAP_LOCK_ATTEMPT_MAX,
-    SWAP_LOCK_BACKOFF_MAX, SWAP_LOCKS_WAIT_MAX, SWAP_OLD_SNAPSHOTS_WAIT_MAX,
+    SHADOW_INDEX_BUILD_MEMORY_MB_MAX, SHADOW_INDEX_BUILDS_MAX, SQLITE_SWAP_CACHE_KIB_MAX,
+    SWAP_LOCK_ATTEMPT_MAX, SWAP_LOCK_BACKOFF_MAX, SWAP_LOCKS_WAIT_MAX, SWAP_OLD_SNAPSHOTS_WAIT_MAX,
     SWAP_WAIT_LOG_EVERY_MAX,
 };
 use crate::tables::{OwnedTable, columns, present_tables_of, primary_key};
@@ -935,6 +935,7 @@ async fn swap_sqlite(
         .busy_timeout(Duration::from_secs(30))
         .foreign_keys(true)
         .synchronous(SqliteSynchronous::Full)
+        .pragma("cache_size", format!("-{SQLITE_SWAP_CACHE_KIB_MAX}"))
         .connect()
         .await
         .context("opening the SQLite database for the swap")?;

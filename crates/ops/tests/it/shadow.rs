@@ -163,7 +163,10 @@ async fn duplicate_keys_fail_the_swap(backend: Backend) {
     assert_ledger_immutable(&db).await;
     // The next shadow replaces the one the failed swap left behind.
     let again = Shadow::create(&db, &url, Projection::Ledger).await.unwrap();
-    assert_eq!(count(&again.db, "SELECT COUNT(*) FROM applied_events").await, 0);
+    assert_eq!(
+        count(&again.db, "SELECT COUNT(*) FROM applied_events").await,
+        0
+    );
     again.discard(&db).await.unwrap();
 }
 
