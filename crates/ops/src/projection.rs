@@ -537,7 +537,7 @@ async fn bulk_apply(
         }
         anyhow::Ok(slice_millis)
     });
-    let mut replay = bulk::Replay::new(projection);
+    let mut replay = bulk::Replay::with_capacity(projection, reader.total());
     let read = async {
         while let Some(records) = reader.next_batch(batch_size.max(1)).await? {
             let mut envs = Vec::with_capacity(records.len());

@@ -139,7 +139,8 @@ struct Seen {
     partition: i32,
     offset: i64,
     /// `None`: applied; else the stored rejection (kind, reason).
-    rejected: Option<(String, String)>,
+    /// Boxed: rejections are rare, and an entry per event stays small.
+    rejected: Option<Box<(String, String)>>,
     /// Its row was handed out already: an applied event's row never
     /// changes again (a later copy is a duplicate), so it is written as it
     /// is decided; a rejected one's may (a redrive moves it), so it waits
@@ -150,7 +151,7 @@ struct Seen {
 fn applied_row(p: &str, id: &uuid::Uuid, s: &Seen, topics: &[String]) -> Vec<V> {
     let (outcome, kind, reason) = match &s.rejected {
         None => ("applied", None, None),
-        Some((k, r)) => ("rejected", Some(k.clone()), Some(r.clone())),
+        Some(b) => ("rejected", Some(b.0.clone()), Some(b.1.clone())),
     };
     vec![
         V::T(p.to_owned()),
@@ -197,16 +198,38 @@ pub struct ReplayError(String);
 
 impl Replay {
     pub fn new(projection: Projection) -> Replay {
+        Replay::with_capacity(projection, 0)
+    }
+
+    /// A replay sized for about `events` events (capped at
+    /// [`crate::limits::REPLAY_PRESIZED_EVENTS_MAX`]): its maps are
+    /// allocated once instead of doubling, and rehashing everything,
+    /// whenever they fill (each doubling stalled a rebuild's slice).
+    pub fn with_capacity(projection: Projection, events: u64) -> Replay {
+        let events = usize::try_from(events)
+            .unwrap_or(usize::MAX)
+            .min(crate::limits::REPLAY_PRESIZED_EVENTS_MAX);
+        // At most one dedup row per event; an order, a booking and a PSP
+        // reference take at least two events each (a request, then a
+        // capture or a refund).
+        let per_payment = events / 2;
+        let psp = match projection {
+            Projection::Ledger => per_payment,
+            Projection::Wallet => 0,
+        };
         Replay {
             projection,
-            seen: HashMap::new(),
+            seen: HashMap::with_capacity(events),
             topics: Vec::new(),
-            state: BookState::default(),
+            state: BookState {
+                orders: HashMap::with_capacity(per_payment),
+                bookings: HashSet::with_capacity(per_payment),
+            },
             totals: HashMap::new(),
             total_rows: HashSet::new(),
             seq: 0,
             head: crate::apply::GENESIS_HASH.to_owned(),
-            psp: HashMap::new(),
+            psp: HashMap::with_capacity(psp),
             wallets: HashMap::new(),
             buyers: HashMap::new(),
             bookings: Rows::new("projection_bookings", BOOKING_COLS),
@@ -273,9 +296,10 @@ impl Replay {
                 .seen
                 .get_mut(&batch[i].envelope.event_id.as_uuid())
                 .expect("seen before");
-            let Some((kind, reason)) = &row.rejected else {
+            let Some(rejection) = &row.rejected else {
                 continue;
             };
+            let (kind, reason) = &**rejection;
             let later = topic == row.topic && m.partition == row.partition && m.offset > row.offset;
             if !later {
                 outcomes[i] = Outcome::rejected(kind.clone(), reason.clone());
@@ -320,7 +344,7 @@ impl Replay {
             let row = self.seen.get_mut(&id).expect("claimed");
             match &outcome {
                 Outcome::Rejected { kind, reason } => {
-                    row.rejected = Some((kind.clone(), reason.clone()));
+                    row.rejected = Some(Box::new((kind.clone(), reason.clone())));
                 }
                 _ => {
                     row.rejected = None;

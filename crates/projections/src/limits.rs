@@ -58,6 +58,9 @@ pub const VIOLATIONS_LISTED_MAX: usize = 50;
 /// Ledger transactions `ledger verify` reads per round trip while walking
 /// the hash chain.
 pub const CHAIN_PAGE_ROWS_MAX: i64 = 5000;
+/// Most events a rebuild's in-memory replay sizes its maps for up front
+/// (`bulk::Replay::with_capacity`); beyond, they grow as needed.
+pub const REPLAY_PRESIZED_EVENTS_MAX: usize = 4_000_000;
 
 // Thousands of maximal amounts fit in a running total.
 const _: () = assert!(AMOUNT_MINOR_MAX as i128 * 1000 <= TOTAL_MINOR_MAX as i128);
