@@ -517,7 +517,7 @@ struct Completion {
 
 impl Completion {
     async fn run(mut self, pool: &sqlx::PgPool) -> anyhow::Result<()> {
-        self.builds.sort_by(|a, b| b.0.cmp(&a.0));
+        self.builds.sort_by_key(|b| std::cmp::Reverse(b.0));
         let builds: Vec<(String, String)> = self
             .builds
             .into_iter()
