@@ -653,7 +653,7 @@ async fn call_and_decide(
         Err(PspError::Final { .. }) => false,
     };
     if transient {
-        use streaming::metrics::events::{InternalEvent as _, PspRetryParked};
+        use runtime::metrics::events::{InternalEvent as _, PspRetryParked};
         PspRetryParked {
             order: &row.order_id,
             attempt: n,

@@ -3,9 +3,9 @@
 //! transient ones.
 
 use crate::limits::PSP_ANSWER_BYTES_MAX;
+use runtime::secret::Secret;
 use serde::Deserialize;
 use std::time::Duration;
-use streaming::secret::Secret;
 
 /// The old name of [`crate::limits::PSP_ANSWER_BYTES_MAX`], which tests use.
 pub use crate::limits::PSP_ANSWER_BYTES_MAX as MAX_ANSWER_BYTES;
@@ -235,7 +235,7 @@ async fn observed<T, F: std::future::Future<Output = Result<T, PspError>>>(
     operation: &'static str,
     call: F,
 ) -> Result<T, PspError> {
-    use streaming::metrics::events::{InternalEvent as _, PspCalled};
+    use runtime::metrics::events::{InternalEvent as _, PspCalled};
     let started = std::time::Instant::now();
     let result = call.await;
     let outcome = match &result {

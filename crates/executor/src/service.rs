@@ -4,11 +4,11 @@ use crate::limits;
 use crate::psp::PspClient;
 use crate::store;
 use anyhow::Context;
+use runtime::secret::{self, Secret};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use storage::Db;
-use streaming::secret::{self, Secret};
 use streaming::{ConsumerSettings, EventProducer, KafkaConfig};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -201,7 +201,7 @@ pub struct App {
     /// Wakes the dispatcher when the intake recorded new work.
     pub work: Arc<Notify>,
     /// False once a part of the executor ended early (`/healthz` says so).
-    pub health: streaming::supervise::Health,
+    pub health: runtime::supervise::Health,
 }
 
 /// A started executor.
@@ -282,7 +282,7 @@ pub async fn start(
         webhook_secret,
         max_in_flight: args.max_in_flight,
         work: Arc::new(Notify::new()),
-        health: streaming::supervise::Health::new(),
+        health: runtime::supervise::Health::new(),
     };
 
     // Events recorded by a previous run but never acknowledged go out first.
@@ -290,7 +290,7 @@ pub async fn start(
         .await
         .context("re-appending recorded events")?;
 
-    let (addr, http) = streaming::http::spawn_server(
+    let (addr, http) = runtime::http::spawn_server(
         args.listen,
         crate::webhook::router(app.clone()),
         "executor",
@@ -311,7 +311,7 @@ pub async fn start(
     // An executor is alive only while all of its parts are: the first to
     // end early marks it unhealthy (`/healthz`), stops the rest and fails
     // the process, so an orchestrator restarts it.
-    let mut parts = streaming::supervise::Supervisor::new(shutdown.clone(), app.health.clone());
+    let mut parts = runtime::supervise::Supervisor::new(shutdown.clone(), app.health.clone());
     parts.spawn("HTTP server", async move {
         http.await??;
         anyhow::Ok(())

@@ -28,7 +28,7 @@ use serde_json::json;
 use sha2::Sha256;
 
 pub fn router(app: App) -> Router {
-    streaming::metrics::instrument(
+    runtime::metrics::instrument(
         Router::new()
             .route("/healthz", get(healthz))
             .route("/v1/psp/webhooks", post(webhook))
@@ -213,7 +213,7 @@ async fn handle(app: &App, event: &WebhookEvent) -> anyhow::Result<Response> {
                 // Signed, but not about the charge we made: settle nothing
                 // from it; ask the PSP itself (the poll fallback) instead.
                 {
-                    use streaming::metrics::events::{InternalEvent as _, WebhookMismatch};
+                    use runtime::metrics::events::{InternalEvent as _, WebhookMismatch};
                     WebhookMismatch {
                         order: &order.order_id,
                         field,

@@ -223,7 +223,7 @@ async fn build(
         None,
     )
     .await?;
-    let progress = streaming::progress::Progress::new(
+    let progress = runtime::progress::Progress::new(
         &format!(
             "project as of {}",
             crate::projection::micros_rfc3339(as_of_us)

@@ -512,7 +512,7 @@ async fn bulk_apply(
     shadow: &Db,
     projection: Projection,
     batch_size: usize,
-    progress: &streaming::progress::Progress,
+    progress: &runtime::progress::Progress,
     tally: &mut ApplyTally,
     slice: u64,
 ) -> anyhow::Result<Vec<u64>> {
@@ -715,7 +715,7 @@ async fn rebuild_locked(
     let shadow = Shadow::create(db, db_url, projection).await?;
     tracing::info!(shadow = %shadow.describe(), "rebuilding into the shadow");
     let started = Instant::now();
-    let progress = streaming::progress::Progress::new(
+    let progress = runtime::progress::Progress::new(
         &format!("rebuild {}", projection.as_str()),
         reader.total(),
     );

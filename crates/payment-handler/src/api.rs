@@ -14,8 +14,8 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use events::{ClientId, PaymentId};
+use runtime::metrics::events::IdempotencyResult;
 use serde_json::json;
-use streaming::metrics::events::IdempotencyResult;
 
 /// Every route, as (method, OpenAPI path). `openapi.json` must list exactly
 /// these (a test checks both ways).
@@ -60,7 +60,7 @@ pub fn router(app: App) -> Router {
             )
         })
         .with_state(app);
-    streaming::metrics::instrument(router, "handler")
+    runtime::metrics::instrument(router, "handler")
 }
 
 struct Json200(serde_json::Value);
@@ -412,6 +412,6 @@ async fn readyz(State(app): State<App>) -> Response {
 
 /// Counts and logs what became of an `Idempotency-Key`.
 fn idempotency(result: IdempotencyResult) {
-    use streaming::metrics::events::{IdempotencyDecided, InternalEvent as _};
+    use runtime::metrics::events::{IdempotencyDecided, InternalEvent as _};
     IdempotencyDecided { result }.emit();
 }

@@ -4,7 +4,7 @@
 //! (`components.schemas.Error.properties.error.properties.code.enum`), and
 //! a test keeps the two equal.
 
-streaming::error_codes! {
+runtime::error_codes! {
     /// A stable, machine-readable error code of the HTTP API.
     pub enum ErrorCode {
         // The request as a whole.

@@ -48,11 +48,11 @@ use crate::risk::RecentActivity;
 use crate::service::{App, Reply, Unavailable};
 use crate::store;
 use events::{ClientId, Envelope, Money, PaymentId};
+use runtime::metrics::events::{GroupCommitBatch, InternalEvent as _};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use storage::{BeginWrite, with_pool};
-use streaming::metrics::events::{GroupCommitBatch, InternalEvent as _};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 /// How a batched request ended.

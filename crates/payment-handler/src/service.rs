@@ -133,7 +133,7 @@ pub struct App {
     pub fault: Fault,
     fault_fired: Arc<std::sync::atomic::AtomicBool>,
     /// False once a part of the handler ended early (`/readyz` says so).
-    pub health: streaming::supervise::Health,
+    pub health: runtime::supervise::Health,
     /// The API keys in memory (`keys`): no database work per request.
     pub keys: Arc<crate::keys::KeyDirectory>,
     /// Where `POST /v1/payments` requests are batched (`group`); `None`:
@@ -165,7 +165,7 @@ impl App {
             body_limit: args.body_limit_bytes,
             fault: Fault::parse(args.fault_inject.as_deref())?,
             fault_fired: Arc::new(std::sync::atomic::AtomicBool::new(false)),
-            health: streaming::supervise::Health::new(),
+            health: runtime::supervise::Health::new(),
             keys: Arc::default(),
             group: None,
         })
@@ -774,7 +774,7 @@ pub async fn start(
         .await
         .context("writing the instance heartbeat")?;
 
-    let (addr, http) = streaming::http::spawn_server(
+    let (addr, http) = runtime::http::spawn_server(
         args.listen,
         crate::api::router(app.clone()),
         "payment handler",
@@ -837,7 +837,7 @@ pub async fn start(
     // A handler is alive only while all of its parts are: the first to end
     // early marks it not ready (`/readyz`), stops the rest and fails the
     // process.
-    let mut parts = streaming::supervise::Supervisor::new(shutdown.clone(), app.health.clone());
+    let mut parts = runtime::supervise::Supervisor::new(shutdown.clone(), app.health.clone());
     parts.spawn("HTTP server", async move {
         http.await??;
         anyhow::Ok(())

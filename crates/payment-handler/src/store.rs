@@ -53,7 +53,7 @@ pub fn split_api_key(token: &str) -> Option<(&str, &str)> {
 /// constant time (no early exit on the first differing byte).
 pub fn secret_matches(secret: &str, stored_sha256_hex: &str) -> bool {
     let given = hex::encode(Sha256::digest(secret.as_bytes()));
-    streaming::secret::constant_time_eq(given.as_bytes(), stored_sha256_hex.as_bytes())
+    runtime::secret::constant_time_eq(given.as_bytes(), stored_sha256_hex.as_bytes())
 }
 
 /// The client an API key belongs to, if the key is valid and not revoked.

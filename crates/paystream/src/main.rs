@@ -8,9 +8,9 @@ mod schema_cmd;
 mod up;
 
 use clap::{CommandFactory, Parser, Subcommand};
+use runtime::telemetry::{self, LogFormat};
 use std::process::ExitCode;
 use streaming::KafkaConfig;
-use streaming::telemetry::{self, LogFormat};
 
 /// Event-sourced payments on Kafka.
 #[derive(Debug, Parser)]
@@ -196,30 +196,30 @@ async fn main() -> ExitCode {
         }
         Command::Schema(cmd) => schema_cmd::run(cmd),
         Command::Serve(ServeCommand::Handler(args)) => {
-            let shutdown = streaming::shutdown::on_signals();
+            let shutdown = runtime::shutdown::on_signals();
             payment_handler::serve(cli.kafka, &cli.database_url, args, shutdown)
                 .await
                 .map(|()| ExitCode::SUCCESS)
         }
         Command::Serve(ServeCommand::Executor(args)) => {
-            let shutdown = streaming::shutdown::on_signals();
+            let shutdown = runtime::shutdown::on_signals();
             executor::serve(cli.kafka, &cli.database_url, args, shutdown)
                 .await
                 .map(|()| ExitCode::SUCCESS)
         }
         Command::Serve(ServeCommand::PspSim(args)) => {
-            psp_sim::serve(args, streaming::shutdown::on_signals())
+            psp_sim::serve(args, runtime::shutdown::on_signals())
                 .await
                 .map(|()| ExitCode::SUCCESS)
         }
         Command::Serve(ServeCommand::Projections(args)) => {
-            let shutdown = streaming::shutdown::on_signals();
+            let shutdown = runtime::shutdown::on_signals();
             projections::serve(cli.kafka, &cli.database_url, args, shutdown)
                 .await
                 .map(|()| ExitCode::SUCCESS)
         }
         Command::Serve(ServeCommand::Reconciler(args)) => {
-            let shutdown = streaming::shutdown::on_signals();
+            let shutdown = runtime::shutdown::on_signals();
             reconcile::serve(cli.kafka, &cli.database_url, args, shutdown)
                 .await
                 .map(|()| ExitCode::SUCCESS)

@@ -4,10 +4,10 @@
 //! component alone with `paystream serve ...`.
 
 use anyhow::Context;
+use runtime::secret::Secret;
 use serde_json::{Value, json};
 use std::net::SocketAddr;
 use streaming::KafkaConfig;
-use streaming::secret::Secret;
 use tokio_util::sync::CancellationToken;
 
 /// What differs between the demo and the benchmark.

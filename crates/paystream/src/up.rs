@@ -133,7 +133,7 @@ pub async fn run(kafka: KafkaConfig, database_url: &str, args: UpArgs) -> anyhow
     print_next_steps(&kafka, database_url, &urls, &api_key, args.keep_running);
     if args.keep_running {
         println!("running; Ctrl-C to stop");
-        streaming::shutdown::on_signals().cancelled().await;
+        runtime::shutdown::on_signals().cancelled().await;
     }
     p.stop().await?;
     println!("stopped cleanly");
@@ -151,7 +151,7 @@ async fn reconcile_days(
     kafka: &KafkaConfig,
     projections_db_url: &str,
     psp_url: &str,
-    psp_key: &streaming::secret::Secret,
+    psp_key: &runtime::secret::Secret,
     first_day: time::Date,
 ) -> anyhow::Result<bool> {
     let db = storage::Db::connect(projections_db_url).await?;
@@ -293,7 +293,7 @@ async fn demo(
         args.payments, args.concurrency
     );
     let started = Instant::now();
-    let progress = streaming::progress::Progress::new(
+    let progress = runtime::progress::Progress::new(
         "payments submitted",
         u64::try_from(requests.len()).unwrap_or(0),
     );

@@ -88,7 +88,7 @@ pub async fn authenticate(
     };
     let given = hex::encode(Sha256::digest(secret.as_bytes()));
     // Constant time: no early exit on the first differing byte.
-    let same = streaming::secret::constant_time_eq(given.as_bytes(), stored.as_bytes());
+    let same = runtime::secret::constant_time_eq(given.as_bytes(), stored.as_bytes());
     if !same || client_id.is_empty() {
         return Ok(None);
     }

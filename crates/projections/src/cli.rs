@@ -151,8 +151,8 @@ pub async fn serve(
     tasks.spawn(async move {
         // Header/body read timeouts and a global concurrency limit (503 +
         // Retry-After when saturated), as for every paystream server.
-        let limits = streaming::http::HttpLimits::default();
-        let r = streaming::http::serve(listener, app, limits, s.clone())
+        let limits = runtime::http::HttpLimits::default();
+        let r = runtime::http::serve(listener, app, limits, s.clone())
             .await
             .context("query HTTP server");
         s.cancel();

@@ -6,7 +6,7 @@
 
 use axum::http::StatusCode;
 
-streaming::error_codes! {
+runtime::error_codes! {
     /// A stable, machine-readable error code of the query API.
     pub enum ErrorCode {
         /// 400: a path or query parameter is malformed (`field` names it).

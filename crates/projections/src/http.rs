@@ -399,7 +399,7 @@ pub fn router_with(db: Db, limits: QueryLimits) -> Router {
         verify: Arc::new(Semaphore::new(1)),
         key_table_logged: Arc::new(AtomicBool::new(false)),
     };
-    streaming::metrics::instrument(
+    runtime::metrics::instrument(
         Router::new()
             .route("/v1/wallets/{seller}", get(wallet))
             .route("/v1/buyers/{buyer}", get(buyer))

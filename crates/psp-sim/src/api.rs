@@ -35,7 +35,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/_sim/clock/advance", post(sim_clock_advance))
         .route("/health", get(|| async { "ok" }))
         .fallback(|| async { ApiError::new(ErrorCode::NotFound, "no such endpoint") });
-    streaming::metrics::instrument(router, "psp-sim").with_state(state)
+    runtime::metrics::instrument(router, "psp-sim").with_state(state)
 }
 
 /// `{"error": {"code", "message", "field"}}` with a stable code, one of
@@ -139,7 +139,7 @@ fn authenticate<'a>(st: &'a AppState, headers: &HeaderMap) -> Result<&'a Account
     let mut found = None;
     for a in &st.accounts {
         let stored = Sha256::digest(a.api_key.expose().as_bytes());
-        if streaming::secret::constant_time_eq(&stored, &presented) && found.is_none() {
+        if runtime::secret::constant_time_eq(&stored, &presented) && found.is_none() {
             found = Some(a);
         }
     }
@@ -494,7 +494,7 @@ async fn create(
                 _ => "other",
             };
             {
-                use streaming::metrics::events::{InternalEvent as _, SimChargeCreated};
+                use runtime::metrics::events::{InternalEvent as _, SimChargeCreated};
                 SimChargeCreated {
                     charge: &row.id,
                     outcome,

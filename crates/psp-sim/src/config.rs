@@ -3,9 +3,9 @@
 //! field optional; the defaults make every charge succeed at once.
 
 use crate::error_code::ErrorCode;
+use runtime::secret::Secret;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
-use streaming::secret::Secret;
 
 /// The account every simulator has; its API key and webhook secret come
 /// from the flags (`--api-key`, `--webhook-secret`) or, in tests, from

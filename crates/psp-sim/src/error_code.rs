@@ -6,7 +6,7 @@
 
 use axum::http::StatusCode;
 
-streaming::error_codes! {
+runtime::error_codes! {
     /// A stable, machine-readable error code of the simulator's API.
     pub enum ErrorCode {
         /// 400: malformed JSON, unknown field, missing or invalid field.

@@ -22,6 +22,7 @@ pub use writer::WriteBatches;
 
 use anyhow::Context as _;
 use hmac::{Hmac, Mac};
+use runtime::secret::{self, Secret};
 use sha2::Sha256;
 use sqlx::sqlite::SqliteSynchronous;
 use std::net::SocketAddr;
@@ -29,7 +30,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
-use streaming::secret::{self, Secret};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 

@@ -137,7 +137,7 @@ async fn deliver_one(st: &AppState, client: &reqwest::Client, d: store::Delivery
     };
     let now = wall_ms();
     {
-        use streaming::metrics::events::{InternalEvent as _, SimWebhookAttempted};
+        use runtime::metrics::events::{InternalEvent as _, SimWebhookAttempted};
         SimWebhookAttempted {
             seq: d.seq,
             error: result.as_ref().err().map(String::as_str),

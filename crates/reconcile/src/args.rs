@@ -4,8 +4,8 @@
 use crate::matching::Tolerance;
 use anyhow::bail;
 use clap::{Args, Subcommand, ValueEnum};
+use runtime::secret::Secret;
 use std::path::PathBuf;
-use streaming::secret::Secret;
 
 /// Output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

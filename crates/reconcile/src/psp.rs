@@ -3,8 +3,8 @@
 
 use crate::settlement;
 use anyhow::{Context, bail};
+use runtime::secret::Secret;
 use std::time::Duration;
-use streaming::secret::Secret;
 use time::Date;
 
 /// Where to fetch settlement files: a PSP (or the simulator) over HTTP.

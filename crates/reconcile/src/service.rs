@@ -58,7 +58,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let (h, m) = parse_at(&args.at)?;
     let tolerance = args.options.tolerance()?;
-    let api_key = streaming::secret::require(
+    let api_key = runtime::secret::require(
         args.psp_api_key.as_ref(),
         "--psp-api-key / PAYSTREAM_PSP_API_KEY",
     )?;

@@ -6,11 +6,11 @@ use crate::{Format, ReplayArgs, resolve_topic};
 use anyhow::Context as _;
 use events::avro::{self, ContainerWriter};
 use events::{Envelope, TopicKind, json};
+use runtime::progress::Progress;
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::io::Write;
 use streaming::dlq;
-use streaming::progress::Progress;
 use streaming::reader::{Record, TopicReader};
 
 /// Records fetched per batch.

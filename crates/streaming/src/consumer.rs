@@ -40,10 +40,6 @@
 
 use crate::config::KafkaConfig;
 use crate::dlq::{self, DeadLetter};
-use crate::metrics::events::{
-    BatchFailed, BatchHandled, DeadLetterStored, EventRejected, InternalEvent as _, RebalanceKind,
-    Rebalanced,
-};
 use crate::producer::EventProducer;
 use events::{Envelope, avro};
 use rdkafka::ClientContext;
@@ -51,6 +47,10 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Reb
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use runtime::metrics::events::{
+    BatchFailed, BatchHandled, DeadLetterStored, EventRejected, InternalEvent as _, RebalanceKind,
+    Rebalanced,
+};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -432,7 +432,7 @@ impl ClientContext for LoopContext {
                     continue;
                 }
                 metrics::gauge!(
-                    crate::metrics::CONSUMER_LAG,
+                    runtime::metrics::CONSUMER_LAG,
                     "group" => self.group_id.clone(),
                     "topic" => topic.clone(),
                     "partition" => partition.to_string()
@@ -1194,7 +1194,9 @@ async fn send_dead_letter(
                 DeadLetterStored {
                     group: &d.consumer_group,
                     kind: &d.error_kind,
-                    origin: &d.origin,
+                    original_topic: &d.origin.topic,
+                    original_partition: d.origin.partition,
+                    original_offset: d.origin.offset,
                     dlq_partition: at.partition,
                     dlq_offset: at.offset,
                     form: form.as_str(),

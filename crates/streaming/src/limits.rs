@@ -1,10 +1,11 @@
-//! Every limit of the streaming layer in one place (issue 17 item 4): the
-//! sizes of messages and dead letters, secret lengths, the timeouts that
-//! bound a broker call, and the defaults of the consumer's batches and the
-//! HTTP servers' limits. Each is named `*_MAX`/`*_MIN` (or `*_DEFAULT`)
-//! with its unit, or is a `Duration` named for what it bounds; the
-//! relations between them are checked at compile time at the end of this
-//! file. The old names stay where they were, as re-exports.
+//! Every limit of the Kafka plumbing in one place (issue 17 item 4): the
+//! sizes of messages and dead letters, the timeouts that bound a broker
+//! call, and the default of the consumer's batches. Each is named
+//! `*_MAX`/`*_MIN` (or `*_DEFAULT`) with its unit, or is a `Duration` named
+//! for what it bounds; the relations between them are checked at compile
+//! time at the end of this file. The old names stay where they were, as
+//! re-exports. The process runtime's limits (secrets, HTTP servers) are
+//! `runtime::limits`.
 
 use std::time::Duration;
 
@@ -33,12 +34,6 @@ pub const STUB_KEY_MAX: usize = 4 * 1024;
 /// over the size limit.
 pub const REASON_LEN_MAX: usize = 4096;
 
-/// Shortest accepted secret, in characters: 32 characters of a random
-/// hex string are 128 bits, which no one guesses.
-pub const SECRET_LEN_MIN: usize = 32;
-/// Longest accepted secret, in characters (it travels in an HTTP header).
-pub const SECRET_LEN_MAX: usize = 1024;
-
 /// How long an append may wait for the broker before it fails; the caller
 /// then decides (retry, or answer the client with an error). Bounded so a
 /// lost broker turns into an error instead of a hung request.
@@ -52,10 +47,6 @@ pub const REVOKE_WAIT: Duration = Duration::from_secs(60);
 /// Default `ConsumerSettings::batch_max`: most messages handed to a
 /// handler at once.
 pub const CONSUMER_BATCH_MAX_DEFAULT: usize = 500;
-/// Default `HttpLimits::max_body_bytes`: the largest request body read.
-pub const HTTP_BODY_BYTES_MAX_DEFAULT: usize = 1024 * 1024;
-/// Default `HttpLimits::max_concurrent_requests`: requests served at once.
-pub const HTTP_CONCURRENT_REQUESTS_MAX_DEFAULT: usize = 256;
 
 // Anything the producer sends fits on our topics, batch framing included.
 const _: () = assert!(MESSAGE_BYTES_MAX + 1024 <= TOPIC_MESSAGE_BYTES_MAX);
@@ -65,8 +56,6 @@ const _: () = assert!(
     STUB_PAYLOAD_MAX + STUB_HEADERS_MAX + STUB_KEY_MAX + 2 * REASON_LEN_MAX + 4096
         <= MESSAGE_BYTES_MAX
 );
-// Secrets have a non-empty range of accepted lengths.
-const _: () = assert!(SECRET_LEN_MIN <= SECRET_LEN_MAX);
 // A handler call stuck in an append fails (its delivery timeout) before
 // a revocation stops waiting for it.
 const _: () = assert!(DELIVERY_TIMEOUT.as_millis() <= REVOKE_WAIT.as_millis());

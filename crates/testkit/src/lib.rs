@@ -4,16 +4,20 @@
 //!
 //! - fresh databases of either backend, one per test ([`db`]), and one way
 //!   to run a test body on both ([`both!`]);
-//! - fresh topics under a unique prefix on the test broker ([`kafka`]);
+//! - fresh topics under a unique prefix on the test broker (`kafka`, with
+//!   the `kafka` feature, which a crate that talks no Kafka leaves off so
+//!   its tests do not link librdkafka);
 //! - envelope builders ([`envelope`], [`eur`]);
 //! - waiting for a positive condition with a deadline instead of sleeping
-//!   ([`wait`]): [`wait_until`], [`wait_for`], [`wait_caught_up`].
+//!   ([`wait`]): [`wait_until`], [`wait_for`], `wait_caught_up` (a
+//!   consumer group's commits, with the `kafka` feature).
 //!
 //! Helpers here panic on failure with a message saying what did not happen:
 //! they only ever run inside tests and benches.
 
 pub mod db;
 pub mod envelope;
+#[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod wait;
 
@@ -22,9 +26,12 @@ pub use db::{
     fresh_sqlite, strings,
 };
 pub use envelope::{envelope, envelope_now, eur, one_order_payment};
+#[cfg(feature = "kafka")]
 pub use kafka::{TestKafka, brokers, fresh_config, produce_all, read_all, read_topic, tail};
 pub use storage::Backend;
-pub use wait::{wait_caught_up, wait_for, wait_until};
+#[cfg(feature = "kafka")]
+pub use wait::wait_caught_up;
+pub use wait::{wait_for, wait_until};
 
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {

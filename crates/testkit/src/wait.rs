@@ -3,12 +3,8 @@
 //! first waits here for a positive signal that X would have preceded (a
 //! later marker handled, the group caught up), then asserts.
 
-use rdkafka::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use std::fmt::Display;
 use std::time::Duration;
-use streaming::KafkaConfig;
 
 /// How often the waits poll.
 const POLL: Duration = Duration::from_millis(100);
@@ -44,8 +40,12 @@ pub async fn wait_for<T>(
 
 /// Waits (up to 120 s) until `group` has committed, on every partition of
 /// `topics`, the end of the partition: everything produced so far is
-/// handled.
-pub async fn wait_caught_up(cfg: &KafkaConfig, group: &str, topics: &[String]) {
+/// handled. Only with the `kafka` feature.
+#[cfg(feature = "kafka")]
+pub async fn wait_caught_up(cfg: &streaming::KafkaConfig, group: &str, topics: &[String]) {
+    use rdkafka::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &cfg.brokers)
         .set("group.id", group)

@@ -9,10 +9,10 @@ use events::{
 use executor::ExecutorArgs;
 use psp_sim::{Behaviour, RunningSim, SimConfig};
 use rdkafka::message::Message;
+use runtime::secret::Secret;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use streaming::secret::Secret;
 use streaming::{EventProducer, KafkaConfig};
 use tokio_util::sync::CancellationToken;
 

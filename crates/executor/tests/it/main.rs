@@ -534,7 +534,7 @@ async fn only_known_final_4xx_are_final() {
     ] {
         let psp = PspClient::new(
             &format!("http://{addr}/{status}"),
-            streaming::secret::Secret::new("sk"),
+            runtime::secret::Secret::new("sk"),
             Duration::from_secs(5),
         )
         .unwrap();

@@ -247,7 +247,7 @@ async fn oversized_psp_answers_are_not_read() {
     let server = tokio::spawn(async move { axum::serve(listener, router).await });
     let psp = PspClient::new(
         &format!("http://{addr}"),
-        streaming::secret::Secret::generate("sk_test_"),
+        runtime::secret::Secret::generate("sk_test_"),
         Duration::from_secs(5),
     )
     .unwrap();

@@ -177,7 +177,7 @@ fn the_dashboard_uses_exactly_the_exported_metric_names() {
             }
         }
     }
-    let exported: BTreeSet<String> = streaming::metrics::NAMES
+    let exported: BTreeSet<String> = runtime::metrics::NAMES
         .iter()
         .map(|n| (*n).to_owned())
         .collect();

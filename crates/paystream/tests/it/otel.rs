@@ -82,11 +82,11 @@ fn spans_are_exported_over_otlp_when_an_endpoint_is_set() {
             .env("PAYSTREAM_OTLP_ENDPOINT", &endpoint)
             .env(
                 "PAYSTREAM_PSP_API_KEY",
-                streaming::secret::Secret::generate("sk_test_").expose(),
+                runtime::secret::Secret::generate("sk_test_").expose(),
             )
             .env(
                 "PAYSTREAM_PSP_WEBHOOK_SECRET",
-                streaming::secret::Secret::generate("whsec_").expose(),
+                runtime::secret::Secret::generate("whsec_").expose(),
             )
             // Export batches quickly (the SDK's standard setting).
             .env("OTEL_BSP_SCHEDULE_DELAY", "200")

@@ -5,11 +5,11 @@ mod batched;
 
 use psp_sim::{Account, Behaviour, Durability, RunningSim, SimConfig};
 use reqwest::StatusCode;
+use runtime::secret::Secret;
 use serde_json::{Value, json};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use streaming::secret::Secret;
 
 /// The default account's API key: generated once per test run (there is
 /// no built-in one).

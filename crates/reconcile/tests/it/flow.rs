@@ -21,7 +21,7 @@ use storage::Db;
 /// The simulator's API key: generated once per test run (there is no
 /// built-in one).
 static KEY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    streaming::secret::Secret::generate("sk_test_")
+    runtime::secret::Secret::generate("sk_test_")
         .expose()
         .to_owned()
 });
@@ -51,7 +51,7 @@ async fn body(db: Db) {
     let k = testkit::TestKafka::new(1).await;
     let dir = tempfile::tempdir().unwrap();
     let sim = psp_sim::spawn(psp_sim::SimConfig {
-        api_key: streaming::secret::Secret::new(KEY.as_str()),
+        api_key: runtime::secret::Secret::new(KEY.as_str()),
         ..psp_sim::SimConfig::for_tests(format!("sqlite://{}", dir.path().join("sim.db").display()))
     })
     .await

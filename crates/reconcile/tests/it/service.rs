@@ -82,7 +82,7 @@ async fn once(db_url: String) {
         );
     }
     // A wrong API key is a clear, final error (no retries on 401).
-    let wrong = streaming::secret::Secret::generate("sk_test_");
+    let wrong = runtime::secret::Secret::generate("sk_test_");
     let cli = Cli::parse_from([
         "reconciler",
         "--psp-url",
@@ -221,7 +221,7 @@ async fn retry_after_is_capped() {
         max_retry_after: std::time::Duration::from_millis(100),
         ..reconcile::PspSource::simulator(
             &format!("http://{addr}"),
-            streaming::secret::Secret::generate("sk_test_"),
+            runtime::secret::Secret::generate("sk_test_"),
         )
     };
     let date = time::OffsetDateTime::now_utc().date();

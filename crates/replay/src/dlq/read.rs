@@ -3,9 +3,9 @@
 
 use anyhow::Context as _;
 use events::TopicKind;
+use runtime::progress::Progress;
 use std::collections::BTreeMap;
 use streaming::KafkaConfig;
-use streaming::progress::Progress;
 use streaming::reader::{End, Record, Start, TopicReader};
 
 pub(super) fn dlq_topic(kafka: &KafkaConfig) -> String {

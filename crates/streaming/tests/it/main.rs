@@ -4,7 +4,6 @@
 
 mod admin;
 mod harness;
-mod http;
 mod interop;
 mod loop_tests;
 mod pipeline;

@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_event_type_round_trips_through_a_consumer_group() {
-    streaming::metrics::install();
+    runtime::metrics::install();
     let k = TestKafka::new(3).await;
     let sent = k.samples("rt");
     for env in &sent {
@@ -35,7 +35,7 @@ async fn every_event_type_round_trips_through_a_consumer_group() {
     let stats = task.await.unwrap().unwrap();
     assert_eq!(stats.applied, sent.len() as u64);
     assert_eq!(stats.dead_lettered, 0);
-    let m = streaming::metrics::render();
+    let m = runtime::metrics::render();
     let line = m
         .lines()
         .find(|l| {

@@ -11,7 +11,6 @@
 //! partitions, stable codes. Messages, reasons and ids go into the log
 //! line only.
 
-use crate::MessageMeta;
 use std::time::Duration;
 
 /// Something worth a log line and a metric.
@@ -82,7 +81,10 @@ impl InternalEvent for EventRejected<'_> {
 pub struct DeadLetterStored<'a> {
     pub group: &'a str,
     pub kind: &'a str,
-    pub origin: &'a MessageMeta,
+    /// Where the dead-lettered message came from.
+    pub original_topic: &'a str,
+    pub original_partition: i32,
+    pub original_offset: i64,
     pub dlq_partition: i32,
     pub dlq_offset: i64,
     /// `whole`, `stub` or `minimal` (what of the message the letter kept).
@@ -94,9 +96,9 @@ impl InternalEvent for DeadLetterStored<'_> {
         tracing::info!(
             group = self.group,
             error_kind = self.kind,
-            original_topic = %self.origin.topic,
-            original_partition = self.origin.partition,
-            original_offset = self.origin.offset,
+            original_topic = %self.original_topic,
+            original_partition = self.original_partition,
+            original_offset = self.original_offset,
             dlq_partition = self.dlq_partition,
             dlq_offset = self.dlq_offset,
             form = self.form,
@@ -433,18 +435,8 @@ mod tests {
         (logs, handle.render())
     }
 
-    fn meta() -> MessageMeta {
-        MessageMeta {
-            topic: "t.payments".into(),
-            partition: 3,
-            offset: 41,
-            timestamp_ms: None,
-        }
-    }
-
     #[test]
     fn each_event_writes_one_line_and_its_metric_with_the_same_labels() {
-        let origin = meta();
         let err = "boom";
         let (logs, metrics) = capture(|| {
             BatchHandled {
@@ -464,7 +456,9 @@ mod tests {
             DeadLetterStored {
                 group: "g1",
                 kind: "unknown_order",
-                origin: &origin,
+                original_topic: "t.payments",
+                original_partition: 3,
+                original_offset: 41,
                 dlq_partition: 0,
                 dlq_offset: 7,
                 form: "whole",

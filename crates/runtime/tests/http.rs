@@ -3,10 +3,10 @@
 //! requests written by hand so the test controls every byte and pause.
 
 use axum::routing::{get, post};
+use runtime::http::{HttpLimits, spawn_server_with};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use streaming::http::{HttpLimits, spawn_server_with};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;

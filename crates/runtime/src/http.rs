@@ -220,7 +220,7 @@ pub async fn spawn_server_with(
 /// their own (statuses, the document their tests check the codes against).
 ///
 /// ```
-/// streaming::error_codes! {
+/// runtime::error_codes! {
 ///     /// The codes of an API.
 ///     pub enum Code {
 ///         /// 404: no such thing.
@@ -237,7 +237,7 @@ pub async fn spawn_server_with(
 /// once.
 ///
 /// ```compile_fail
-/// streaming::error_codes! {
+/// runtime::error_codes! {
 ///     pub enum Code {
 ///         NotFound = "not_found",
 ///         Missing = "not_found",
@@ -246,7 +246,7 @@ pub async fn spawn_server_with(
 /// ```
 ///
 /// ```compile_fail
-/// streaming::error_codes! {
+/// runtime::error_codes! {
 ///     pub enum Code {
 ///         NotFound = "Not-Found",
 ///     }
