@@ -227,8 +227,12 @@ async fn main() -> ExitCode {
         Command::Projection(cmd) => ops::projection(cli.kafka, &cli.database_url, cmd).await,
         Command::Project(args) => ops::project(cli.kafka, &cli.database_url, args).await,
         Command::Offsets(cmd) => ops::offsets(cli.kafka, cmd).await,
-        Command::Replay(args) => replay::replay(cli.kafka, args).await,
-        Command::Dlq(cmd) => replay::dlq(cli.kafka, &cli.database_url, cmd).await,
+        Command::Replay(args) => replay::replay(cli.kafka, args)
+            .await
+            .map_err(anyhow::Error::from),
+        Command::Dlq(cmd) => replay::dlq(cli.kafka, &cli.database_url, cmd)
+            .await
+            .map_err(anyhow::Error::from),
         Command::Reconcile(args) => reconcile::run(cli.kafka, &cli.database_url, args).await,
         Command::Chaos(args) => chaos::run(args).await,
         Command::Ledger(cmd) => projections::run_ledger_command(&cli.database_url, cmd).await,

@@ -12,32 +12,54 @@ pub enum Bound {
     Offset(i64),
 }
 
+/// A `--from` / `--to` value that is none of the accepted forms.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BoundError {
+    #[error("{input:?}: expected offset:N with N a whole number")]
+    NotAnOffset { input: String },
+    #[error("{input:?}: an offset cannot be negative")]
+    NegativeOffset { input: String },
+    #[error("{input:?}: milliseconds out of range")]
+    MillisOutOfRange { input: String },
+    #[error(
+        "{input:?}: expected an RFC 3339 timestamp (2026-01-31T12:00:00Z), milliseconds since the epoch, or offset:N ({error})"
+    )]
+    NotATimestamp {
+        input: String,
+        error: time::error::Parse,
+    },
+    #[error("{input:?}: timestamp out of range")]
+    TimestampOutOfRange { input: String },
+}
+
 /// Parses `offset:N`, a number of milliseconds since the epoch, or an RFC
 /// 3339 timestamp (sub-millisecond digits are cut: record timestamps are
 /// milliseconds).
-pub fn parse_bound(s: &str) -> anyhow::Result<Bound> {
+pub fn parse_bound(s: &str) -> Result<Bound, BoundError> {
     let s = s.trim();
+    let input = || s.to_owned();
     if let Some(n) = s.strip_prefix("offset:") {
         let n: i64 = n
             .parse()
-            .map_err(|_| anyhow::anyhow!("{s:?}: expected offset:N with N a whole number"))?;
-        anyhow::ensure!(n >= 0, "{s:?}: an offset cannot be negative");
+            .map_err(|_| BoundError::NotAnOffset { input: input() })?;
+        if n < 0 {
+            return Err(BoundError::NegativeOffset { input: input() });
+        }
         return Ok(Bound::Offset(n));
     }
     if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
         let ms: i64 = s
             .parse()
-            .map_err(|_| anyhow::anyhow!("{s:?}: milliseconds out of range"))?;
+            .map_err(|_| BoundError::MillisOutOfRange { input: input() })?;
         return Ok(Bound::Time(ms));
     }
-    let t = OffsetDateTime::parse(s, &Rfc3339).map_err(|e| {
-        anyhow::anyhow!(
-            "{s:?}: expected an RFC 3339 timestamp (2026-01-31T12:00:00Z), milliseconds since the epoch, or offset:N ({e})"
-        )
+    let t = OffsetDateTime::parse(s, &Rfc3339).map_err(|error| BoundError::NotATimestamp {
+        input: input(),
+        error,
     })?;
     let ms = t.unix_timestamp_nanos().div_euclid(1_000_000);
     Ok(Bound::Time(i64::try_from(ms).map_err(|_| {
-        anyhow::anyhow!("{s:?}: timestamp out of range")
+        BoundError::TimestampOutOfRange { input: input() }
     })?))
 }
 

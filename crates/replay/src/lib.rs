@@ -12,11 +12,14 @@ mod output;
 mod select;
 mod store;
 
+pub use bounds::BoundError;
 pub use bounds::{Bound, parse_bound};
 pub use dlq::{DeadLetterInfo, H_REDRIVEN_FROM, hex_dump};
-pub use output::{CSV_COLUMNS, Summary, run as replay_summary};
+pub use dlq::{DlqError, PositionError};
+pub use output::{CSV_COLUMNS, ReplayError, Summary, run as replay_summary};
+pub use select::SelectError;
+pub use store::StoreError;
 
-use anyhow::Context as _;
 use clap::{Args, Subcommand, ValueEnum};
 use events::TopicKind;
 use std::io::Write;
@@ -150,8 +153,20 @@ pub struct RedriveArgs {
     pub json: bool,
 }
 
+/// An error of `streaming::reader`, which reports with `anyhow`: kept
+/// whole, its message and its causes (`source`).
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct ReaderError(Box<dyn std::error::Error + Send + Sync>);
+
+impl From<anyhow::Error> for ReaderError {
+    fn from(e: anyhow::Error) -> ReaderError {
+        ReaderError(e.into())
+    }
+}
+
 /// Runs `paystream replay`, data to stdout or `--out`.
-pub async fn replay(kafka: KafkaConfig, args: ReplayArgs) -> anyhow::Result<ExitCode> {
+pub async fn replay(kafka: KafkaConfig, args: ReplayArgs) -> Result<ExitCode, ReplayError> {
     match &args.out {
         Some(path) => {
             // Written next to the target and renamed once complete, so a
@@ -163,8 +178,10 @@ pub async fn replay(kafka: KafkaConfig, args: ReplayArgs) -> anyhow::Result<Exit
             let result = result.and_then(|code| {
                 w.flush()?;
                 w.get_ref().sync_all()?;
-                std::fs::rename(&partial, path)
-                    .with_context(|| format!("cannot rename to {}", path.display()))?;
+                std::fs::rename(&partial, path).map_err(|source| ReplayError::Rename {
+                    path: path.clone(),
+                    source,
+                })?;
                 Ok(code)
             });
             if result.is_err() {
@@ -174,13 +191,11 @@ pub async fn replay(kafka: KafkaConfig, args: ReplayArgs) -> anyhow::Result<Exit
         }
         None => {
             if args.format == Format::Avro && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
-                anyhow::bail!(
-                    "refusing to write a binary Avro file to a terminal: use --out FILE or redirect stdout"
-                );
+                return Err(ReplayError::AvroToTerminal);
             }
             let mut w = std::io::BufWriter::new(std::io::stdout());
             let code = replay_to(&kafka, &args, &mut w).await?;
-            w.flush().context("writing to stdout")?;
+            w.flush().map_err(ReplayError::Stdout)?;
             Ok(code)
         }
     }
@@ -189,16 +204,21 @@ pub async fn replay(kafka: KafkaConfig, args: ReplayArgs) -> anyhow::Result<Exit
 /// Creates the `.partial` file afresh. A stale one (a regular file, from
 /// a run that died) is replaced; anything else there, such as a symlink
 /// planted in a shared folder, is refused, never followed (review L10).
-fn create_partial(partial: &std::path::Path) -> anyhow::Result<std::fs::File> {
+fn create_partial(partial: &std::path::Path) -> Result<std::fs::File, ReplayError> {
     if std::fs::symlink_metadata(partial).is_ok_and(|m| m.file_type().is_file()) {
-        std::fs::remove_file(partial)
-            .with_context(|| format!("removing the stale {}", partial.display()))?;
+        std::fs::remove_file(partial).map_err(|source| ReplayError::RemoveStale {
+            path: partial.to_owned(),
+            source,
+        })?;
     }
     std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(partial)
-        .with_context(|| format!("cannot create {}", partial.display()))
+        .map_err(|source| ReplayError::Create {
+            path: partial.to_owned(),
+            source,
+        })
 }
 
 fn partial_path(path: &std::path::Path) -> PathBuf {
@@ -212,7 +232,7 @@ pub async fn replay_to(
     kafka: &KafkaConfig,
     args: &ReplayArgs,
     out: &mut (dyn Write + Send),
-) -> anyhow::Result<ExitCode> {
+) -> Result<ExitCode, ReplayError> {
     output::run(kafka, args, out).await.map(|summary| {
         summary.print();
         ExitCode::SUCCESS
@@ -220,10 +240,10 @@ pub async fn replay_to(
 }
 
 /// Runs `paystream dlq ...`, data to stdout.
-pub async fn dlq(kafka: KafkaConfig, db_url: &str, cmd: DlqCommand) -> anyhow::Result<ExitCode> {
+pub async fn dlq(kafka: KafkaConfig, db_url: &str, cmd: DlqCommand) -> Result<ExitCode, DlqError> {
     let mut w = std::io::BufWriter::new(std::io::stdout());
     let code = dlq_to(&kafka, db_url, &cmd, &mut w).await;
-    w.flush().context("writing to stdout")?;
+    w.flush().map_err(DlqError::Stdout)?;
     code
 }
 
@@ -233,7 +253,7 @@ pub async fn dlq_to(
     db_url: &str,
     cmd: &DlqCommand,
     out: &mut (dyn Write + Send),
-) -> anyhow::Result<ExitCode> {
+) -> Result<ExitCode, DlqError> {
     match cmd {
         DlqCommand::List(a) => dlq::list(kafka, a, out).await,
         DlqCommand::Show(a) => dlq::show(kafka, a, out).await,

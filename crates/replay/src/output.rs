@@ -1,10 +1,9 @@
 //! The replay loop: read, range-filter, decode, event-filter, write.
 
 use crate::bounds::rfc3339_ms;
-use crate::select::Selection;
-use crate::{Format, ReplayArgs, resolve_topic};
-use anyhow::Context as _;
-use events::avro::{self, ContainerWriter};
+use crate::select::{SelectError, Selection};
+use crate::{Format, ReaderError, ReplayArgs, resolve_topic};
+use events::avro::{self, ContainerWriter, DecodeError, EncodeError};
 use events::{Envelope, TopicKind, json};
 use runtime::progress::Progress;
 use serde_json::{Map, Value};
@@ -17,6 +16,60 @@ use streaming::reader::{Record, TopicReader};
 const BATCH: usize = 2000;
 /// Undecodable messages warned about one by one; beyond that only counted.
 const WARN_MAX: u64 = 20;
+
+/// Why a replay failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error(transparent)]
+    Select(#[from] SelectError),
+    #[error("cannot open topic {topic}")]
+    OpenTopic {
+        topic: String,
+        #[source]
+        source: ReaderError,
+    },
+    /// Reading a topic failed after it was opened.
+    #[error(transparent)]
+    Read(#[from] ReaderError),
+    /// `--strict`, and a message does not decode.
+    #[error("undecodable message at {at} ({}): {error}", error.kind())]
+    Undecodable { at: String, error: DecodeError },
+    /// An event could not be re-encoded with the current schema (Avro
+    /// output).
+    #[error(transparent)]
+    Encode(#[from] EncodeError),
+    #[error(transparent)]
+    Csv(#[from] csv::Error),
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    /// Writing the output (or the Avro container around it).
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(
+        "refusing to write a binary Avro file to a terminal: use --out FILE or redirect stdout"
+    )]
+    AvroToTerminal,
+    #[error("removing the stale {}", path.display())]
+    RemoveStale {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create {}", path.display())]
+    Create {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot rename to {}", path.display())]
+    Rename {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("writing to stdout")]
+    Stdout(#[source] std::io::Error),
+}
 
 /// What a replay read, kept and skipped.
 #[derive(Debug, Default)]
@@ -74,7 +127,7 @@ enum Sink<'a> {
 }
 
 impl Sink<'_> {
-    fn write(&mut self, rec: &Record, env: &Envelope) -> anyhow::Result<()> {
+    fn write(&mut self, rec: &Record, env: &Envelope) -> Result<(), ReplayError> {
         match self {
             Sink::Jsonl(w) => {
                 let mut v = json::envelope(env);
@@ -115,7 +168,7 @@ impl Sink<'_> {
         Ok(())
     }
 
-    fn finish(self) -> anyhow::Result<()> {
+    fn finish(self) -> Result<(), ReplayError> {
         match self {
             Sink::Jsonl(w) => w.flush()?,
             Sink::Csv(mut w) => w.flush()?,
@@ -184,7 +237,7 @@ pub async fn run(
     kafka: &streaming::KafkaConfig,
     args: &ReplayArgs,
     out: &mut (dyn Write + Send),
-) -> anyhow::Result<Summary> {
+) -> Result<Summary, ReplayError> {
     let mut sel = Selection::parse(args)?;
     let mut seen = std::collections::HashSet::new();
     let mut topics: Vec<String> = args
@@ -211,7 +264,10 @@ pub async fn run(
         readers.push(
             TopicReader::open(kafka, std::slice::from_ref(t), sel.start, sel.end, None)
                 .await
-                .with_context(|| format!("cannot open topic {t}"))?,
+                .map_err(|e| ReplayError::OpenTopic {
+                    topic: t.clone(),
+                    source: e.into(),
+                })?,
         );
     }
     let progress = Progress::new("replay", readers.iter().map(TopicReader::total).sum());
@@ -228,7 +284,7 @@ pub async fn run(
     };
     let mut s = Summary::default();
     for mut reader in readers {
-        while let Some(batch) = reader.next_batch(BATCH).await? {
+        while let Some(batch) = reader.next_batch(BATCH).await.map_err(ReaderError::from)? {
             let n = u64::try_from(batch.len()).unwrap_or(u64::MAX);
             s.read += n;
             for rec in &batch {
@@ -241,7 +297,7 @@ pub async fn run(
                     Err(e) => {
                         let at = format!("{}/{}@{}", rec.topic, rec.partition, rec.offset);
                         if args.strict {
-                            anyhow::bail!("undecodable message at {at} ({}): {e}", e.kind());
+                            return Err(ReplayError::Undecodable { at, error: e });
                         }
                         s.undecodable += 1;
                         *s.undecodable_by_kind.entry(e.kind()).or_default() += 1;

@@ -2,7 +2,7 @@
 //! event filters (payment, type, seller).
 
 use crate::ReplayArgs;
-use crate::bounds::{Bound, parse_bound};
+use crate::bounds::{Bound, BoundError, parse_bound};
 use events::{Envelope, Event, EventType, PaymentId};
 use std::collections::{HashMap, HashSet};
 use streaming::reader::{End, Start};
@@ -21,26 +21,41 @@ pub struct Selection {
     seller: Option<SellerIndex>,
 }
 
+/// A replay's flags that select nothing sensible.
+#[derive(Debug, thiserror::Error)]
+pub enum SelectError {
+    /// `--from` or `--to` is none of the accepted forms.
+    #[error("{flag}")]
+    Bound {
+        flag: &'static str,
+        #[source]
+        source: BoundError,
+    },
+    #[error("--from must come before --to (--to is exclusive)")]
+    EmptyRange,
+    #[error("--payment {input:?}: not a payment id (UUID): {error}")]
+    NotAPaymentId { input: String, error: uuid::Error },
+    #[error("--type {input:?}: unknown event type; one of {known}")]
+    UnknownEventType { input: String, known: String },
+    #[error("--seller: empty seller id")]
+    EmptySeller,
+}
+
 impl Selection {
-    pub fn parse(args: &ReplayArgs) -> anyhow::Result<Selection> {
-        let from = args
-            .from
-            .as_deref()
-            .map(parse_bound)
-            .transpose()
-            .map_err(|e| e.context("--from"))?;
-        let to = args
-            .to
-            .as_deref()
-            .map(parse_bound)
-            .transpose()
-            .map_err(|e| e.context("--to"))?;
-        match (from, to) {
-            (Some(Bound::Time(a)), Some(Bound::Time(b)))
-            | (Some(Bound::Offset(a)), Some(Bound::Offset(b))) => {
-                anyhow::ensure!(a < b, "--from must come before --to (--to is exclusive)");
-            }
-            _ => {}
+    pub fn parse(args: &ReplayArgs) -> Result<Selection, SelectError> {
+        let bound = |flag: &'static str, value: Option<&str>| {
+            value
+                .map(parse_bound)
+                .transpose()
+                .map_err(|source| SelectError::Bound { flag, source })
+        };
+        let from = bound("--from", args.from.as_deref())?;
+        let to = bound("--to", args.to.as_deref())?;
+        if let (Some(Bound::Time(a)), Some(Bound::Time(b)))
+        | (Some(Bound::Offset(a)), Some(Bound::Offset(b))) = (from, to)
+            && a >= b
+        {
+            return Err(SelectError::EmptyRange);
         }
         let start = match from {
             None => Start::Beginning,
@@ -55,25 +70,27 @@ impl Selection {
             .payments
             .iter()
             .map(|p| {
-                uuid::Uuid::parse_str(p.trim())
-                    .map_err(|e| anyhow::anyhow!("--payment {p:?}: not a payment id (UUID): {e}"))
+                uuid::Uuid::parse_str(p.trim()).map_err(|error| SelectError::NotAPaymentId {
+                    input: p.clone(),
+                    error,
+                })
             })
-            .collect::<anyhow::Result<_>>()?;
+            .collect::<Result<_, _>>()?;
         let types = args
             .types
             .iter()
             .map(|t| {
                 EventType::parse(t.trim()).ok_or_else(|| {
                     let all: Vec<&str> = EventType::ALL.iter().map(EventType::as_str).collect();
-                    anyhow::anyhow!(
-                        "--type {t:?}: unknown event type; one of {}",
-                        all.join(", ")
-                    )
+                    SelectError::UnknownEventType {
+                        input: t.clone(),
+                        known: all.join(", "),
+                    }
                 })
             })
-            .collect::<anyhow::Result<_>>()?;
+            .collect::<Result<_, _>>()?;
         let seller = match &args.seller {
-            Some(s) if s.trim().is_empty() => anyhow::bail!("--seller: empty seller id"),
+            Some(s) if s.trim().is_empty() => return Err(SelectError::EmptySeller),
             Some(s) => Some(SellerIndex::new(s.trim())),
             None => None,
         };

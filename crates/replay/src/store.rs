@@ -9,9 +9,34 @@
 //! delete the other redrive's record. A forced claim returns the row it
 //! replaced, and a release restores exactly that row.
 
-use anyhow::Context as _;
 use std::collections::HashMap;
 use storage::{Db, with_pool};
+
+/// A redrive record that could not be read or written as asked.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Sql(#[from] sqlx::Error),
+    #[error(
+        "cannot claim {dlq_topic}:{partition}:{offset}: its redrive record kept changing ({attempts} attempts); is another redrive of it running?"
+    )]
+    ClaimContended {
+        dlq_topic: String,
+        partition: i64,
+        offset: i64,
+        attempts: u32,
+    },
+    #[error("recording the produce")]
+    RecordProduce(#[source] sqlx::Error),
+    #[error(
+        "the claim on {dlq_topic}:{partition}:{offset} was taken over by another redrive (--force) meanwhile, so this produce is not recorded"
+    )]
+    ClaimTakenOver {
+        dlq_topic: String,
+        partition: i64,
+        offset: i64,
+    },
+}
 
 /// One dead letter's redrive record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -177,7 +202,7 @@ pub async fn claim_forced(
     origin: &Origin,
     now: i64,
     token: &str,
-) -> anyhow::Result<Option<Redrive>> {
+) -> Result<Option<Redrive>, StoreError> {
     const ATTEMPTS: u32 = 20;
     let upd = "UPDATE replay_redrives SET state = 'producing', claim_token = $1, claimed_at = $2, \
                original_topic = $3, original_partition = $4, original_offset = $5, event_id = $6, \
@@ -209,12 +234,12 @@ pub async fn claim_forced(
             }
         }
     }
-    anyhow::bail!(
-        "cannot claim {dlq_topic}:{}:{}: its redrive record kept changing ({ATTEMPTS} attempts); \
-         is another redrive of it running?",
-        pos.0,
-        pos.1
-    )
+    Err(StoreError::ClaimContended {
+        dlq_topic: dlq_topic.to_owned(),
+        partition: pos.0,
+        offset: pos.1,
+        attempts: ATTEMPTS,
+    })
 }
 
 /// Binds the last four parameters of a statement on a claimed position:
@@ -243,7 +268,7 @@ pub async fn mark_produced(
     token: &str,
     now: i64,
     produced: (i64, i64),
-) -> anyhow::Result<()> {
+) -> Result<(), StoreError> {
     let sql = "UPDATE replay_redrives SET state = 'produced', redrives = redrives + 1, produced_at = $1, \
                produced_partition = $2, produced_offset = $3 \
                WHERE dlq_topic = $4 AND dlq_partition = $5 AND dlq_offset = $6 AND claim_token = $7 AND state = 'producing'";
@@ -254,14 +279,14 @@ pub async fn mark_produced(
         .execute(p)
         .await
         .map(|r| r.rows_affected()))
-    .context("recording the produce")?;
-    anyhow::ensure!(
-        n == 1,
-        "the claim on {dlq_topic}:{}:{} was taken over by another redrive (--force) meanwhile, \
-         so this produce is not recorded",
-        pos.0,
-        pos.1
-    );
+    .map_err(StoreError::RecordProduce)?;
+    if n != 1 {
+        return Err(StoreError::ClaimTakenOver {
+            dlq_topic: dlq_topic.to_owned(),
+            partition: pos.0,
+            offset: pos.1,
+        });
+    }
     Ok(())
 }
 

@@ -4,9 +4,9 @@
 //! nothing). What happened to each is handed to the caller as it happens;
 //! nothing here prints.
 
-use super::H_REDRIVEN_FROM;
 use super::info::parse_position;
 use super::plan::{Plan, Planned, origin};
+use super::{DlqError, H_REDRIVEN_FROM};
 use crate::store;
 use rdkafka::message::{Header, OwnedHeaders};
 use std::collections::HashMap;
@@ -87,8 +87,8 @@ pub(super) async fn execute(
     topic: &str,
     planned: &[Planned<'_>],
     force: bool,
-    mut step: impl FnMut(&Planned<'_>, &Outcome) -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
+    mut step: impl FnMut(&Planned<'_>, &Outcome) -> std::io::Result<()>,
+) -> Result<(), DlqError> {
     let producer = if planned.iter().any(|p| p.plan.will_produce(force)) {
         Some(EventProducer::new(kafka, "paystream-dlq-redrive")?)
     } else {
@@ -169,7 +169,7 @@ pub(super) async fn execute(
                     }
                     Err(e) => Outcome::ProducedNotRecorded {
                         at: went,
-                        error: format!("{e:#}"),
+                        error: with_causes(&e),
                     },
                 }
             }
@@ -187,6 +187,19 @@ pub(super) async fn execute(
         step(p, &outcome)?;
     }
     Ok(())
+}
+
+/// An error and its causes, `: `-separated (what `{:#}` shows of an
+/// `anyhow` error).
+fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 /// The message to produce: original key and bytes, original headers

@@ -94,16 +94,28 @@ impl DeadLetterInfo {
     }
 }
 
+/// A dead-letter position that is not `PARTITION:OFFSET`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PositionError {
+    #[error("{input:?}: expected PARTITION:OFFSET, e.g. 3:1042")]
+    Malformed { input: String },
+    #[error("{input:?}: partition and offset cannot be negative")]
+    Negative { input: String },
+}
+
 /// `PARTITION:OFFSET`.
-pub fn parse_position(s: &str) -> anyhow::Result<(i32, i64)> {
-    let bad = || anyhow::anyhow!("{s:?}: expected PARTITION:OFFSET, e.g. 3:1042");
+pub fn parse_position(s: &str) -> Result<(i32, i64), PositionError> {
+    let bad = || PositionError::Malformed {
+        input: s.to_owned(),
+    };
     let (p, o) = s.trim().split_once(':').ok_or_else(bad)?;
     let p: i32 = p.parse().map_err(|_| bad())?;
     let o: i64 = o.parse().map_err(|_| bad())?;
-    anyhow::ensure!(
-        p >= 0 && o >= 0,
-        "{s:?}: partition and offset cannot be negative"
-    );
+    if p < 0 || o < 0 {
+        return Err(PositionError::Negative {
+            input: s.to_owned(),
+        });
+    }
     Ok((p, o))
 }
 

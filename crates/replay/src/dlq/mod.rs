@@ -12,12 +12,11 @@ mod plan;
 mod read;
 mod render;
 
-pub use info::DeadLetterInfo;
+pub use info::{DeadLetterInfo, PositionError};
 pub use render::hex_dump;
 
-use crate::store;
-use crate::{ListArgs, RedriveArgs, ShowArgs};
-use anyhow::Context as _;
+use crate::store::{self, StoreError};
+use crate::{ListArgs, ReaderError, RedriveArgs, ShowArgs};
 use events::avro;
 use info::parse_position;
 use plan::Plan;
@@ -30,11 +29,75 @@ use streaming::KafkaConfig;
 /// on the message if it is dead-lettered again.
 pub const H_REDRIVEN_FROM: &str = "paystream.redriven_from";
 
+/// Why `paystream dlq ...` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DlqError {
+    #[error("name the dead letters to redrive (PARTITION:OFFSET ...) or pass --all")]
+    NothingNamed,
+    #[error(transparent)]
+    Position(#[from] PositionError),
+    #[error("cannot open the dead-letter topic {topic}")]
+    OpenTopic {
+        topic: String,
+        #[source]
+        source: ReaderError,
+    },
+    /// Reading the dead-letter topic (or its watermarks) failed.
+    #[error(transparent)]
+    Read(#[from] ReaderError),
+    #[error("{topic} has no partition {partition} (partitions 0..{partitions})")]
+    NoPartition {
+        topic: String,
+        partition: i32,
+        partitions: usize,
+    },
+    #[error(
+        "no dead letter at {partition}:{offset}: partition {partition} of {topic} holds offsets {low}..{high} (end exclusive)"
+    )]
+    OutsidePartition {
+        topic: String,
+        partition: i32,
+        offset: i64,
+        low: i64,
+        high: i64,
+    },
+    /// Within the partition's offsets, but not read back.
+    #[error("no dead letter at {partition}:{offset} (compacted away?)")]
+    Gone { partition: i32, offset: i64 },
+    /// A position named for a redrive that the topic does not hold.
+    #[error("no dead letter at {partition}:{offset} in {topic}")]
+    NotInTopic {
+        topic: String,
+        partition: i32,
+        offset: i64,
+    },
+    #[error("connecting to the database that records redrives")]
+    Connect(#[source] storage::StorageError),
+    #[error("migrating the redrive records")]
+    Migrate(#[source] storage::StorageError),
+    /// The redrive records.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Producer(#[from] streaming::ProduceError),
+    /// Writing the output.
+    #[error(transparent)]
+    Output(#[from] std::io::Error),
+    #[error("writing to stdout")]
+    Stdout(#[source] std::io::Error),
+}
+
+impl From<sqlx::Error> for DlqError {
+    fn from(e: sqlx::Error) -> DlqError {
+        DlqError::Store(StoreError::Sql(e))
+    }
+}
+
 pub async fn list(
     kafka: &KafkaConfig,
     args: &ListArgs,
     out: &mut (dyn Write + Send),
-) -> anyhow::Result<ExitCode> {
+) -> Result<ExitCode, DlqError> {
     let infos: Vec<DeadLetterInfo> = read::read_all(kafka)
         .await?
         .iter()
@@ -53,7 +116,7 @@ pub async fn show(
     kafka: &KafkaConfig,
     args: &ShowArgs,
     out: &mut (dyn Write + Send),
-) -> anyhow::Result<ExitCode> {
+) -> Result<ExitCode, DlqError> {
     let pos = parse_position(&args.position)?;
     let rec = read::read_one(kafka, pos).await?;
     let info = DeadLetterInfo::of(&rec);
@@ -71,26 +134,23 @@ pub async fn redrive(
     db_url: &str,
     args: &RedriveArgs,
     out: &mut (dyn Write + Send),
-) -> anyhow::Result<ExitCode> {
-    anyhow::ensure!(
-        args.all || !args.positions.is_empty(),
-        "name the dead letters to redrive (PARTITION:OFFSET ...) or pass --all"
-    );
+) -> Result<ExitCode, DlqError> {
+    if !args.all && args.positions.is_empty() {
+        return Err(DlqError::NothingNamed);
+    }
     let wanted: Vec<(i32, i64)> = args
         .positions
         .iter()
         .map(|p| parse_position(p))
-        .collect::<anyhow::Result<_>>()?;
+        .collect::<Result<_, _>>()?;
     let topic = read::dlq_topic(kafka);
     let all = read::read_all(kafka).await?;
     let selected = plan::select(&all, &wanted, args.all, &args.filter, &topic)?;
 
     let db = storage::Db::connect(db_url)
         .await
-        .context("connecting to the database that records redrives")?;
-    crate::migrate(&db)
-        .await
-        .context("migrating the redrive records")?;
+        .map_err(DlqError::Connect)?;
+    crate::migrate(&db).await.map_err(DlqError::Migrate)?;
     let records = store::load(&db, &topic).await?;
     let planned = plan::plan_all(&topic, selected, &records, args.force);
     let invalid = planned

@@ -4,11 +4,11 @@
 //! and why. No I/O: `mod.rs` reads, `execute.rs` produces, `render.rs`
 //! prints.
 
+use super::DlqError;
 use super::H_REDRIVEN_FROM;
 use super::info::{DeadLetterInfo, position_str};
 use crate::DlqFilter;
 use crate::store::{Origin, Redrive};
-use anyhow::Context as _;
 use std::collections::{HashMap, HashSet};
 use streaming::dlq as h;
 use streaming::reader::Record;
@@ -24,7 +24,7 @@ pub(super) fn select<'a>(
     every: bool,
     filter: &DlqFilter,
     topic: &str,
-) -> anyhow::Result<Vec<(&'a Record, bool)>> {
+) -> Result<Vec<(&'a Record, bool)>, DlqError> {
     let by_pos: HashMap<(i32, i64), &Record> =
         all.iter().map(|r| ((r.partition, r.offset), r)).collect();
     let mut selected: Vec<(&Record, bool)> = if every {
@@ -35,9 +35,11 @@ pub(super) fn select<'a>(
     } else {
         let mut v = Vec::new();
         for p in wanted {
-            let r = by_pos
-                .get(p)
-                .with_context(|| format!("no dead letter at {}:{} in {topic}", p.0, p.1))?;
+            let r = by_pos.get(p).ok_or_else(|| DlqError::NotInTopic {
+                topic: topic.to_owned(),
+                partition: p.0,
+                offset: p.1,
+            })?;
             if !v
                 .iter()
                 .any(|(x, _): &(&Record, bool)| x.partition == p.0 && x.offset == p.1)

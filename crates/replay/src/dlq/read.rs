@@ -1,7 +1,8 @@
 //! Reading the dead-letter topic (without a consumer group, nothing
 //! committed): all of it, or the one message at a position.
 
-use anyhow::Context as _;
+use super::DlqError;
+use crate::ReaderError;
 use events::TopicKind;
 use runtime::progress::Progress;
 use std::collections::BTreeMap;
@@ -13,7 +14,7 @@ pub(super) fn dlq_topic(kafka: &KafkaConfig) -> String {
 }
 
 /// Every message of the dead-letter topic, oldest first per partition.
-pub(super) async fn read_all(kafka: &KafkaConfig) -> anyhow::Result<Vec<Record>> {
+pub(super) async fn read_all(kafka: &KafkaConfig) -> Result<Vec<Record>, DlqError> {
     let topic = dlq_topic(kafka);
     let mut reader = TopicReader::open(
         kafka,
@@ -23,10 +24,13 @@ pub(super) async fn read_all(kafka: &KafkaConfig) -> anyhow::Result<Vec<Record>>
         None,
     )
     .await
-    .with_context(|| format!("cannot open the dead-letter topic {topic}"))?;
+    .map_err(|e| DlqError::OpenTopic {
+        topic: topic.clone(),
+        source: e.into(),
+    })?;
     let progress = Progress::new("dead letters", reader.total());
     let mut out = Vec::new();
-    while let Some(batch) = reader.next_batch(2000).await? {
+    while let Some(batch) = reader.next_batch(2000).await.map_err(ReaderError::from)? {
         progress.inc(u64::try_from(batch.len()).unwrap_or(0));
         out.extend(batch);
     }
@@ -36,23 +40,25 @@ pub(super) async fn read_all(kafka: &KafkaConfig) -> anyhow::Result<Vec<Record>>
 }
 
 /// Reads the one message at `pos` of the dead-letter topic.
-pub(super) async fn read_one(kafka: &KafkaConfig, pos: (i32, i64)) -> anyhow::Result<Record> {
+pub(super) async fn read_one(kafka: &KafkaConfig, pos: (i32, i64)) -> Result<Record, DlqError> {
     let topic = dlq_topic(kafka);
-    let marks = streaming::reader::watermarks(kafka, &topic)?;
+    let marks = streaming::reader::watermarks(kafka, &topic).map_err(ReaderError::from)?;
     let Some(&(_, lo, hi)) = marks.iter().find(|(p, _, _)| *p == pos.0) else {
-        anyhow::bail!(
-            "{topic} has no partition {} (partitions 0..{})",
-            pos.0,
-            marks.len()
-        );
+        return Err(DlqError::NoPartition {
+            topic,
+            partition: pos.0,
+            partitions: marks.len(),
+        });
     };
-    anyhow::ensure!(
-        (lo..hi).contains(&pos.1),
-        "no dead letter at {}:{}: partition {} of {topic} holds offsets {lo}..{hi} (end exclusive)",
-        pos.0,
-        pos.1,
-        pos.0
-    );
+    if !(lo..hi).contains(&pos.1) {
+        return Err(DlqError::OutsidePartition {
+            topic,
+            partition: pos.0,
+            offset: pos.1,
+            low: lo,
+            high: hi,
+        });
+    }
     let mut starts = BTreeMap::new();
     for (p, _, hi) in &marks {
         // Other partitions start at their end: nothing to read there.
@@ -65,8 +71,9 @@ pub(super) async fn read_one(kafka: &KafkaConfig, pos: (i32, i64)) -> anyhow::Re
         End::Offset(pos.1 + 1),
         Some(&starts),
     )
-    .await?;
-    while let Some(batch) = reader.next_batch(16).await? {
+    .await
+    .map_err(ReaderError::from)?;
+    while let Some(batch) = reader.next_batch(16).await.map_err(ReaderError::from)? {
         if let Some(r) = batch
             .into_iter()
             .find(|r| r.partition == pos.0 && r.offset == pos.1)
@@ -74,5 +81,8 @@ pub(super) async fn read_one(kafka: &KafkaConfig, pos: (i32, i64)) -> anyhow::Re
             return Ok(r);
         }
     }
-    anyhow::bail!("no dead letter at {}:{} (compacted away?)", pos.0, pos.1)
+    Err(DlqError::Gone {
+        partition: pos.0,
+        offset: pos.1,
+    })
 }

@@ -52,7 +52,7 @@ pub(super) fn list_json(
     out: &mut (dyn Write + Send),
     topic: &str,
     infos: &[DeadLetterInfo],
-) -> anyhow::Result<()> {
+) -> std::io::Result<()> {
     let v = json!({"topic": topic, "dead_letters": infos, "counts": counts(infos), "total": infos.len()});
     serde_json::to_writer_pretty(&mut *out, &v)?;
     writeln!(out)?;
@@ -63,7 +63,7 @@ pub(super) fn list_json(
 pub(super) fn list_text(
     out: &mut (dyn Write + Send),
     infos: &[DeadLetterInfo],
-) -> anyhow::Result<()> {
+) -> std::io::Result<()> {
     writeln!(
         out,
         "POSITION\tKIND\tGROUP\tORIGIN\tFAILED_AT\tEVENT\tREASON"
@@ -139,7 +139,7 @@ pub(super) fn show_json(
     rec: &Record,
     info: &DeadLetterInfo,
     decoded: &Result<events::Envelope, events::avro::DecodeError>,
-) -> anyhow::Result<()> {
+) -> std::io::Result<()> {
     let v = json!({
         "topic": rec.topic,
         "position": info.position,
@@ -164,7 +164,7 @@ pub(super) fn show_text(
     rec: &Record,
     info: &DeadLetterInfo,
     decoded: &Result<events::Envelope, events::avro::DecodeError>,
-) -> anyhow::Result<()> {
+) -> std::io::Result<()> {
     writeln!(out, "dead letter {} {}", rec.topic, info.position)?;
     writeln!(
         out,
@@ -287,7 +287,7 @@ pub(super) fn plan_text(
     topic: &str,
     planned: &[Planned<'_>],
     args: &RedriveArgs,
-) -> anyhow::Result<()> {
+) -> std::io::Result<()> {
     let (execute, force) = (args.execute, args.force);
     let to_produce = planned
         .iter()
@@ -321,7 +321,7 @@ pub(super) fn step_text(
     p: &Planned<'_>,
     outcome: &Outcome,
     json: bool,
-) -> anyhow::Result<()> {
+) -> std::io::Result<()> {
     let position = &p.info.position;
     match outcome {
         Outcome::Skipped { .. } => {}
@@ -411,7 +411,7 @@ pub(super) fn redrive_json(
     results: Vec<Value>,
     tally: Tally,
     invalid: usize,
-) -> anyhow::Result<()> {
+) -> std::io::Result<()> {
     let (execute, force) = (args.execute, args.force);
     let v = json!({
         "topic": topic,
@@ -441,7 +441,7 @@ pub(super) fn redrive_summary_text(
     execute: bool,
     tally: Tally,
     invalid: usize,
-) -> anyhow::Result<()> {
+) -> std::io::Result<()> {
     let Tally {
         produced,
         skipped,

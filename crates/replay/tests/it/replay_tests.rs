@@ -165,9 +165,12 @@ async fn filters_select_exactly_the_matching_events() {
             _ => a.payments = vec![bad.into()],
         }
         let mut out = Vec::new();
-        let err = replay::replay_summary(&k.cfg, &a, &mut out)
-            .await
-            .unwrap_err();
+        // With its causes, as the binary prints it (`error: {e:#}`).
+        let err = anyhow::Error::from(
+            replay::replay_summary(&k.cfg, &a, &mut out)
+                .await
+                .unwrap_err(),
+        );
         assert!(format!("{err:#}").contains(bad), "{err:#}");
     }
 
