@@ -223,6 +223,7 @@ async fn main() -> ExitCode {
             reconcile::serve(cli.kafka, &cli.database_url, args, shutdown)
                 .await
                 .map(|()| ExitCode::SUCCESS)
+                .map_err(anyhow::Error::from)
         }
         Command::Projection(cmd) => ops::projection(cli.kafka, &cli.database_url, cmd).await,
         Command::Project(args) => ops::project(cli.kafka, &cli.database_url, args).await,
@@ -233,7 +234,9 @@ async fn main() -> ExitCode {
         Command::Dlq(cmd) => replay::dlq(cli.kafka, &cli.database_url, cmd)
             .await
             .map_err(anyhow::Error::from),
-        Command::Reconcile(args) => reconcile::run(cli.kafka, &cli.database_url, args).await,
+        Command::Reconcile(args) => reconcile::run(cli.kafka, &cli.database_url, args)
+            .await
+            .map_err(anyhow::Error::from),
         Command::Chaos(args) => chaos::run(args).await,
         Command::Ledger(cmd) => projections::run_ledger_command(&cli.database_url, cmd).await,
         Command::Clients(ClientsCommand::Create { name, role }) => {

@@ -2,7 +2,6 @@
 //! reconciler`.
 
 use crate::matching::Tolerance;
-use anyhow::bail;
 use clap::{Args, Subcommand, ValueEnum};
 use runtime::secret::Secret;
 use std::path::PathBuf;
@@ -54,9 +53,9 @@ pub struct MatchArgs {
 }
 
 impl MatchArgs {
-    pub(crate) fn tolerance(&self) -> anyhow::Result<Tolerance> {
+    pub(crate) fn tolerance(&self) -> Result<Tolerance, crate::Error> {
         if self.fee_tolerance_minor < 0 {
-            bail!("--fee-tolerance-minor must not be negative");
+            return Err(crate::Error::NegativeTolerance);
         }
         Ok(Tolerance {
             fee_minor: self.fee_tolerance_minor,

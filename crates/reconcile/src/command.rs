@@ -4,19 +4,14 @@
 use crate::args::{Format, ReconcileArgs, ReconcileCommand};
 use crate::resolve::resolve;
 use crate::run::reconcile_bytes;
-use crate::{EXIT_UNRESOLVED, open, print, settlement};
-use anyhow::{Context, bail};
+use crate::{EXIT_UNRESOLVED, Error, open, print, settlement};
 use events::ResolutionAction;
 use std::process::ExitCode;
 use streaming::KafkaConfig;
 
 /// `paystream reconcile ...`. Exit status [`EXIT_UNRESOLVED`] while
 /// unresolved discrepancies remain for the settlement day.
-pub async fn run(
-    kafka: KafkaConfig,
-    db_url: &str,
-    args: ReconcileArgs,
-) -> anyhow::Result<ExitCode> {
+pub async fn run(kafka: KafkaConfig, db_url: &str, args: ReconcileArgs) -> Result<ExitCode, Error> {
     if let Some(ReconcileCommand::Resolve {
         id,
         action,
@@ -25,29 +20,33 @@ pub async fn run(
         json,
     }) = args.command
     {
-        let action = ResolutionAction::parse(&action).with_context(|| {
-            format!(
-                "unknown action {action:?}: accept_psp_amount, expect_late_settlement or escalate"
-            )
-        })?;
+        let Some(action) = ResolutionAction::parse(&action) else {
+            return Err(Error::UnknownAction(action));
+        };
         let (db, producer) = open(&kafka, db_url).await?;
         let r = resolve(&db, &producer, &id, action, &reason, &by).await?;
         print::resolved(&r, json)?;
         return Ok(ExitCode::SUCCESS);
     }
     let Some(path) = args.settlement else {
-        bail!("give --settlement FILE (or the resolve subcommand)");
+        return Err(Error::NoSettlement);
     };
     let date = args
         .date
         .as_deref()
         .map(settlement::parse_date)
         .transpose()
-        .map_err(anyhow::Error::msg)?;
+        .map_err(Error::Date)?;
     let tolerance = args.options.tolerance()?;
-    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let bytes = std::fs::read(&path).map_err(|source| Error::ReadFile {
+        path: path.clone(),
+        source,
+    })?;
     // Validate before touching the database or the broker.
-    settlement::parse(&bytes, date).with_context(|| format!("{} rejected", path.display()))?;
+    settlement::parse(&bytes, date).map_err(|source| Error::Rejected {
+        path: path.clone(),
+        source,
+    })?;
     let (db, producer) = open(&kafka, db_url).await?;
     let (report, t) = reconcile_bytes(
         &db,

@@ -5,7 +5,6 @@
 use crate::ids::{run_completed_event_id, run_uuid};
 use crate::report::Report;
 use crate::{PRODUCER, now_us, store};
-use anyhow::Context;
 use events::{
     CorrelationId, DiscrepancyClass, DiscrepancyId, Envelope, Money, OrderId, PaymentId,
     ReconciliationDiscrepancyFound, ReconciliationDiscrepancyResolved, ReconciliationRunCompleted,
@@ -14,16 +13,35 @@ use events::{
 use uuid::Uuid;
 
 /// Money stored as `(currency, amount_minor)`.
-pub(crate) fn money_of(m: &Option<(String, i64)>) -> anyhow::Result<Option<Money>> {
+/// A stored row that does not make an event (a corrupt or hand-edited row).
+#[derive(Debug, thiserror::Error)]
+pub enum StoredRowError {
+    #[error(transparent)]
+    Uuid(#[from] uuid::Error),
+    #[error(transparent)]
+    Id(#[from] events::IdError),
+    #[error(transparent)]
+    Money(#[from] events::MoneyError),
+    #[error(transparent)]
+    Count(#[from] std::num::TryFromIntError),
+    #[error("stored class")]
+    Class,
+    #[error("stored action")]
+    Action,
+    #[error("stored resolution event id")]
+    ResolutionEventId,
+}
+
+pub(crate) fn money_of(m: &Option<(String, i64)>) -> Result<Option<Money>, StoredRowError> {
     m.as_ref()
         .map(|(c, a)| Ok(Money::new(*a, events::Currency::from_code(c)?)))
         .transpose()
 }
 
 /// `ReconciliationDiscrepancyFound` of a recorded discrepancy.
-pub(crate) fn found_envelope(d: &store::DiscrepancyRow) -> anyhow::Result<Envelope> {
+pub(crate) fn found_envelope(d: &store::DiscrepancyRow) -> Result<Envelope, StoredRowError> {
     let id = Uuid::parse_str(&d.discrepancy_id)?;
-    let class = DiscrepancyClass::parse(&d.class).context("stored class")?;
+    let class = DiscrepancyClass::parse(&d.class).ok_or(StoredRowError::Class)?;
     let order_id = if d.order_ids.contains(';') {
         None
     } else {
@@ -56,18 +74,18 @@ pub(crate) fn found_envelope(d: &store::DiscrepancyRow) -> anyhow::Result<Envelo
 }
 
 /// `ReconciliationDiscrepancyResolved` of a recorded resolution.
-pub(crate) fn resolution_envelope(d: &store::DiscrepancyRow) -> anyhow::Result<Envelope> {
+pub(crate) fn resolution_envelope(d: &store::DiscrepancyRow) -> Result<Envelope, StoredRowError> {
     let id = Uuid::parse_str(&d.discrepancy_id)?;
     let action = d
         .action
         .as_deref()
         .and_then(ResolutionAction::parse)
-        .context("stored action")?;
+        .ok_or(StoredRowError::Action)?;
     Ok(Envelope {
         event_id: d
             .resolution_event_id
             .as_deref()
-            .context("stored resolution event id")?
+            .ok_or(StoredRowError::ResolutionEventId)?
             .parse()?,
         occurred_at: Timestamp::from_micros(d.resolved_at.unwrap_or_else(now_us)),
         payment_id: d
@@ -91,7 +109,7 @@ pub(crate) fn resolution_envelope(d: &store::DiscrepancyRow) -> anyhow::Result<E
 }
 
 /// `ReconciliationRunCompleted` of a recorded run.
-pub(crate) fn run_completed_envelope(report: &Report) -> anyhow::Result<Envelope> {
+pub(crate) fn run_completed_envelope(report: &Report) -> Result<Envelope, StoredRowError> {
     let run = run_uuid(&report.run_id);
     Ok(Envelope {
         event_id: run_completed_event_id(run),

@@ -16,11 +16,12 @@
 //! run (`run`: parse, match, record) and its publishing (`publish`), the
 //! re-check of status mismatches (`recheck`), resolutions (`resolve`), the
 //! ids (`ids`) and the events (`envelope`) derived from the stored rows,
-//! SQL (`store`).
+//! SQL (`store`), and how all of it fails (`error`).
 
 mod args;
 mod command;
 mod envelope;
+mod error;
 mod ids;
 pub mod limits;
 pub mod matching;
@@ -38,13 +39,15 @@ mod store;
 
 pub use args::{Format, MatchArgs, ReconcileArgs, ReconcileCommand, ReconcilerArgs};
 pub use command::run;
+pub use envelope::StoredRowError;
+pub use error::Error;
 pub use ids::run_id;
 pub use limits::{CATCH_UP_DAYS_MAX, RETRY_AFTER_MAX_DEFAULT};
-pub use psp::{PspSource, fetch_settlement};
+pub use psp::{FetchError, PspSource, fetch_settlement};
 pub use report::Report as ReconciliationReport;
-pub use resolve::{Resolved, resolve};
+pub use resolve::{ResolveError, Resolved, resolve};
 pub use run::{Timings, reconcile_bytes, reconcile_from_psp};
-pub use schedule::day_plan;
+pub use schedule::{AtError, day_plan};
 pub use service::serve;
 
 use events::Timestamp;
@@ -60,7 +63,7 @@ pub const EXIT_UNRESOLVED: u8 = 2;
 
 /// Applies the migrations reconciliation needs: the projections' (for
 /// `ledger_psp_references`) and its own (versions 4xxx).
-pub async fn migrate(db: &Db) -> anyhow::Result<()> {
+pub async fn migrate(db: &Db) -> Result<(), storage::StorageError> {
     projections::migrate(db).await?;
     db.migrate(
         &storage::component_migrator(sqlx::migrate!("migrations/postgres")),
@@ -76,7 +79,7 @@ fn now_us() -> i64 {
 
 /// The database (migrated), the topics (created) and a producer: what the
 /// command and the service work with.
-async fn open(kafka: &KafkaConfig, db_url: &str) -> anyhow::Result<(Db, EventProducer)> {
+async fn open(kafka: &KafkaConfig, db_url: &str) -> Result<(Db, EventProducer), Error> {
     let db = Db::connect(db_url).await?;
     migrate(&db).await?;
     streaming::admin::ensure_topics(kafka, &kafka.topology().specs()).await?;

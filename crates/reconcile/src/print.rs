@@ -6,7 +6,7 @@ use crate::resolve::Resolved;
 use crate::run::Timings;
 
 /// Writes to stdout; a closed pipe (`| head`) is not an error.
-fn out(text: &str) -> anyhow::Result<()> {
+fn out(text: &str) -> Result<(), crate::Error> {
     use std::io::Write as _;
     let mut o = std::io::stdout().lock();
     match o.write_all(text.as_bytes()).and_then(|()| o.flush()) {
@@ -16,7 +16,7 @@ fn out(text: &str) -> anyhow::Result<()> {
 }
 
 /// A run's report: JSON or the table.
-pub(crate) fn report(report: &Report, json: bool) -> anyhow::Result<()> {
+pub(crate) fn report(report: &Report, json: bool) -> Result<(), crate::Error> {
     if json {
         out(&format!("{}\n", serde_json::to_string_pretty(report)?))
     } else {
@@ -46,7 +46,7 @@ pub(crate) fn run_summary(report: &Report, t: &Timings) {
 }
 
 /// What a resolution did: JSON or one line.
-pub(crate) fn resolved(r: &Resolved, json: bool) -> anyhow::Result<()> {
+pub(crate) fn resolved(r: &Resolved, json: bool) -> Result<(), crate::Error> {
     if json {
         return out(&format!("{}\n", serde_json::to_string_pretty(r)?));
     }

@@ -2,7 +2,6 @@
 //! it with retries.
 
 use crate::settlement;
-use anyhow::{Context, bail};
 use runtime::secret::Secret;
 use std::time::Duration;
 use time::Date;
@@ -52,10 +51,29 @@ impl PspSource {
     }
 }
 
+/// A settlement file the PSP did not hand over.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The HTTP client could not be built.
+    #[error(transparent)]
+    Client(#[from] reqwest::Error),
+    /// An answer that will not change by asking again (4xx other than 404
+    /// and 429).
+    #[error("fetching {url}: {detail}")]
+    Refused { url: String, detail: String },
+    /// Every attempt failed transiently; `last` says how the last one did.
+    #[error("fetching {url} failed after {attempts} attempts: {last}")]
+    GaveUp {
+        url: String,
+        attempts: u32,
+        last: String,
+    },
+}
+
 /// Fetches a day's settlement file, retrying transient failures
 /// (connection errors, timeouts, 5xx, 429) with exponential back-off and
 /// honouring `Retry-After` up to `psp.max_retry_after`.
-pub async fn fetch_settlement(psp: &PspSource, date: Date) -> anyhow::Result<Vec<u8>> {
+pub async fn fetch_settlement(psp: &PspSource, date: Date) -> Result<Vec<u8>, FetchError> {
     let client = reqwest::Client::builder().timeout(psp.timeout).build()?;
     let url = psp.url(date);
     let attempts = psp.attempts.max(1);
@@ -68,16 +86,13 @@ pub async fn fetch_settlement(psp: &PspSource, date: Date) -> anyhow::Result<Vec
             .send()
             .await;
         let wait = match res {
-            Ok(r) if r.status().is_success() => {
-                let body = r.bytes().await.with_context(|| format!("reading {url}"));
-                match body {
-                    Ok(b) => return Ok(b.to_vec()),
-                    Err(e) => {
-                        last = e.to_string();
-                        None
-                    }
+            Ok(r) if r.status().is_success() => match r.bytes().await {
+                Ok(b) => return Ok(b.to_vec()),
+                Err(e) => {
+                    last = format!("reading {url}: {e}");
+                    None
                 }
-            }
+            },
             Ok(r) => {
                 let status = r.status();
                 let retry_after = r
@@ -93,7 +108,7 @@ pub async fn fetch_settlement(psp: &PspSource, date: Date) -> anyhow::Result<Vec
                     format!("HTTP {status}: {body}")
                 };
                 if !(status.is_server_error() || matches!(status.as_u16(), 404 | 429)) {
-                    bail!("fetching {url}: {last}");
+                    return Err(FetchError::Refused { url, detail: last });
                 }
                 retry_after
             }
@@ -114,5 +129,9 @@ pub async fn fetch_settlement(psp: &PspSource, date: Date) -> anyhow::Result<Vec
             delay = (delay * 2).min(Duration::from_secs(60));
         }
     }
-    bail!("fetching {url} failed after {attempts} attempts: {last}")
+    Err(FetchError::GaveUp {
+        url,
+        attempts,
+        last,
+    })
 }

@@ -3,8 +3,7 @@
 
 use crate::envelope::{found_envelope, run_completed_envelope};
 use crate::report::Report;
-use crate::{now_us, store};
-use anyhow::Context;
+use crate::{Error, now_us, store};
 use std::collections::HashSet;
 use storage::Db;
 use streaming::EventProducer;
@@ -15,7 +14,7 @@ pub(crate) async fn publish_run(
     db: &Db,
     producer: &EventProducer,
     report: &Report,
-) -> anyhow::Result<()> {
+) -> Result<(), Error> {
     let day = store::discrepancies_of_day(db, &report.settlement_date).await?;
     let ours: HashSet<&str> = report
         .discrepancies
@@ -35,7 +34,7 @@ pub(crate) async fn publish_run(
         let envelopes = chunk
             .iter()
             .map(|d| found_envelope(d))
-            .collect::<anyhow::Result<Vec<_>>>()?;
+            .collect::<Result<Vec<_>, _>>()?;
         let acks = futures::future::join_all(envelopes.iter().map(|e| producer.append(e))).await;
         let mut published = Vec::with_capacity(chunk.len());
         let mut failed = None;
@@ -49,14 +48,17 @@ pub(crate) async fn publish_run(
         }
         store::mark_found_published_many(db, &published).await?;
         if let Some((id, e)) = failed {
-            return Err(e).with_context(|| format!("appending discrepancy {id}"));
+            return Err(Error::AppendDiscrepancy {
+                id,
+                source: Box::new(e),
+            });
         }
     }
     let env = run_completed_envelope(report)?;
     producer
         .append(&env)
         .await
-        .context("appending the run event")?;
+        .map_err(|e| Error::AppendRunEvent(Box::new(e)))?;
     store::mark_run_published(db, &report.run_id, now_us()).await?;
     Ok(())
 }

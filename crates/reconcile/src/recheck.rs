@@ -2,11 +2,10 @@
 //! start of every run, with an amount or fee difference recorded first
 //! where the booked figures differ from the PSP's.
 
-use crate::envelope::{found_envelope, money_of, resolution_envelope};
+use crate::envelope::{StoredRowError, found_envelope, money_of, resolution_envelope};
 use crate::ids::{discrepancy_uuid, found_event_id, resolution_event_id};
 use crate::matching::Tolerance;
 use crate::{PRODUCER, now_us, store};
-use anyhow::Context;
 use events::{DiscrepancyClass, Money, ResolutionAction};
 use storage::Db;
 use streaming::EventProducer;
@@ -24,7 +23,7 @@ pub(crate) async fn recheck_status_mismatches(
     db: &Db,
     producer: &EventProducer,
     tol: Tolerance,
-) -> anyhow::Result<Vec<String>> {
+) -> Result<Vec<String>, crate::Error> {
     let mut closed = Vec::new();
     for d in store::open_status_mismatches(db).await? {
         let (Some(theirs), Some(psp_fee)) = (money_of(&d.theirs)?, d.theirs_fee_minor) else {
@@ -95,7 +94,7 @@ pub(crate) async fn recheck_status_mismatches(
         if !recorded.is_empty() {
             reason.push_str(&format!("; recorded {}", recorded.join(", ")));
         }
-        let disc = Uuid::parse_str(&d.discrepancy_id)?;
+        let disc = Uuid::parse_str(&d.discrepancy_id).map_err(StoredRowError::from)?;
         let action = ResolutionAction::ExpectLateSettlement;
         let res = store::Resolution {
             state: "resolved",
@@ -108,7 +107,7 @@ pub(crate) async fn recheck_status_mismatches(
         if store::resolve(db, &d.discrepancy_id, &["open"], &res, now).await? {
             let d = store::load_discrepancy(db, &d.discrepancy_id)
                 .await?
-                .context("discrepancy vanished")?;
+                .ok_or(crate::Error::DiscrepancyVanished)?;
             producer.append(&resolution_envelope(&d)?).await?;
             store::mark_resolution_published(db, &d.discrepancy_id).await?;
             tracing::info!(discrepancy = %d.discrepancy_id, "status_mismatch closed: the ledger caught up");

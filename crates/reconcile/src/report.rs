@@ -110,12 +110,17 @@ pub struct Report {
     pub auto_resolved: Vec<String>,
 }
 
+/// A report whose amounts per class and currency do not fit in i64.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("report totals overflow")]
+pub struct TotalsOverflow;
+
 impl Report {
     /// Fills `per_class` and `per_class_currency` from `discrepancies`.
-    pub fn tally(&mut self) -> anyhow::Result<()> {
+    pub fn tally(&mut self) -> Result<(), TotalsOverflow> {
         self.per_class.clear();
         self.per_class_currency.clear();
-        let overflow = || anyhow::anyhow!("report totals overflow");
+        let overflow = || TotalsOverflow;
         for d in &self.discrepancies {
             *self.per_class.entry(d.class.clone()).or_default() += 1;
             // Counted under the PSP's currency (ours without theirs); each

@@ -9,8 +9,7 @@ use crate::psp::{PspSource, fetch_settlement};
 use crate::publish::publish_run;
 use crate::recheck::recheck_status_mismatches;
 use crate::report::{CurrencyTotals, DiscrepancyView, Report, view_money};
-use crate::{now_us, settlement, store};
-use anyhow::{Context, bail};
+use crate::{Error, now_us, settlement, store};
 use events::{DiscrepancyClass, Money};
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -88,7 +87,7 @@ struct Early {
 async fn prepare(
     db: &Db,
     rx: &mut tokio::sync::mpsc::Receiver<FromParser>,
-) -> anyhow::Result<Option<Early>> {
+) -> Result<Option<Early>, Error> {
     let (sha256, date) = loop {
         match rx.recv().await {
             Some(FromParser::Day { sha256, date }) => break (sha256, date),
@@ -163,18 +162,6 @@ async fn prepare(
     Ok(Some(early))
 }
 
-/// Whether a failed attempt may be tried again: a concurrent run claimed
-/// one of the references this one copied (unique violation) or the two
-/// waited on each other (deadlock). Nothing of the attempt was committed.
-fn retryable(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        c.downcast_ref::<sqlx::Error>().is_some_and(|e| {
-            store::is_unique_violation(e)
-                || matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some("40P01"))
-        })
-    })
-}
-
 /// Reconciles a settlement file's bytes. Re-running the same bytes for the
 /// same day returns the recorded report and publishes nothing new (except
 /// what a crashed earlier attempt had not published yet).
@@ -185,11 +172,13 @@ pub async fn reconcile_bytes(
     source: &str,
     date: Option<Date>,
     tolerance: Tolerance,
-) -> anyhow::Result<(Report, Timings)> {
+) -> Result<(Report, Timings), Error> {
     let mut attempt = 1;
     loop {
         match reconcile_once(db, producer, bytes, source, date, tolerance).await {
-            Err(e) if attempt < crate::limits::RUN_ATTEMPTS_MAX && retryable(&e) => {
+            // A concurrent run collided with this one; nothing of the
+            // attempt was committed.
+            Err(e) if attempt < crate::limits::RUN_ATTEMPTS_MAX && e.is_run_collision() => {
                 tracing::warn!(error = %format!("{e:#}"), attempt, "reconciliation collided with a concurrent run; trying again");
                 attempt += 1;
             }
@@ -205,7 +194,7 @@ async fn reconcile_once(
     source: &str,
     date: Option<Date>,
     tolerance: Tolerance,
-) -> anyhow::Result<(Report, Timings)> {
+) -> Result<(Report, Timings), Error> {
     let started = Instant::now();
     // The file is read on a thread of its own; meanwhile the day's ledger
     // references are read and (PostgreSQL) the claims copied.
@@ -237,12 +226,12 @@ async fn reconcile_once(
     let early = prepare(db, &mut rx).await;
     let prepared_at = Instant::now();
     drop(rx);
-    let (file, parse, parsed_at) = parser.await.context("the settlement parser panicked")?;
+    let (file, parse, parsed_at) = parser.await.map_err(Error::ParserPanicked)?;
     let prepare_tail = prepared_at.saturating_duration_since(parsed_at);
     let file = file?;
-    let early = early?.context("the settlement file was read but not prepared")?;
+    let early = early?.ok_or(Error::NotPrepared)?;
     if early.date != file.date {
-        bail!("the settlement day changed while the file was read");
+        return Err(Error::DayChanged);
     }
     // Earlier status mismatches whose charge the ledger has booked since.
     let auto_resolved = recheck_status_mismatches(db, producer, tolerance).await?;
@@ -251,7 +240,7 @@ async fn reconcile_once(
 
     if let Some(stored) = early.stored {
         let mut report: Report =
-            serde_json::from_str(&stored.report).context("stored report does not parse")?;
+            serde_json::from_str(&stored.report).map_err(Error::StoredReport)?;
         if stored.state != "published" {
             publish_run(db, producer, &report).await?;
         }
@@ -400,11 +389,11 @@ async fn reconcile_once(
         t.amount_minor = t
             .amount_minor
             .checked_add(r.amount_minor)
-            .context("file amount total overflows")?;
+            .ok_or(Error::FileTotalOverflow("amount"))?;
         t.fee_minor = t
             .fee_minor
             .checked_add(r.fee_minor)
-            .context("file fee total overflows")?;
+            .ok_or(Error::FileTotalOverflow("fee"))?;
     }
     let mut report = Report {
         run_id: run_id.clone(),
@@ -480,10 +469,10 @@ async fn reconcile_once(
         .cloned()
         .collect();
     if copied != early.streamed.len() {
-        bail!(
-            "{} references were claimed while the file was read but the matching claims {copied} of them; nothing recorded",
-            early.streamed.len()
-        );
+        return Err(Error::ClaimsDiverged {
+            streamed: early.streamed.len(),
+            copied,
+        });
     }
     let matching = matching_started.elapsed();
     let record_started = Instant::now();
@@ -499,7 +488,7 @@ async fn reconcile_once(
             // Recorded concurrently by another attempt: use its report.
             let stored = store::load_run(db, &run_id)
                 .await?
-                .context("run vanished")?;
+                .ok_or(Error::RunVanished)?;
             report = serde_json::from_str(&stored.report)?;
             report.already_recorded = true;
         }
@@ -527,7 +516,7 @@ async fn reconcile_once(
 }
 
 /// Current states, first runs and the day's unresolved count.
-async fn refresh(db: &Db, report: &mut Report) -> anyhow::Result<()> {
+async fn refresh(db: &Db, report: &mut Report) -> Result<(), Error> {
     let day = store::discrepancies_of_day(db, &report.settlement_date).await?;
     let by_id: HashMap<&str, &store::DiscrepancyRow> =
         day.iter().map(|d| (d.discrepancy_id.as_str(), d)).collect();
@@ -555,7 +544,7 @@ pub async fn reconcile_from_psp(
     psp: &PspSource,
     date: Date,
     tolerance: Tolerance,
-) -> anyhow::Result<Report> {
+) -> Result<Report, Error> {
     let bytes = fetch_settlement(psp, date).await?;
     let (report, t) =
         reconcile_bytes(db, producer, &bytes, &psp.url(date), Some(date), tolerance).await?;

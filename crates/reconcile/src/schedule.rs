@@ -2,20 +2,46 @@
 //! and the days a run reconciles. Pure: the current time comes in.
 
 use crate::limits::CATCH_UP_DAYS_MAX;
-use anyhow::{Context, bail};
+use std::num::ParseIntError;
 use time::Date;
 
+/// An `--at` that is not a time of day.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AtError {
+    #[error("--at {input:?}: expected HH:MM")]
+    NoColon { input: String },
+    #[error("--at {input:?}: bad hour")]
+    Hour {
+        input: String,
+        #[source]
+        source: ParseIntError,
+    },
+    #[error("--at {input:?}: bad minute")]
+    Minute {
+        input: String,
+        #[source]
+        source: ParseIntError,
+    },
+    #[error("--at {input:?}: expected HH:MM between 00:00 and 23:59")]
+    OutOfRange { input: String },
+}
+
 /// `HH:MM` → minutes after midnight.
-pub(crate) fn parse_at(s: &str) -> anyhow::Result<(u8, u8)> {
+pub(crate) fn parse_at(s: &str) -> Result<(u8, u8), AtError> {
+    let input = || s.to_owned();
     let (h, m) = s
         .split_once(':')
-        .with_context(|| format!("--at {s:?}: expected HH:MM"))?;
-    let h: u8 = h.parse().with_context(|| format!("--at {s:?}: bad hour"))?;
-    let m: u8 = m
-        .parse()
-        .with_context(|| format!("--at {s:?}: bad minute"))?;
+        .ok_or_else(|| AtError::NoColon { input: input() })?;
+    let h: u8 = h.parse().map_err(|source| AtError::Hour {
+        input: input(),
+        source,
+    })?;
+    let m: u8 = m.parse().map_err(|source| AtError::Minute {
+        input: input(),
+        source,
+    })?;
     if h > 23 || m > 59 {
-        bail!("--at {s:?}: expected HH:MM between 00:00 and 23:59");
+        return Err(AtError::OutOfRange { input: input() });
     }
     Ok((h, m))
 }
@@ -25,7 +51,7 @@ pub(crate) fn next_at(
     now: time::OffsetDateTime,
     h: u8,
     m: u8,
-) -> anyhow::Result<time::OffsetDateTime> {
+) -> Result<time::OffsetDateTime, time::error::ComponentRange> {
     let today = now.date().with_hms(h, m, 0)?.assume_utc();
     Ok(if today > now {
         today

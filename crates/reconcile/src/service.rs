@@ -8,8 +8,7 @@ use crate::matching::Tolerance;
 use crate::psp::PspSource;
 use crate::run::reconcile_from_psp;
 use crate::schedule::{day_plan, next_at, parse_at};
-use crate::{now_us, open, print, settlement, store};
-use anyhow::Context;
+use crate::{Error, now_us, open, print, settlement, store};
 use std::time::Duration;
 use storage::Db;
 use streaming::{EventProducer, KafkaConfig};
@@ -24,10 +23,10 @@ async fn scheduled_run(
     psp: &PspSource,
     lag_days: u16,
     tolerance: Tolerance,
-) -> anyhow::Result<()> {
+) -> Result<(), Error> {
     let watermark = store::watermark(db)
         .await?
-        .map(|d| settlement::parse_date(&d).map_err(anyhow::Error::msg))
+        .map(|d| settlement::parse_date(&d).map_err(Error::Date))
         .transpose()?;
     let plan = day_plan(watermark, time::OffsetDateTime::now_utc().date(), lag_days);
     if plan.len() > 1 {
@@ -37,7 +36,10 @@ async fn scheduled_run(
         let day = settlement::format_date(date);
         let r = reconcile_from_psp(db, producer, psp, date, tolerance)
             .await
-            .with_context(|| format!("reconciling {day}"))?;
+            .map_err(|e| Error::Reconciling {
+                day: day.clone(),
+                source: Box::new(e),
+            })?;
         if r.unresolved > 0 {
             tracing::warn!(date = %r.settlement_date, unresolved = r.unresolved, "unresolved reconciliation discrepancies");
         }
@@ -55,7 +57,7 @@ pub async fn serve(
     db_url: &str,
     args: ReconcilerArgs,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+) -> Result<(), Error> {
     let (h, m) = parse_at(&args.at)?;
     let tolerance = args.options.tolerance()?;
     let api_key = runtime::secret::require(
@@ -74,7 +76,7 @@ pub async fn serve(
     if args.once {
         match &args.date {
             Some(d) => {
-                let date = settlement::parse_date(d).map_err(anyhow::Error::msg)?;
+                let date = settlement::parse_date(d).map_err(Error::Date)?;
                 let report = reconcile_from_psp(&db, &producer, &psp, date, tolerance).await?;
                 print::report_to_stderr(&report);
             }

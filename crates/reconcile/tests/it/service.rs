@@ -94,6 +94,8 @@ async fn once(db_url: String) {
     let e = reconcile::serve(k.cfg.clone(), &db_url, cli.args, CancellationToken::new())
         .await
         .unwrap_err();
+    // With its causes, as the binary prints it (`error: {e:#}`).
+    let e = anyhow::Error::from(e);
     assert!(format!("{e:#}").contains("401"), "{e:#}");
     // A failed scheduled run does not move the watermark.
     assert_eq!(
