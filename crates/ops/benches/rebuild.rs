@@ -97,9 +97,10 @@ fn rate(events: u64, millis: u128) -> u64 {
     u64::try_from(u128::from(events) * 1000 / millis.max(1)).unwrap_or(u64::MAX)
 }
 
-async fn raw_read(k: &TestKafka) -> (u64, u128) {
-    let started = Instant::now();
-    let mut reader = TopicReader::open(
+/// A reader of the projection's topics from their beginning to their
+/// current end.
+async fn reader(k: &TestKafka) -> TopicReader {
+    TopicReader::open(
         &k.cfg,
         &ops::projection::projection_topics(&k.cfg),
         Start::Beginning,
@@ -107,7 +108,12 @@ async fn raw_read(k: &TestKafka) -> (u64, u128) {
         None,
     )
     .await
-    .expect("reader");
+    .expect("reader")
+}
+
+async fn raw_read(k: &TestKafka) -> (u64, u128) {
+    let started = Instant::now();
+    let mut reader = reader(k).await;
     let mut n = 0u64;
     while let Some(batch) = reader.next_batch(1000).await.expect("read") {
         for r in &batch {
@@ -156,21 +162,31 @@ fn print_slices(label: &str, s: &ops::projection::RebuildSummary) {
     );
 }
 
-async fn rebuild(k: &TestKafka, db: &Db, url: &str, label: &str) -> (u64, u128) {
-    projections::migrate(db).await.expect("migrate");
-    let group = format!("{}-{label}", k.cfg.topology().group("ledger"));
-    let started = Instant::now();
-    let s = ops::projection::execute_rebuild(
+/// `paystream projection rebuild ledger --execute`, batches of 1000.
+async fn rebuild_ledger(
+    k: &TestKafka,
+    db: &Db,
+    url: &str,
+    group: &str,
+) -> ops::projection::RebuildSummary {
+    ops::projection::execute_rebuild(
         &k.cfg,
         url,
         db,
         Projection::Ledger,
-        &group,
+        group,
         1000,
         ops::projection::RunOptions::default(),
     )
     .await
-    .expect("rebuild");
+    .expect("rebuild")
+}
+
+async fn rebuild(k: &TestKafka, db: &Db, url: &str, label: &str) -> (u64, u128) {
+    projections::migrate(db).await.expect("migrate");
+    let group = format!("{}-{label}", k.cfg.topology().group("ledger"));
+    let started = Instant::now();
+    let s = rebuild_ledger(k, db, url, &group).await;
     let millis = started.elapsed().as_millis();
     print_slices(label, &s);
     // Only the ledger is rebuilt here: the wallets are empty on purpose.
@@ -208,15 +224,7 @@ async fn produce_payments(k: &TestKafka, from: usize, to: usize) -> usize {
 /// Every record of the projection's topics, in the order a reader from
 /// the beginning returns them (each partition in its order).
 async fn read_all(k: &TestKafka) -> Vec<streaming::reader::Record> {
-    let mut reader = TopicReader::open(
-        &k.cfg,
-        &ops::projection::projection_topics(&k.cfg),
-        Start::Beginning,
-        End::Latest,
-        None,
-    )
-    .await
-    .expect("reader");
+    let mut reader = reader(k).await;
     let mut out = Vec::new();
     while let Some(batch) = reader.next_batch(1000).await.expect("read") {
         out.extend(batch);
@@ -291,17 +299,7 @@ async fn live_after_rebuild(label: &str, db: &Db, url: &str, twin: &Db, base: us
     let before = live_apply(db, &first[split..]).await;
     live_apply(twin, &first[split..]).await;
     let group = format!("{}-live-{label}", k.cfg.topology().group("ledger"));
-    ops::projection::execute_rebuild(
-        &k.cfg,
-        url,
-        db,
-        Projection::Ledger,
-        &group,
-        1000,
-        ops::projection::RunOptions::default(),
-    )
-    .await
-    .expect("rebuild");
+    rebuild_ledger(&k, db, url, &group).await;
     let new_events = produce_payments(&k, base + more, base + 2 * more).await;
     let all = read_all(&k).await;
     let known: std::collections::HashSet<(i32, i64, String)> = first

@@ -974,6 +974,20 @@ async fn swap_sqlite(
     Ok(())
 }
 
+/// Runs saved `CREATE` statements (kind, name, SQL) again.
+async fn exec_saved<'a>(
+    conn: &mut SqliteConnection,
+    saved: impl Iterator<Item = &'a (String, String, String)>,
+) -> anyhow::Result<()> {
+    for (kind, name, sql) in saved {
+        sqlx::query(sql)
+            .execute(&mut *conn)
+            .await
+            .with_context(|| format!("creating {kind} {name} again"))?;
+    }
+    Ok(())
+}
+
 async fn swap_sqlite_body(
     conn: &mut SqliteConnection,
     projection: Projection,
@@ -1019,12 +1033,7 @@ async fn swap_sqlite_body(
             .await
             .with_context(|| format!("dropping the old {}", t.name))?;
     }
-    for (_, name, sql) in saved.iter().filter(|(k, _, _)| k == "table") {
-        sqlx::query(sql)
-            .execute(&mut *conn)
-            .await
-            .with_context(|| format!("creating {name} again"))?;
-    }
+    exec_saved(conn, saved.iter().filter(|(k, _, _)| k == "table")).await?;
     tracing::info!(
         ms = millis(started),
         "swap: own {p} tables dropped and created empty"
@@ -1041,12 +1050,7 @@ async fn swap_sqlite_body(
         step.log(rows, started);
     }
     let started = Instant::now();
-    for (kind, name, sql) in saved.iter().filter(|(k, _, _)| k != "table") {
-        sqlx::query(sql)
-            .execute(&mut *conn)
-            .await
-            .with_context(|| format!("creating {kind} {name} again"))?;
-    }
+    exec_saved(conn, saved.iter().filter(|(k, _, _)| k != "table")).await?;
     tracing::info!(
         ms = millis(started),
         "swap: indexes and triggers created again"
