@@ -664,7 +664,9 @@ async fn completion(
 
 /// Waits until no other session of this database holds a snapshot older
 /// than now (the shadow's rows are committed): such a snapshot would not
-/// see the rebuilt rows in the swapped-in tables. A marker transaction's
+/// see the rebuilt rows in the swapped-in tables. Only client sessions
+/// count: (auto)vacuum workers and WAL senders read no projection rows
+/// through their snapshots. A marker transaction's
 /// id, taken after the shadow's last commit, is the horizon; a snapshot
 /// whose `xmin` precedes it may predate that commit.
 async fn wait_for_older_snapshots(pool: &sqlx::PgPool) -> anyhow::Result<()> {
@@ -684,6 +686,7 @@ async fn wait_for_older_snapshots(pool: &sqlx::PgPool) -> anyhow::Result<()> {
             "SELECT pid, COALESCE(state, ''), COALESCE(LEFT(query, 100), '') \
              FROM pg_stat_activity \
              WHERE datname = current_database() AND pid <> pg_backend_pid() \
+             AND backend_type = 'client backend' \
              AND backend_xmin IS NOT NULL AND age(backend_xmin) > age($1::TEXT::xid) \
              ORDER BY pid",
         )
