@@ -153,17 +153,8 @@ pub struct RedriveArgs {
     pub json: bool,
 }
 
-/// An error of `streaming::reader`, which reports with `anyhow`: kept
-/// whole, its message and its causes (`source`).
-#[derive(Debug, thiserror::Error)]
-#[error(transparent)]
-pub struct ReaderError(Box<dyn std::error::Error + Send + Sync>);
-
-impl From<anyhow::Error> for ReaderError {
-    fn from(e: anyhow::Error) -> ReaderError {
-        ReaderError(e.into())
-    }
-}
+/// How reading a topic fails (`streaming::reader`'s typed error).
+pub use streaming::reader::ReaderError;
 
 /// Runs `paystream replay`, data to stdout or `--out`.
 pub async fn replay(kafka: KafkaConfig, args: ReplayArgs) -> Result<ExitCode, ReplayError> {

@@ -26,11 +26,12 @@ pub enum ReplayError {
     OpenTopic {
         topic: String,
         #[source]
-        source: ReaderError,
+        source: Box<ReaderError>,
     },
     /// Reading a topic failed after it was opened.
+    // (A ReaderError is large: boxed, so every Result here stays small.)
     #[error(transparent)]
-    Read(#[from] ReaderError),
+    Read(Box<ReaderError>),
     /// `--strict`, and a message does not decode.
     #[error("undecodable message at {at} ({}): {error}", error.kind())]
     Undecodable { at: String, error: DecodeError },
@@ -69,6 +70,12 @@ pub enum ReplayError {
     },
     #[error("writing to stdout")]
     Stdout(#[source] std::io::Error),
+}
+
+impl From<ReaderError> for ReplayError {
+    fn from(e: ReaderError) -> ReplayError {
+        ReplayError::Read(Box::new(e))
+    }
 }
 
 /// What a replay read, kept and skipped.
@@ -264,9 +271,9 @@ pub async fn run(
         readers.push(
             TopicReader::open(kafka, std::slice::from_ref(t), sel.start, sel.end, None)
                 .await
-                .map_err(|e| ReplayError::OpenTopic {
+                .map_err(|source| ReplayError::OpenTopic {
                     topic: t.clone(),
-                    source: e.into(),
+                    source: Box::new(source),
                 })?,
         );
     }
@@ -284,7 +291,7 @@ pub async fn run(
     };
     let mut s = Summary::default();
     for mut reader in readers {
-        while let Some(batch) = reader.next_batch(BATCH).await.map_err(ReaderError::from)? {
+        while let Some(batch) = reader.next_batch(BATCH).await? {
             let n = u64::try_from(batch.len()).unwrap_or(u64::MAX);
             s.read += n;
             for rec in &batch {

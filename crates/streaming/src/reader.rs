@@ -9,10 +9,11 @@
 //! partition, partitions interleaved.
 
 use crate::config::KafkaConfig;
-use anyhow::Context as _;
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaRespErr;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -23,6 +24,79 @@ const LOOKUP_TIMEOUT: Duration = Duration::from_secs(15);
 const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often an idle read checks whether partitions reached their end.
 const IDLE_CHECK: Duration = Duration::from_secs(1);
+
+/// How opening or reading a [`TopicReader`] (or a watermark lookup) fails.
+/// Where Kafka gave a cause, it is the variant's `source`, so `{:#}` shows
+/// the whole chain.
+#[derive(Debug, thiserror::Error)]
+pub enum ReaderError {
+    #[error("cannot create a Kafka consumer")]
+    CreateConsumer(#[source] KafkaError),
+    #[error("cannot read the metadata of topic {topic}")]
+    Metadata {
+        topic: String,
+        #[source]
+        source: KafkaError,
+    },
+    #[error("topic {topic} not in the broker's metadata")]
+    NotInMetadata { topic: String },
+    /// The broker's metadata carries an error for the topic.
+    #[error("topic {topic}: {code:?}")]
+    Topic { topic: String, code: RDKafkaRespErr },
+    #[error("topic {topic} does not exist (no partitions)")]
+    NoPartitions { topic: String },
+    #[error("cannot read the watermarks of {topic}/{partition}")]
+    Watermarks {
+        topic: String,
+        partition: i32,
+        #[source]
+        source: KafkaError,
+    },
+    #[error("building the partition assignment")]
+    BuildAssignment(#[source] KafkaError),
+    #[error("cannot assign the partitions to read")]
+    Assign(#[source] KafkaError),
+    #[error("reading from Kafka")]
+    Recv(#[source] KafkaError),
+    /// Partitions short of their end but nothing arrived for
+    /// `stalled_secs`: a stuck broker, or a truncated topic.
+    #[error(
+        "no message for {stalled_secs}s while {topic}/{partition} is at offset {next} of {end} \
+         (records compacted or deleted?)"
+    )]
+    Stalled {
+        stalled_secs: u64,
+        topic: String,
+        partition: i32,
+        next: i64,
+        end: i64,
+    },
+    #[error("reading the consumer's positions")]
+    Positions(#[source] KafkaError),
+    #[error("building the offsets-for-times request")]
+    BuildOffsetsForTimes(#[source] KafkaError),
+    #[error("offsets-for-times lookup on {topic} failed")]
+    OffsetsForTimes {
+        topic: String,
+        #[source]
+        source: KafkaError,
+    },
+    #[error("offsets-for-times gave no answer for {topic}/{partition}")]
+    NoOffsetForTime { topic: String, partition: i32 },
+    /// The lookup answered with an error for one partition.
+    #[error("offsets-for-times lookup on {topic}/{partition} failed: {error}")]
+    OffsetForTime {
+        topic: String,
+        partition: i32,
+        error: KafkaError,
+    },
+    #[error("offsets-for-times on {topic}/{partition} answered {offset:?}")]
+    UnexpectedOffset {
+        topic: String,
+        partition: i32,
+        offset: Offset,
+    },
+}
 
 /// One message as stored: bytes, key, headers and where it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,12 +169,12 @@ impl PartitionRange {
 }
 
 /// Low and high watermark of every partition of `topic`.
-pub fn watermarks(cfg: &KafkaConfig, topic: &str) -> anyhow::Result<Vec<(i32, i64, i64)>> {
+pub fn watermarks(cfg: &KafkaConfig, topic: &str) -> Result<Vec<(i32, i64, i64)>, ReaderError> {
     let consumer = plain_consumer(cfg, "paystream-reader")?;
     partition_watermarks(&consumer, topic)
 }
 
-fn plain_consumer(cfg: &KafkaConfig, client_id: &str) -> anyhow::Result<StreamConsumer> {
+fn plain_consumer(cfg: &KafkaConfig, client_id: &str) -> Result<StreamConsumer, ReaderError> {
     let mut c = cfg.client_config(client_id);
     // Never joins a group: partitions are assigned by hand. librdkafka
     // still wants a group id to be set.
@@ -113,7 +187,7 @@ fn plain_consumer(cfg: &KafkaConfig, client_id: &str) -> anyhow::Result<StreamCo
     .set("enable.partition.eof", "false")
     .set("auto.offset.reset", "earliest");
     cfg.apply_overrides(&mut c);
-    c.create().context("cannot create a Kafka consumer")
+    c.create().map_err(ReaderError::CreateConsumer)
 }
 
 /// Low and high watermark of every partition of `topic` (sorted by
@@ -121,26 +195,40 @@ fn plain_consumer(cfg: &KafkaConfig, client_id: &str) -> anyhow::Result<StreamCo
 pub fn partition_watermarks<C: Consumer>(
     consumer: &C,
     topic: &str,
-) -> anyhow::Result<Vec<(i32, i64, i64)>> {
+) -> Result<Vec<(i32, i64, i64)>, ReaderError> {
     let md = consumer
         .fetch_metadata(Some(topic), LOOKUP_TIMEOUT)
-        .with_context(|| format!("cannot read the metadata of topic {topic}"))?;
+        .map_err(|source| ReaderError::Metadata {
+            topic: topic.to_owned(),
+            source,
+        })?;
     let t = md
         .topics()
         .iter()
         .find(|t| t.name() == topic)
-        .with_context(|| format!("topic {topic} not in the broker's metadata"))?;
-    if let Some(e) = t.error() {
-        anyhow::bail!("topic {topic}: {e:?}");
+        .ok_or_else(|| ReaderError::NotInMetadata {
+            topic: topic.to_owned(),
+        })?;
+    if let Some(code) = t.error() {
+        return Err(ReaderError::Topic {
+            topic: topic.to_owned(),
+            code,
+        });
     }
     if t.partitions().is_empty() {
-        anyhow::bail!("topic {topic} does not exist (no partitions)");
+        return Err(ReaderError::NoPartitions {
+            topic: topic.to_owned(),
+        });
     }
     let mut out = Vec::new();
     for p in t.partitions() {
         let (lo, hi) = consumer
             .fetch_watermarks(topic, p.id(), LOOKUP_TIMEOUT)
-            .with_context(|| format!("cannot read the watermarks of {topic}/{}", p.id()))?;
+            .map_err(|source| ReaderError::Watermarks {
+                topic: topic.to_owned(),
+                partition: p.id(),
+                source,
+            })?;
         out.push((p.id(), lo, hi));
     }
     out.sort_unstable();
@@ -165,7 +253,7 @@ impl TopicReader {
         start: Start,
         end: End,
         starts: Option<&BTreeMap<(String, i32), i64>>,
-    ) -> anyhow::Result<TopicReader> {
+    ) -> Result<TopicReader, ReaderError> {
         let consumer = plain_consumer(cfg, "paystream-reader")?;
         let mut ranges = Vec::new();
         for topic in topics {
@@ -202,13 +290,11 @@ impl TopicReader {
         let mut open = BTreeMap::new();
         for r in ranges.iter().filter(|r| !r.is_empty()) {
             tpl.add_partition_offset(&r.topic, r.partition, Offset::Offset(r.start))
-                .context("building the partition assignment")?;
+                .map_err(ReaderError::BuildAssignment)?;
             open.insert((r.topic.clone(), r.partition), (r.start, r.end));
         }
         if tpl.count() > 0 {
-            consumer
-                .assign(&tpl)
-                .context("cannot assign the partitions to read")?;
+            consumer.assign(&tpl).map_err(ReaderError::Assign)?;
         }
         Ok(TopicReader {
             consumer,
@@ -229,7 +315,7 @@ impl TopicReader {
     }
 
     /// Up to `max` records; `None` once every partition reached its end.
-    pub async fn next_batch(&mut self, max: usize) -> anyhow::Result<Option<Vec<Record>>> {
+    pub async fn next_batch(&mut self, max: usize) -> Result<Option<Vec<Record>>, ReaderError> {
         if self.open.is_empty() {
             return Ok(None);
         }
@@ -246,7 +332,7 @@ impl TopicReader {
                     self.finish_reached()?;
                     continue;
                 }
-                Ok(m) => m.context("reading from Kafka")?,
+                Ok(m) => m.map_err(ReaderError::Recv)?,
                 Err(_) if out.is_empty() => {
                     // Nothing for a while: finish partitions whose position
                     // passed their end without a message at end - 1.
@@ -256,13 +342,13 @@ impl TopicReader {
                         continue;
                     }
                     let (k, (next, end)) = self.open.iter().next().expect("open is not empty");
-                    anyhow::bail!(
-                        "no message for {}s while {}/{} is at offset {next} of {end} \
-                         (records compacted or deleted?)",
-                        STALL_TIMEOUT.as_secs(),
-                        k.0,
-                        k.1
-                    );
+                    return Err(ReaderError::Stalled {
+                        stalled_secs: STALL_TIMEOUT.as_secs(),
+                        topic: k.0.clone(),
+                        partition: k.1,
+                        next: *next,
+                        end: *end,
+                    });
                 }
                 Err(_) => break,
             };
@@ -302,11 +388,8 @@ impl TopicReader {
     }
 
     /// Finishes every open partition whose fetch position reached its end.
-    fn finish_reached(&mut self) -> anyhow::Result<()> {
-        let positions = self
-            .consumer
-            .position()
-            .context("reading the consumer's positions")?;
+    fn finish_reached(&mut self) -> Result<(), ReaderError> {
+        let positions = self.consumer.position().map_err(ReaderError::Positions)?;
         let done: Vec<(String, i32)> = self
             .open
             .iter()
@@ -324,7 +407,7 @@ impl TopicReader {
         Ok(())
     }
 
-    fn finish(&mut self, key: &(String, i32)) -> anyhow::Result<()> {
+    fn finish(&mut self, key: &(String, i32)) -> Result<(), ReaderError> {
         self.open.remove(key);
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&key.0, key.1);
@@ -341,28 +424,44 @@ fn offsets_for_time(
     topic: &str,
     marks: &[(i32, i64, i64)],
     ms: i64,
-) -> anyhow::Result<BTreeMap<i32, i64>> {
+) -> Result<BTreeMap<i32, i64>, ReaderError> {
     let mut tpl = TopicPartitionList::new();
     for (p, _, _) in marks {
         tpl.add_partition_offset(topic, *p, Offset::Offset(ms))
-            .context("building the offsets-for-times request")?;
+            .map_err(ReaderError::BuildOffsetsForTimes)?;
     }
     let found = consumer
         .offsets_for_times(tpl, LOOKUP_TIMEOUT)
-        .with_context(|| format!("offsets-for-times lookup on {topic} failed"))?;
+        .map_err(|source| ReaderError::OffsetsForTimes {
+            topic: topic.to_owned(),
+            source,
+        })?;
     let mut out = BTreeMap::new();
     for (p, _, hi) in marks {
         let e = found
             .find_partition(topic, *p)
-            .with_context(|| format!("offsets-for-times gave no answer for {topic}/{p}"))?;
-        if let Err(err) = e.error() {
-            anyhow::bail!("offsets-for-times lookup on {topic}/{p} failed: {err}");
+            .ok_or_else(|| ReaderError::NoOffsetForTime {
+                topic: topic.to_owned(),
+                partition: *p,
+            })?;
+        if let Err(error) = e.error() {
+            return Err(ReaderError::OffsetForTime {
+                topic: topic.to_owned(),
+                partition: *p,
+                error,
+            });
         }
         let o = match e.offset() {
             Offset::Offset(o) => o,
             // No message at or after the time: start at the end.
             Offset::End => *hi,
-            other => anyhow::bail!("offsets-for-times on {topic}/{p} answered {other:?}"),
+            offset => {
+                return Err(ReaderError::UnexpectedOffset {
+                    topic: topic.to_owned(),
+                    partition: *p,
+                    offset,
+                });
+            }
         };
         out.insert(*p, o);
     }

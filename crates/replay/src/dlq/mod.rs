@@ -40,11 +40,12 @@ pub enum DlqError {
     OpenTopic {
         topic: String,
         #[source]
-        source: ReaderError,
+        source: Box<ReaderError>,
     },
     /// Reading the dead-letter topic (or its watermarks) failed.
+    // (A ReaderError is large: boxed, so every Result here stays small.)
     #[error(transparent)]
-    Read(#[from] ReaderError),
+    Read(Box<ReaderError>),
     #[error("{topic} has no partition {partition} (partitions 0..{partitions})")]
     NoPartition {
         topic: String,
@@ -85,6 +86,12 @@ pub enum DlqError {
     Output(#[from] std::io::Error),
     #[error("writing to stdout")]
     Stdout(#[source] std::io::Error),
+}
+
+impl From<ReaderError> for DlqError {
+    fn from(e: ReaderError) -> DlqError {
+        DlqError::Read(Box::new(e))
+    }
 }
 
 impl From<sqlx::Error> for DlqError {

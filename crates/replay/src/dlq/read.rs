@@ -2,7 +2,6 @@
 //! committed): all of it, or the one message at a position.
 
 use super::DlqError;
-use crate::ReaderError;
 use events::TopicKind;
 use runtime::progress::Progress;
 use std::collections::BTreeMap;
@@ -24,13 +23,13 @@ pub(super) async fn read_all(kafka: &KafkaConfig) -> Result<Vec<Record>, DlqErro
         None,
     )
     .await
-    .map_err(|e| DlqError::OpenTopic {
+    .map_err(|source| DlqError::OpenTopic {
         topic: topic.clone(),
-        source: e.into(),
+        source: Box::new(source),
     })?;
     let progress = Progress::new("dead letters", reader.total());
     let mut out = Vec::new();
-    while let Some(batch) = reader.next_batch(2000).await.map_err(ReaderError::from)? {
+    while let Some(batch) = reader.next_batch(2000).await? {
         progress.inc(u64::try_from(batch.len()).unwrap_or(0));
         out.extend(batch);
     }
@@ -42,7 +41,7 @@ pub(super) async fn read_all(kafka: &KafkaConfig) -> Result<Vec<Record>, DlqErro
 /// Reads the one message at `pos` of the dead-letter topic.
 pub(super) async fn read_one(kafka: &KafkaConfig, pos: (i32, i64)) -> Result<Record, DlqError> {
     let topic = dlq_topic(kafka);
-    let marks = streaming::reader::watermarks(kafka, &topic).map_err(ReaderError::from)?;
+    let marks = streaming::reader::watermarks(kafka, &topic)?;
     let Some(&(_, lo, hi)) = marks.iter().find(|(p, _, _)| *p == pos.0) else {
         return Err(DlqError::NoPartition {
             topic,
@@ -71,9 +70,8 @@ pub(super) async fn read_one(kafka: &KafkaConfig, pos: (i32, i64)) -> Result<Rec
         End::Offset(pos.1 + 1),
         Some(&starts),
     )
-    .await
-    .map_err(ReaderError::from)?;
-    while let Some(batch) = reader.next_batch(16).await.map_err(ReaderError::from)? {
+    .await?;
+    while let Some(batch) = reader.next_batch(16).await? {
         if let Some(r) = batch
             .into_iter()
             .find(|r| r.partition == pos.0 && r.offset == pos.1)
