@@ -34,6 +34,42 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+/// How working off a payment fails. Database and broker failures (the
+/// payment is retried shortly) are shown as themselves; the others are
+/// refusals of the rules and broken invariants, named.
+#[derive(Debug, thiserror::Error)]
+pub enum DispatchError {
+    #[error(transparent)]
+    Sql(#[from] sqlx::Error),
+    /// An outbox row that does not decode.
+    #[error(transparent)]
+    Decode(#[from] events::avro::DecodeError),
+    // (A ProduceError is large: boxed, so every Result here stays small.)
+    #[error(transparent)]
+    Produce(Box<streaming::ProduceError>),
+    /// The rules refused a command.
+    #[error(transparent)]
+    Rejected(#[from] Rejection),
+    #[error("lost the lease of payment {payment_id}")]
+    LostLease { payment_id: String },
+    #[error("refund {refund_id} refers to a missing order")]
+    MissingOrder { refund_id: String },
+    /// The rules decided other events than the step allows (a bug).
+    #[error("{expected}: {events:?}")]
+    UnexpectedEvents {
+        expected: &'static str,
+        events: Vec<OrderEvent>,
+    },
+    #[error("an attempt cannot leave an order {0}")]
+    CannotLeave(StateName),
+}
+
+impl From<streaming::ProduceError> for DispatchError {
+    fn from(e: streaming::ProduceError) -> DispatchError {
+        DispatchError::Produce(Box::new(e))
+    }
+}
+
 /// How often the dispatcher looks for due work when nobody woke it.
 const IDLE_TICK: Duration = Duration::from_millis(100);
 /// Outbox rows older than this are re-appended by the sweeper (younger ones
@@ -153,7 +189,7 @@ async fn process_batch(app: &App, ids: Vec<String>, owner: &str) {
     }
 }
 
-async fn process_batch_inner(app: &App, ids: &[String], owner: &str) -> anyhow::Result<()> {
+async fn process_batch_inner(app: &App, ids: &[String], owner: &str) -> Result<(), DispatchError> {
     let mut pays: HashMap<String, PaymentRow> = HashMap::with_capacity(ids.len());
     for mut p in store::payments(&app.db, ids).await? {
         owner.clone_into(&mut p.owner);
@@ -205,11 +241,13 @@ async fn process_batch_inner(app: &App, ids: &[String], owner: &str) -> anyhow::
                 renew(app, pay).await?;
                 execute_refund(app, pay, &refund).await?;
             }
-            anyhow::Ok(())
+            Ok::<(), DispatchError>(())
         },
     ))
     .await;
-    results.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
+    results
+        .into_iter()
+        .collect::<Result<Vec<()>, DispatchError>>()?;
     Ok(())
 }
 
@@ -217,7 +255,11 @@ async fn process_batch_inner(app: &App, ids: &[String], owner: &str) -> anyhow::
 /// transaction, then their PSP calls concurrently (look-ups and polls of the
 /// others alongside), then all outcomes in one transaction, then one append
 /// of everything recorded.
-async fn run_round(app: &App, owner: &str, step: &[(&PaymentRow, OrderRow)]) -> anyhow::Result<()> {
+async fn run_round(
+    app: &App,
+    owner: &str,
+    step: &[(&PaymentRow, OrderRow)],
+) -> Result<(), DispatchError> {
     let r = domain_rules(app);
     let now = store::now_ms();
     let mut intents = Vec::new();
@@ -240,7 +282,10 @@ async fn run_round(app: &App, owner: &str, step: &[(&PaymentRow, OrderRow)]) -> 
                     },
                 ] = events.as_slice()
                 else {
-                    anyhow::bail!("an attempt's intent is one AttemptStarted: {events:?}");
+                    return Err(DispatchError::UnexpectedEvents {
+                        expected: "an attempt's intent is one AttemptStarted",
+                        events,
+                    });
                 };
                 // The PSP key is the stored order id, which the rules say
                 // the key is (the same string as every earlier attempt's).
@@ -268,7 +313,7 @@ async fn run_round(app: &App, owner: &str, step: &[(&PaymentRow, OrderRow)]) -> 
     // Boxed, so the round's future is Send for every lifetime (a lazy
     // iterator of closures over references trips the compiler's check).
     type Work<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
-    let calls: Vec<Work<'_, anyhow::Result<store::Outcome>>> = begun
+    let calls: Vec<Work<'_, Result<store::Outcome, DispatchError>>> = begun
         .into_iter()
         .zip(recorded)
         .filter(|(_, ok)| *ok)
@@ -276,7 +321,7 @@ async fn run_round(app: &App, owner: &str, step: &[(&PaymentRow, OrderRow)]) -> 
             Box::pin(call_and_decide(app, pay, row, after)) as Work<'_, _>
         })
         .collect();
-    let slow: Vec<Work<'_, anyhow::Result<()>>> = others
+    let slow: Vec<Work<'_, Result<(), DispatchError>>> = others
         .iter()
         .map(|(pay, row)| {
             let pay: &PaymentRow = pay;
@@ -291,11 +336,11 @@ async fn run_round(app: &App, owner: &str, step: &[(&PaymentRow, OrderRow)]) -> 
         .collect();
     let limit = app.max_in_flight.max(1);
     let work = async {
-        let outcomes: Vec<anyhow::Result<store::Outcome>> = futures::stream::iter(calls)
+        let outcomes: Vec<Result<store::Outcome, DispatchError>> = futures::stream::iter(calls)
             .buffer_unordered(limit)
             .collect()
             .await;
-        let slow: Vec<anyhow::Result<()>> = futures::stream::iter(slow)
+        let slow: Vec<Result<(), DispatchError>> = futures::stream::iter(slow)
             .buffer_unordered(limit)
             .collect()
             .await;
@@ -305,7 +350,9 @@ async fn run_round(app: &App, owner: &str, step: &[(&PaymentRow, OrderRow)]) -> 
     let intents_done = started.elapsed();
     let (outcomes, slow) = holding_leases(app, &ids, owner, work).await;
     let calls_done = started.elapsed();
-    let outcomes = outcomes.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+    let outcomes = outcomes
+        .into_iter()
+        .collect::<Result<Vec<_>, DispatchError>>()?;
     let (_, more) = store::record_attempts(&app.db, owner, &outcomes).await?;
     let recorded_done = started.elapsed();
     rows.extend(more);
@@ -318,7 +365,8 @@ async fn run_round(app: &App, owner: &str, step: &[(&PaymentRow, OrderRow)]) -> 
         append_ms = (started.elapsed() - recorded_done).as_millis(),
         "executor round"
     );
-    slow.into_iter().collect::<anyhow::Result<Vec<()>>>()?;
+    slow.into_iter()
+        .collect::<Result<Vec<()>, DispatchError>>()?;
     Ok(())
 }
 
@@ -354,7 +402,7 @@ async fn holding_leases<T>(
 /// Appends recorded events (their outbox rows' bytes) in seq order,
 /// all sent before any acknowledgement is awaited, then deletes their rows
 /// in one statement.
-async fn append_rows(app: &App, mut rows: Vec<(i64, Vec<u8>)>) -> anyhow::Result<()> {
+async fn append_rows(app: &App, mut rows: Vec<(i64, Vec<u8>)>) -> Result<(), DispatchError> {
     if rows.is_empty() {
         return Ok(());
     }
@@ -382,7 +430,7 @@ async fn append_rows(app: &App, mut rows: Vec<(i64, Vec<u8>)>) -> anyhow::Result
 
 /// Extends the lease, or stops working on the payment when it is no longer
 /// ours.
-async fn renew(app: &App, pay: &PaymentRow) -> anyhow::Result<()> {
+async fn renew(app: &App, pay: &PaymentRow) -> Result<(), DispatchError> {
     let now = store::now_ms();
     if !store::renew_lease(
         &app.db,
@@ -393,7 +441,9 @@ async fn renew(app: &App, pay: &PaymentRow) -> anyhow::Result<()> {
     )
     .await?
     {
-        anyhow::bail!("lost the lease of payment {}", pay.payment_id);
+        return Err(DispatchError::LostLease {
+            payment_id: pay.payment_id.clone(),
+        });
     }
     Ok(())
 }
@@ -445,7 +495,7 @@ pub async fn flush_outbox(
     app: &App,
     payment_id: Option<&str>,
     older_than_ms: i64,
-) -> anyhow::Result<()> {
+) -> Result<(), DispatchError> {
     loop {
         let rows =
             store::unappended(&app.db, payment_id, older_than_ms, OUTBOX_ROWS_PER_PASS_MAX).await?;
@@ -544,7 +594,7 @@ fn outgoing(pay: &PaymentRow, order: &Order, ev: &OrderEvent) -> Option<Outgoing
 }
 
 /// How the facts leave the stored row.
-fn update_of(events: &[OrderEvent], after: &Order) -> anyhow::Result<OrderUpdate> {
+fn update_of(events: &[OrderEvent], after: &Order) -> Result<OrderUpdate, DispatchError> {
     let unknown = events.iter().any(|e| {
         matches!(
             e,
@@ -588,7 +638,7 @@ fn update_of(events: &[OrderEvent], after: &Order) -> anyhow::Result<OrderUpdate
             reason: reason(),
             outcome_unknown: unknown,
         },
-        other => anyhow::bail!("an attempt cannot leave an order {}", other.name()),
+        other => return Err(DispatchError::CannotLeave(other.name())),
     })
 }
 
@@ -614,7 +664,7 @@ async fn call_and_decide(
     pay: &PaymentRow,
     row: &OrderRow,
     order: Order,
-) -> anyhow::Result<store::Outcome> {
+) -> Result<store::Outcome, DispatchError> {
     let n = order.attempts;
     let answer = app
         .psp
@@ -703,7 +753,7 @@ fn lookup_wait(app: &App, n: i32) -> i64 {
 /// charge found resolves the order; no charge fails it only once the grace
 /// period since the last unknown-outcome attempt has passed; a failed
 /// look-up is simply repeated).
-async fn look_up_charge(app: &App, pay: &PaymentRow, row: &OrderRow) -> anyhow::Result<()> {
+async fn look_up_charge(app: &App, pay: &PaymentRow, row: &OrderRow) -> Result<(), DispatchError> {
     let order = domain_order(row);
     let n = order.attempts;
     let answer = lookup(app, &row.order_id).await;
@@ -806,7 +856,7 @@ pub(crate) async fn settle(
     pay: &PaymentRow,
     row: &OrderRow,
     charge: &Charge,
-) -> anyhow::Result<bool> {
+) -> Result<bool, DispatchError> {
     let order = domain_order(row);
     let Ok(events) = rules::decide(
         &order,
@@ -826,7 +876,10 @@ pub(crate) async fn settle(
         },
     ] = events.as_slice()
     else {
-        anyhow::bail!("a settlement is one Settled: {events:?}");
+        return Err(DispatchError::UnexpectedEvents {
+            expected: "a settlement is one Settled",
+            events,
+        });
     };
     let ev = outgoing(pay, &order, settled).expect("a settled event");
     let done = store::resolve_pending(
@@ -845,7 +898,7 @@ pub(crate) async fn settle(
 }
 
 /// A pending order no webhook resolved in time: ask the PSP.
-async fn poll_pending(app: &App, pay: &PaymentRow, order: &OrderRow) -> anyhow::Result<()> {
+async fn poll_pending(app: &App, pay: &PaymentRow, order: &OrderRow) -> Result<(), DispatchError> {
     let now = store::now_ms();
     match app.psp.charges_for(&order.order_id).await {
         Ok(charges) => {
@@ -877,7 +930,11 @@ async fn poll_pending(app: &App, pay: &PaymentRow, order: &OrderRow) -> anyhow::
 
 // ----------------------------------------------------------------- refunds
 
-async fn execute_refund(app: &App, pay: &PaymentRow, refund: &RefundRow) -> anyhow::Result<()> {
+async fn execute_refund(
+    app: &App,
+    pay: &PaymentRow,
+    refund: &RefundRow,
+) -> Result<(), DispatchError> {
     let p = &app.policy;
     let rid: RefundId = refund
         .refund_id
@@ -905,7 +962,9 @@ async fn execute_refund(app: &App, pay: &PaymentRow, refund: &RefundRow) -> anyh
         )
     };
     let Some(order) = store::order(&app.db, &refund.order_id).await? else {
-        anyhow::bail!("refund {} refers to a missing order", refund.refund_id);
+        return Err(DispatchError::MissingOrder {
+            refund_id: refund.refund_id.clone(),
+        });
     };
     let reject = match StateName::parse(&order.state) {
         Some(StateName::Succeeded) => None,

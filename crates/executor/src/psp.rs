@@ -124,7 +124,12 @@ pub struct PspClient {
 }
 
 impl PspClient {
-    pub fn new(base: &str, api_key: Secret, timeout: Duration) -> anyhow::Result<PspClient> {
+    /// Fails only where reqwest cannot build its client (its TLS backend).
+    pub fn new(
+        base: &str,
+        api_key: Secret,
+        timeout: Duration,
+    ) -> Result<PspClient, reqwest::Error> {
         assert!(!timeout.is_zero(), "a PSP call needs a positive timeout");
         let http = reqwest::Client::builder()
             .timeout(timeout)

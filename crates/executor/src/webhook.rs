@@ -182,7 +182,19 @@ fn ok(status: &str) -> Response {
     (StatusCode::OK, axum::Json(json!({"status": status}))).into_response()
 }
 
-async fn handle(app: &App, event: &WebhookEvent) -> anyhow::Result<Response> {
+/// How processing a signed webhook fails (answered 503: the PSP delivers
+/// it again).
+#[derive(Debug, thiserror::Error)]
+enum WebhookError {
+    #[error(transparent)]
+    Sql(#[from] sqlx::Error),
+    #[error(transparent)]
+    Dispatch(#[from] dispatch::DispatchError),
+    #[error("order {order_id} without its payment")]
+    OrderWithoutPayment { order_id: String },
+}
+
+async fn handle(app: &App, event: &WebhookEvent) -> Result<Response, WebhookError> {
     if store::webhook_seen(&app.db, &event.id).await? {
         return Ok(ok("duplicate"));
     }
@@ -226,7 +238,9 @@ async fn handle(app: &App, event: &WebhookEvent) -> anyhow::Result<Response> {
                 return Ok(ok("mismatch"));
             }
             let Some(pay) = store::payment(&app.db, &order.payment_id).await? else {
-                anyhow::bail!("order {} without its payment", order.order_id);
+                return Err(WebhookError::OrderWithoutPayment {
+                    order_id: order.order_id,
+                });
             };
             let resolved = dispatch::settle(app, &pay, &order, &charge).await?;
             store::record_webhook(&app.db, &event.id, &event.kind).await?;
