@@ -21,7 +21,9 @@ use events::{Envelope, Event, json};
 use hmac::{Hmac, Mac};
 use rdkafka::message::Header;
 use sha2::{Digest, Sha256};
-use streaming::{Appended, BatchHandler, Delivered, EventProducer, HandlerError, Outcome};
+use streaming::{
+    Appended, BatchHandler, Delivered, EventProducer, HandlerError, Outcome, ProduceError,
+};
 use tracing::Instrument;
 
 /// The header carrying an inbound message's signature.
@@ -62,6 +64,24 @@ pub fn sign(api_key: &str, key: Option<&[u8]>, payload: &[u8]) -> Option<String>
     Some(format!("keyid={key_id},v1={sig}"))
 }
 
+/// How [`append_signed`] fails.
+#[derive(Debug, thiserror::Error)]
+pub enum AppendSignedError {
+    #[error(transparent)]
+    Encode(#[from] events::avro::EncodeError),
+    #[error("not an API key (psk_<key id>_<secret>)")]
+    NotAnApiKey,
+    // (A ProduceError is large: boxed.)
+    #[error(transparent)]
+    Produce(Box<ProduceError>),
+}
+
+impl From<ProduceError> for AppendSignedError {
+    fn from(e: ProduceError) -> AppendSignedError {
+        AppendSignedError::Produce(Box::new(e))
+    }
+}
+
 /// Appends `env` to `topic` (the inbound topic) signed with `api_key`, with
 /// the headers `EventProducer::append_to` sets.
 pub async fn append_signed(
@@ -69,11 +89,11 @@ pub async fn append_signed(
     topic: &str,
     env: &Envelope,
     api_key: &str,
-) -> anyhow::Result<Appended> {
+) -> Result<Appended, AppendSignedError> {
     let payload = events::avro::encode(env)?;
     let key = env.partition_key();
-    let sig = sign(api_key, Some(key.as_bytes()), &payload)
-        .ok_or_else(|| anyhow::anyhow!("not an API key (psk_<key id>_<secret>)"))?;
+    let sig =
+        sign(api_key, Some(key.as_bytes()), &payload).ok_or(AppendSignedError::NotAnApiKey)?;
     let headers = streaming::producer::envelope_headers(env).insert(Header {
         key: SIGNATURE_HEADER,
         value: Some(sig.as_str()),

@@ -100,6 +100,20 @@ impl HandlerArgs {
     }
 }
 
+/// A `--fault-inject` value that names no fault.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown fault {0:?}")]
+pub struct UnknownFault(pub String);
+
+/// Why [`App::new`] cannot build the handler's state from its flags.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    RiskRules(#[from] crate::risk::RulesError),
+    #[error(transparent)]
+    Fault(#[from] UnknownFault),
+}
+
 /// Test-only fault injection (`--fault-inject`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
@@ -112,12 +126,12 @@ pub enum Fault {
 }
 
 impl Fault {
-    pub fn parse(s: Option<&str>) -> anyhow::Result<Fault> {
+    pub fn parse(s: Option<&str>) -> Result<Fault, UnknownFault> {
         match s {
             None | Some("") => Ok(Fault::None),
             Some("crash_after_append") => Ok(Fault::CrashAfterAppend),
             Some("fail_after_append_once") => Ok(Fault::FailAfterAppendOnce),
-            Some(other) => anyhow::bail!("unknown fault {other:?}"),
+            Some(other) => Err(UnknownFault(other.to_owned())),
         }
     }
 }
@@ -142,7 +156,7 @@ pub struct App {
 }
 
 impl App {
-    pub fn new(db: Db, producer: EventProducer, args: &HandlerArgs) -> anyhow::Result<App> {
+    pub fn new(db: Db, producer: EventProducer, args: &HandlerArgs) -> Result<App, AppError> {
         let risk: Arc<dyn RiskCheck> = match &args.risk_rules {
             Some(path) => Arc::new(RiskRules::load(path)?),
             None => Arc::new(RiskRules::default_rules()),
