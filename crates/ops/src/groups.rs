@@ -7,16 +7,93 @@
 //! `kafka-consumer-groups --reset-offsets` does). Kafka accepts that only
 //! while the group has no active members; we also check first and refuse.
 
-use anyhow::Context as _;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::time::Duration;
 use streaming::KafkaConfig;
+use streaming::reader::ReaderError;
 
 /// How long a broker lookup may take.
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How a look-up or move of a group's offsets fails. Where Kafka gave a
+/// cause, it is the variant's `source`.
+#[derive(Debug, thiserror::Error)]
+pub enum GroupsError {
+    #[error(
+        "consumer group {group} is active (state {state}, members {members}): stop its consumers first \
+         (e.g. scale the deployment to 0) before {what}"
+    )]
+    Active {
+        group: String,
+        state: String,
+        members: String,
+        what: String,
+    },
+    #[error("cannot create a Kafka client")]
+    CreateClient(#[source] KafkaError),
+    #[error("a Kafka lookup panicked")]
+    Panicked(#[source] tokio::task::JoinError),
+    #[error("cannot describe consumer group {group}")]
+    Describe {
+        group: String,
+        #[source]
+        source: KafkaError,
+    },
+    // (A ReaderError is large: boxed, so every Result here stays small.)
+    #[error(transparent)]
+    Watermarks(Box<ReaderError>),
+    #[error("cannot fetch the group's committed offsets")]
+    Committed(#[source] KafkaError),
+    #[error("cannot list the cluster's topics")]
+    ListTopics(#[source] KafkaError),
+    #[error("building the offsets-for-times request")]
+    BuildOffsetsForTimes(#[source] KafkaError),
+    #[error("offsets-for-times lookup failed")]
+    OffsetsForTimes(#[source] KafkaError),
+    #[error("offsets-for-times returned nothing for {topic}/{partition}")]
+    NoOffsetForTime { topic: String, partition: i32 },
+    #[error("offsets-for-times failed for {topic}/{partition}")]
+    OffsetForTime {
+        topic: String,
+        partition: i32,
+        #[source]
+        source: KafkaError,
+    },
+    #[error(
+        "offsets-for-times returned {offset:?} for {topic}/{partition}; expected an offset or the end"
+    )]
+    UnexpectedOffset {
+        topic: String,
+        partition: i32,
+        offset: Offset,
+    },
+    #[error("building the offset commit")]
+    BuildCommit(#[source] KafkaError),
+    #[error("committing offsets for group {group} failed (is the group active?)")]
+    Commit {
+        group: String,
+        #[source]
+        source: KafkaError,
+    },
+    #[error("group {group}: {topic}/{partition} reads back {got:?} after committing {target}")]
+    ReadBack {
+        group: String,
+        topic: String,
+        partition: i32,
+        got: Option<i64>,
+        target: i64,
+    },
+}
+
+impl From<ReaderError> for GroupsError {
+    fn from(e: ReaderError) -> GroupsError {
+        GroupsError::Watermarks(Box::new(e))
+    }
+}
 
 /// A group as the broker describes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -48,45 +125,47 @@ impl GroupState {
     }
 
     /// An error unless the group has no active members.
-    pub fn ensure_inactive(&self, what: &str) -> anyhow::Result<()> {
+    pub fn ensure_inactive(&self, what: &str) -> Result<(), GroupsError> {
         if self.is_active() {
-            anyhow::bail!(
-                "consumer group {} is active (state {}, members {}): stop its consumers first \
-                 (e.g. scale the deployment to 0) before {what}",
-                self.group,
-                self.state,
-                self.members_text()
-            );
+            return Err(GroupsError::Active {
+                group: self.group.clone(),
+                state: self.state.clone(),
+                members: self.members_text(),
+                what: what.to_owned(),
+            });
         }
         Ok(())
     }
 }
 
-fn consumer(cfg: &KafkaConfig, group: &str) -> anyhow::Result<BaseConsumer> {
+fn consumer(cfg: &KafkaConfig, group: &str) -> Result<BaseConsumer, GroupsError> {
     let mut c = cfg.client_config("paystream-ops");
     c.set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false");
     cfg.apply_overrides(&mut c);
-    c.create().context("cannot create a Kafka client")
+    c.create().map_err(GroupsError::CreateClient)
 }
 
 async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
-) -> anyhow::Result<T> {
+    f: impl FnOnce() -> Result<T, GroupsError> + Send + 'static,
+) -> Result<T, GroupsError> {
     tokio::task::spawn_blocking(f)
         .await
-        .context("a Kafka lookup panicked")?
+        .map_err(GroupsError::Panicked)?
 }
 
 /// Describes `group` (DescribeGroups through librdkafka's group list).
-pub async fn describe(cfg: &KafkaConfig, group: &str) -> anyhow::Result<GroupState> {
+pub async fn describe(cfg: &KafkaConfig, group: &str) -> Result<GroupState, GroupsError> {
     let (cfg, group) = (cfg.clone(), group.to_owned());
     blocking(move || {
         let c = consumer(&cfg, &format!("paystream-ops-{}", uuid::Uuid::now_v7()))?;
         let list = c
             .fetch_group_list(Some(&group), LOOKUP_TIMEOUT)
-            .with_context(|| format!("cannot describe consumer group {group}"))?;
+            .map_err(|source| GroupsError::Describe {
+                group: group.clone(),
+                source,
+            })?;
         let Some(g) = list.groups().iter().find(|g| g.name() == group) else {
             return Ok(GroupState {
                 group,
@@ -137,7 +216,7 @@ impl PartitionOffsets {
 fn committed_and_marks(
     c: &BaseConsumer,
     topics: &[String],
-) -> anyhow::Result<Vec<PartitionOffsets>> {
+) -> Result<Vec<PartitionOffsets>, GroupsError> {
     let mut tpl = TopicPartitionList::new();
     let mut rows = Vec::new();
     for topic in topics {
@@ -157,7 +236,7 @@ fn committed_and_marks(
     }
     let committed = c
         .committed_offsets(tpl, LOOKUP_TIMEOUT)
-        .context("cannot fetch the group's committed offsets")?;
+        .map_err(GroupsError::Committed)?;
     for r in &mut rows {
         if let Some(e) = committed.find_partition(&r.topic, r.partition)
             && let Offset::Offset(o) = e.offset()
@@ -174,20 +253,20 @@ pub async fn offsets(
     cfg: &KafkaConfig,
     group: &str,
     topics: &[String],
-) -> anyhow::Result<Vec<PartitionOffsets>> {
+) -> Result<Vec<PartitionOffsets>, GroupsError> {
     let (cfg, group, topics) = (cfg.clone(), group.to_owned(), topics.to_vec());
     blocking(move || committed_and_marks(&consumer(&cfg, &group)?, &topics)).await
 }
 
 /// The topics `group` has committed offsets for (every topic in the
 /// cluster's metadata is asked, internal `__` topics excepted).
-pub async fn committed_topics(cfg: &KafkaConfig, group: &str) -> anyhow::Result<Vec<String>> {
+pub async fn committed_topics(cfg: &KafkaConfig, group: &str) -> Result<Vec<String>, GroupsError> {
     let (cfg, group) = (cfg.clone(), group.to_owned());
     blocking(move || {
         let c = consumer(&cfg, &group)?;
         let md = c
             .fetch_metadata(None, LOOKUP_TIMEOUT)
-            .context("cannot list the cluster's topics")?;
+            .map_err(GroupsError::ListTopics)?;
         let mut tpl = TopicPartitionList::new();
         for t in md.topics() {
             if t.name().starts_with("__") || t.error().is_some() {
@@ -202,7 +281,7 @@ pub async fn committed_topics(cfg: &KafkaConfig, group: &str) -> anyhow::Result<
         }
         let committed = c
             .committed_offsets(tpl, LOOKUP_TIMEOUT)
-            .context("cannot fetch the group's committed offsets")?;
+            .map_err(GroupsError::Committed)?;
         let mut topics: Vec<String> = committed
             .elements()
             .iter()
@@ -254,7 +333,7 @@ pub async fn plan(
     group: &str,
     topics: &[String],
     target: &Target,
-) -> anyhow::Result<Vec<PlanRow>> {
+) -> Result<Vec<PlanRow>, GroupsError> {
     let (cfg, group, topics, target) = (
         cfg.clone(),
         group.to_owned(),
@@ -304,36 +383,39 @@ fn times(
     c: &BaseConsumer,
     rows: &[PartitionOffsets],
     ms: i64,
-) -> anyhow::Result<BTreeMap<(String, i32), i64>> {
+) -> Result<BTreeMap<(String, i32), i64>, GroupsError> {
     let mut tpl = TopicPartitionList::new();
     for r in rows {
         tpl.add_partition_offset(&r.topic, r.partition, Offset::Offset(ms))
-            .context("building the offsets-for-times request")?;
+            .map_err(GroupsError::BuildOffsetsForTimes)?;
     }
     let found = c
         .offsets_for_times(tpl, LOOKUP_TIMEOUT)
-        .context("offsets-for-times lookup failed")?;
+        .map_err(GroupsError::OffsetsForTimes)?;
     let mut out = BTreeMap::new();
     for r in rows {
-        let e = found
-            .find_partition(&r.topic, r.partition)
-            .with_context(|| {
-                format!(
-                    "offsets-for-times returned nothing for {}/{}",
-                    r.topic, r.partition
-                )
-            })?;
-        e.error()
-            .with_context(|| format!("offsets-for-times failed for {}/{}", r.topic, r.partition))?;
+        let e = found.find_partition(&r.topic, r.partition).ok_or_else(|| {
+            GroupsError::NoOffsetForTime {
+                topic: r.topic.clone(),
+                partition: r.partition,
+            }
+        })?;
+        e.error().map_err(|source| GroupsError::OffsetForTime {
+            topic: r.topic.clone(),
+            partition: r.partition,
+            source,
+        })?;
         let o = match e.offset() {
             Offset::Offset(o) if o >= 0 => o,
             // No record at or after T: the end of the partition.
             Offset::End => r.high,
-            other => anyhow::bail!(
-                "offsets-for-times returned {other:?} for {}/{}; expected an offset or the end",
-                r.topic,
-                r.partition
-            ),
+            offset => {
+                return Err(GroupsError::UnexpectedOffset {
+                    topic: r.topic.clone(),
+                    partition: r.partition,
+                    offset,
+                });
+            }
         };
         out.insert((r.topic.clone(), r.partition), o);
     }
@@ -342,7 +424,7 @@ fn times(
 
 /// Commits the plan's targets for `group`, after checking (again) that
 /// the group has no active members, and reads them back.
-pub async fn execute(cfg: &KafkaConfig, group: &str, rows: &[PlanRow]) -> anyhow::Result<()> {
+pub async fn execute(cfg: &KafkaConfig, group: &str, rows: &[PlanRow]) -> Result<(), GroupsError> {
     describe(cfg, group)
         .await?
         .ensure_inactive("moving its offsets")?;
@@ -355,11 +437,13 @@ pub async fn execute(cfg: &KafkaConfig, group: &str, rows: &[PlanRow]) -> anyhow
         let mut tpl = TopicPartitionList::new();
         for r in &rows {
             tpl.add_partition_offset(&r.topic, r.partition, Offset::Offset(r.target))
-                .context("building the offset commit")?;
+                .map_err(GroupsError::BuildCommit)?;
         }
-        c.commit(&tpl, CommitMode::Sync).with_context(|| {
-            format!("committing offsets for group {group} failed (is the group active?)")
-        })?;
+        c.commit(&tpl, CommitMode::Sync)
+            .map_err(|source| GroupsError::Commit {
+                group: group.clone(),
+                source,
+            })?;
         let topics: Vec<String> = {
             let mut t: Vec<String> = rows.iter().map(|r| r.topic.clone()).collect();
             t.dedup();
@@ -371,13 +455,15 @@ pub async fn execute(cfg: &KafkaConfig, group: &str, rows: &[PlanRow]) -> anyhow
                 .iter()
                 .find(|b| b.topic == r.topic && b.partition == r.partition)
                 .and_then(|b| b.committed);
-            anyhow::ensure!(
-                got == Some(r.target),
-                "group {group}: {}/{} reads back {got:?} after committing {}",
-                r.topic,
-                r.partition,
-                r.target
-            );
+            if got != Some(r.target) {
+                return Err(GroupsError::ReadBack {
+                    group: group.clone(),
+                    topic: r.topic.clone(),
+                    partition: r.partition,
+                    got,
+                    target: r.target,
+                });
+            }
         }
         Ok(())
     })

@@ -15,7 +15,6 @@
 //!   names the file and the pid so an operator can check and remove it.
 
 use crate::shadow::sqlite_file;
-use anyhow::Context as _;
 use projections::Projection;
 use sqlx::Connection as _;
 use std::io::Write as _;
@@ -60,35 +59,79 @@ pub fn lock_file(main: &std::path::Path, projection: Projection) -> PathBuf {
     PathBuf::from(name)
 }
 
-fn busy(projection: Projection) -> String {
-    format!(
-        "another rebuild/reset of {} is running",
-        projection.as_str()
-    )
+/// How taking or releasing the run lock fails. A lock held by another run
+/// is [`LockError::HeldPostgres`] / [`LockError::HeldSqlite`], whose
+/// messages say where to look.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("opening the lock connection")]
+    Connect(#[source] sqlx::Error),
+    #[error("taking the advisory lock")]
+    Take(#[source] sqlx::Error),
+    #[error(
+        "another rebuild/reset of {projection} is running (PostgreSQL advisory lock {key} is held; \
+         see pg_locks where locktype = 'advisory'); wait for it to finish"
+    )]
+    HeldPostgres { projection: &'static str, key: i64 },
+    #[error(
+        "another rebuild/reset of {projection} is running (lock file {} exists, written by \
+         process {pid}); if no such process runs any more (a run killed hard), remove the file \
+         and try again",
+        path.display()
+    )]
+    HeldSqlite {
+        projection: &'static str,
+        path: PathBuf,
+        pid: String,
+    },
+    /// The SQLite database's file could not be found.
+    #[error(transparent)]
+    Shadow(#[from] crate::shadow::SqliteFileError),
+    #[error("writing the lock file {}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("creating the lock file {}", path.display())]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("releasing the advisory lock")]
+    Release(#[source] sqlx::Error),
+    #[error("closing the lock connection")]
+    Close(#[source] sqlx::Error),
+    #[error("removing the lock file {}", path.display())]
+    Remove {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl RunLock {
     /// Takes the lock of `projection` on the live database `db` (reached
     /// at `url`), or refuses at once if another run holds it.
-    pub async fn acquire(db: &Db, url: &str, projection: Projection) -> anyhow::Result<RunLock> {
+    pub async fn acquire(db: &Db, url: &str, projection: Projection) -> Result<RunLock, LockError> {
         match db {
             Db::Postgres(_) => {
                 let mut conn = sqlx::PgConnection::connect(url)
                     .await
-                    .context("opening the lock connection")?;
+                    .map_err(LockError::Connect)?;
                 let key = advisory_key(projection);
                 let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
                     .bind(key)
                     .fetch_one(&mut conn)
                     .await
-                    .context("taking the advisory lock")?;
+                    .map_err(LockError::Take)?;
                 if !got {
                     let _ = conn.close().await;
-                    anyhow::bail!(
-                        "{} (PostgreSQL advisory lock {key} is held; see pg_locks where \
-                         locktype = 'advisory'); wait for it to finish",
-                        busy(projection)
-                    );
+                    return Err(LockError::HeldPostgres {
+                        projection: projection.as_str(),
+                        key,
+                    });
                 }
                 Ok(RunLock {
                     held: Held::Postgres {
@@ -107,32 +150,30 @@ impl RunLock {
                     Ok(mut f) => {
                         writeln!(f, "{}", std::process::id())
                             .and_then(|()| f.sync_all())
-                            .with_context(|| format!("writing the lock file {}", path.display()))?;
+                            .map_err(|source| LockError::Write {
+                                path: path.clone(),
+                                source,
+                            })?;
                         Ok(RunLock {
                             held: Held::Sqlite { path },
                         })
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                         let pid = std::fs::read_to_string(&path).unwrap_or_default();
-                        anyhow::bail!(
-                            "{} (lock file {} exists, written by process {}); if no such \
-                             process runs any more (a run killed hard), remove the file and \
-                             try again",
-                            busy(projection),
-                            path.display(),
-                            pid.trim()
-                        )
+                        Err(LockError::HeldSqlite {
+                            projection: projection.as_str(),
+                            pid: pid.trim().to_owned(),
+                            path,
+                        })
                     }
-                    Err(e) => {
-                        Err(e).with_context(|| format!("creating the lock file {}", path.display()))
-                    }
+                    Err(source) => Err(LockError::Create { path, source }),
                 }
             }
         }
     }
 
     /// Releases the lock.
-    pub async fn release(mut self) -> anyhow::Result<()> {
+    pub async fn release(mut self) -> Result<(), LockError> {
         match std::mem::replace(&mut self.held, Held::Released) {
             Held::Released => Ok(()),
             Held::Postgres { conn, key } => {
@@ -141,17 +182,15 @@ impl RunLock {
                         .bind(key)
                         .execute(&mut c)
                         .await
-                        .context("releasing the advisory lock")?;
-                    c.close().await.context("closing the lock connection")?;
+                        .map_err(LockError::Release)?;
+                    c.close().await.map_err(LockError::Close)?;
                 }
                 Ok(())
             }
             Held::Sqlite { path } => match std::fs::remove_file(&path) {
                 Ok(()) => Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                Err(e) => {
-                    Err(e).with_context(|| format!("removing the lock file {}", path.display()))
-                }
+                Err(source) => Err(LockError::Remove { path, source }),
             },
         }
     }

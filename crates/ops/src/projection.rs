@@ -746,7 +746,7 @@ async fn rebuild_locked(
                 "the group's offsets changed while the rebuild ran; start it again once \
                  its consumers are stopped",
             ),
-            Err(e) => Err(e),
+            Err(e) => Err(e.into()),
         },
         Err(e) => Err(e),
     };

@@ -89,20 +89,30 @@ enum Place {
 }
 
 /// The file of an SQLite database's main schema.
-pub async fn sqlite_file(db: &Db) -> anyhow::Result<PathBuf> {
+pub async fn sqlite_file(db: &Db) -> Result<PathBuf, SqliteFileError> {
     let Db::Sqlite(p) = db else {
-        anyhow::bail!("not an SQLite database");
+        return Err(SqliteFileError::NotSqlite);
     };
     let file: String =
         sqlx::query_scalar("SELECT file FROM pragma_database_list WHERE name = 'main'")
             .fetch_one(p)
             .await
-            .context("locating the SQLite database file")?;
-    anyhow::ensure!(
-        !file.is_empty(),
-        "the SQLite database is in memory: a rebuild needs a database file"
-    );
+            .map_err(SqliteFileError::Locate)?;
+    if file.is_empty() {
+        return Err(SqliteFileError::InMemory);
+    }
     Ok(PathBuf::from(file))
+}
+
+/// Why [`sqlite_file`] found no database file.
+#[derive(Debug, thiserror::Error)]
+pub enum SqliteFileError {
+    #[error("not an SQLite database")]
+    NotSqlite,
+    #[error("locating the SQLite database file")]
+    Locate(#[source] sqlx::Error),
+    #[error("the SQLite database is in memory: a rebuild needs a database file")]
+    InMemory,
 }
 
 fn quote_ident(s: &str) -> String {

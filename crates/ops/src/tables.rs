@@ -5,10 +5,38 @@
 //! `projections::migrate` creates is listed here, so a table added by a
 //! future migration cannot be forgotten by reset or rebuild.
 
-use anyhow::Context as _;
 use projections::Projection;
 use std::collections::BTreeSet;
 use storage::{Db, with_pool};
+
+/// How reading the projection tables' catalogue or row counts fails.
+#[derive(Debug, thiserror::Error)]
+pub enum TablesError {
+    #[error("listing the database's tables")]
+    List(#[source] sqlx::Error),
+    #[error("reading the columns of {table}")]
+    Columns {
+        table: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("table {table} has no columns (missing?)")]
+    NoColumns { table: String },
+    #[error("reading the primary key of {table}")]
+    PrimaryKey {
+        table: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("counting rows of {table}")]
+    Count {
+        table: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error(transparent)]
+    Sql(#[from] sqlx::Error),
+}
 
 /// Who a table's rows belong to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,7 +113,7 @@ pub fn tables_of(projection: Projection) -> Vec<OwnedTable> {
 
 /// Tables of the connection's current schema (PostgreSQL) or main
 /// database (SQLite).
-pub async fn existing_tables(db: &Db) -> anyhow::Result<BTreeSet<String>> {
+pub async fn existing_tables(db: &Db) -> Result<BTreeSet<String>, TablesError> {
     let names: Vec<String> =
         match db {
             // Tables and partitioned tables, not their partitions (a
@@ -105,12 +133,15 @@ pub async fn existing_tables(db: &Db) -> anyhow::Result<BTreeSet<String>> {
             .fetch_all(p)
             .await,
         }
-        .context("listing the database's tables")?;
+        .map_err(TablesError::List)?;
     Ok(names.into_iter().collect())
 }
 
 /// The tables of `projection` that exist in `db`, in insertion order.
-pub async fn present_tables_of(db: &Db, projection: Projection) -> anyhow::Result<Vec<OwnedTable>> {
+pub async fn present_tables_of(
+    db: &Db,
+    projection: Projection,
+) -> Result<Vec<OwnedTable>, TablesError> {
     let have = existing_tables(db).await?;
     Ok(tables_of(projection)
         .into_iter()
@@ -119,7 +150,7 @@ pub async fn present_tables_of(db: &Db, projection: Projection) -> anyhow::Resul
 }
 
 /// Column names of `table`, in table order.
-pub async fn columns(db: &Db, table: &str) -> anyhow::Result<Vec<String>> {
+pub async fn columns(db: &Db, table: &str) -> Result<Vec<String>, TablesError> {
     let cols: Vec<String> = match db {
         Db::Postgres(p) => {
             sqlx::query_scalar(
@@ -137,13 +168,20 @@ pub async fn columns(db: &Db, table: &str) -> anyhow::Result<Vec<String>> {
                 .await
         }
     }
-    .with_context(|| format!("reading the columns of {table}"))?;
-    anyhow::ensure!(!cols.is_empty(), "table {table} has no columns (missing?)");
+    .map_err(|source| TablesError::Columns {
+        table: table.to_owned(),
+        source,
+    })?;
+    if cols.is_empty() {
+        return Err(TablesError::NoColumns {
+            table: table.to_owned(),
+        });
+    }
     Ok(cols)
 }
 
 /// The primary key columns of `table`, in key order (empty if none).
-pub async fn primary_key(db: &Db, table: &str) -> anyhow::Result<Vec<String>> {
+pub async fn primary_key(db: &Db, table: &str) -> Result<Vec<String>, TablesError> {
     let cols: Vec<String> = match db {
         Db::Postgres(p) => {
             sqlx::query_scalar(
@@ -164,12 +202,19 @@ pub async fn primary_key(db: &Db, table: &str) -> anyhow::Result<Vec<String>> {
                 .await
         }
     }
-    .with_context(|| format!("reading the primary key of {table}"))?;
+    .map_err(|source| TablesError::PrimaryKey {
+        table: table.to_owned(),
+        source,
+    })?;
     Ok(cols)
 }
 
 /// Rows of `table` that belong to `projection`.
-pub async fn count_rows(db: &Db, table: OwnedTable, projection: Projection) -> anyhow::Result<i64> {
+pub async fn count_rows(
+    db: &Db,
+    table: OwnedTable,
+    projection: Projection,
+) -> Result<i64, TablesError> {
     let n: i64 = if table.shared {
         let sql = format!("SELECT COUNT(*) FROM {} WHERE projection = $1", table.name);
         with_pool!(db, p => sqlx::query_scalar(&sql).bind(projection.as_str()).fetch_one(p).await)
@@ -177,12 +222,18 @@ pub async fn count_rows(db: &Db, table: OwnedTable, projection: Projection) -> a
         let sql = format!("SELECT COUNT(*) FROM {}", table.name);
         with_pool!(db, p => sqlx::query_scalar(&sql).fetch_one(p).await)
     }
-    .with_context(|| format!("counting rows of {}", table.name))?;
+    .map_err(|source| TablesError::Count {
+        table: table.name,
+        source,
+    })?;
     Ok(n)
 }
 
 /// Row counts of every table `projection` owns, in table order.
-pub async fn row_counts(db: &Db, projection: Projection) -> anyhow::Result<Vec<(String, i64)>> {
+pub async fn row_counts(
+    db: &Db,
+    projection: Projection,
+) -> Result<Vec<(String, i64)>, TablesError> {
     let mut out = Vec::new();
     for t in present_tables_of(db, projection).await? {
         out.push((t.name.to_owned(), count_rows(db, t, projection).await?));
@@ -192,7 +243,7 @@ pub async fn row_counts(db: &Db, projection: Projection) -> anyhow::Result<Vec<(
 
 /// Whether `db` holds any projection data (an applied event of either
 /// projection, or a ledger transaction).
-pub async fn has_projection_data(db: &Db) -> anyhow::Result<bool> {
+pub async fn has_projection_data(db: &Db) -> Result<bool, TablesError> {
     let have = existing_tables(db).await?;
     for (name, _) in TABLES {
         if !have.contains(*name) || *name == "ledger_chain_head" {
