@@ -1,9 +1,10 @@
 //! `paystream project --into URL --as-of T`: the ledger and wallets as they
 //! stood at a past moment, built into a separate database.
 
-use crate::projection::{ApplyTally, apply_records, projection_topics};
+use crate::projection::{ApplyError, ApplyTally, apply_records, projection_topics};
+use crate::shadow::SqliteFileError;
 use crate::tables;
-use anyhow::Context as _;
+use crate::tables::TablesError;
 use projections::Projection;
 use serde::Serialize;
 use sqlx::Connection as _;
@@ -11,37 +12,106 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use storage::Db;
 use streaming::KafkaConfig;
-use streaming::reader::{End, Start, TopicReader};
+use streaming::reader::{End, ReaderError, Start, TopicReader};
+
+/// An instant (`--as-of`, `--to-datetime`) that does not parse.
+#[derive(Debug, thiserror::Error)]
+pub enum InstantError {
+    #[error(
+        "invalid instant {input:?}: expected RFC 3339 (2026-11-25T12:00:00Z) or ms since the epoch"
+    )]
+    Invalid {
+        input: String,
+        #[source]
+        source: time::error::Parse,
+    },
+    #[error("instant {input:?} out of range")]
+    OutOfRange {
+        input: String,
+        #[source]
+        source: Option<std::num::TryFromIntError>,
+    },
+}
+
+/// Why `paystream project` built nothing (or stopped).
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectError {
+    #[error("nothing to build: choose --ledger and/or --wallet")]
+    NothingChosen,
+    /// `into` (redacted) names the production database.
+    #[error("--into {into} is the production database: choose a separate database")]
+    IsProduction { into: String },
+    /// `into` (redacted) reaches the production database.
+    #[error(
+        "--into {into} is the production database (same database after connecting): choose a \
+         separate database"
+    )]
+    SameAfterConnecting { into: String },
+    #[error("--into {into} already holds projection data: use an empty database")]
+    HoldsData { into: String },
+    #[error("connecting to --into")]
+    ConnectInto(#[source] sqlx::Error),
+    #[error(
+        "connecting to the production database (--database-url) to make sure \
+         --into is a different one"
+    )]
+    ConnectProduction(#[source] sqlx::Error),
+    #[error("asking the database who it is")]
+    Identity(#[source] sqlx::Error),
+    #[error(transparent)]
+    SqliteFile(#[from] SqliteFileError),
+    #[error(transparent)]
+    Storage(#[from] storage::StorageError),
+    #[error(transparent)]
+    Tables(#[from] TablesError),
+    // (A ReaderError is large: boxed, so every Result here stays small.)
+    #[error(transparent)]
+    Read(Box<ReaderError>),
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+}
+
+impl From<ReaderError> for ProjectError {
+    fn from(e: ReaderError) -> ProjectError {
+        ProjectError::Read(Box::new(e))
+    }
+}
 
 /// Parses an instant: RFC 3339 or integer milliseconds since the epoch.
-pub fn parse_instant_ms(s: &str) -> anyhow::Result<i64> {
+pub fn parse_instant_ms(s: &str) -> Result<i64, InstantError> {
     let s = s.trim();
     if let Ok(ms) = s.parse::<i64>() {
         return Ok(ms);
     }
-    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-        .with_context(|| {
-            format!("invalid instant {s:?}: expected RFC 3339 (2026-11-25T12:00:00Z) or ms since the epoch")
-        })?;
-    i64::try_from(t.unix_timestamp_nanos() / 1_000_000)
-        .with_context(|| format!("instant {s:?} out of range"))
+    let t = rfc3339(s)?;
+    i64::try_from(t.unix_timestamp_nanos() / 1_000_000).map_err(|e| out_of_range(s, Some(e)))
+}
+
+fn rfc3339(s: &str) -> Result<time::OffsetDateTime, InstantError> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).map_err(
+        |source| InstantError::Invalid {
+            input: s.to_owned(),
+            source,
+        },
+    )
+}
+
+fn out_of_range(s: &str, source: Option<std::num::TryFromIntError>) -> InstantError {
+    InstantError::OutOfRange {
+        input: s.to_owned(),
+        source,
+    }
 }
 
 /// Parses an instant to microseconds since the epoch: RFC 3339 (down to
 /// the microsecond; finer digits are cut) or integer milliseconds.
-pub fn parse_instant_us(s: &str) -> anyhow::Result<i64> {
+pub fn parse_instant_us(s: &str) -> Result<i64, InstantError> {
     let s = s.trim();
     if let Ok(ms) = s.parse::<i64>() {
-        return ms
-            .checked_mul(1000)
-            .with_context(|| format!("instant {s:?} out of range"));
+        return ms.checked_mul(1000).ok_or_else(|| out_of_range(s, None));
     }
-    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-        .with_context(|| {
-            format!("invalid instant {s:?}: expected RFC 3339 (2026-11-25T12:00:00Z) or ms since the epoch")
-        })?;
-    i64::try_from(t.unix_timestamp_nanos().div_euclid(1000))
-        .with_context(|| format!("instant {s:?} out of range"))
+    let t = rfc3339(s)?;
+    i64::try_from(t.unix_timestamp_nanos().div_euclid(1000)).map_err(|e| out_of_range(s, Some(e)))
 }
 
 /// Milliseconds since the epoch as RFC 3339.
@@ -103,13 +173,13 @@ pub fn same_database(a: &str, b: &str) -> bool {
 /// and IPv6 (and is NULL over a Unix socket).
 async fn pg_identity(
     conn: &mut sqlx::PgConnection,
-) -> anyhow::Result<(String, String, Option<i32>)> {
+) -> Result<(String, String, Option<i32>), ProjectError> {
     sqlx::query_as(
         "SELECT current_database()::TEXT, pg_postmaster_start_time()::TEXT, inet_server_port()",
     )
     .fetch_one(conn)
     .await
-    .context("asking the database who it is")
+    .map_err(ProjectError::Identity)
 }
 
 /// Whether the database `target` is connected to is the production
@@ -117,15 +187,14 @@ async fn pg_identity(
 /// database name, server start time and port as the server reports them;
 /// SQLite: the canonical path of the file), so different spellings of
 /// one database are caught.
-async fn same_real_database(production_url: &str, target: &Db) -> anyhow::Result<bool> {
+async fn same_real_database(production_url: &str, target: &Db) -> Result<bool, ProjectError> {
     match (target, location(production_url)) {
         (Db::Postgres(pool), Location::Postgres { .. }) => {
-            let mut t = pool.acquire().await.context("connecting to --into")?;
+            let mut t = pool.acquire().await.map_err(ProjectError::ConnectInto)?;
             let theirs = pg_identity(&mut t).await?;
-            let mut prod = sqlx::PgConnection::connect(production_url).await.context(
-                "connecting to the production database (--database-url) to make sure \
-                     --into is a different one",
-            )?;
+            let mut prod = sqlx::PgConnection::connect(production_url)
+                .await
+                .map_err(ProjectError::ConnectProduction)?;
             let ours = pg_identity(&mut prod).await?;
             let _ = prod.close().await;
             Ok(ours == theirs)
@@ -167,16 +236,15 @@ pub async fn project_as_of(
     as_of_us: i64,
     which: &[Projection],
     batch_size: usize,
-) -> anyhow::Result<AsOfSummary> {
-    anyhow::ensure!(
-        !which.is_empty(),
-        "nothing to build: choose --ledger and/or --wallet"
-    );
-    anyhow::ensure!(
-        !same_database(production_url, into),
-        "--into {} is the production database: choose a separate database",
-        storage::redact(into)
-    );
+) -> Result<AsOfSummary, ProjectError> {
+    if which.is_empty() {
+        return Err(ProjectError::NothingChosen);
+    }
+    if same_database(production_url, into) {
+        return Err(ProjectError::IsProduction {
+            into: storage::redact(into),
+        });
+    }
     let db = Db::connect(into).await?;
     let result = build(
         kafka,
@@ -200,19 +268,18 @@ async fn build(
     as_of_us: i64,
     which: &[Projection],
     batch_size: usize,
-) -> anyhow::Result<AsOfSummary> {
-    anyhow::ensure!(
-        !same_real_database(production_url, db).await?,
-        "--into {} is the production database (same database after connecting): choose a \
-         separate database",
-        storage::redact(into)
-    );
+) -> Result<AsOfSummary, ProjectError> {
+    if same_real_database(production_url, db).await? {
+        return Err(ProjectError::SameAfterConnecting {
+            into: storage::redact(into),
+        });
+    }
     // Before migrating: a database holding something else is left as it was.
-    anyhow::ensure!(
-        !tables::has_projection_data(db).await?,
-        "--into {} already holds projection data: use an empty database",
-        storage::redact(into)
-    );
+    if tables::has_projection_data(db).await? {
+        return Err(ProjectError::HoldsData {
+            into: storage::redact(into),
+        });
+    }
     projections::migrate(db).await?;
     let as_of_ms = as_of_us.div_euclid(1000);
     let mut reader = TopicReader::open(

@@ -590,6 +590,15 @@ async fn bulk_apply(
     Ok(slice_millis)
 }
 
+/// Applying a batch of events to a projection failed.
+#[derive(Debug, thiserror::Error)]
+#[error("applying events to the {projection} projection")]
+pub struct ApplyError {
+    pub projection: &'static str,
+    #[source]
+    pub source: sqlx::Error,
+}
+
 /// Decodes and applies records to `projections` of `db`; `keep` filters
 /// records (point-in-time).
 pub(crate) async fn apply_records(
@@ -597,7 +606,7 @@ pub(crate) async fn apply_records(
     projections: &[Projection],
     records: &[streaming::reader::Record],
     tallies: &mut [ApplyTally],
-) -> anyhow::Result<()> {
+) -> Result<(), ApplyError> {
     let mut envs = Vec::with_capacity(records.len());
     let mut metas: Vec<MessageMeta> = Vec::with_capacity(records.len());
     let mut undecodable = 0u64;
@@ -618,7 +627,10 @@ pub(crate) async fn apply_records(
     for (p, t) in projections.iter().zip(tallies.iter_mut()) {
         let outcomes = apply_batch(db, *p, &batch)
             .await
-            .with_context(|| format!("applying events to the {} projection", p.as_str()))?;
+            .map_err(|source| ApplyError {
+                projection: p.as_str(),
+                source,
+            })?;
         t.read += u64::try_from(records.len()).unwrap_or(u64::MAX);
         t.undecodable += undecodable;
         t.add(&outcomes);
