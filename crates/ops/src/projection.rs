@@ -23,9 +23,44 @@ pub fn projection_topics(kafka: &KafkaConfig) -> Vec<String> {
     ]
 }
 
+/// How looking at a projection (status, plans) or checking a reset or
+/// rebuild fails. (Executing a reset or rebuild still reports with
+/// `anyhow`: the shadow it goes through does.)
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectionError {
+    #[error(transparent)]
+    Storage(#[from] storage::StorageError),
+    #[error(transparent)]
+    Groups(#[from] groups::GroupsError),
+    #[error(transparent)]
+    Tables(#[from] tables::TablesError),
+    #[error("reading applied_events")]
+    ReadApplied(#[source] sqlx::Error),
+    #[error("counting rejected events")]
+    CountRejected(#[source] sqlx::Error),
+    /// `list` names each partition and how much of it is gone.
+    #[error(
+        "{what} refused: the topics no longer hold their full history ({total} records deleted \
+         by retention or DeleteRecords: {list}); the projection would silently lack those \
+         events. Pass --allow-truncated-history to go ahead anyway (the result then lacks \
+         that history)"
+    )]
+    TruncatedHistory {
+        what: String,
+        total: i64,
+        list: String,
+    },
+    /// `moved` names each partition whose offset differs.
+    #[error(
+        "the committed offsets of group {group} moved (a consumer of the group started \
+         meanwhile?): {moved}"
+    )]
+    OffsetsMoved { group: String, moved: String },
+}
+
 /// Connects to the live database and applies the projections' migrations
 /// (the same as `serve projections` does at start-up).
-pub async fn open_live(db_url: &str) -> anyhow::Result<Db> {
+pub async fn open_live(db_url: &str) -> Result<Db, ProjectionError> {
     let db = Db::connect(db_url).await?;
     projections::migrate(&db).await?;
     Ok(db)
@@ -85,7 +120,7 @@ pub async fn status(
     db: &Db,
     projection: Projection,
     group: &str,
-) -> anyhow::Result<ProjectionStatus> {
+) -> Result<ProjectionStatus, ProjectionError> {
     let state = groups::describe(kafka, group).await?;
     let offs = groups::offsets(kafka, group, &projection_topics(kafka)).await?;
     let partitions: Vec<PartitionStatus> = offs
@@ -103,11 +138,11 @@ pub async fn status(
     let last: Option<i64> = with_pool!(db, pool => sqlx::query_scalar(
         "SELECT MAX(applied_at) FROM applied_events WHERE projection = $1")
         .bind(p).fetch_one(pool).await)
-    .context("reading applied_events")?;
+    .map_err(ProjectionError::ReadApplied)?;
     let dlq: i64 = with_pool!(db, pool => sqlx::query_scalar(
         "SELECT COUNT(*) FROM applied_events WHERE projection = $1 AND outcome = 'rejected'")
         .bind(p).fetch_one(pool).await)
-    .context("counting rejected events")?;
+    .map_err(ProjectionError::CountRejected)?;
     Ok(ProjectionStatus {
         projection: p.to_owned(),
         group: state,
@@ -222,7 +257,7 @@ async fn plan_common(
     group: &str,
     action: &str,
     target: Target,
-) -> anyhow::Result<ProjectionPlan> {
+) -> Result<ProjectionPlan, ProjectionError> {
     let state = groups::describe(kafka, group).await?;
     let mut offsets = groups::plan(kafka, group, &projection_topics(kafka), &target).await?;
     if action == "rebuild" {
@@ -247,7 +282,7 @@ pub async fn plan_reset(
     db: &Db,
     projection: Projection,
     group: &str,
-) -> anyhow::Result<ProjectionPlan> {
+) -> Result<ProjectionPlan, ProjectionError> {
     plan_common(kafka, db, projection, group, "reset", Target::Earliest).await
 }
 
@@ -258,7 +293,7 @@ pub async fn plan_rebuild(
     db: &Db,
     projection: Projection,
     group: &str,
-) -> anyhow::Result<ProjectionPlan> {
+) -> Result<ProjectionPlan, ProjectionError> {
     plan_common(kafka, db, projection, group, "rebuild", Target::Latest).await
 }
 
@@ -297,7 +332,7 @@ pub fn history_gaps<'a>(parts: impl IntoIterator<Item = (&'a str, i32, i64)>) ->
 /// Refuses a reset or rebuild over topics whose history was partly
 /// deleted, unless `allow` (`--allow-truncated-history`), in which case it
 /// only warns on stderr.
-pub fn check_history(gaps: &[HistoryGap], allow: bool, what: &str) -> anyhow::Result<()> {
+pub fn check_history(gaps: &[HistoryGap], allow: bool, what: &str) -> Result<(), ProjectionError> {
     if gaps.is_empty() {
         return Ok(());
     }
@@ -319,12 +354,11 @@ pub fn check_history(gaps: &[HistoryGap], allow: bool, what: &str) -> anyhow::Re
         );
         return Ok(());
     }
-    anyhow::bail!(
-        "{what} refused: the topics no longer hold their full history ({total} records deleted \
-         by retention or DeleteRecords: {list}); the projection would silently lack those \
-         events. Pass --allow-truncated-history to go ahead anyway (the result then lacks \
-         that history)"
-    )
+    Err(ProjectionError::TruncatedHistory {
+        what: what.to_owned(),
+        total,
+        list,
+    })
 }
 
 fn gaps_of_plan(rows: &[PlanRow]) -> Vec<HistoryGap> {
@@ -363,7 +397,7 @@ pub async fn verify_committed(
     group: &str,
     topics: &[String],
     want: &BTreeMap<(String, i32), Option<i64>>,
-) -> anyhow::Result<()> {
+) -> Result<(), ProjectionError> {
     let now = groups::offsets(kafka, group, topics).await?;
     let moved: Vec<String> = now
         .iter()
@@ -381,12 +415,12 @@ pub async fn verify_committed(
             })
         })
         .collect();
-    anyhow::ensure!(
-        moved.is_empty(),
-        "the committed offsets of group {group} moved (a consumer of the group started \
-         meanwhile?): {}",
-        moved.join("; ")
-    );
+    if !moved.is_empty() {
+        return Err(ProjectionError::OffsetsMoved {
+            group: group.to_owned(),
+            moved: moved.join("; "),
+        });
+    }
     Ok(())
 }
 
