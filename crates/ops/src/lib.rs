@@ -144,9 +144,18 @@ pub struct ResetTarget {
     pub to_offset: Option<i64>,
 }
 
+/// A [`ResetTarget`] that selects nothing usable.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error(transparent)]
+    Instant(#[from] project::InstantError),
+    #[error("choose one of --to-earliest, --to-latest, --to-datetime, --shift-by, --to-offset")]
+    NoTarget,
+}
+
 impl ResetTarget {
     /// The target this selects.
-    pub fn target(&self) -> anyhow::Result<groups::Target> {
+    pub fn target(&self) -> Result<groups::Target, TargetError> {
         Ok(if self.to_earliest {
             groups::Target::Earliest
         } else if self.to_latest {
@@ -158,9 +167,7 @@ impl ResetTarget {
         } else if let Some(o) = self.to_offset {
             groups::Target::Offset(o)
         } else {
-            anyhow::bail!(
-                "choose one of --to-earliest, --to-latest, --to-datetime, --shift-by, --to-offset"
-            )
+            return Err(TargetError::NoTarget);
         })
     }
 }
