@@ -780,7 +780,7 @@ async fn rebuild_locked(
         )
         .await
         .map(|s| slice_millis = s),
-        Err(e) => Err(e),
+        Err(e) => Err(e.into()),
     };
     progress.finish();
     let checked = match read {

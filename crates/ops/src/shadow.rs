@@ -53,8 +53,8 @@ use crate::limits::{
     SWAP_LOCK_ATTEMPT_MAX, SWAP_LOCK_BACKOFF_MAX, SWAP_LOCKS_WAIT_MAX, SWAP_OLD_SNAPSHOTS_WAIT_MAX,
     SWAP_WAIT_LOG_EVERY_MAX,
 };
+use crate::tables::TablesError;
 use crate::tables::{OwnedTable, columns, present_tables_of, primary_key};
-use anyhow::Context as _;
 use projections::Projection;
 use sqlx::ConnectOptions as _;
 use sqlx::Connection as _;
@@ -66,6 +66,77 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 use storage::Db;
+
+/// How creating, stripping, swapping in or discarding a shadow fails.
+#[derive(Debug, thiserror::Error)]
+pub enum ShadowError {
+    /// A statement (or connection) of one step failed; `what` names the
+    /// step as an operator reads it (e.g. `creating the shadow schema`,
+    /// `building <index> of the shadow's <table>`, `swapping the rebuilt
+    /// ledger tables in: <SQL>`).
+    #[error("{what}")]
+    Sql {
+        what: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error(transparent)]
+    Tables(#[from] TablesError),
+    #[error(transparent)]
+    SqliteFile(#[from] SqliteFileError),
+    #[error("migrating the shadow database")]
+    Migrate(#[source] storage::StorageError),
+    #[error("removing {}", path.display())]
+    Remove {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("shadow and live database differ in backend")]
+    BackendMismatch,
+    #[error("cannot retarget {ddl:?} from {on} (expected exactly one `{from}`)")]
+    Retarget {
+        ddl: String,
+        on: String,
+        from: String,
+    },
+    /// The index build queue's lock was poisoned (a build task panicked).
+    #[error("poisoned")]
+    Poisoned,
+    #[error("an index build task panicked")]
+    BuildPanicked(#[source] tokio::task::JoinError),
+    #[error(
+        "{count} transaction(s) older than the rebuilt tables were still open after {waited_secs} s, so \
+         the swap could not go ahead without showing them empty tables: {list}. End them \
+         (or wait for them) and run the rebuild again"
+    )]
+    OldSnapshots {
+        count: usize,
+        waited_secs: u64,
+        list: String,
+    },
+    #[error("the shadow file's path is not UTF-8")]
+    PathNotUtf8,
+}
+
+/// Names the step a failed statement belongs to ([`ShadowError::Sql`]).
+trait Step<T> {
+    fn step(self, what: &str) -> Result<T, ShadowError>;
+    fn step_with(self, what: impl FnOnce() -> String) -> Result<T, ShadowError>;
+}
+
+impl<T> Step<T> for Result<T, sqlx::Error> {
+    fn step(self, what: &str) -> Result<T, ShadowError> {
+        self.step_with(|| what.to_owned())
+    }
+
+    fn step_with(self, what: impl FnOnce() -> String) -> Result<T, ShadowError> {
+        self.map_err(|source| ShadowError::Sql {
+            what: what(),
+            source,
+        })
+    }
+}
 
 /// A migrated, initially empty copy of the projection tables.
 #[derive(Debug)]
@@ -130,25 +201,25 @@ impl Shadow {
         main: &Db,
         main_url: &str,
         projection: Projection,
-    ) -> anyhow::Result<Shadow> {
+    ) -> Result<Shadow, ShadowError> {
         match main {
             Db::Postgres(p) => {
                 let schema = format!("ops_shadow_{}", projection.as_str());
                 let live: String = sqlx::query_scalar("SELECT current_schema()::TEXT")
                     .fetch_one(p)
                     .await
-                    .context("reading the live schema")?;
+                    .step("reading the live schema")?;
                 sqlx::query(&format!(
                     "DROP SCHEMA IF EXISTS {} CASCADE",
                     quote_ident(&schema)
                 ))
                 .execute(p)
                 .await
-                .context("dropping a previous shadow schema")?;
+                .step("dropping a previous shadow schema")?;
                 sqlx::query(&format!("CREATE SCHEMA {}", quote_ident(&schema)))
                     .execute(p)
                     .await
-                    .context("creating the shadow schema")?;
+                    .step("creating the shadow schema")?;
                 for t in present_tables_of(main, projection).await? {
                     let from = LiveTable::new(&live, &t, projection);
                     sqlx::query(&format!(
@@ -159,7 +230,7 @@ impl Shadow {
                     ))
                     .execute(p)
                     .await
-                    .with_context(|| format!("creating the shadow's {}", t.name))?;
+                    .step_with(|| format!("creating the shadow's {}", t.name))?;
                     let mut c = Completion::default();
                     completion(p, &from, &schema, t.name, &mut c).await?;
                     c.run(p).await?;
@@ -173,10 +244,10 @@ impl Shadow {
                     .bind(projections::apply::GENESIS_HASH)
                     .execute(p)
                     .await
-                    .context("seeding the shadow's chain head")?;
+                    .step("seeding the shadow's chain head")?;
                 }
                 let opts = PgConnectOptions::from_str(main_url)
-                    .context("parsing the database URL")?
+                    .step("parsing the database URL")?
                     .options([
                         ("search_path", schema.as_str()),
                         ("synchronous_commit", "off"),
@@ -186,7 +257,7 @@ impl Shadow {
                     .acquire_timeout(Duration::from_secs(30))
                     .connect_with(opts)
                     .await
-                    .context("connecting to the shadow schema")?;
+                    .step("connecting to the shadow schema")?;
                 Ok(Shadow {
                     db: Db::Postgres(pool),
                     place: Place::Postgres { schema, live },
@@ -209,11 +280,11 @@ impl Shadow {
                     .max_connections(1)
                     .connect_with(opts)
                     .await
-                    .with_context(|| format!("creating the shadow file {}", path.display()))?;
+                    .step_with(|| format!("creating the shadow file {}", path.display()))?;
                 let db = Db::Sqlite(pool);
                 projections::migrate(&db)
                     .await
-                    .context("migrating the shadow database")?;
+                    .map_err(ShadowError::Migrate)?;
                 Ok(Shadow {
                     db,
                     place: Place::Sqlite {
@@ -234,7 +305,7 @@ impl Shadow {
     /// as it was); on SQLite the shadow is only the staging area of a
     /// swap that copies its rows into the live tables, whose keys check
     /// every row again.
-    pub async fn strip_indexes(&self) -> anyhow::Result<()> {
+    pub async fn strip_indexes(&self) -> Result<(), ShadowError> {
         match &self.db {
             Db::Postgres(p) => {
                 // Foreign keys first: they depend on the keys they point at.
@@ -246,7 +317,7 @@ impl Shadow {
                 )
                 .fetch_all(p)
                 .await
-                .context("listing the shadow's constraints")?;
+                .step("listing the shadow's constraints")?;
                 for (table, name) in cons {
                     sqlx::query(&format!(
                         "ALTER TABLE {table} DROP CONSTRAINT {}",
@@ -254,19 +325,19 @@ impl Shadow {
                     ))
                     .execute(p)
                     .await
-                    .with_context(|| format!("dropping {name} of the shadow's {table}"))?;
+                    .step_with(|| format!("dropping {name} of the shadow's {table}"))?;
                 }
                 let idx: Vec<String> = sqlx::query_scalar(
                     "SELECT indexname::TEXT FROM pg_indexes WHERE schemaname = current_schema()",
                 )
                 .fetch_all(p)
                 .await
-                .context("listing the shadow's indexes")?;
+                .step("listing the shadow's indexes")?;
                 for name in idx {
                     sqlx::query(&format!("DROP INDEX {}", quote_ident(&name)))
                         .execute(p)
                         .await
-                        .with_context(|| format!("dropping index {name} of the shadow"))?;
+                        .step_with(|| format!("dropping index {name} of the shadow"))?;
                 }
             }
             Db::Sqlite(p) => {
@@ -279,8 +350,8 @@ impl Shadow {
                 )
                 .fetch_all(p)
                 .await
-                .context("listing the shadow's tables")?;
-                let mut conn = p.acquire().await.context("connecting to the shadow")?;
+                .step("listing the shadow's tables")?;
+                let mut conn = p.acquire().await.step("connecting to the shadow")?;
                 for t in tables {
                     let (q, plain) = (quote_ident(&t), quote_ident(&format!("{t}_plain")));
                     for sql in [
@@ -291,7 +362,7 @@ impl Shadow {
                         sqlx::query(&sql)
                             .execute(&mut *conn)
                             .await
-                            .with_context(|| format!("stripping the shadow's {t}"))?;
+                            .step_with(|| format!("stripping the shadow's {t}"))?;
                     }
                 }
             }
@@ -310,7 +381,7 @@ impl Shadow {
     /// Replaces `projection`'s rows in `main` with the shadow's, in one
     /// transaction, then removes the shadow. See the module docs for how
     /// each backend does it.
-    pub async fn swap(self, main: &Db, projection: Projection) -> anyhow::Result<()> {
+    pub async fn swap(self, main: &Db, projection: Projection) -> Result<(), ShadowError> {
         let tables = present_tables_of(main, projection).await?;
         self.db.close().await;
         let place = self.place.clone();
@@ -328,7 +399,7 @@ impl Shadow {
                 }
                 swap_sqlite(file, path, projection, &tables, &cols).await?;
             }
-            _ => anyhow::bail!("shadow and live database differ in backend"),
+            _ => return Err(ShadowError::BackendMismatch),
         }
         discard_place(&place, main).await?;
         // The live tables just received every row at once: statistics now,
@@ -344,25 +415,25 @@ impl Shadow {
                     sqlx::query(&format!("ANALYZE {}", parents.join(", ")))
                         .execute(p)
                         .await
-                        .context("taking statistics of the shared tables")?;
+                        .step("taking statistics of the shared tables")?;
                 }
             }
             Db::Sqlite(_) => projections::apply::analyze(main, projection)
                 .await
-                .context("taking statistics of the swapped-in tables")?,
+                .step("taking statistics of the swapped-in tables")?,
         }
         tracing::info!(ms = millis(started), "swap: statistics taken");
         Ok(())
     }
 
     /// Removes the shadow without touching the live tables.
-    pub async fn discard(self, main: &Db) -> anyhow::Result<()> {
+    pub async fn discard(self, main: &Db) -> Result<(), ShadowError> {
         self.db.close().await;
         discard_place(&self.place, main).await
     }
 }
 
-async fn discard_place(place: &Place, main: &Db) -> anyhow::Result<()> {
+async fn discard_place(place: &Place, main: &Db) -> Result<(), ShadowError> {
     match (place, main) {
         (Place::Postgres { schema, .. }, Db::Postgres(p)) => {
             sqlx::query(&format!(
@@ -371,7 +442,7 @@ async fn discard_place(place: &Place, main: &Db) -> anyhow::Result<()> {
             ))
             .execute(p)
             .await
-            .context("dropping the shadow schema")?;
+            .step("dropping the shadow schema")?;
         }
         (Place::Sqlite { path, .. }, _) => remove_sqlite_files(path)?,
         _ => {}
@@ -379,16 +450,18 @@ async fn discard_place(place: &Place, main: &Db) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn remove_sqlite_files(path: &std::path::Path) -> anyhow::Result<()> {
+fn remove_sqlite_files(path: &std::path::Path) -> Result<(), ShadowError> {
     for suffix in ["", "-journal", "-wal", "-shm"] {
         let mut name = path.as_os_str().to_owned();
         name.push(suffix);
         match std::fs::remove_file(PathBuf::from(&name)) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(e)
-                    .with_context(|| format!("removing {}", PathBuf::from(name).display()));
+            Err(source) => {
+                return Err(ShadowError::Remove {
+                    path: PathBuf::from(name),
+                    source,
+                });
             }
         }
     }
@@ -445,24 +518,24 @@ struct Definitions {
 /// Reads `table`'s definitions with `search_path` empty, so PostgreSQL
 /// qualifies every name it prints (the DDL then means the same from any
 /// schema).
-async fn definitions(pool: &sqlx::PgPool, table: &LiveTable) -> anyhow::Result<Definitions> {
+async fn definitions(pool: &sqlx::PgPool, table: &LiveTable) -> Result<Definitions, ShadowError> {
     let what = || {
         format!(
             "reading the keys, indexes and triggers of {}",
             table.physical
         )
     };
-    let mut tx = pool.begin().await.with_context(what)?;
+    let mut tx = pool.begin().await.step_with(what)?;
     sqlx::query("SET LOCAL search_path = pg_catalog")
         .execute(&mut *tx)
         .await
-        .with_context(what)?;
+        .step_with(what)?;
     let rel = table.qualified();
     let on: String = sqlx::query_scalar("SELECT $1::TEXT::regclass::TEXT")
         .bind(&rel)
         .fetch_one(&mut *tx)
         .await
-        .with_context(what)?;
+        .step_with(what)?;
     let constraints = sqlx::query_as(
         "SELECT conname::TEXT, contype::TEXT, pg_get_constraintdef(oid), \
          pg_get_indexdef(conindid) FROM pg_constraint \
@@ -471,7 +544,7 @@ async fn definitions(pool: &sqlx::PgPool, table: &LiveTable) -> anyhow::Result<D
     .bind(&rel)
     .fetch_all(&mut *tx)
     .await
-    .with_context(what)?;
+    .step_with(what)?;
     let indexes = sqlx::query_as(
         "SELECT i.relname::TEXT, pg_get_indexdef(x.indexrelid) FROM pg_index x \
          JOIN pg_class i ON i.oid = x.indexrelid \
@@ -483,7 +556,7 @@ async fn definitions(pool: &sqlx::PgPool, table: &LiveTable) -> anyhow::Result<D
     .bind(&rel)
     .fetch_all(&mut *tx)
     .await
-    .with_context(what)?;
+    .step_with(what)?;
     // Not the internal ones (constraint triggers) nor the clones of a
     // partitioned parent's triggers (attaching makes those).
     let triggers = sqlx::query_as(
@@ -494,8 +567,8 @@ async fn definitions(pool: &sqlx::PgPool, table: &LiveTable) -> anyhow::Result<D
     .bind(&rel)
     .fetch_all(&mut *tx)
     .await
-    .with_context(what)?;
-    tx.commit().await.with_context(what)?;
+    .step_with(what)?;
+    tx.commit().await.step_with(what)?;
     Ok(Definitions {
         constraints,
         indexes,
@@ -506,12 +579,15 @@ async fn definitions(pool: &sqlx::PgPool, table: &LiveTable) -> anyhow::Result<D
 
 /// `ddl` with the table it is ON (`" ON <live> "`) replaced by `to`;
 /// exactly one occurrence, or an error.
-fn retarget(ddl: &str, on: &str, to: &str) -> anyhow::Result<String> {
+fn retarget(ddl: &str, on: &str, to: &str) -> Result<String, ShadowError> {
     let from = format!(" ON {on} ");
-    anyhow::ensure!(
-        ddl.matches(&from).count() == 1,
-        "cannot retarget {ddl:?} from {on} (expected exactly one `{from}`)"
-    );
+    if ddl.matches(&from).count() != 1 {
+        return Err(ShadowError::Retarget {
+            ddl: ddl.to_owned(),
+            on: on.to_owned(),
+            from,
+        });
+    }
     Ok(ddl.replacen(&from, &format!(" ON {to} "), 1))
 }
 
@@ -526,7 +602,7 @@ struct Completion {
 }
 
 impl Completion {
-    async fn run(mut self, pool: &sqlx::PgPool) -> anyhow::Result<()> {
+    async fn run(mut self, pool: &sqlx::PgPool) -> Result<(), ShadowError> {
         self.builds.sort_by_key(|b| std::cmp::Reverse(b.0));
         let builds: Vec<(String, String)> = self
             .builds
@@ -539,7 +615,7 @@ impl Completion {
             sqlx::query(&sql)
                 .execute(pool)
                 .await
-                .with_context(|| format!("building {what}"))?;
+                .step_with(|| format!("building {what}"))?;
             tracing::debug!(ms = millis(started), "shadow: built {what}");
         }
         Ok(())
@@ -555,7 +631,7 @@ async fn run_parallel(
     pool: &sqlx::PgPool,
     jobs: Vec<(String, String)>,
     workers: usize,
-) -> anyhow::Result<()> {
+) -> Result<(), ShadowError> {
     let queue = std::sync::Arc::new(std::sync::Mutex::new(
         jobs.into_iter().collect::<std::collections::VecDeque<_>>(),
     ));
@@ -564,38 +640,33 @@ async fn run_parallel(
         let (pool, queue) = (pool.clone(), queue.clone());
         set.spawn(async move {
             loop {
-                let next = queue
-                    .lock()
-                    .map_err(|_| anyhow::anyhow!("poisoned"))?
-                    .pop_front();
+                let next = queue.lock().map_err(|_| ShadowError::Poisoned)?.pop_front();
                 let Some((what, sql)) = next else {
-                    return anyhow::Ok(());
+                    return Ok::<(), ShadowError>(());
                 };
                 let started = Instant::now();
                 let mut tx = pool
                     .begin()
                     .await
-                    .with_context(|| format!("building {what}"))?;
+                    .step_with(|| format!("building {what}"))?;
                 sqlx::query(&format!(
                     "SET LOCAL maintenance_work_mem = '{SHADOW_INDEX_BUILD_MEMORY_MB_MAX}MB'"
                 ))
                 .execute(&mut *tx)
                 .await
-                .with_context(|| format!("building {what}"))?;
+                .step_with(|| format!("building {what}"))?;
                 sqlx::query(&sql)
                     .execute(&mut *tx)
                     .await
-                    .with_context(|| format!("building {what}"))?;
-                tx.commit()
-                    .await
-                    .with_context(|| format!("building {what}"))?;
+                    .step_with(|| format!("building {what}"))?;
+                tx.commit().await.step_with(|| format!("building {what}"))?;
                 tracing::debug!(ms = millis(started), "shadow: built {what}");
             }
         });
     }
     let mut first = None;
     while let Some(done) = set.join_next().await {
-        let r = done.context("an index build task panicked").and_then(|r| r);
+        let r = done.map_err(ShadowError::BuildPanicked).and_then(|r| r);
         if let Err(e) = r {
             first.get_or_insert(e);
         }
@@ -615,7 +686,7 @@ async fn completion(
     schema: &str,
     name: &str,
     into: &mut Completion,
-) -> anyhow::Result<()> {
+) -> Result<(), ShadowError> {
     let defs = definitions(pool, live).await?;
     let target = format!("{}.{}", quote_ident(schema), quote_ident(name));
     let (have, size): (Vec<String>, i64) = sqlx::query_as(
@@ -628,7 +699,7 @@ async fn completion(
     .bind(&target)
     .fetch_one(pool)
     .await
-    .with_context(|| format!("reading the shadow's indexes of {name}"))?;
+    .step_with(|| format!("reading the shadow's indexes of {name}"))?;
     let size = u64::try_from(size).unwrap_or(0);
     let of = |what: &str| format!("{what} of the shadow's {name}");
     for (con, kind, def, index) in &defs.constraints {
@@ -679,16 +750,16 @@ async fn completion(
 /// through their snapshots. A marker transaction's
 /// id, taken after the shadow's last commit, is the horizon; a snapshot
 /// whose `xmin` precedes it may predate that commit.
-async fn wait_for_older_snapshots(pool: &sqlx::PgPool) -> anyhow::Result<()> {
+async fn wait_for_older_snapshots(pool: &sqlx::PgPool) -> Result<(), ShadowError> {
     let what = "waiting for transactions older than the rebuilt tables";
-    let mut tx = pool.begin().await.context(what)?;
+    let mut tx = pool.begin().await.step(what)?;
     let marker: String = sqlx::query_scalar(
         "SELECT (pg_current_xact_id()::TEXT::NUMERIC % 4294967296)::BIGINT::TEXT",
     )
     .fetch_one(&mut *tx)
     .await
-    .context(what)?;
-    tx.commit().await.context(what)?;
+    .step(what)?;
+    tx.commit().await.step(what)?;
     let started = Instant::now();
     let mut said = started;
     loop {
@@ -703,7 +774,7 @@ async fn wait_for_older_snapshots(pool: &sqlx::PgPool) -> anyhow::Result<()> {
         .bind(&marker)
         .fetch_all(pool)
         .await
-        .context(what)?;
+        .step(what)?;
         if older.is_empty() {
             tracing::info!(
                 ms = millis(started),
@@ -718,15 +789,13 @@ async fn wait_for_older_snapshots(pool: &sqlx::PgPool) -> anyhow::Result<()> {
                 .collect::<Vec<_>>()
                 .join("; ")
         };
-        anyhow::ensure!(
-            started.elapsed() < SWAP_OLD_SNAPSHOTS_WAIT_MAX,
-            "{} transaction(s) older than the rebuilt tables were still open after {} s, so \
-             the swap could not go ahead without showing them empty tables: {}. End them \
-             (or wait for them) and run the rebuild again",
-            older.len(),
-            SWAP_OLD_SNAPSHOTS_WAIT_MAX.as_secs(),
-            list()
-        );
+        if started.elapsed() >= SWAP_OLD_SNAPSHOTS_WAIT_MAX {
+            return Err(ShadowError::OldSnapshots {
+                count: older.len(),
+                waited_secs: SWAP_OLD_SNAPSHOTS_WAIT_MAX.as_secs(),
+                list: list(),
+            });
+        }
         if said.elapsed() >= SWAP_WAIT_LOG_EVERY_MAX {
             tracing::info!(
                 waited_ms = millis(started),
@@ -750,7 +819,7 @@ async fn swap_postgres(
     live: &str,
     projection: Projection,
     tables: &[OwnedTable],
-) -> anyhow::Result<()> {
+) -> Result<(), ShadowError> {
     let p = projection.as_str();
     let qs = quote_ident(schema);
     let ql = quote_ident(live);
@@ -819,14 +888,14 @@ async fn swap_postgres(
     let mut attempts = 0u32;
     loop {
         attempts += 1;
-        let mut tx = pool.begin().await.context("starting the swap")?;
+        let mut tx = pool.begin().await.step("starting the swap")?;
         sqlx::query(&format!(
             "SET LOCAL lock_timeout = '{}ms'",
             SWAP_LOCK_ATTEMPT_MAX.as_millis()
         ))
         .execute(&mut *tx)
         .await
-        .context("starting the swap")?;
+        .step("starting the swap")?;
         match sqlx::query(&lock).execute(&mut *tx).await {
             Ok(_) => {}
             Err(e) if lock_not_available(&e) && started.elapsed() < SWAP_LOCKS_WAIT_MAX => {
@@ -836,7 +905,7 @@ async fn swap_postgres(
                 continue;
             }
             Err(e) => {
-                return Err(e).with_context(|| {
+                return Err(e).step_with(|| {
                     format!(
                         "taking the live {p} tables for the swap ({attempts} attempt(s) in {} ms)",
                         millis(started)
@@ -849,9 +918,9 @@ async fn swap_postgres(
             sqlx::query(sql)
                 .execute(&mut *tx)
                 .await
-                .with_context(|| format!("swapping the rebuilt {p} tables in: {sql}"))?;
+                .step_with(|| format!("swapping the rebuilt {p} tables in: {sql}"))?;
         }
-        tx.commit().await.context("committing the swap")?;
+        tx.commit().await.step("committing the swap")?;
         tracing::info!(
             attempts,
             lock_ms = locked,
@@ -942,7 +1011,7 @@ async fn swap_sqlite(
     projection: Projection,
     tables: &[OwnedTable],
     cols: &[TableCopy],
-) -> anyhow::Result<()> {
+) -> Result<(), ShadowError> {
     let mut conn = SqliteConnectOptions::new()
         .filename(main_file)
         .busy_timeout(Duration::from_secs(30))
@@ -951,27 +1020,25 @@ async fn swap_sqlite(
         .pragma("cache_size", format!("-{SQLITE_SWAP_CACHE_KIB_MAX}"))
         .connect()
         .await
-        .context("opening the SQLite database for the swap")?;
-    let shadow = shadow_file
-        .to_str()
-        .context("the shadow file's path is not UTF-8")?;
+        .step("opening the SQLite database for the swap")?;
+    let shadow = shadow_file.to_str().ok_or(ShadowError::PathNotUtf8)?;
     sqlx::query(&format!(
         "ATTACH DATABASE {} AS ops_shadow",
         quote_literal(shadow)
     ))
     .execute(&mut conn)
     .await
-    .context("attaching the shadow file")?;
+    .step("attaching the shadow file")?;
     sqlx::query("BEGIN IMMEDIATE")
         .execute(&mut conn)
         .await
-        .context("starting the swap")?;
+        .step("starting the swap")?;
     match swap_sqlite_body(&mut conn, projection, tables, cols).await {
         Ok(()) => {
             sqlx::query("COMMIT")
                 .execute(&mut conn)
                 .await
-                .context("committing the swap")?;
+                .step("committing the swap")?;
         }
         Err(e) => {
             let _ = sqlx::query("ROLLBACK").execute(&mut conn).await;
@@ -982,8 +1049,8 @@ async fn swap_sqlite(
     sqlx::query("DETACH DATABASE ops_shadow")
         .execute(&mut conn)
         .await
-        .context("detaching the shadow file")?;
-    conn.close().await.context("closing the swap connection")?;
+        .step("detaching the shadow file")?;
+    conn.close().await.step("closing the swap connection")?;
     Ok(())
 }
 
@@ -991,12 +1058,12 @@ async fn swap_sqlite(
 async fn exec_saved<'a>(
     conn: &mut SqliteConnection,
     saved: impl Iterator<Item = &'a (String, String, String)>,
-) -> anyhow::Result<()> {
+) -> Result<(), ShadowError> {
     for (kind, name, sql) in saved {
         sqlx::query(sql)
             .execute(&mut *conn)
             .await
-            .with_context(|| format!("creating {kind} {name} again"))?;
+            .step_with(|| format!("creating {kind} {name} again"))?;
     }
     Ok(())
 }
@@ -1006,7 +1073,7 @@ async fn swap_sqlite_body(
     projection: Projection,
     tables: &[OwnedTable],
     cols: &[TableCopy],
-) -> anyhow::Result<()> {
+) -> Result<(), ShadowError> {
     let p = projection.as_str();
     let list = |shared: Option<bool>| {
         tables
@@ -1032,19 +1099,19 @@ async fn swap_sqlite_body(
     ))
     .fetch_all(&mut *conn)
     .await
-    .context("reading the projection's table definitions")?;
+    .step("reading the projection's table definitions")?;
     let started = Instant::now();
     for (kind, name, _) in saved.iter().filter(|(k, _, _)| k == "trigger") {
         sqlx::query(&format!("DROP TRIGGER main.{}", quote_ident(name)))
             .execute(&mut *conn)
             .await
-            .with_context(|| format!("dropping {kind} {name} for the swap"))?;
+            .step_with(|| format!("dropping {kind} {name} for the swap"))?;
     }
     for t in tables.iter().rev().filter(|t| !t.shared) {
         sqlx::query(&format!("DROP TABLE main.{}", quote_ident(t.name)))
             .execute(&mut *conn)
             .await
-            .with_context(|| format!("dropping the old {}", t.name))?;
+            .step_with(|| format!("dropping the old {}", t.name))?;
     }
     exec_saved(conn, saved.iter().filter(|(k, _, _)| k == "table")).await?;
     tracing::info!(
@@ -1058,7 +1125,7 @@ async fn swap_sqlite_body(
         let rows = q
             .execute(&mut *conn)
             .await
-            .with_context(|| step.what.clone())?
+            .step_with(|| step.what.clone())?
             .rows_affected();
         step.log(rows, started);
     }
