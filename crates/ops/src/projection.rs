@@ -1,17 +1,18 @@
 //! `paystream projection status | reset | rebuild`.
 
 use crate::groups::{self, GroupState, PartitionOffsets, PlanRow, Target};
+use crate::lock::LockError;
 use crate::lock::RunLock;
 use crate::shadow::Shadow;
+use crate::shadow::ShadowError;
 use crate::tables;
-use anyhow::Context as _;
 use events::TopicKind;
 use projections::{Incoming, Projection, apply_batch};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::time::Instant;
 use storage::{Db, with_pool};
-use streaming::reader::{End, Start, TopicReader};
+use streaming::reader::{End, ReaderError, Start, TopicReader};
 use streaming::{KafkaConfig, MessageMeta, Outcome};
 
 /// The topics both projections consume: payments and reconciliation.
@@ -23,9 +24,9 @@ pub fn projection_topics(kafka: &KafkaConfig) -> Vec<String> {
     ]
 }
 
-/// How looking at a projection (status, plans) or checking a reset or
-/// rebuild fails. (Executing a reset or rebuild still reports with
-/// `anyhow`: the shadow it goes through does.)
+/// How looking at a projection (status, plans) or a reset or rebuild of
+/// it fails. Where a step of a reset or rebuild adds what it means for
+/// the live projection, the failure of the step is the `source`.
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectionError {
     #[error(transparent)]
@@ -56,6 +57,68 @@ pub enum ProjectionError {
          meanwhile?): {moved}"
     )]
     OffsetsMoved { group: String, moved: String },
+
+    // Resets and rebuilds.
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    #[error(transparent)]
+    Shadow(#[from] ShadowError),
+    // (A ReaderError is large: boxed, so every Result here stays small.)
+    #[error(transparent)]
+    Read(Box<ReaderError>),
+    #[error("applying events to the {projection} projection")]
+    Replay {
+        projection: &'static str,
+        #[source]
+        source: projections::bulk::ReplayError,
+    },
+    #[error("writing rebuilt rows into the shadow")]
+    WriteRows(#[source] sqlx::Error),
+    #[error("the shadow writer panicked")]
+    WriterPanicked(#[source] tokio::task::JoinError),
+    #[error("writing the rebuilt projection's final rows into the shadow")]
+    WriteFinalRows(#[source] sqlx::Error),
+    #[error(
+        "the {projection} projection was reset, but its group's offsets are no longer at the log \
+         start: events a consumer read in between may be missing from it. Stop every \
+         consumer of group {group} and run the reset again"
+    )]
+    ResetOffsetsMoved {
+        projection: &'static str,
+        group: String,
+        #[source]
+        source: Box<ProjectionError>,
+    },
+    #[error(
+        "the group's offsets changed while the rebuild ran; start it again once \
+         its consumers are stopped"
+    )]
+    OffsetsChangedDuringRebuild(#[source] Box<ProjectionError>),
+    #[error("rebuild abandoned; the live projection is unchanged")]
+    RebuildAbandoned(#[source] Box<ProjectionError>),
+    #[error(
+        "the rebuilt projection is in place, but committing the group's offsets failed; \
+         the group keeps its old offsets, so starting the consumers is still safe (already \
+         applied events are duplicates)"
+    )]
+    CommitAfterRebuild(#[source] groups::GroupsError),
+    #[error(
+        "the rebuilt {projection} projection is in place and its offsets were committed, but \
+         they moved right after: stop every consumer of group {group} and check \
+         `paystream offsets show --group {group}`; if in doubt, rebuild again"
+    )]
+    MovedAfterRebuild {
+        projection: &'static str,
+        group: String,
+        #[source]
+        source: Box<ProjectionError>,
+    },
+}
+
+impl From<ReaderError> for ProjectionError {
+    fn from(e: ReaderError) -> ProjectionError {
+        ProjectionError::Read(Box::new(e))
+    }
 }
 
 /// Connects to the live database and applies the projections' migrations
@@ -371,8 +434,8 @@ async fn under_run_lock<T>(
     db: &Db,
     db_url: &str,
     projection: Projection,
-    run: impl std::future::Future<Output = anyhow::Result<T>>,
-) -> anyhow::Result<T> {
+    run: impl std::future::Future<Output = Result<T, ProjectionError>>,
+) -> Result<T, ProjectionError> {
     let lock = RunLock::acquire(db, db_url, projection).await?;
     let result = run.await;
     let released = lock.release().await;
@@ -442,7 +505,7 @@ pub async fn execute_reset(
     projection: Projection,
     group: &str,
     opts: RunOptions,
-) -> anyhow::Result<Vec<PlanRow>> {
+) -> Result<Vec<PlanRow>, ProjectionError> {
     under_run_lock(
         db,
         db_url,
@@ -459,7 +522,7 @@ async fn reset_locked(
     projection: Projection,
     group: &str,
     opts: RunOptions,
-) -> anyhow::Result<Vec<PlanRow>> {
+) -> Result<Vec<PlanRow>, ProjectionError> {
     groups::describe(kafka, group)
         .await?
         .ensure_inactive("resetting the projection")?;
@@ -472,13 +535,10 @@ async fn reset_locked(
     shadow.swap(db, projection).await?;
     verify_committed(kafka, group, &topics, &planned_targets(&rows))
         .await
-        .with_context(|| {
-            format!(
-                "the {} projection was reset, but its group's offsets are no longer at the log \
-                 start: events a consumer read in between may be missing from it. Stop every \
-                 consumer of group {group} and run the reset again",
-                projection.as_str()
-            )
+        .map_err(|e| ProjectionError::ResetOffsetsMoved {
+            projection: projection.as_str(),
+            group: group.to_owned(),
+            source: Box::new(e),
         })?;
     Ok(rows)
 }
@@ -549,7 +609,7 @@ async fn bulk_apply(
     progress: &runtime::progress::Progress,
     tally: &mut ApplyTally,
     slice: u64,
-) -> anyhow::Result<Vec<u64>> {
+) -> Result<Vec<u64>, ProjectionError> {
     use projections::bulk;
     let started = Instant::now();
     // Rows, and how many events were read when they were decided.
@@ -563,13 +623,13 @@ async fn bulk_apply(
         while let Some((rows, read)) = rx.recv().await {
             bulk::load(&db, &rows)
                 .await
-                .context("writing rebuilt rows into the shadow")?;
+                .map_err(ProjectionError::WriteRows)?;
             while read >= next_slice {
                 slice_millis.push(u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX));
                 next_slice += slice;
             }
         }
-        anyhow::Ok(slice_millis)
+        Ok::<_, ProjectionError>(slice_millis)
     });
     let mut replay = bulk::Replay::with_capacity(projection, reader.total());
     let read = async {
@@ -591,9 +651,12 @@ async fn bulk_apply(
                 .map(|(envelope, meta)| Incoming { envelope, meta })
                 .collect();
             let now = events::Timestamp::now().as_micros();
-            let outcomes = replay.apply(&batch, now).with_context(|| {
-                format!("applying events to the {} projection", projection.as_str())
-            })?;
+            let outcomes = replay
+                .apply(&batch, now)
+                .map_err(|source| ProjectionError::Replay {
+                    projection: projection.as_str(),
+                    source,
+                })?;
             tally.add(&outcomes);
             let n = u64::try_from(records.len()).unwrap_or(u64::MAX);
             tally.read += n;
@@ -607,7 +670,7 @@ async fn bulk_apply(
             }
             progress.inc(n);
         }
-        anyhow::Ok(())
+        Ok::<(), ProjectionError>(())
     }
     .await;
     if let Err(e) = read {
@@ -616,11 +679,11 @@ async fn bulk_apply(
     }
     let _ = to_writer.send((replay.take_appends(), tally.read)).await;
     drop(to_writer);
-    let slice_millis = writer.await.context("the shadow writer panicked")??;
+    let slice_millis = writer.await.map_err(ProjectionError::WriterPanicked)??;
     let finished = replay.finish();
     bulk::load_finished(shadow, &finished)
         .await
-        .context("writing the rebuilt projection's final rows into the shadow")?;
+        .map_err(ProjectionError::WriteFinalRows)?;
     Ok(slice_millis)
 }
 
@@ -697,7 +760,7 @@ pub async fn execute_rebuild(
     group: &str,
     batch_size: usize,
     opts: RunOptions,
-) -> anyhow::Result<RebuildSummary> {
+) -> Result<RebuildSummary, ProjectionError> {
     under_run_lock(
         db,
         db_url,
@@ -715,7 +778,7 @@ async fn rebuild_locked(
     group: &str,
     batch_size: usize,
     opts: RunOptions,
-) -> anyhow::Result<RebuildSummary> {
+) -> Result<RebuildSummary, ProjectionError> {
     groups::describe(kafka, group)
         .await?
         .ensure_inactive("rebuilding the projection")?;
@@ -788,35 +851,29 @@ async fn rebuild_locked(
             .await
             .and_then(|g| g.ensure_inactive("swapping in the rebuilt projection"))
         {
-            Ok(()) => verify_committed(kafka, group, &topics, &old).await.context(
-                "the group's offsets changed while the rebuild ran; start it again once \
-                 its consumers are stopped",
-            ),
+            Ok(()) => verify_committed(kafka, group, &topics, &old)
+                .await
+                .map_err(|e| ProjectionError::OffsetsChangedDuringRebuild(Box::new(e))),
             Err(e) => Err(e.into()),
         },
         Err(e) => Err(e),
     };
     if let Err(e) = checked {
         let _ = shadow.discard(db).await;
-        return Err(e.context("rebuild abandoned; the live projection is unchanged"));
+        return Err(ProjectionError::RebuildAbandoned(Box::new(e)));
     }
     let millis = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     shadow.swap(db, projection).await?;
     let rows = groups::plan(kafka, group, &topics, &groups::Target::Exact(targets)).await?;
-    groups::execute(kafka, group, &rows).await.context(
-        "the rebuilt projection is in place, but committing the group's offsets failed; \
-         the group keeps its old offsets, so starting the consumers is still safe (already \
-         applied events are duplicates)",
-    )?;
+    groups::execute(kafka, group, &rows)
+        .await
+        .map_err(ProjectionError::CommitAfterRebuild)?;
     verify_committed(kafka, group, &topics, &planned_targets(&rows))
         .await
-        .with_context(|| {
-            format!(
-                "the rebuilt {} projection is in place and its offsets were committed, but \
-                 they moved right after: stop every consumer of group {group} and check \
-                 `paystream offsets show --group {group}`; if in doubt, rebuild again",
-                projection.as_str()
-            )
+        .map_err(|e| ProjectionError::MovedAfterRebuild {
+            projection: projection.as_str(),
+            group: group.to_owned(),
+            source: Box::new(e),
         })?;
     let events = tally;
     let events_per_sec = events.read.saturating_mul(1000) / millis.max(1);

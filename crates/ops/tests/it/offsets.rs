@@ -143,6 +143,8 @@ async fn reset_targets() {
     let e = groups::execute(&k.cfg, &group, &earliest)
         .await
         .unwrap_err();
+    // As the binary prints it (`error: {e:#}`): with its causes.
+    let e = anyhow::Error::from(e);
     assert!(
         format!("{e:#}").contains("stop its consumers first"),
         "{e:#}"

@@ -55,6 +55,8 @@ async fn as_of(backend: Backend) {
     let e = project_as_of(&k.cfg, &prod_url, &prod_url, as_of_us, &both, 100)
         .await
         .unwrap_err();
+    // As the binary prints it (`error: {e:#}`): with its causes.
+    let e = anyhow::Error::from(e);
     assert!(format!("{e:#}").contains("production database"), "{e:#}");
     // Another spelling of the production database: caught after connecting.
     let _alias_dir = tempfile::tempdir().unwrap();
@@ -74,6 +76,8 @@ async fn as_of(backend: Backend) {
     let e = project_as_of(&k.cfg, &prod_url, &alias, as_of_us, &both, 100)
         .await
         .unwrap_err();
+    // As the binary prints it (`error: {e:#}`): with its causes.
+    let e = anyhow::Error::from(e);
     assert!(
         format!("{e:#}").contains("same database after connecting"),
         "{e:#}"
@@ -98,6 +102,8 @@ async fn as_of(backend: Backend) {
     let e = project_as_of(&k.cfg, &prod_url, &odd, as_of_us, &both, 100)
         .await
         .unwrap_err();
+    // As the binary prints it (`error: {e:#}`): with its causes.
+    let e = anyhow::Error::from(e);
     assert!(
         format!("{e:#}").contains("already holds projection data"),
         "{e:#}"
@@ -151,6 +157,8 @@ async fn as_of(backend: Backend) {
     let e = project_as_of(&k.cfg, &prod_url, &into, as_of_us, &both, 100)
         .await
         .unwrap_err();
+    // As the binary prints it (`error: {e:#}`): with its causes.
+    let e = anyhow::Error::from(e);
     assert!(
         format!("{e:#}").contains("already holds projection data"),
         "{e:#}"

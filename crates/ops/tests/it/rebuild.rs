@@ -199,6 +199,8 @@ async fn refused_while_active(backend: Backend) {
     )
     .await
     .unwrap_err();
+    // As the binary prints it (`error: {e:#}`): with its causes.
+    let e = anyhow::Error::from(e);
     assert!(
         format!("{e:#}").contains("stop its consumers first"),
         "{e:#}"
@@ -214,6 +216,8 @@ async fn refused_while_active(backend: Backend) {
     )
     .await
     .unwrap_err();
+    // As the binary prints it (`error: {e:#}`): with its causes.
+    let e = anyhow::Error::from(e);
     assert!(
         format!("{e:#}").contains("stop its consumers first"),
         "{e:#}"

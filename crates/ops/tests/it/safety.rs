@@ -74,7 +74,7 @@ async fn truncated_history_refused(backend: Backend) {
         .map(drop)
         .unwrap_err(),
     ] {
-        let m = format!("{e:#}");
+        let m = format!("{:#}", anyhow::Error::from(e));
         assert!(
             m.contains(&format!("{payments}/0"))
                 && m.contains("3 records")
@@ -225,7 +225,7 @@ async fn one_run_at_a_time(backend: Backend) {
         .map(drop)
         .unwrap_err(),
     ] {
-        let m = format!("{e:#}");
+        let m = format!("{:#}", anyhow::Error::from(e));
         assert!(
             m.contains("another rebuild/reset of ledger is running"),
             "{m}"
@@ -280,6 +280,8 @@ async fn moved_offsets_are_reported() {
     let e = ops::projection::verify_committed(&k.cfg, &group, &topics, &expect)
         .await
         .unwrap_err();
+    // As the binary prints it (`error: {e:#}`): with its causes.
+    let e = anyhow::Error::from(e);
     let m = format!("{e:#}");
     let payments = k.topic(TopicKind::Payments);
     assert!(

@@ -158,6 +158,7 @@ async fn duplicate_keys_fail_the_swap(backend: Backend) {
         .unwrap();
     }
     let err = shadow.swap(&db, Projection::Ledger).await.unwrap_err();
+    let err = anyhow::Error::from(err);
     assert!(format!("{err:#}").contains("applied_events"), "{err:#}");
     assert_eq!(snapshot(&db, Projection::Ledger).await, before);
     assert_ledger_immutable(&db).await;
