@@ -5,6 +5,7 @@
 
 use crate::config::{Account, Outcome, Resolution};
 use crate::error_code::ErrorCode;
+use crate::limits::IDEMPOTENCY_KEY_LEN_MAX;
 use crate::settlement::{self, InjectionSpec};
 use crate::store::{self, ChargeRow, Claim, ClaimArgs, NewCharge, NewRefund, RefundRefused};
 use crate::{AppState, ConnKill, workers};
@@ -146,9 +147,6 @@ fn authenticate<'a>(st: &'a AppState, headers: &HeaderMap) -> Result<&'a Account
     found.ok_or_else(unauthorized)
 }
 
-/// Idempotency keys: 1..=255 visible characters.
-pub(crate) const MAX_KEY_LEN: usize = 255;
-
 fn idempotency_key(headers: &HeaderMap) -> Result<String, ApiError> {
     let Some(v) = headers.get("idempotency-key") else {
         return Err(ApiError {
@@ -162,10 +160,10 @@ fn idempotency_key(headers: &HeaderMap) -> Result<String, ApiError> {
     let key = v
         .to_str()
         .map_err(|_| ApiError::invalid("Idempotency-Key", "must be visible ASCII"))?;
-    if key.is_empty() || key.len() > MAX_KEY_LEN {
+    if key.is_empty() || key.len() > IDEMPOTENCY_KEY_LEN_MAX {
         return Err(ApiError::invalid(
             "Idempotency-Key",
-            format!("must be 1..={MAX_KEY_LEN} characters"),
+            format!("must be 1..={IDEMPOTENCY_KEY_LEN_MAX} characters"),
         ));
     }
     Ok(key.to_owned())
@@ -725,7 +723,7 @@ async fn sim_clock_advance(
         .get("ms")
         .and_then(Value::as_u64)
         .and_then(|ms| i64::try_from(ms).ok())
-        .filter(|ms| *ms <= i64::try_from(crate::config::MAX_DELAY_MS).unwrap_or(i64::MAX))
+        .filter(|ms| *ms <= i64::try_from(crate::limits::DELAY_MS_MAX).unwrap_or(i64::MAX))
         .ok_or_else(|| ApiError::invalid("ms", "a non-negative number of milliseconds"))?;
     st.clock.advance(ms);
     Ok(axum::Json(json!({"now": store::rfc3339(st.clock.now_ms())})).into_response())

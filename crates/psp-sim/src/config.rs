@@ -3,6 +3,7 @@
 //! field optional; the defaults make every charge succeed at once.
 
 use crate::error_code::ErrorCode;
+use crate::limits::{DELAY_MS_MAX, RULES_MAX};
 use runtime::secret::Secret;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -11,13 +12,6 @@ use std::path::Path;
 /// from the flags (`--api-key`, `--webhook-secret`) or, in tests, from
 /// [`crate::SimConfig`]: there are no built-in ones.
 pub const DEFAULT_ACCOUNT: &str = "acct_default";
-
-/// Upper bound of any configured delay (latency, hold, pending resolution):
-/// 400 days. Larger values are configuration mistakes.
-pub const MAX_DELAY_MS: u64 = 400 * 24 * 3600 * 1000;
-
-/// Upper bound of the rule list; it is scanned on every request.
-pub const MAX_RULES: usize = 1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -264,8 +258,8 @@ impl Behaviour {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         check_latency(self.latency_ms)?;
-        if self.rules.len() > MAX_RULES {
-            return bad(format!("at most {MAX_RULES} rules"));
+        if self.rules.len() > RULES_MAX {
+            return bad(format!("at most {RULES_MAX} rules"));
         }
         for (i, r) in self.rules.iter().enumerate() {
             if let Some(l) = r.latency_ms {
@@ -279,8 +273,8 @@ impl Behaviour {
                 Outcome::Decline { .. } => {}
                 Outcome::Pending {
                     resolve_after_ms, ..
-                } if *resolve_after_ms > MAX_DELAY_MS => {
-                    return bad(format!("rule {i}: resolve_after_ms above {MAX_DELAY_MS}"));
+                } if *resolve_after_ms > DELAY_MS_MAX => {
+                    return bad(format!("rule {i}: resolve_after_ms above {DELAY_MS_MAX}"));
                 }
                 Outcome::Pending { .. } => {}
                 Outcome::Error { status, .. }
@@ -295,8 +289,8 @@ impl Behaviour {
                     return bad(format!("rule {i}: rate_limit status must be 429 or 503"));
                 }
                 Outcome::RateLimit { .. } => {}
-                Outcome::Timeout { hold_ms, .. } if *hold_ms > MAX_DELAY_MS => {
-                    return bad(format!("rule {i}: hold_ms above {MAX_DELAY_MS}"));
+                Outcome::Timeout { hold_ms, .. } if *hold_ms > DELAY_MS_MAX => {
+                    return bad(format!("rule {i}: hold_ms above {DELAY_MS_MAX}"));
                 }
                 Outcome::Timeout { .. } => {}
             }
@@ -319,7 +313,7 @@ impl Behaviour {
         if w.duplicate_percent > 100 || w.delay_percent > 100 {
             return bad("webhooks: percentages are 0..=100".into());
         }
-        if w.timeout_ms == 0 || w.delay_max_ms > MAX_DELAY_MS {
+        if w.timeout_ms == 0 || w.delay_max_ms > DELAY_MS_MAX {
             return bad("webhooks: timeout_ms must be > 0, delay_max_ms bounded".into());
         }
         Ok(())
@@ -358,9 +352,9 @@ impl Behaviour {
 }
 
 fn check_latency(l: LatencyMs) -> Result<(), ConfigError> {
-    if l.min > l.max || l.max > MAX_DELAY_MS {
+    if l.min > l.max || l.max > DELAY_MS_MAX {
         return Err(ConfigError::Invalid(format!(
-            "latency_ms needs min <= max <= {MAX_DELAY_MS}, got {l:?}"
+            "latency_ms needs min <= max <= {DELAY_MS_MAX}, got {l:?}"
         )));
     }
     Ok(())

@@ -10,6 +10,7 @@
 mod api;
 pub mod config;
 pub mod error_code;
+pub mod limits;
 mod settlement;
 mod store;
 mod workers;
@@ -20,6 +21,7 @@ pub use error_code::ErrorCode;
 pub use settlement::{Injected, InjectionSpec};
 pub use writer::WriteBatches;
 
+use crate::limits::CONNECTIONS_MAX;
 use anyhow::Context as _;
 use hmac::{Hmac, Mac};
 use runtime::secret::{self, Secret};
@@ -261,9 +263,6 @@ impl AppState {
     }
 }
 
-/// Upper bound of concurrently open connections; more wait in the backlog.
-const MAX_CONNECTIONS: usize = 1024;
-
 async fn start(
     config: SimConfig,
     shutdown: CancellationToken,
@@ -406,7 +405,7 @@ async fn accept_loop(
     let mut conns = tokio::task::JoinSet::new();
     loop {
         while conns.try_join_next().is_some() {}
-        if conns.len() >= MAX_CONNECTIONS {
+        if conns.len() >= CONNECTIONS_MAX {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = conns.join_next() => continue,

@@ -3,11 +3,9 @@
 //! set of rows, and reported exactly, so a test can check that a
 //! reconciler found each discrepancy.
 
+use crate::limits::SETTLEMENT_INJECT_PER_KIND_MAX;
 use crate::store::{SettlementRow, rfc3339};
 use serde::{Deserialize, Serialize};
-
-/// At most this many discrepancies of each kind per file.
-pub const MAX_INJECT: usize = 1_000;
 
 /// `missing:2,extra:1,wrong_amount:1,wrong_fee:1`
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -28,8 +26,10 @@ impl InjectionSpec {
             let n: usize = n
                 .parse()
                 .ok()
-                .filter(|n| *n <= MAX_INJECT)
-                .ok_or_else(|| format!("count of {kind} must be 0..={MAX_INJECT}"))?;
+                .filter(|n| *n <= SETTLEMENT_INJECT_PER_KIND_MAX)
+                .ok_or_else(|| {
+                    format!("count of {kind} must be 0..={SETTLEMENT_INJECT_PER_KIND_MAX}")
+                })?;
             match kind {
                 "missing" => spec.missing = n,
                 "extra" => spec.extra = n,

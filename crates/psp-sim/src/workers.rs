@@ -3,17 +3,13 @@
 //! read their work from the database, so a restarted simulator resumes it.
 
 use crate::config::Account;
+use crate::limits::{WEBHOOK_DELIVERIES_PER_ROUND_MAX, WORKER_IDLE_MS_MAX};
 use crate::store::{self, WebhookPlan};
 use crate::{AppState, sign, wall_ms};
 use rand::Rng as _;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-
-/// Deliveries attempted concurrently per round.
-const DELIVERY_BATCH: i64 = 32;
-/// Longest idle sleep of either worker; the database is the source of truth.
-const IDLE_MAX_MS: i64 = 1_000;
 
 /// Where and how an account's next webhook goes; none without a URL.
 pub(crate) fn webhook_plan(st: &AppState, account: &Account) -> Option<WebhookPlan> {
@@ -82,7 +78,7 @@ pub(crate) async fn deliver_webhooks(st: Arc<AppState>, shutdown: CancellationTo
         if shutdown.is_cancelled() {
             return;
         }
-        match store::due_deliveries(&st.db, wall_ms(), DELIVERY_BATCH).await {
+        match store::due_deliveries(&st.db, wall_ms(), WEBHOOK_DELIVERIES_PER_ROUND_MAX).await {
             Ok(batch) if !batch.is_empty() => {
                 let round = futures::future::join_all(
                     batch.into_iter().map(|d| deliver_one(&st, &client, d)),
@@ -96,8 +92,8 @@ pub(crate) async fn deliver_webhooks(st: Arc<AppState>, shutdown: CancellationTo
             Err(e) => tracing::warn!(error = %e, "reading due webhooks failed"),
         }
         let wait_ms = match store::next_delivery_at(&st.db).await {
-            Ok(Some(at)) => at.saturating_sub(wall_ms()).clamp(1, IDLE_MAX_MS),
-            _ => IDLE_MAX_MS,
+            Ok(Some(at)) => at.saturating_sub(wall_ms()).clamp(1, WORKER_IDLE_MS_MAX),
+            _ => WORKER_IDLE_MS_MAX,
         };
         let wait = Duration::from_millis(u64::try_from(wait_ms).expect("clamped positive"));
         tokio::select! {

@@ -7,12 +7,12 @@
 //! - [`Writer::Direct`] (`full`, `relaxed`): each op in a transaction of its
 //!   own on the pool, as the simulator always did.
 //! - [`Writer::Batched`] (`batched`): a group commit. Ops are queued to one
-//!   committer task, which runs everything queued (up to [`MAX_BATCH`]) in
+//!   committer task, which runs everything queued (up to [`WRITER_BATCH_OPS_MAX`]) in
 //!   one `BEGIN IMMEDIATE` ... `COMMIT` on its own connection, in arrival
 //!   order, and answers every op only after that commit. There is no timer:
 //!   a batch is what arrived while the previous one was committing, so a
 //!   lone request waits for nothing and a busy simulator shares each commit
-//!   (and its fsync) among up to [`MAX_BATCH`] writes. If an op fails, the
+//!   (and its fsync) among up to [`WRITER_BATCH_OPS_MAX`] writes. If an op fails, the
 //!   whole transaction is rolled back and each op of the batch is run again
 //!   in a transaction of its own, in the same order, so one failure is
 //!   reported to its own request only and the others still commit, as if
@@ -22,6 +22,7 @@
 //! sees the writes of those before it, as consecutive transactions would:
 //! the outcome is that of committing them one by one in arrival order.
 
+use crate::limits::{WRITER_BATCH_OPS_MAX, WRITER_QUEUE_OPS_MAX};
 use futures::future::BoxFuture;
 use sqlx::pool::PoolConnection;
 use sqlx::{Connection as _, Sqlite, SqliteConnection, SqlitePool};
@@ -36,12 +37,6 @@ use tokio_util::sync::CancellationToken;
 /// repeatable: after a failed batch an op runs again.
 pub(crate) type Op<A, T> =
     for<'c> fn(&'c mut SqliteConnection, &'c A) -> BoxFuture<'c, Result<T, sqlx::Error>>;
-
-/// Most ops in one group-commit transaction.
-pub(crate) const MAX_BATCH: usize = 256;
-
-/// Ops queued for the committer before senders wait (back pressure).
-const QUEUE: usize = 4 * MAX_BATCH;
 
 /// Group-commit counters (for tests and curiosity).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -92,7 +87,7 @@ impl Writer {
     /// Starts the committer on `conn`, a connection of its own (the only
     /// one that writes).
     pub(crate) fn batched(conn: PoolConnection<Sqlite>) -> Writer {
-        let (queue, rx) = mpsc::channel(QUEUE);
+        let (queue, rx) = mpsc::channel(WRITER_QUEUE_OPS_MAX);
         let stop = CancellationToken::new();
         let counters = Arc::new(BatchCounters::default());
         let committer = tokio::spawn(commit_loop(conn, rx, stop.clone(), counters.clone()));
@@ -208,15 +203,15 @@ async fn commit_loop(
     stop: CancellationToken,
     counters: Arc<BatchCounters>,
 ) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut batch = Vec::with_capacity(WRITER_BATCH_OPS_MAX);
     loop {
         let n = tokio::select! {
             biased;
-            n = rx.recv_many(&mut batch, MAX_BATCH) => n,
+            n = rx.recv_many(&mut batch, WRITER_BATCH_OPS_MAX) => n,
             () = stop.cancelled() => {
                 // No new ops; those already queued are still committed.
                 rx.close();
-                rx.recv_many(&mut batch, MAX_BATCH).await
+                rx.recv_many(&mut batch, WRITER_BATCH_OPS_MAX).await
             }
         };
         if n == 0 {
