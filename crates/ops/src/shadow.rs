@@ -220,21 +220,19 @@ impl Shadow {
                     .execute(p)
                     .await
                     .step("creating the shadow schema")?;
-                for t in present_tables_of(main, projection).await? {
-                    let from = LiveTable::new(&live, &t, projection);
+                let tables = present_tables_of(main, projection).await?;
+                for t in &tables {
                     sqlx::query(&format!(
                         "CREATE TABLE {}.{} (LIKE {} INCLUDING ALL EXCLUDING INDEXES)",
                         quote_ident(&schema),
                         quote_ident(t.name),
-                        from.qualified()
+                        LiveTable::new(&live, t, projection).qualified()
                     ))
                     .execute(p)
                     .await
                     .step_with(|| format!("creating the shadow's {}", t.name))?;
-                    let mut c = Completion::default();
-                    completion(p, &from, &schema, t.name, &mut c).await?;
-                    c.run(p).await?;
                 }
+                complete_postgres(p, &schema, &live, projection, &tables).await?;
                 // What the migrations seed: the ledger's genesis chain head.
                 if projection == Projection::Ledger {
                     sqlx::query(&format!(
@@ -674,6 +672,29 @@ async fn run_parallel(
     first.map_or(Ok(()), Err)
 }
 
+/// Gives the shadow's tables what their live tables have and they lack
+/// (see [`completion`]), every table's index builds run together.
+async fn complete_postgres(
+    pool: &sqlx::PgPool,
+    schema: &str,
+    live: &str,
+    projection: Projection,
+    tables: &[OwnedTable],
+) -> Result<(), ShadowError> {
+    let mut c = Completion::default();
+    for t in tables {
+        completion(
+            pool,
+            &LiveTable::new(live, t, projection),
+            schema,
+            t.name,
+            &mut c,
+        )
+        .await?;
+    }
+    c.run(pool).await
+}
+
 /// What the shadow's `name` lacks (by name) of the keys, indexes and
 /// triggers `live` has: all of them after `CREATE TABLE ... LIKE`, the
 /// keys and indexes again after [`Shadow::strip_indexes`]. A key
@@ -829,11 +850,7 @@ async fn swap_postgres(
         .collect();
     // 1. Keys, indexes, triggers and statistics, as the live tables have.
     let started = Instant::now();
-    let mut c = Completion::default();
-    for (t, l) in tables.iter().zip(&live_tables) {
-        completion(pool, l, schema, t.name, &mut c).await?;
-    }
-    c.run(pool).await?;
+    complete_postgres(pool, schema, live, projection, tables).await?;
     tracing::info!(ms = millis(started), "swap: shadow keys and indexes built");
     let started = Instant::now();
     let analyze = tables
