@@ -202,6 +202,21 @@ async fn rebuild(k: &TestKafka, db: &Db, url: &str, label: &str) -> (u64, u128) 
     (s.events.read, millis)
 }
 
+/// Rebuilds the ledger twice, into an empty projection and then over the
+/// full one the first run made (the swap then replaces every row, as an
+/// operator's rebuild does), and prints each rate against `raw`.
+async fn rebuild_twice(k: &TestKafka, db: &Db, url: &str, label: &str, name: &str, raw: u64) {
+    for over in ["", " (over a full live projection)"] {
+        let (n, ms) = rebuild(k, db, url, label).await;
+        let r = rate(n, ms);
+        println!(
+            "rebuild {name}{n:>9} events in {ms:>7} ms = {r:>7} events/s = {}.{}% of raw{over}",
+            r * 100 / raw.max(1),
+            r * 1000 / raw.max(1) % 10
+        );
+    }
+}
+
 /// Produces payments `from..to` (their events) into `k`'s topics.
 async fn produce_payments(k: &TestKafka, from: usize, to: usize) -> usize {
     let mut produced = 0;
@@ -396,40 +411,12 @@ async fn rebuilds(target: usize, i: usize) {
 
     let pg_url = testkit::fresh_postgres_url().await.expect("postgres");
     let pg = Db::connect(&pg_url).await.expect("connect");
-    let (n, ms) = rebuild(&k, &pg, &pg_url, "pg").await;
-    let r = rate(n, ms);
-    println!(
-        "rebuild PG    {n:>9} events in {ms:>7} ms = {r:>7} events/s = {}.{}% of raw",
-        r * 100 / raw.max(1),
-        r * 1000 / raw.max(1) % 10
-    );
-    // Again, now that the live projection holds every row: the swap
-    // replaces a full projection, as an operator's rebuild does.
-    let (n, ms) = rebuild(&k, &pg, &pg_url, "pg").await;
-    let r = rate(n, ms);
-    println!(
-        "rebuild PG    {n:>9} events in {ms:>7} ms = {r:>7} events/s = {}.{}% of raw (over a full live projection)",
-        r * 100 / raw.max(1),
-        r * 1000 / raw.max(1) % 10
-    );
+    rebuild_twice(&k, &pg, &pg_url, "pg", "PG    ", raw).await;
     pg.close().await;
 
     let dir = tempfile::tempdir().expect("tempdir");
     let url = format!("sqlite://{}", dir.path().join("bench.db").display());
     let lite = Db::connect(&url).await.expect("connect");
-    let (n, ms) = rebuild(&k, &lite, &url, "sqlite").await;
-    let r = rate(n, ms);
-    println!(
-        "rebuild SQLite{n:>9} events in {ms:>7} ms = {r:>7} events/s = {}.{}% of raw",
-        r * 100 / raw.max(1),
-        r * 1000 / raw.max(1) % 10
-    );
-    let (n, ms) = rebuild(&k, &lite, &url, "sqlite").await;
-    let r = rate(n, ms);
-    println!(
-        "rebuild SQLite{n:>9} events in {ms:>7} ms = {r:>7} events/s = {}.{}% of raw (over a full live projection)",
-        r * 100 / raw.max(1),
-        r * 1000 / raw.max(1) % 10
-    );
+    rebuild_twice(&k, &lite, &url, "sqlite", "SQLite", raw).await;
     lite.close().await;
 }
