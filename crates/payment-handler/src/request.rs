@@ -132,8 +132,11 @@ fn reject_unknown(
     Ok(())
 }
 
-/// Parses `{"buyer_id", "orders": [{"seller_id", "amount_minor", "currency"}], "metadata"?}`.
-pub fn parse(body: &[u8]) -> Result<PaymentRequest, FieldError> {
+/// A request body: valid JSON, an object, no field but `allowed`.
+fn body_object(
+    body: &[u8],
+    allowed: &[&str],
+) -> Result<serde_json::Map<String, Value>, FieldError> {
     let v: Value = serde_json::from_slice(body).map_err(|e| {
         FieldError::new(
             "",
@@ -141,10 +144,20 @@ pub fn parse(body: &[u8]) -> Result<PaymentRequest, FieldError> {
             format!("body is not valid JSON: {e}"),
         )
     })?;
-    let obj = v
-        .as_object()
-        .ok_or_else(|| FieldError::new("", ErrorCode::InvalidType, "body must be a JSON object"))?;
-    reject_unknown(obj, &["buyer_id", "orders", "metadata"], "")?;
+    let Value::Object(obj) = v else {
+        return Err(FieldError::new(
+            "",
+            ErrorCode::InvalidType,
+            "body must be a JSON object",
+        ));
+    };
+    reject_unknown(&obj, allowed, "")?;
+    Ok(obj)
+}
+
+/// Parses `{"buyer_id", "orders": [{"seller_id", "amount_minor", "currency"}], "metadata"?}`.
+pub fn parse(body: &[u8]) -> Result<PaymentRequest, FieldError> {
+    let obj = &body_object(body, &["buyer_id", "orders", "metadata"])?;
 
     let buyer = string(require(obj, "buyer_id", "buyer_id")?, "buyer_id")?;
     let buyer_id = BuyerId::parse(buyer)
@@ -297,17 +310,7 @@ pub struct RefundRequest {
 
 /// Parses `{"order_id", "amount_minor"?, "reason"?}`.
 pub fn parse_refund(body: &[u8]) -> Result<RefundRequest, FieldError> {
-    let v: Value = serde_json::from_slice(body).map_err(|e| {
-        FieldError::new(
-            "",
-            ErrorCode::InvalidJson,
-            format!("body is not valid JSON: {e}"),
-        )
-    })?;
-    let obj = v
-        .as_object()
-        .ok_or_else(|| FieldError::new("", ErrorCode::InvalidType, "body must be a JSON object"))?;
-    reject_unknown(obj, &["order_id", "amount_minor", "reason"], "")?;
+    let obj = &body_object(body, &["order_id", "amount_minor", "reason"])?;
     let order_id = string(require(obj, "order_id", "order_id")?, "order_id")?
         .parse()
         .map_err(|_| {
